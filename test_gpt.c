@@ -98,7 +98,8 @@ static void reference_load(Reference *ref, const char *path, const Model *model)
     size_t total = 0;
     for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) { total += counts[i]; }
     check_payload_size(path, size, total * 4);
-    char *p = ref->memory = malloc_check(total * 4);
+    char *p = (char *)malloc_check(total * 4);
+    ref->memory = p;
     fread_check(p, 4, total, f, path);
     fclose(f);
     void **ptrs[] = {(void **)&ref->inputs, (void **)&ref->targets, (void **)&ref->logits, (void **)&ref->losses,
@@ -123,12 +124,12 @@ static void test_forward_backward(const char *name, Model *model, const Referenc
     int N = ref->B * ref->T, L = ref->L, E = ref->E;
     model_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
 
-    float *logits = malloc_check((size_t)N * ref->V * sizeof(float));
+    float *logits = (float *)malloc_check((size_t)N * ref->V * sizeof(float));
     model_get_logits(model, logits);
     check_tensor(name, "logits", logits, ref->logits, (size_t)N * ref->V);
     free(logits);
 
-    float losses[2 + 2 * L];
+    float *losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
     model_get_losses(model, losses);
     const char *loss_names[] = {"loss total", "loss CE"};
     for (int i = 0; i < 2 + 2 * L; i++) {
@@ -137,10 +138,11 @@ static void test_forward_backward(const char *name, Model *model, const Referenc
         else { snprintf(what, sizeof(what), "%s layer %d", i < 2 + L ? "loss LB" : "loss H", (i - 2) % L); }
         check_tensor(name, what, &losses[i], &ref->losses[i], 1);
     }
+    free(losses);
 
-    int *n_selected = malloc_check((size_t)L * N * sizeof(int));
-    int *selected = malloc_check((size_t)L * N * E * sizeof(int));
-    float *gates = malloc_check((size_t)L * N * E * sizeof(float));
+    int *n_selected = (int *)malloc_check((size_t)L * N * sizeof(int));
+    int *selected = (int *)malloc_check((size_t)L * N * E * sizeof(int));
+    float *gates = (float *)malloc_check((size_t)L * N * E * sizeof(float));
     model_get_routing(model, n_selected, selected, gates);
     size_t mismatches = 0;
     int min_selected = E, max_selected = 0;
@@ -162,7 +164,7 @@ static void test_forward_backward(const char *name, Model *model, const Referenc
 
     model_zero_grad(model);
     model_backward(model);
-    float *grads = malloc_check(model->num_parameters * sizeof(float));
+    float *grads = (float *)malloc_check(model->num_parameters * sizeof(float));
     model_get_grads(model, grads);
     size_t offset = 0;
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
@@ -189,9 +191,7 @@ static void test_trajectory(const char *name, Model *model, const Reference *ref
         const float *want = ref->trajectory + (size_t)s * (2 + L);
         worst_loss = fmax(worst_loss, fabs(model->loss - want[0]));
         worst_a = fmax(worst_a, fabs(model_activated(model) - want[1]));
-        float p[L];
-        model_get_thresholds(model, p);
-        for (int l = 0; l < L; l++) { worst_p = fmax(worst_p, fabs(p[l] - want[2 + l])); }
+        for (int l = 0; l < L; l++) { worst_p = fmax(worst_p, fabs(model->threshold[l] - want[2 + l])); }
         if (isnan(model->loss)) { worst_loss = INFINITY; }
     }
     char what[64];
@@ -213,7 +213,7 @@ static void test_threads(const char *name, const char *model_path, const Referen
         model_load(&model, model_path);
         size_t N = (size_t)ref->B * ref->T;
         count = model.num_parameters * 2 + N * ref->V;
-        float *out = results[run] = malloc_check(count * sizeof(float));
+        float *out = results[run] = (float *)malloc_check(count * sizeof(float));
         train_step(&model, ref, 0);
         train_step(&model, ref, 1);  // a second forward/backward after one update
         model_get_grads(&model, out);
@@ -270,7 +270,7 @@ static void expect_refusal(const char *what, const char *path, const char *model
 static void damaged_copy(const char *src, const char *dst, int word, int32_t value, long drop) {
     FILE *f = fopen_check(src, "rb");
     long size = file_size(f, src);
-    char *data = malloc_check(size);
+    char *data = (char *)malloc_check(size);
     fread_check(data, 1, size, f, src);
     fclose(f);
     if (word >= 0) { memcpy(data + 4 * word, &value, 4); }

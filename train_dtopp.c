@@ -116,7 +116,9 @@ static void check_payload_size(const char *path, long size, size_t payload_bytes
 // Writes go to "path.tmp" first and are renamed over the target only once complete, so a crash
 // or a full disk never destroys the previous file.
 static FILE *open_for_atomic_write(const char *path, char *tmp_path, size_t tmp_size) {
-    snprintf(tmp_path, tmp_size, "%s.tmp", path);
+    if (strlen(path) + 5 > tmp_size) { fail("path too long: %s", path); }
+    memcpy(tmp_path, path, strlen(path));
+    memcpy(tmp_path + strlen(path), ".tmp", 5);
     FILE *f = fopen(tmp_path, "wb");
     if (f == NULL) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
     return f;
@@ -184,6 +186,34 @@ typedef struct {
     float ent_coef;    // router entropy loss coefficient
 } RouterConfig;
 
+static int padded_vocab(int V) { return (V + 127) / 128 * 128; }
+
+// Checks a configuration against what the code supports; `where` names its source in messages.
+static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
+    if (c->vocab_size < 2 || c->padded_vocab_size < c->vocab_size) { fail("%s: bad vocabulary size %d (padded %d)", where, c->vocab_size, c->padded_vocab_size); }
+    if (c->num_layers < 1 || c->channels < 2 || c->num_heads < 1 || c->num_experts < 1 || c->expert_hidden < 1 || c->max_seq_len < 1) {
+        fail("%s: sizes must be positive (L=%d C=%d NH=%d E=%d H=%d maxT=%d)", where, c->num_layers,
+             c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->max_seq_len);
+    }
+    if (c->channels % c->num_heads != 0 || (c->channels / c->num_heads) % 2 != 0) {
+        fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels, c->num_heads);
+    }
+    if (c->num_experts > 4096) { fail("%s: at most 4096 experts (got %d)", where, c->num_experts); }
+    if (rc->routing < 0 || rc->routing > 2) { fail("%s: unknown routing mode %d", where, rc->routing); }
+    if (rc->controller != CONTROLLER_GLOBAL && rc->controller != CONTROLLER_LAYER) { fail("%s: unknown controller %d", where, rc->controller); }
+    if (rc->routing == ROUTING_TOPK && (rc->k < 1 || rc->k > c->num_experts)) {
+        fail("%s: top-k needs 1 <= k <= E (k=%d, E=%d)", where, rc->k, c->num_experts);
+    }
+    if (rc->routing == ROUTING_TOPP && !(rc->p > 0.0f && rc->p <= 1.0f)) { fail("%s: p must be in (0, 1] (got %g)", where, rc->p); }
+    if (rc->routing == ROUTING_DTOPP) {
+        if (!(rc->tgt >= 1.0f && rc->tgt <= c->num_experts)) { fail("%s: target must be in [1, E=%d] (got %g)", where, c->num_experts, rc->tgt); }
+        if (!(rc->pmin > 0.0f && rc->pmin <= rc->pmax && rc->pmax <= 1.0f)) { fail("%s: need 0 < pmin <= pmax <= 1 (got %g, %g)", where, rc->pmin, rc->pmax); }
+        if (!(rc->p0 >= rc->pmin && rc->p0 <= rc->pmax)) { fail("%s: p0 must be in [pmin, pmax] (got %g)", where, rc->p0); }
+        if (!isfinite(rc->Kp) || !isfinite(rc->Ki)) { fail("%s: controller gains must be finite", where); }
+    }
+    if (!(rc->lb_coef >= 0.0f) || !(rc->ent_coef >= 0.0f)) { fail("%s: auxiliary loss coefficients must be >= 0", where); }
+}
+
 // ----------------------------------------------------------------------------
 // parameters: one contiguous buffer carved into named tensors, in the order of doc/formats.md
 
@@ -229,6 +259,327 @@ static void carve_params(ParameterTensors *t, float *memory, const size_t *sizes
         memory += sizes[i];
     }
 }
+
+// ----------------------------------------------------------------------------
+// the model: its state, and the functions every implementation provides (the CPU section of this
+// file, and train_dtopp.cu on the GPU). The training program at the end uses nothing else.
+
+typedef struct Workspace Workspace;  // activations and scratch: each implementation defines its own
+
+typedef struct {
+    ModelConfig config;
+    RouterConfig router;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    size_t num_parameters;
+    float *params_memory;  // on the computing device: host memory here, GPU memory in the CUDA twin
+    ParameterTensors params;
+    float *grads_memory;   // same device; allocated by the first model_zero_grad
+    ParameterTensors grads;
+    float *m_memory;       // AdamW first moment, same device
+    float *v_memory;       // AdamW second moment
+    int adam_step;         // optimizer steps taken
+    float *threshold;      // (L) host: the current p of every layer (all equal under the global controller)
+    float *integral;       // (L) host: the controller's integral term I of every layer
+    int B, T;              // shape of the last forward pass
+    float loss;            // total loss of the last forward pass with targets, -1 without targets
+    float ce_loss;         // its cross-entropy part
+    Workspace *ws;
+} Model;
+
+typedef struct Decoder Decoder;  // sampling: a cache of keys and values, one position's activations
+
+// What SPEC section 6 asks every implementation to report, for the last forward pass.
+typedef struct {
+    double activated;         // a_t: mean |S| over tokens and layers
+    double *layer_mean;       // (L) mean |S|
+    double *layer_std;        // (L) population standard deviation of |S|
+    int *histogram;           // (L, E + 1) tokens with |S| = 0..E
+    int *load_min, *load_max; // (L) tokens per expert
+    double *load_cv;          // (L) coefficient of variation of tokens per expert
+} RoutingStats;
+
+// Implemented by the CPU section below and by train_dtopp.cu.
+void model_init(Model *model, const ModelConfig *config, const RouterConfig *router, uint64_t seed);
+void model_load(Model *model, const char *path);
+void model_save(const Model *model, const char *path);
+void model_free(Model *model);
+void model_forward(Model *model, const int *inputs, const int *targets, int B, int T);
+void model_zero_grad(Model *model);
+void model_backward(Model *model);
+float model_update(Model *model, float lr, float weight_decay);  // clip + AdamW; returns the gradient norm
+void model_activated_per_layer(const Model *model, double *activated);  // (L) mean |S| of the last forward
+void model_routing_counts(const Model *model, int *n_selected, int *expert_load);  // (L, N), (L, E)
+void model_get_logits(const Model *model, float *out);        // (N, V)
+void model_get_token_losses(const Model *model, float *out);  // (N) cross-entropy of every position
+void model_get_losses(const Model *model, float *out);        // total, CE, LB_l for each l, H_l for each l
+void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates);  // (L,N), (L,N,E), (L,N,E)
+void model_get_grads(const Model *model, float *out);
+void model_get_params(const Model *model, float *out);
+void model_get_moments(const Model *model, float *m, float *v);
+void model_set_moments(Model *model, const float *m, const float *v);
+Decoder *decoder_create(const Model *model);
+const float *decoder_step(Model *model, Decoder *decoder, int token, int pos);  // logits (V) of the next token
+void decoder_free(Decoder *decoder);
+void set_num_threads(int threads);
+int omp_threads(void);  // threads the CPU parts use
+
+// What both implementations share: sizes, the starting state, the controller law, the checkpoint
+// file, statistics.
+
+static void model_setup(Model *model, const ModelConfig *config, const RouterConfig *router, const char *where) {
+    memset(model, 0, sizeof(*model));
+    model->config = *config;
+    model->router = *router;
+    validate_config(config, router, where);
+    fill_param_sizes(model->param_sizes, config);
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
+    model->threshold = (float *)calloc_check(config->num_layers, sizeof(float));
+    model->integral = (float *)calloc_check(config->num_layers, sizeof(float));
+    model->loss = model->ce_loss = -1.0f;
+}
+
+// The controller's starting state: p = p0 (or the fixed p of top-p), I = 0.
+static void controller_reset(Model *model) {
+    const RouterConfig *rc = &model->router;
+    float start = rc->routing == ROUTING_DTOPP ? rc->p0 : rc->routing == ROUTING_TOPP ? rc->p : 0.0f;
+    for (int l = 0; l < model->config.num_layers; l++) {
+        model->threshold[l] = start;
+        model->integral[l] = 0.0f;
+    }
+}
+
+// Fresh parameters from a seed (SPEC 5): matrices normal(0, 0.02), the output projections of each
+// block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded vocabulary rows zero.
+static void init_params(float *params, const Model *model, uint64_t seed) {
+    const ModelConfig *c = &model->config;
+    uint64_t rng = seed;
+    float *p = params;
+    float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        float std = (i == 3 || i == 9) ? residual_std : 0.02f;
+        for (size_t j = 0; j < model->param_sizes[i]; j++) {
+            p[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == 6 ? model->router.theta_init : 1.0f);
+        }
+        p += model->param_sizes[i];
+    }
+    memset(params + (size_t)c->vocab_size * c->channels, 0,
+           (size_t)(c->padded_vocab_size - c->vocab_size) * c->channels * sizeof(float));
+}
+
+// Warm-up then cosine decay to a tenth of the peak, over total_steps steps (step counts from 0).
+float learning_rate(int step, int total_steps, int warmup, float peak) {
+    if (step < warmup) { return peak * (step + 1) / warmup; }
+    if (total_steps <= warmup) { return peak; }
+    float min_lr = 0.1f * peak;
+    float progress = (float)(step - warmup) / (float)(total_steps - warmup);
+    return min_lr + 0.5f * (1.0f + cosf((float)M_PI * progress)) * (peak - min_lr);
+}
+
+// a_t of the last forward pass: mean |S| over its tokens and layers.
+double model_activated(const Model *model) {
+    int L = model->config.num_layers;
+    double *activated = (double *)malloc_check(L * sizeof(double)), mean = 0.0;
+    model_activated_per_layer(model, activated);
+    for (int l = 0; l < L; l++) { mean += activated[l] / L; }
+    free(activated);
+    return mean;
+}
+
+// Once per optimizer step, after the backward pass: moves p toward the threshold that activates
+// tgt experts per token on average. e = (tgt − a)/E; I' = I + e; p' = p0 + Kp e + Ki I'; while p'
+// is outside [pmin, pmax] p is clamped and I is left as it was (no wind-up while saturated).
+// The global controller feeds every layer the same a, so every layer keeps the same p and I.
+void controller_update(Model *model) {
+    const RouterConfig *rc = &model->router;
+    if (rc->routing != ROUTING_DTOPP) { return; }
+    int L = model->config.num_layers;
+    double *activated = (double *)malloc_check(L * sizeof(double)), global = model_activated(model);
+    model_activated_per_layer(model, activated);
+    for (int l = 0; l < L; l++) {
+        double a = rc->controller == CONTROLLER_GLOBAL ? global : activated[l];
+        double error = (rc->tgt - a) / model->config.num_experts;
+        double integral = (double)model->integral[l] + error;
+        double p = (double)rc->p0 + rc->Kp * error + rc->Ki * integral;
+        if (p >= rc->pmin && p <= rc->pmax) {
+            model->threshold[l] = (float)p;
+            model->integral[l] = (float)integral;
+        } else {
+            model->threshold[l] = p < rc->pmin ? rc->pmin : rc->pmax;
+        }
+    }
+    free(activated);
+}
+
+
+void routing_stats_alloc(RoutingStats *s, const ModelConfig *c) {
+    int L = c->num_layers, E = c->num_experts;
+    s->layer_mean = (double *)calloc_check(L, sizeof(double));
+    s->layer_std = (double *)calloc_check(L, sizeof(double));
+    s->histogram = (int *)calloc_check((size_t)L * (E + 1), sizeof(int));
+    s->load_min = (int *)calloc_check(L, sizeof(int));
+    s->load_max = (int *)calloc_check(L, sizeof(int));
+    s->load_cv = (double *)calloc_check(L, sizeof(double));
+}
+
+void routing_stats_free(RoutingStats *s) {
+    free(s->layer_mean);
+    free(s->layer_std);
+    free(s->histogram);
+    free(s->load_min);
+    free(s->load_max);
+    free(s->load_cv);
+}
+
+void routing_stats_compute(RoutingStats *s, const Model *model) {
+    int N = model->B * model->T, L = model->config.num_layers, E = model->config.num_experts;
+    int *n_selected = (int *)malloc_check((size_t)L * N * sizeof(int));
+    int *expert_load = (int *)malloc_check((size_t)L * E * sizeof(int));
+    model_routing_counts(model, n_selected, expert_load);
+    s->activated = 0.0;
+    for (int l = 0; l < L; l++) {
+        const int *count = n_selected + (size_t)l * N;
+        int *hist = s->histogram + (size_t)l * (E + 1);
+        memset(hist, 0, (E + 1) * sizeof(int));
+        double sum = 0.0, sumsq = 0.0;
+        for (int n = 0; n < N; n++) {
+            sum += count[n];
+            sumsq += (double)count[n] * count[n];
+            hist[count[n]]++;
+        }
+        s->layer_mean[l] = sum / N;
+        double var = sumsq / N - s->layer_mean[l] * s->layer_mean[l];
+        s->layer_std[l] = var > 0.0 ? sqrt(var) : 0.0;
+        s->activated += s->layer_mean[l] / L;
+        double lsum = 0.0, lsumsq = 0.0;
+        s->load_min[l] = N;
+        s->load_max[l] = 0;
+        for (int e = 0; e < E; e++) {
+            int load = expert_load[(size_t)l * E + e];
+            s->load_min[l] = load < s->load_min[l] ? load : s->load_min[l];
+            s->load_max[l] = load > s->load_max[l] ? load : s->load_max[l];
+            lsum += load;
+            lsumsq += (double)load * load;
+        }
+        double lmean = lsum / E, lvar = lsumsq / E - lmean * lmean;
+        s->load_cv[l] = lmean > 0.0 && lvar > 0.0 ? sqrt(lvar) / lmean : 0.0;
+    }
+    free(n_selected);
+    free(expert_load);
+}
+
+// ----------------------------------------------------------------------------
+// model checkpoints (doc/formats.md): architecture, routing configuration, parameters, controller
+
+#define MODEL_MAGIC 20251213
+#define MODEL_VERSION 1
+
+// params: the parameters in host memory.
+static void checkpoint_save(const Model *model, const float *params, const char *path) {
+    const ModelConfig *c = &model->config;
+    const RouterConfig *rc = &model->router;
+    int32_t header[HEADER_WORDS] = {0};
+    header[0] = MODEL_MAGIC;
+    header[1] = MODEL_VERSION;
+    header[2] = c->max_seq_len;
+    header[3] = c->vocab_size;
+    header[4] = c->padded_vocab_size;
+    header[5] = c->num_layers;
+    header[6] = c->num_heads;
+    header[7] = c->channels;
+    header[8] = c->num_experts;
+    header[9] = c->expert_hidden;
+    header[10] = rc->routing;
+    header[11] = rc->controller;
+    header[12] = rc->drn;
+    header[13] = rc->renorm;
+    header[14] = rc->k;
+    const float floats[] = {rc->tgt, rc->Kp, rc->Ki, rc->p0, rc->pmin, rc->pmax, rc->theta_init, rc->lb_coef, rc->ent_coef, rc->p};
+    for (int i = 0; i < (int)(sizeof(floats) / sizeof(floats[0])); i++) { header_set_float(header, 32 + i, floats[i]); }
+    char tmp[4096];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
+    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
+    fwrite_check(params, sizeof(float), model->num_parameters, f, tmp);
+    fwrite_check(model->threshold, sizeof(float), c->num_layers, f, tmp);
+    fwrite_check(model->integral, sizeof(float), c->num_layers, f, tmp);
+    finish_atomic_write(f, tmp, path);
+}
+
+// Sets up the model's configuration and controller state from the file; returns its parameters
+// in (malloc'ed) host memory.
+static float *checkpoint_load(Model *model, const char *path) {
+    int32_t header[HEADER_WORDS];
+    long size;
+    FILE *f = open_with_header(path, header, MODEL_MAGIC, MODEL_VERSION, "model checkpoint", &size);
+    ModelConfig config, *c = &config;
+    RouterConfig router, *rc = &router;
+    c->max_seq_len = header[2];
+    c->vocab_size = header[3];
+    c->padded_vocab_size = header[4];
+    c->num_layers = header[5];
+    c->num_heads = header[6];
+    c->channels = header[7];
+    c->num_experts = header[8];
+    c->expert_hidden = header[9];
+    rc->routing = header[10];
+    rc->controller = header[11];
+    rc->drn = header[12];
+    rc->renorm = header[13];
+    rc->k = header[14];
+    float *fields[] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init, &rc->lb_coef, &rc->ent_coef, &rc->p};
+    for (int i = 0; i < (int)(sizeof(fields) / sizeof(fields[0])); i++) { *fields[i] = header_float(header, 32 + i); }
+    model_setup(model, c, rc, path);
+    check_payload_size(path, size, (model->num_parameters + 2 * (size_t)c->num_layers) * sizeof(float));
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    fread_check(params, sizeof(float), model->num_parameters, f, path);
+    fread_check(model->threshold, sizeof(float), c->num_layers, f, path);
+    fread_check(model->integral, sizeof(float), c->num_layers, f, path);
+    fclose(f);
+    for (size_t i = 0; i < model->num_parameters; i++) {
+        if (!isfinite(params[i])) { fail("%s: parameter %zu is not finite", path, i); }
+    }
+    return params;
+}
+
+// ----------------------------------------------------------------------------
+// sampling a token
+
+// Draws a token from softmax(logits / temperature) restricted to the top_k most likely tokens
+// (top_k <= 0: all); temperature 0 picks the most likely token.
+int sample_token(const float *logits, int V, float temperature, int top_k, uint64_t *rng) {
+    int best = 0;
+    for (int i = 1; i < V; i++) { best = logits[i] > logits[best] ? i : best; }
+    if (temperature <= 0.0f) { return best; }
+    // the k-th largest logit is the cut-off; ties at the cut-off are all kept
+    float cutoff = -INFINITY;
+    if (top_k > 0 && top_k < V) {
+        float *sorted = (float *)malloc_check((size_t)V * sizeof(float));
+        memcpy(sorted, logits, (size_t)V * sizeof(float));
+        for (int k = 0; k < top_k; k++) {  // partial selection sort: k passes over V
+            int m = k;
+            for (int i = k + 1; i < V; i++) { m = sorted[i] > sorted[m] ? i : m; }
+            float tmp = sorted[k];
+            sorted[k] = sorted[m];
+            sorted[m] = tmp;
+        }
+        cutoff = sorted[top_k - 1];
+        free(sorted);
+    }
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) {
+        if (logits[i] >= cutoff) { sum += exp((logits[i] - logits[best]) / temperature); }
+    }
+    double r = random_f32(rng) * sum, acc = 0.0;
+    int last = best;
+    for (int i = 0; i < V; i++) {
+        if (logits[i] < cutoff) { continue; }
+        acc += exp((logits[i] - logits[best]) / temperature);
+        last = i;
+        if (acc > r) { return i; }
+    }
+    return last;
+}
+
+#ifndef DTOPP_CUDA  // the CPU implementation; train_dtopp.cu provides the same functions on the GPU
 
 // ----------------------------------------------------------------------------
 // activations: what the forward pass keeps for the backward pass
@@ -980,111 +1331,42 @@ void router_backward(float *dm, float *dwr, float *dtheta, float *drouter, float
 }
 
 // ----------------------------------------------------------------------------
-// the model
+// the model on the CPU
 
-typedef struct {
-    ModelConfig config;
-    RouterConfig router;
-    ParameterTensors params;
-    size_t param_sizes[NUM_PARAMETER_TENSORS];
-    size_t num_parameters;
-    float *params_memory;
-    ParameterTensors grads;
-    float *grads_memory;
-    float *m_memory;      // AdamW first moment
-    float *v_memory;      // AdamW second moment
-    int adam_step;        // optimizer steps taken
-    float *threshold;     // (L) the current p of every layer (all equal under the global controller)
-    float *integral;      // (L) the controller's integral term I of every layer
+struct Workspace {
+    Activations acts;     // for the last (B, T) seen by model_forward
     float *rope_cos;      // (max_seq_len, hd/2)
     float *rope_sin;      // (max_seq_len, hd/2)
-    Activations acts;     // for the last (B, T) seen by model_forward
     const int *inputs;    // the batch of the last forward pass
     const int *targets;
-    float loss;           // total loss of the last forward pass with targets
-    float ce_loss;        // its cross-entropy part
-} Model;
+};
 
-static int padded_vocab(int V) { return (V + 127) / 128 * 128; }
-
-// Checks a configuration against what the code supports; `where` names its source in messages.
-static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
-    if (c->vocab_size < 2 || c->padded_vocab_size < c->vocab_size) { fail("%s: bad vocabulary size %d (padded %d)", where, c->vocab_size, c->padded_vocab_size); }
-    if (c->num_layers < 1 || c->channels < 2 || c->num_heads < 1 || c->num_experts < 1 || c->expert_hidden < 1 || c->max_seq_len < 1) {
-        fail("%s: sizes must be positive (L=%d C=%d NH=%d E=%d H=%d maxT=%d)", where, c->num_layers,
-             c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->max_seq_len);
-    }
-    if (c->channels % c->num_heads != 0 || (c->channels / c->num_heads) % 2 != 0) {
-        fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels, c->num_heads);
-    }
-    if (c->num_experts > 4096) { fail("%s: at most 4096 experts (got %d)", where, c->num_experts); }
-    if (rc->routing < 0 || rc->routing > 2) { fail("%s: unknown routing mode %d", where, rc->routing); }
-    if (rc->controller != CONTROLLER_GLOBAL && rc->controller != CONTROLLER_LAYER) { fail("%s: unknown controller %d", where, rc->controller); }
-    if (rc->routing == ROUTING_TOPK && (rc->k < 1 || rc->k > c->num_experts)) {
-        fail("%s: top-k needs 1 <= k <= E (k=%d, E=%d)", where, rc->k, c->num_experts);
-    }
-    if (rc->routing == ROUTING_TOPP && !(rc->p > 0.0f && rc->p <= 1.0f)) { fail("%s: p must be in (0, 1] (got %g)", where, rc->p); }
-    if (rc->routing == ROUTING_DTOPP) {
-        if (!(rc->tgt >= 1.0f && rc->tgt <= c->num_experts)) { fail("%s: target must be in [1, E=%d] (got %g)", where, c->num_experts, rc->tgt); }
-        if (!(rc->pmin > 0.0f && rc->pmin <= rc->pmax && rc->pmax <= 1.0f)) { fail("%s: need 0 < pmin <= pmax <= 1 (got %g, %g)", where, rc->pmin, rc->pmax); }
-        if (!(rc->p0 >= rc->pmin && rc->p0 <= rc->pmax)) { fail("%s: p0 must be in [pmin, pmax] (got %g)", where, rc->p0); }
-        if (!isfinite(rc->Kp) || !isfinite(rc->Ki)) { fail("%s: controller gains must be finite", where); }
-    }
-    if (!(rc->lb_coef >= 0.0f) || !(rc->ent_coef >= 0.0f)) { fail("%s: auxiliary loss coefficients must be >= 0", where); }
-}
-
-static void model_alloc(Model *model) {
+// Takes ownership of params (host memory, filled).
+static void model_attach(Model *model, float *params) {
     const ModelConfig *c = &model->config;
-    fill_param_sizes(model->param_sizes, c);
-    model->num_parameters = 0;
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
-    model->params_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
-    carve_params(&model->params, model->params_memory, model->param_sizes);
-    model->grads_memory = NULL;
-    model->m_memory = model->v_memory = NULL;
-    model->adam_step = 0;
-    model->threshold = (float *)calloc_check(c->num_layers, sizeof(float));
-    model->integral = (float *)calloc_check(c->num_layers, sizeof(float));
+    model->params_memory = params;
+    carve_params(&model->params, params, model->param_sizes);
+    Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
     int hd = c->channels / c->num_heads;
-    model->rope_cos = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
-    model->rope_sin = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
-    rope_table_init(model->rope_cos, model->rope_sin, c->max_seq_len, hd);
-    memset(&model->acts, 0, sizeof(model->acts));
-    model->loss = model->ce_loss = -1.0f;
+    ws->rope_cos = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
+    ws->rope_sin = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
+    rope_table_init(ws->rope_cos, ws->rope_sin, c->max_seq_len, hd);
 }
 
-// The controller's starting state: p = p0 (or the fixed p of top-p), I = 0.
-static void controller_reset(Model *model) {
-    const RouterConfig *rc = &model->router;
-    float start = rc->routing == ROUTING_DTOPP ? rc->p0 : rc->routing == ROUTING_TOPP ? rc->p : 0.0f;
-    for (int l = 0; l < model->config.num_layers; l++) {
-        model->threshold[l] = start;
-        model->integral[l] = 0.0f;
-    }
-}
-
-// A fresh model from a seed (SPEC 5): matrices normal(0, 0.02), the output projections of each
-// block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded vocabulary rows zero.
 void model_init(Model *model, const ModelConfig *config, const RouterConfig *router, uint64_t seed) {
-    model->config = *config;
-    model->router = *router;
-    validate_config(config, router, "model configuration");
-    model_alloc(model);
-    uint64_t rng = seed;
-    float *p = model->params_memory;
-    float residual_std = 0.02f / sqrtf(2.0f * config->num_layers);
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        float std = (i == 3 || i == 9) ? residual_std : 0.02f;
-        for (size_t j = 0; j < model->param_sizes[i]; j++) {
-            p[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == 6 ? router->theta_init : 1.0f);
-        }
-        p += model->param_sizes[i];
-    }
-    size_t C = config->channels;
-    memset(model->params.wte + (size_t)config->vocab_size * C, 0,
-           (size_t)(config->padded_vocab_size - config->vocab_size) * C * sizeof(float));
+    model_setup(model, config, router, "model configuration");
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    init_params(params, model, seed);
+    model_attach(model, params);
     controller_reset(model);
 }
+
+void model_load(Model *model, const char *path) {
+    float *params = checkpoint_load(model, path);
+    model_attach(model, params);
+}
+
+void model_save(const Model *model, const char *path) { checkpoint_save(model, model->params_memory, path); }
 
 void model_free(Model *model) {
     free(model->params_memory);
@@ -1093,9 +1375,10 @@ void model_free(Model *model) {
     free(model->v_memory);
     free(model->threshold);
     free(model->integral);
-    free(model->rope_cos);
-    free(model->rope_sin);
-    activations_free(&model->acts);
+    free(model->ws->rope_cos);
+    free(model->ws->rope_sin);
+    activations_free(&model->ws->acts);
+    free(model->ws);
 }
 
 // The tensors of layer l (of the parameters or of their gradients).
@@ -1156,9 +1439,9 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
 static void model_ensure_activations(Model *model, int B, int T) {
     const ModelConfig *c = &model->config;
     if (T > c->max_seq_len) { fail("sequence length %d exceeds the model's maximum %d", T, c->max_seq_len); }
-    if (model->acts.acts_memory != NULL && model->acts.B == B && model->acts.T == T) { return; }
-    activations_free(&model->acts);
-    activations_alloc(&model->acts, c, B, T, 1);
+    if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
+    activations_free(&model->ws->acts);
+    activations_alloc(&model->ws->acts, c, B, T, 1);
 }
 
 // inputs, targets: (B, T) token ids; targets may be NULL (no loss). Token ids are trusted here:
@@ -1167,10 +1450,12 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     model_ensure_activations(model, B, T);
     const ModelConfig *c = &model->config;
     int N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads, V = c->vocab_size;
-    Activations *a = &model->acts;
+    Activations *a = &model->ws->acts;
     ActivationTensors *t = &a->acts;
-    model->inputs = inputs;
-    model->targets = targets;
+    model->ws->inputs = inputs;
+    model->ws->targets = targets;
+    model->B = B;
+    model->T = T;
     encoder_forward(t->encoded, inputs, model->params.wte, N, C);
     a->routing.row_offset[0] = 0;
     for (int l = 0; l < L; l++) {
@@ -1181,7 +1466,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         float *ln2 = t->ln2 + (size_t)l * N * C, *res2 = t->res2 + (size_t)l * N * C;
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C);
-        rope_forward(qkv, model->rope_cos, model->rope_sin, B, T, C, NH);
+        rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, N * C);
@@ -1216,17 +1501,17 @@ void model_zero_grad(Model *model) {
 
 // Gradient of the total loss of the last forward pass, accumulated into model->grads.
 void model_backward(Model *model) {
-    if (model->targets == NULL) { fail("model_backward needs a forward pass with targets"); }
+    if (model->ws->targets == NULL) { fail("model_backward needs a forward pass with targets"); }
     if (model->grads_memory == NULL) { model_zero_grad(model); }
     const ModelConfig *c = &model->config;
-    Activations *a = &model->acts;
+    Activations *a = &model->ws->acts;
     ActivationTensors *t = &a->acts;
     GradActivations *g = &a->grads;
     int B = a->B, T = a->T, N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
     int V = c->vocab_size;
     ParameterTensors *dp = &model->grads;
 
-    crossentropy_backward(g->dlogits, t->logits, model->targets, N, V, 1.0f / N);
+    crossentropy_backward(g->dlogits, t->logits, model->ws->targets, N, V, 1.0f / N);
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V);
     memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
@@ -1245,25 +1530,16 @@ void model_backward(Model *model) {
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->dscores, g->datty, t->qkv + (size_t)l * N * 3 * C,
                            t->att + (size_t)l * B * NH * T * T, B, T, C, NH);
-        rope_backward(g->dqkv, model->rope_cos, model->rope_sin, B, T, C, NH);
+        rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, N, C);
     }
-    encoder_backward(dp->wte, g->dresidual, model->inputs, N, C);
+    encoder_backward(dp->wte, g->dresidual, model->ws->inputs, N, C);
 }
 
 // ----------------------------------------------------------------------------
-// optimization: learning-rate schedule, global-norm clipping, AdamW
-
-// Warm-up then cosine decay to a tenth of the peak, over total_steps steps (step counts from 0).
-float learning_rate(int step, int total_steps, int warmup, float peak) {
-    if (step < warmup) { return peak * (step + 1) / warmup; }
-    if (total_steps <= warmup) { return peak; }
-    float min_lr = 0.1f * peak;
-    float progress = (float)(step - warmup) / (float)(total_steps - warmup);
-    return min_lr + 0.5f * (1.0f + cosf((float)M_PI * progress)) * (peak - min_lr);
-}
+// optimization: global-norm clipping and AdamW
 
 // Sum of squares in fixed blocks, so the rounding does not depend on the number of threads.
 static double sum_of_squares(const float *x, size_t n) {
@@ -1313,11 +1589,10 @@ float model_update(Model *model, float lr, float weight_decay) {
 }
 
 // ----------------------------------------------------------------------------
-// routing statistics and the PI controller
+// routing counts, for the controller and the statistics
 
-// Mean |S| of every layer in the last forward pass.
-static void activated_per_layer(const Model *model, double *activated) {
-    const Activations *a = &model->acts;
+void model_activated_per_layer(const Model *model, double *activated) {
+    const Activations *a = &model->ws->acts;
     int N = a->B * a->T;
     for (int l = 0; l < model->config.num_layers; l++) {
         long total = 0;
@@ -1326,194 +1601,39 @@ static void activated_per_layer(const Model *model, double *activated) {
     }
 }
 
-// a_t of the last forward pass: mean |S| over its tokens and layers.
-double model_activated(const Model *model) {
-    int L = model->config.num_layers;
-    double activated[L], mean = 0.0;
-    activated_per_layer(model, activated);
-    for (int l = 0; l < L; l++) { mean += activated[l] / L; }
-    return mean;
-}
-
-// Once per optimizer step, after the backward pass: moves p toward the threshold that activates
-// tgt experts per token on average. e = (tgt − a)/E; I' = I + e; p' = p0 + Kp e + Ki I'; while p'
-// is outside [pmin, pmax] p is clamped and I is left as it was (no wind-up while saturated).
-// The global controller feeds every layer the same a, so every layer keeps the same p and I.
-void controller_update(Model *model) {
-    const RouterConfig *rc = &model->router;
-    if (rc->routing != ROUTING_DTOPP) { return; }
-    int L = model->config.num_layers;
-    double activated[L], global = model_activated(model);
-    activated_per_layer(model, activated);
-    for (int l = 0; l < L; l++) {
-        double a = rc->controller == CONTROLLER_GLOBAL ? global : activated[l];
-        double error = (rc->tgt - a) / model->config.num_experts;
-        double integral = (double)model->integral[l] + error;
-        double p = (double)rc->p0 + rc->Kp * error + rc->Ki * integral;
-        if (p >= rc->pmin && p <= rc->pmax) {
-            model->threshold[l] = (float)p;
-            model->integral[l] = (float)integral;
-        } else {
-            model->threshold[l] = p < rc->pmin ? rc->pmin : rc->pmax;
-        }
-    }
-}
-
-// What SPEC section 6 asks every implementation to report, for the last forward pass.
-typedef struct {
-    double activated;         // a_t: mean |S| over tokens and layers
-    double *layer_mean;       // (L) mean |S|
-    double *layer_std;        // (L) population standard deviation of |S|
-    int *histogram;           // (L, E + 1) tokens with |S| = 0..E
-    int *load_min, *load_max; // (L) tokens per expert
-    double *load_cv;          // (L) coefficient of variation of tokens per expert
-} RoutingStats;
-
-void routing_stats_alloc(RoutingStats *s, const ModelConfig *c) {
-    int L = c->num_layers, E = c->num_experts;
-    s->layer_mean = (double *)calloc_check(L, sizeof(double));
-    s->layer_std = (double *)calloc_check(L, sizeof(double));
-    s->histogram = (int *)calloc_check((size_t)L * (E + 1), sizeof(int));
-    s->load_min = (int *)calloc_check(L, sizeof(int));
-    s->load_max = (int *)calloc_check(L, sizeof(int));
-    s->load_cv = (double *)calloc_check(L, sizeof(double));
-}
-
-void routing_stats_free(RoutingStats *s) {
-    free(s->layer_mean);
-    free(s->layer_std);
-    free(s->histogram);
-    free(s->load_min);
-    free(s->load_max);
-    free(s->load_cv);
-}
-
-void routing_stats_compute(RoutingStats *s, const Model *model) {
-    const Activations *a = &model->acts;
+void model_routing_counts(const Model *model, int *n_selected, int *expert_load) {
+    const Activations *a = &model->ws->acts;
     int N = a->B * a->T, L = model->config.num_layers, E = model->config.num_experts;
-    s->activated = 0.0;
+    memcpy(n_selected, a->routing.n_selected, (size_t)L * N * sizeof(int));
     for (int l = 0; l < L; l++) {
-        const int *count = a->routing.n_selected + (size_t)l * N;
-        int *hist = s->histogram + (size_t)l * (E + 1);
-        memset(hist, 0, (E + 1) * sizeof(int));
-        double sum = 0.0, sumsq = 0.0;
-        for (int n = 0; n < N; n++) {
-            sum += count[n];
-            sumsq += (double)count[n] * count[n];
-            hist[count[n]]++;
-        }
-        s->layer_mean[l] = sum / N;
-        double var = sumsq / N - s->layer_mean[l] * s->layer_mean[l];
-        s->layer_std[l] = var > 0.0 ? sqrt(var) : 0.0;
-        s->activated += s->layer_mean[l] / L;
         const int *start = a->routing.expert_start + (size_t)l * (E + 1);
-        double lsum = 0.0, lsumsq = 0.0;
-        s->load_min[l] = N;
-        s->load_max[l] = 0;
-        for (int e = 0; e < E; e++) {
-            int load = start[e + 1] - start[e];
-            s->load_min[l] = load < s->load_min[l] ? load : s->load_min[l];
-            s->load_max[l] = load > s->load_max[l] ? load : s->load_max[l];
-            lsum += load;
-            lsumsq += (double)load * load;
-        }
-        double lmean = lsum / E, lvar = lsumsq / E - lmean * lmean;
-        s->load_cv[l] = lmean > 0.0 && lvar > 0.0 ? sqrt(lvar) / lmean : 0.0;
-    }
-}
-
-// ----------------------------------------------------------------------------
-// model checkpoints (doc/formats.md): architecture, routing configuration, parameters, controller
-
-#define MODEL_MAGIC 20251213
-#define MODEL_VERSION 1
-
-void model_save(const Model *model, const char *path) {
-    const ModelConfig *c = &model->config;
-    const RouterConfig *rc = &model->router;
-    int32_t header[HEADER_WORDS] = {0};
-    header[0] = MODEL_MAGIC;
-    header[1] = MODEL_VERSION;
-    header[2] = c->max_seq_len;
-    header[3] = c->vocab_size;
-    header[4] = c->padded_vocab_size;
-    header[5] = c->num_layers;
-    header[6] = c->num_heads;
-    header[7] = c->channels;
-    header[8] = c->num_experts;
-    header[9] = c->expert_hidden;
-    header[10] = rc->routing;
-    header[11] = rc->controller;
-    header[12] = rc->drn;
-    header[13] = rc->renorm;
-    header[14] = rc->k;
-    const float floats[] = {rc->tgt, rc->Kp, rc->Ki, rc->p0, rc->pmin, rc->pmax, rc->theta_init, rc->lb_coef, rc->ent_coef, rc->p};
-    for (int i = 0; i < (int)(sizeof(floats) / sizeof(floats[0])); i++) { header_set_float(header, 32 + i, floats[i]); }
-    char tmp[4096];
-    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
-    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
-    fwrite_check(model->params_memory, sizeof(float), model->num_parameters, f, tmp);
-    fwrite_check(model->threshold, sizeof(float), c->num_layers, f, tmp);
-    fwrite_check(model->integral, sizeof(float), c->num_layers, f, tmp);
-    finish_atomic_write(f, tmp, path);
-}
-
-void model_load(Model *model, const char *path) {
-    int32_t header[HEADER_WORDS];
-    long size;
-    FILE *f = open_with_header(path, header, MODEL_MAGIC, MODEL_VERSION, "model checkpoint", &size);
-    ModelConfig *c = &model->config;
-    RouterConfig *rc = &model->router;
-    c->max_seq_len = header[2];
-    c->vocab_size = header[3];
-    c->padded_vocab_size = header[4];
-    c->num_layers = header[5];
-    c->num_heads = header[6];
-    c->channels = header[7];
-    c->num_experts = header[8];
-    c->expert_hidden = header[9];
-    rc->routing = header[10];
-    rc->controller = header[11];
-    rc->drn = header[12];
-    rc->renorm = header[13];
-    rc->k = header[14];
-    float *fields[] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init, &rc->lb_coef, &rc->ent_coef, &rc->p};
-    for (int i = 0; i < (int)(sizeof(fields) / sizeof(fields[0])); i++) { *fields[i] = header_float(header, 32 + i); }
-    validate_config(c, rc, path);
-    size_t sizes[NUM_PARAMETER_TENSORS], num_params = 0;
-    fill_param_sizes(sizes, c);
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { num_params += sizes[i]; }
-    check_payload_size(path, size, (num_params + 2 * (size_t)c->num_layers) * sizeof(float));
-    model_alloc(model);
-    fread_check(model->params_memory, sizeof(float), model->num_parameters, f, path);
-    fread_check(model->threshold, sizeof(float), c->num_layers, f, path);
-    fread_check(model->integral, sizeof(float), c->num_layers, f, path);
-    fclose(f);
-    for (size_t i = 0; i < model->num_parameters; i++) {
-        if (!isfinite(model->params_memory[i])) { fail("%s: parameter %zu is not finite", path, i); }
+        for (int e = 0; e < E; e++) { expert_load[(size_t)l * E + e] = start[e + 1] - start[e]; }
     }
 }
 
 // ----------------------------------------------------------------------------
 // sampling: the same layers, one new position at a time, attending to cached keys and values
 
-typedef struct {
+struct Decoder {
     Activations acts;  // B = 1, T = 1
     float *kv_cache;   // (L, max_seq_len, 3C) q, k, v of every position so far (RoPE applied)
     float *scores;     // (max_seq_len) attention probabilities of the current query
-} Decoder;
+};
 
-void decoder_init(Decoder *d, const Model *model) {
+Decoder *decoder_create(const Model *model) {
     const ModelConfig *c = &model->config;
+    Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
     activations_alloc(&d->acts, c, 1, 1, 0);
     d->kv_cache = (float *)malloc_check((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
     d->scores = (float *)malloc_check((size_t)c->max_seq_len * sizeof(float));
+    return d;
 }
 
 void decoder_free(Decoder *d) {
     activations_free(&d->acts);
     free(d->kv_cache);
     free(d->scores);
+    free(d);
 }
 
 // Feeds `token` at position `pos` (all earlier positions must have been fed) and returns the
@@ -1534,7 +1654,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         float *qkv = cache + (size_t)pos * 3 * C;
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, 1, C, 3 * C);
-        for (int h = 0; h < 2 * NH; h++) { rope_rotate(qkv + h * hd, model->rope_cos, model->rope_sin, pos, hd, 1.0f); }
+        for (int h = 0; h < 2 * NH; h++) { rope_rotate(qkv + h * hd, model->ws->rope_cos, model->ws->rope_sin, pos, hd, 1.0f); }
         for (int h = 0; h < NH; h++) {
             attend(atty + h * hd, d->scores, qkv + h * hd, cache + C + h * hd, cache + 2 * C + h * hd, 3 * (size_t)C, pos + 1, hd);
         }
@@ -1549,64 +1669,28 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     return t->logits;
 }
 
-// Draws a token from softmax(logits / temperature) restricted to the top_k most likely tokens
-// (top_k <= 0: all); temperature 0 picks the most likely token.
-int sample_token(const float *logits, int V, float temperature, int top_k, uint64_t *rng) {
-    int best = 0;
-    for (int i = 1; i < V; i++) { best = logits[i] > logits[best] ? i : best; }
-    if (temperature <= 0.0f) { return best; }
-    // the k-th largest logit is the cut-off; ties at the cut-off are all kept
-    float cutoff = -INFINITY;
-    if (top_k > 0 && top_k < V) {
-        float *sorted = (float *)malloc_check((size_t)V * sizeof(float));
-        memcpy(sorted, logits, (size_t)V * sizeof(float));
-        for (int k = 0; k < top_k; k++) {  // partial selection sort: k passes over V
-            int m = k;
-            for (int i = k + 1; i < V; i++) { m = sorted[i] > sorted[m] ? i : m; }
-            float tmp = sorted[k];
-            sorted[k] = sorted[m];
-            sorted[m] = tmp;
-        }
-        cutoff = sorted[top_k - 1];
-        free(sorted);
-    }
-    double sum = 0.0;
-    for (int i = 0; i < V; i++) {
-        if (logits[i] >= cutoff) { sum += exp((logits[i] - logits[best]) / temperature); }
-    }
-    double r = random_f32(rng) * sum, acc = 0.0;
-    int last = best;
-    for (int i = 0; i < V; i++) {
-        if (logits[i] < cutoff) { continue; }
-        acc += exp((logits[i] - logits[best]) / temperature);
-        last = i;
-        if (acc > r) { return i; }
-    }
-    return last;
-}
-
 // ----------------------------------------------------------------------------
 // results of the last forward/backward pass, copied out (the CUDA twin copies them from the
 // device): what tests and tools read
 
 void model_get_logits(const Model *model, float *out) {  // (N, V)
-    memcpy(out, model->acts.acts.logits, (size_t)model->acts.B * model->acts.T * model->config.vocab_size * sizeof(float));
+    memcpy(out, model->ws->acts.acts.logits, (size_t)model->ws->acts.B * model->ws->acts.T * model->config.vocab_size * sizeof(float));
 }
 
 void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for each l, H_l for each l
     int L = model->config.num_layers;
     out[0] = model->loss;
     out[1] = model->ce_loss;
-    memcpy(out + 2, model->acts.acts.aux_lb, L * sizeof(float));
-    memcpy(out + 2 + L, model->acts.acts.aux_ent, L * sizeof(float));
+    memcpy(out + 2, model->ws->acts.acts.aux_lb, L * sizeof(float));
+    memcpy(out + 2 + L, model->ws->acts.acts.aux_ent, L * sizeof(float));
 }
 
 // n_selected (L, N), selected (L, N, E), gates (L, N, E), as in the reference fixtures.
 void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates) {
-    size_t LN = (size_t)model->config.num_layers * model->acts.B * model->acts.T, E = model->config.num_experts;
-    memcpy(n_selected, model->acts.routing.n_selected, LN * sizeof(int));
-    memcpy(selected, model->acts.routing.selected, LN * E * sizeof(int));
-    memcpy(gates, model->acts.acts.gates, LN * E * sizeof(float));
+    size_t LN = (size_t)model->config.num_layers * model->ws->acts.B * model->ws->acts.T, E = model->config.num_experts;
+    memcpy(n_selected, model->ws->acts.routing.n_selected, LN * sizeof(int));
+    memcpy(selected, model->ws->acts.routing.selected, LN * E * sizeof(int));
+    memcpy(gates, model->ws->acts.acts.gates, LN * E * sizeof(float));
 }
 
 void model_get_grads(const Model *model, float *out) {
@@ -1617,8 +1701,22 @@ void model_get_params(const Model *model, float *out) {
     memcpy(out, model->params_memory, model->num_parameters * sizeof(float));
 }
 
-void model_get_thresholds(const Model *model, float *out) {  // (L) the current p of every layer
-    memcpy(out, model->threshold, model->config.num_layers * sizeof(float));
+void model_get_token_losses(const Model *model, float *out) {
+    memcpy(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
+}
+
+void model_get_moments(const Model *model, float *m, float *v) {
+    memcpy(m, model->m_memory, model->num_parameters * sizeof(float));
+    memcpy(v, model->v_memory, model->num_parameters * sizeof(float));
+}
+
+void model_set_moments(Model *model, const float *m, const float *v) {
+    if (model->m_memory == NULL) {
+        model->m_memory = (float *)malloc_check(model->num_parameters * sizeof(float));
+        model->v_memory = (float *)malloc_check(model->num_parameters * sizeof(float));
+    }
+    memcpy(model->m_memory, m, model->num_parameters * sizeof(float));
+    memcpy(model->v_memory, v, model->num_parameters * sizeof(float));
 }
 
 void set_num_threads(int threads) {
@@ -1628,3 +1726,666 @@ void set_num_threads(int threads) {
     (void)threads;
 #endif
 }
+
+int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+#endif  // DTOPP_CUDA
+
+// ----------------------------------------------------------------------------
+// the training program
+#ifndef TESTING
+#include "dataloader.h"
+#include "tokenizer.h"
+
+// Named model sizes; explicit options override any field.
+typedef struct {
+    const char *name;
+    int layers, channels, heads, experts, expert_hidden;
+} Preset;
+static const Preset presets[] = {
+    {"tiny", 2, 64, 2, 8, 64},      // seconds a step on a laptop: for tests
+    {"small", 4, 128, 4, 8, 128},   // the default: learns TinyShakespeare's form in minutes on 2 cores
+    {"medium", 6, 256, 8, 16, 256},
+    {"gpt2-moe", 12, 768, 12, 64, 384},  // GPT-2 small's trunk with 64 experts, for the GPU
+};
+
+typedef struct {
+    // data and files
+    const char *train_pattern, *val_pattern, *tokenizer_path, *out_dir, *init_path, *resume_dir;
+    // model (negative: take the preset's value)
+    const char *preset;
+    int layers, channels, heads, experts, expert_hidden, max_seq_len;
+    // routing
+    const char *routing, *controller;
+    int drn, renorm, k;  // drn < 0: the mode's default
+    float p, tgt, Kp, Ki, p0, pmin, pmax, theta_init, lb_coef, ent_coef;  // ent_coef < 0: the mode's default
+    // training
+    int batch, seq_len, steps, warmup, shuffle, threads;
+    float lr, weight_decay;
+    long long seed;
+    // evaluation, sampling, checkpoints
+    int eval_every, eval_batches, sample_every, sample_tokens, top_k, checkpoint_every, stop_at, generate;
+    float temperature;
+    const char *prompt;
+} Options;
+
+typedef struct {
+    const char *name;  // long option name, without "--"
+    char type;         // 's' string, 'i' int, 'f' float, 'l' long long
+    void *value;
+    const char *help;
+} OptionSpec;
+
+static int option_specs(Options *o, OptionSpec *specs) {
+    OptionSpec list[] = {
+        {"train", 's', &o->train_pattern, "training shards (glob pattern)"},
+        {"val", 's', &o->val_pattern, "validation shards (glob pattern; empty: none)"},
+        {"tokenizer", 's', &o->tokenizer_path, "tokenizer file, for prompts and samples of GPT-2 tokens"},
+        {"out", 's', &o->out_dir, "output directory: log.csv, model.bin, checkpoints"},
+        {"init", 's', &o->init_path, "start from this model checkpoint (architecture and routing from the file)"},
+        {"resume", 's', &o->resume_dir, "continue the run whose checkpoints are in this directory"},
+        {"model", 's', &o->preset, "size preset: tiny, small, medium, gpt2-moe"},
+        {"layers", 'i', &o->layers, "L, transformer blocks"},
+        {"channels", 'i', &o->channels, "C, model width"},
+        {"heads", 'i', &o->heads, "NH, attention heads"},
+        {"experts", 'i', &o->experts, "E, experts per layer"},
+        {"expert-hidden", 'i', &o->expert_hidden, "H, hidden width of one expert"},
+        {"max-seq-len", 'i', &o->max_seq_len, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)"},
+        {"routing", 's', &o->routing, "topk, topp or dtopp"},
+        {"controller", 's', &o->controller, "dtopp: global (one p) or layer (one p per layer)"},
+        {"drn", 'i', &o->drn, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)"},
+        {"renorm", 'i', &o->renorm, "renormalise the gates over the selected experts 1/0"},
+        {"k", 'i', &o->k, "topk: experts per token"},
+        {"p", 'f', &o->p, "topp: the fixed threshold"},
+        {"tgt", 'f', &o->tgt, "dtopp: target average number of activated experts"},
+        {"kp", 'f', &o->Kp, "dtopp: proportional gain"},
+        {"ki", 'f', &o->Ki, "dtopp: integral gain"},
+        {"p0", 'f', &o->p0, "dtopp: starting and central threshold"},
+        {"pmin", 'f', &o->pmin, "dtopp: lowest threshold"},
+        {"pmax", 'f', &o->pmax, "dtopp: highest threshold"},
+        {"theta-init", 'f', &o->theta_init, "initial DRN scale"},
+        {"lb-coef", 'f', &o->lb_coef, "load-balance loss coefficient"},
+        {"ent-coef", 'f', &o->ent_coef, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)"},
+        {"batch", 'i', &o->batch, "B, sequences per step"},
+        {"seq-len", 'i', &o->seq_len, "T, tokens per sequence"},
+        {"steps", 'i', &o->steps, "optimizer steps"},
+        {"lr", 'f', &o->lr, "peak learning rate"},
+        {"warmup", 'i', &o->warmup, "learning-rate warm-up steps"},
+        {"weight-decay", 'f', &o->weight_decay, "AdamW weight decay of the matrices"},
+        {"shuffle", 'i', &o->shuffle, "shuffle the training windows 1/0"},
+        {"seed", 'l', &o->seed, "seed of the initialisation, the shuffle and the sampler"},
+        {"threads", 'i', &o->threads, "OpenMP threads (0: all)"},
+        {"eval-every", 'i', &o->eval_every, "steps between validations (0: only at the end)"},
+        {"eval-batches", 'i', &o->eval_batches, "validation batches"},
+        {"sample-every", 'i', &o->sample_every, "steps between samples (0: only at the end)"},
+        {"sample-tokens", 'i', &o->sample_tokens, "tokens per sample (0: no samples)"},
+        {"prompt", 's', &o->prompt, "text the samples start from (default: none)"},
+        {"temperature", 'f', &o->temperature, "sampling temperature (0: most likely token)"},
+        {"top-k", 'i', &o->top_k, "sample from the top k tokens (0: all)"},
+        {"checkpoint-every", 'i', &o->checkpoint_every, "steps between checkpoints (0: only at the end)"},
+        {"stop-at", 'i', &o->stop_at, "stop after this step with a checkpoint (0: run to --steps); continue with --resume"},
+        {"generate", 'i', &o->generate, "with --init: print this many tokens after --prompt and exit"},
+    };
+    int n = (int)(sizeof(list) / sizeof(list[0]));
+    if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
+    return n;
+}
+
+static void default_options(Options *o) {
+    memset(o, 0, sizeof(*o));
+    o->train_pattern = "data/tinyshakespeare_train.bin";
+    o->val_pattern = "data/tinyshakespeare_val.bin";
+    o->tokenizer_path = "tokenizer.bin";
+    o->out_dir = "out";
+    o->init_path = o->resume_dir = NULL;
+    o->preset = "small";
+    o->layers = o->channels = o->heads = o->experts = o->expert_hidden = o->max_seq_len = -1;
+    o->routing = "dtopp";
+    o->controller = "global";
+    o->drn = -1;
+    o->renorm = 1;
+    o->k = 2;
+    o->p = 0.5f;
+    o->tgt = 2.0f;
+    o->Kp = 0.3f;
+    o->Ki = 0.05f;
+    o->p0 = 0.5f;
+    o->pmin = 0.01f;
+    o->pmax = 1.0f;
+    o->theta_init = 1.0f;
+    o->lb_coef = 1e-4f;
+    o->ent_coef = -1.0f;
+    o->batch = 16;
+    o->seq_len = 64;
+    o->steps = 600;
+    o->lr = 3e-3f;
+    o->warmup = 30;
+    o->weight_decay = 0.1f;
+    o->shuffle = 1;
+    o->seed = 1337;
+    o->threads = 0;
+    o->eval_every = 100;
+    o->eval_batches = 10;
+    o->sample_every = 200;
+    o->sample_tokens = 128;
+    o->prompt = "";
+    o->temperature = 1.0f;
+    o->top_k = 40;
+    o->checkpoint_every = 200;
+    o->stop_at = 0;
+    o->generate = 0;
+}
+
+static void print_usage(void) {
+    Options defaults;
+    default_options(&defaults);
+    OptionSpec specs[64];
+    int n = option_specs(&defaults, specs);
+    printf("usage: train_dtopp [--option value ...]\n\n"
+           "Trains a DTop-p Mixture-of-Experts language model on token shards written by prepro,\n"
+           "or, with --init and --generate, samples from a trained one.\n\n");
+    for (int i = 0; i < n; i++) {
+        char def[64] = "";
+        switch (specs[i].type) {
+            case 's': snprintf(def, sizeof(def), "%s", *(const char **)specs[i].value ? *(const char **)specs[i].value : ""); break;
+            case 'i': if (*(int *)specs[i].value >= 0) { snprintf(def, sizeof(def), "%d", *(int *)specs[i].value); } break;
+            case 'f': if (*(float *)specs[i].value >= 0.0f) { snprintf(def, sizeof(def), "%g", *(float *)specs[i].value); } break;
+            case 'l': snprintf(def, sizeof(def), "%lld", *(long long *)specs[i].value); break;
+        }
+        printf("  --%-17s %s%s%s%s\n", specs[i].name, specs[i].help, def[0] ? " [" : "", def, def[0] ? "]" : "");
+    }
+}
+
+static void parse_options(Options *o, int argc, char **argv) {
+    OptionSpec specs[64];
+    int n = option_specs(o, specs);
+    for (int a = 1; a < argc; a++) {
+        if (strcmp(argv[a], "-h") == 0 || strcmp(argv[a], "--help") == 0) {
+            print_usage();
+            exit(EXIT_SUCCESS);
+        }
+        const OptionSpec *spec = NULL;
+        for (int i = 0; i < n; i++) {
+            if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, specs[i].name) == 0) { spec = &specs[i]; }
+        }
+        if (spec == NULL) { fail("unknown option %s (see --help)", argv[a]); }
+        if (a + 1 >= argc) { fail("option %s needs a value", argv[a]); }
+        const char *value = argv[++a];
+        char *end = NULL;
+        errno = 0;
+        switch (spec->type) {
+            case 's': *(const char **)spec->value = value; break;
+            case 'i': *(int *)spec->value = (int)strtol(value, &end, 10); break;
+            case 'f': *(float *)spec->value = strtof(value, &end); break;
+            case 'l': *(long long *)spec->value = strtoll(value, &end, 10); break;
+        }
+        if (spec->type != 's' && (errno != 0 || end == value || *end != '\0')) { fail("option --%s: cannot read '%s' as a number", spec->name, value); }
+    }
+}
+
+static int parse_name(const char *value, const char *const *names, int count, const char *option) {
+    for (int i = 0; i < count; i++) {
+        if (strcmp(value, names[i]) == 0) { return i; }
+    }
+    fail("option --%s: unknown value '%s'", option, value);
+    return -1;
+}
+
+// The model and router configuration that the options describe, for a vocabulary of V tokens.
+static void configure_model(const Options *o, int V, ModelConfig *c, RouterConfig *rc) {
+    const Preset *preset = NULL;
+    for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++) {
+        if (strcmp(o->preset, presets[i].name) == 0) { preset = &presets[i]; }
+    }
+    if (preset == NULL) { fail("option --model: unknown preset '%s' (tiny, small, medium, gpt2-moe)", o->preset); }
+    c->vocab_size = V;
+    c->padded_vocab_size = padded_vocab(V);
+    c->num_layers = o->layers >= 0 ? o->layers : preset->layers;
+    c->channels = o->channels >= 0 ? o->channels : preset->channels;
+    c->num_heads = o->heads >= 0 ? o->heads : preset->heads;
+    c->num_experts = o->experts >= 0 ? o->experts : preset->experts;
+    c->expert_hidden = o->expert_hidden >= 0 ? o->expert_hidden : preset->expert_hidden;
+    c->max_seq_len = o->max_seq_len >= 0 ? o->max_seq_len : (o->seq_len > 1024 ? o->seq_len : 1024);
+    const char *controllers[] = {"global", "layer"};
+    rc->routing = parse_name(o->routing, routing_names, 3, "routing");
+    rc->controller = parse_name(o->controller, controllers, 2, "controller");
+    rc->drn = o->drn >= 0 ? o->drn : rc->routing == ROUTING_DTOPP;
+    rc->renorm = o->renorm;
+    rc->k = o->k;
+    rc->p = o->p;
+    rc->tgt = o->tgt;
+    rc->Kp = o->Kp;
+    rc->Ki = o->Ki;
+    rc->p0 = o->p0;
+    rc->pmin = o->pmin;
+    rc->pmax = o->pmax;
+    rc->theta_init = o->theta_init;
+    rc->lb_coef = o->lb_coef;
+    rc->ent_coef = o->ent_coef >= 0.0f ? o->ent_coef : (rc->routing == ROUTING_TOPK ? 0.0f : 1e-3f);
+}
+
+static void check_options(const Options *o) {
+    if (o->batch < 1 || o->seq_len < 1) { fail("--batch and --seq-len must be >= 1 (got %d, %d)", o->batch, o->seq_len); }
+    if (o->steps < 1 && o->generate <= 0) { fail("--steps must be >= 1 (got %d)", o->steps); }
+    if (o->warmup < 1) { fail("--warmup must be >= 1 (got %d)", o->warmup); }
+    if (!(o->lr > 0.0f) || !(o->weight_decay >= 0.0f)) { fail("--lr must be > 0 and --weight-decay >= 0"); }
+    if (o->drn > 1 || o->renorm < 0 || o->renorm > 1 || o->shuffle < 0 || o->shuffle > 1) { fail("--drn, --renorm and --shuffle take 0 or 1"); }
+    if (o->eval_every < 0 || o->sample_every < 0 || o->checkpoint_every < 0 || o->eval_batches < 0 || o->sample_tokens < 0) {
+        fail("intervals and counts must be >= 0");
+    }
+    if (o->temperature < 0.0f) { fail("--temperature must be >= 0"); }
+    if (o->stop_at < 0) { fail("--stop-at must be >= 0"); }
+    if (o->init_path != NULL && o->resume_dir != NULL) { fail("--init and --resume exclude each other"); }
+}
+
+// ----------------------------------------------------------------------------
+// text in and out: GPT-2 tokens through tokenizer.bin, or bytes for a byte-level vocabulary
+
+typedef struct {
+    int byte_level;  // vocabulary of 256: a token is a byte
+    int loaded;
+    Tokenizer tokenizer;
+} TextCodec;
+
+static void codec_init(TextCodec *codec, const char *tokenizer_path, int V) {
+    codec->byte_level = V == 256;
+    codec->loaded = 0;
+    if (!codec->byte_level) {
+        tokenizer_init(&codec->tokenizer, tokenizer_path);
+        codec->loaded = 1;
+        if (tokenizer_vocab_size(&codec->tokenizer) != V) {
+            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path, tokenizer_vocab_size(&codec->tokenizer), V);
+        }
+    }
+}
+
+static int *codec_encode(const TextCodec *codec, const char *text, size_t *n) {
+    size_t len = strlen(text);
+    if (!codec->byte_level) { return tokenizer_encode(&codec->tokenizer, text, len, n); }
+    int *ids = (int *)malloc_check(len * sizeof(int));
+    for (size_t i = 0; i < len; i++) { ids[i] = (unsigned char)text[i]; }
+    *n = len;
+    return ids;
+}
+
+static void codec_print(const TextCodec *codec, int token) {
+    if (codec->byte_level) {
+        putchar(token);
+    } else {
+        size_t len;
+        const unsigned char *bytes = tokenizer_decode(&codec->tokenizer, token, &len);
+        fwrite(bytes, 1, len, stdout);
+    }
+}
+
+// Prints the prompt and then n_tokens sampled tokens. Starts from end-of-text (or a newline for
+// bytes) when the prompt is empty.
+static void generate_text(Model *model, const TextCodec *codec, const char *prompt, int n_tokens,
+                          float temperature, int top_k, uint64_t *rng) {
+    size_t n_prompt;
+    int *ids = codec_encode(codec, prompt, &n_prompt);
+    if (n_prompt == 0) {
+        ids = (int *)realloc_check(ids, sizeof(int));
+        ids[0] = codec->byte_level ? '\n' : tokenizer_eot(&codec->tokenizer);
+        n_prompt = 1;
+    } else {
+        fputs(prompt, stdout);
+    }
+    int max_len = model->config.max_seq_len;
+    if ((int)n_prompt >= max_len) { fail("the prompt has %zu tokens; the model takes at most %d", n_prompt, max_len); }
+    Decoder *decoder = decoder_create(model);
+    const float *logits = NULL;
+    for (size_t i = 0; i < n_prompt; i++) { logits = decoder_step(model, decoder, ids[i], (int)i); }
+    int pos = (int)n_prompt;
+    for (int i = 0; i < n_tokens && pos < max_len; i++, pos++) {
+        int token = sample_token(logits, model->config.vocab_size, temperature, top_k, rng);
+        codec_print(codec, token);
+        if (pos + 1 < max_len) { logits = decoder_step(model, decoder, token, pos); }
+    }
+    printf("\n");
+    fflush(stdout);
+    decoder_free(decoder);
+    free(ids);
+}
+
+// ----------------------------------------------------------------------------
+// training state files (doc/formats.md): optimizer moments, step, data position, sampler state.
+// A checkpoint is the pair model_STEP.bin + state_STEP.bin; the newer pair is complete before the
+// older one is removed, so a crash never leaves the run without a checkpoint.
+
+#define STATE_MAGIC 20251214
+#define STATE_VERSION 1
+
+static void state_save(const Model *model, const char *path, int step, const long long position[4], uint64_t rng) {
+    int32_t header[HEADER_WORDS] = {0};
+    header[0] = STATE_MAGIC;
+    header[1] = STATE_VERSION;
+    header[2] = step;
+    header[3] = model->adam_step;
+    memcpy(&header[4], position, 4 * sizeof(long long));  // words 4..11
+    memcpy(&header[12], &rng, sizeof(uint64_t));         // words 12..13
+    header[14] = (int32_t)(model->num_parameters & 0x7fffffff);
+    float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_moments(model, m, v);
+    char tmp[4096];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
+    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
+    fwrite_check(m, sizeof(float), model->num_parameters, f, tmp);
+    fwrite_check(v, sizeof(float), model->num_parameters, f, tmp);
+    finish_atomic_write(f, tmp, path);
+    free(m);
+    free(v);
+}
+
+static int state_load(Model *model, const char *path, long long position[4], uint64_t *rng) {
+    int32_t header[HEADER_WORDS];
+    long size;
+    FILE *f = open_with_header(path, header, STATE_MAGIC, STATE_VERSION, "training state", &size);
+    if (header[14] != (int32_t)(model->num_parameters & 0x7fffffff)) { fail("%s belongs to a model of a different size", path); }
+    check_payload_size(path, size, 2 * model->num_parameters * sizeof(float));
+    int step = header[2];
+    model->adam_step = header[3];
+    memcpy(position, &header[4], 4 * sizeof(long long));
+    memcpy(rng, &header[12], sizeof(uint64_t));
+    float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
+    fread_check(m, sizeof(float), model->num_parameters, f, path);
+    fread_check(v, sizeof(float), model->num_parameters, f, path);
+    fclose(f);
+    model_set_moments(model, m, v);
+    free(m);
+    free(v);
+    return step;
+}
+
+static void checkpoint_path(char *out, size_t size, const char *dir, const char *kind, int step) {
+    snprintf(out, size, "%s/%s_%08d.bin", dir, kind, step);
+}
+
+// The highest step with both files present, or -1.
+static int latest_checkpoint(const char *dir) {
+    char pattern[4096];
+    snprintf(pattern, sizeof(pattern), "%s/state_*.bin", dir);
+    glob_t found;
+    int best = -1;
+    if (glob(pattern, 0, NULL, &found) == 0) {
+        for (size_t i = 0; i < found.gl_pathc; i++) {
+            const char *name = strrchr(found.gl_pathv[i], '/') + 1;
+            int step;
+            char model_path[4096];
+            if (sscanf(name, "state_%d.bin", &step) != 1) { continue; }
+            checkpoint_path(model_path, sizeof(model_path), dir, "model", step);
+            if (access(model_path, R_OK) == 0 && step > best) { best = step; }
+        }
+        globfree(&found);
+    }
+    return best;
+}
+
+static void write_checkpoint(const Model *model, const char *dir, int step, int previous_step,
+                             const DataLoader *loader, uint64_t rng) {
+    char model_path[4096], state_path[4096], latest[4096];
+    long long position[4];
+    dataloader_get_position(loader, position);
+    checkpoint_path(model_path, sizeof(model_path), dir, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), dir, "state", step);
+    model_save(model, model_path);
+    state_save(model, state_path, step, position, rng);
+    snprintf(latest, sizeof(latest), "%s/model.bin", dir);  // the latest model under a fixed name, for sampling
+    model_save(model, latest);
+    if (previous_step >= 0 && previous_step != step) {
+        checkpoint_path(model_path, sizeof(model_path), dir, "model", previous_step);
+        checkpoint_path(state_path, sizeof(state_path), dir, "state", previous_step);
+        remove(state_path);
+        remove(model_path);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// logging
+
+static FILE *open_log(const char *dir, const Model *model, int append) {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/log.csv", dir);
+    FILE *f = fopen(path, append ? "a" : "w");
+    if (f == NULL) { fail("cannot write %s: %s", path, strerror(errno)); }
+    if (!append) {
+        fprintf(f, "step,loss,ce_loss,val_loss,lr,grad_norm,activated,p,tokens_per_s");
+        for (int l = 0; l < model->config.num_layers; l++) {
+            fprintf(f, ",p_%d,mean_%d,std_%d,theta_%d,lb_%d,ent_%d,load_min_%d,load_max_%d,load_cv_%d", l, l, l, l, l, l, l, l, l);
+            for (int s = 0; s <= model->config.num_experts; s++) { fprintf(f, ",hist_%d_%d", l, s); }
+        }
+        fprintf(f, "\n");
+    }
+    return f;
+}
+
+static void log_step(FILE *f, const Model *model, const RoutingStats *stats, const float *p_used, int step,
+                     float val_loss, float lr, float grad_norm, double tokens_per_s) {
+    int L = model->config.num_layers, E = model->config.num_experts;
+    float *losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
+    float *theta = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_losses(model, losses);
+    model_get_params(model, theta);
+    size_t theta_offset = 0;
+    for (int k = 0; k < 6; k++) { theta_offset += model->param_sizes[k]; }
+    fprintf(f, "%d,%.6f,%.6f,", step, losses[0], losses[1]);
+    if (val_loss >= 0.0f) { fprintf(f, "%.6f", val_loss); }
+    fprintf(f, ",%.6e,%.6f,%.6f,%.6f,%.1f", lr, grad_norm, stats->activated, p_used[0], tokens_per_s);
+    for (int l = 0; l < L; l++) {
+        fprintf(f, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%d,%d,%.6f", p_used[l], stats->layer_mean[l], stats->layer_std[l],
+                theta[theta_offset + l], losses[2 + l], losses[2 + L + l], stats->load_min[l], stats->load_max[l], stats->load_cv[l]);
+        for (int s = 0; s <= E; s++) { fprintf(f, ",%d", stats->histogram[(size_t)l * (E + 1) + s]); }
+    }
+    fprintf(f, "\n");
+    fflush(f);
+    free(losses);
+    free(theta);
+}
+
+// Mean cross-entropy over eval_batches validation batches, and the per-layer table of activated
+// experts (mean ± σ over all validation tokens) with a histogram of |S|.
+static float evaluate(Model *model, DataLoader *val, int batches) {
+    int L = model->config.num_layers, E = model->config.num_experts;
+    RoutingStats stats;
+    routing_stats_alloc(&stats, &model->config);
+    long long *hist = (long long *)calloc_check((size_t)L * (E + 1), sizeof(long long));
+    double loss = 0.0;
+    dataloader_reset(val);
+    batches = batches < (int)val->num_batches ? batches : (int)val->num_batches;
+    for (int b = 0; b < batches; b++) {
+        dataloader_next_batch(val);
+        model_forward(model, val->inputs, val->targets, val->B, val->T);
+        loss += model->ce_loss;
+        routing_stats_compute(&stats, model);
+        for (size_t i = 0; i < (size_t)L * (E + 1); i++) { hist[i] += stats.histogram[i]; }
+    }
+    printf("  layer  activated experts    |S| = 1 .. %d\n", E);
+    for (int l = 0; l < L; l++) {
+        double n = 0, sum = 0, sumsq = 0;
+        for (int s = 0; s <= E; s++) {
+            n += hist[(size_t)l * (E + 1) + s];
+            sum += (double)s * hist[(size_t)l * (E + 1) + s];
+            sumsq += (double)s * s * hist[(size_t)l * (E + 1) + s];
+        }
+        double mean = n > 0 ? sum / n : 0.0, var = n > 0 ? sumsq / n - mean * mean : 0.0;
+        printf("  %5d  %6.2f ± %-5.2f      ", l, mean, var > 0 ? sqrt(var) : 0.0);
+        static const char *bars[] = {" ", "▁", "▂", "▃", "▄", "▅", "▆", "▇", "█"};
+        for (int s = 1; s <= E; s++) {
+            double share = n > 0 ? hist[(size_t)l * (E + 1) + s] / n : 0.0;
+            fputs(bars[(int)ceil(share * 8)], stdout);
+        }
+        printf("\n");
+    }
+    free(hist);
+    routing_stats_free(&stats);
+    return batches > 0 ? (float)(loss / batches) : -1.0f;
+}
+
+static void ensure_directory(const char *dir) {
+    char cmd[4200];
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        if (mkdir(dir, 0755) != 0) { fail("cannot create output directory %s: %s", dir, strerror(errno)); }
+    } else if (!S_ISDIR(st.st_mode)) {
+        fail("output directory %s is not a directory", dir);
+    }
+    snprintf(cmd, sizeof(cmd), "%s/.write_test", dir);
+    FILE *f = fopen(cmd, "w");
+    if (f == NULL) { fail("output directory %s is not writable: %s", dir, strerror(errno)); }
+    fclose(f);
+    remove(cmd);
+}
+
+int main(int argc, char **argv) {
+    Options o;
+    default_options(&o);
+    parse_options(&o, argc, argv);
+    check_options(&o);
+    set_num_threads(o.threads);
+    uint64_t rng = (uint64_t)o.seed ^ 0x5DEECE66Dull;  // the sampler's stream
+
+    Model model;
+    if (o.generate > 0) {  // sampling only
+        if (o.init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
+        model_load(&model, o.init_path);
+        TextCodec codec;
+        codec_init(&codec, o.tokenizer_path, model.config.vocab_size);
+        double t0 = wall_seconds();
+        generate_text(&model, &codec, o.prompt, o.generate, o.temperature, o.top_k, &rng);
+        fprintf(stderr, "%d tokens in %.2f s\n", o.generate, wall_seconds() - t0);
+        if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
+        model_free(&model);
+        return EXIT_SUCCESS;
+    }
+
+    DataLoader train, val;
+    dataloader_init(&train, o.train_pattern, o.batch, o.seq_len, o.shuffle, (unsigned long long)o.seed);
+    int have_val = o.val_pattern != NULL && o.val_pattern[0] != '\0';
+    if (have_val) { dataloader_init(&val, o.val_pattern, o.batch, o.seq_len, 0, 0); }
+    ensure_directory(o.out_dir);
+
+    int start_step = 0, last_checkpoint = -1;
+    if (o.resume_dir != NULL) {
+        int step = latest_checkpoint(o.resume_dir);
+        if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o.resume_dir); }
+        char model_path[4096], state_path[4096];
+        checkpoint_path(model_path, sizeof(model_path), o.resume_dir, "model", step);
+        checkpoint_path(state_path, sizeof(state_path), o.resume_dir, "state", step);
+        model_load(&model, model_path);
+        long long position[4];
+        start_step = state_load(&model, state_path, position, &rng);
+        if (start_step != step) { fail("%s says step %d, its name says %d", state_path, start_step, step); }
+        dataloader_set_position(&train, position);
+        last_checkpoint = strcmp(o.resume_dir, o.out_dir) == 0 ? step : -1;
+        printf("resuming %s at step %d\n", o.resume_dir, start_step);
+    } else if (o.init_path != NULL) {
+        model_load(&model, o.init_path);
+    } else {
+        ModelConfig config;
+        RouterConfig router;
+        configure_model(&o, train.vocab_size, &config, &router);
+        model_init(&model, &config, &router, (uint64_t)o.seed);
+    }
+    const ModelConfig *c = &model.config;
+    const RouterConfig *rc = &model.router;
+    if (train.vocab_size > c->vocab_size || (have_val && val.vocab_size > c->vocab_size)) {
+        fail("the data's vocabulary (%d tokens) does not fit the model's (%d)", train.vocab_size, c->vocab_size);
+    }
+    if (o.seq_len > c->max_seq_len) { fail("--seq-len %d exceeds the model's maximum sequence length %d", o.seq_len, c->max_seq_len); }
+    if (start_step >= o.steps) { fail("the run is already at step %d of --steps %d", start_step, o.steps); }
+    TextCodec codec = {0};
+    if (o.sample_tokens > 0) { codec_init(&codec, o.tokenizer_path, c->vocab_size); }
+
+    printf("model: L=%d C=%d NH=%d E=%d H=%d V=%d max T=%d, %.2fM parameters (%.2fM active at |S|=1)\n",
+           c->num_layers, c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->vocab_size, c->max_seq_len,
+           model.num_parameters / 1e6,
+           (model.num_parameters - (double)c->num_layers * (c->num_experts - 1) * 3 * c->expert_hidden * c->channels) / 1e6);
+    if (rc->routing == ROUTING_TOPK) { printf("routing: topk, k=%d", rc->k); }
+    else if (rc->routing == ROUTING_TOPP) { printf("routing: topp, p=%g", rc->p); }
+    else { printf("routing: dtopp, %s controller, target %g of %d experts, Kp=%g Ki=%g p0=%g", rc->controller ? "per-layer" : "global", rc->tgt, c->num_experts, rc->Kp, rc->Ki, rc->p0); }
+    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off", rc->renorm ? "renormalised" : "raw", rc->lb_coef, rc->ent_coef);
+    printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", train.num_tokens,
+           train.num_batches, o.batch, o.seq_len, have_val ? val.num_tokens : (size_t)0);
+    printf("threads: %d\n\n", omp_threads());
+
+    FILE *log = open_log(o.out_dir, &model, o.resume_dir != NULL && strcmp(o.resume_dir, o.out_dir) == 0);
+    RoutingStats stats;
+    routing_stats_alloc(&stats, c);
+    float *p_used = (float *)malloc_check(c->num_layers * sizeof(float));
+    double train_seconds = 0.0;
+    int timed_steps = 0;
+    for (int step = start_step; step < o.steps; step++) {
+        int last = step == o.steps - 1;
+        float val_loss = -1.0f;
+        if (have_val && o.eval_batches > 0 && (last || (o.eval_every > 0 && step % o.eval_every == 0))) {
+            val_loss = evaluate(&model, &val, o.eval_batches);
+            printf("step %5d | validation loss %.4f\n", step, val_loss);
+        }
+        if (o.sample_tokens > 0 && step > start_step && (last || (o.sample_every > 0 && step % o.sample_every == 0))) {
+            printf("--- sample at step %d:\n", step);
+            generate_text(&model, &codec, o.prompt, o.sample_tokens, o.temperature, o.top_k, &rng);
+            printf("---\n");
+        }
+
+        double t0 = wall_seconds();
+        dataloader_next_batch(&train);
+        memcpy(p_used, model.threshold, c->num_layers * sizeof(float));
+        model_forward(&model, train.inputs, train.targets, o.batch, o.seq_len);
+        if (!isfinite(model.loss)) { fail("the loss is %g at step %d: training diverged (try a lower --lr); the last checkpoint is kept", model.loss, step); }
+        model_zero_grad(&model);
+        model_backward(&model);
+        float lr = learning_rate(step, o.steps, o.warmup, o.lr);
+        float grad_norm = model_update(&model, lr, o.weight_decay);
+        if (!isfinite(grad_norm)) { fail("the gradient norm is %g at step %d: training diverged; the last checkpoint is kept", grad_norm, step); }
+        controller_update(&model);
+        double dt = wall_seconds() - t0;
+        if (step > start_step) {  // the first step pays for allocations
+            train_seconds += dt;
+            timed_steps++;
+        }
+
+        routing_stats_compute(&stats, &model);
+        double mean_dt = timed_steps > 0 ? train_seconds / timed_steps : dt;
+        double tokens_per_s = o.batch * o.seq_len / dt;
+        double eta = mean_dt * (o.steps - step - 1);
+        printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, o.steps, model.loss, lr, p_used[0], stats.activated);
+        if (rc->routing == ROUTING_DTOPP) { printf(" (target %.2f)", rc->tgt); }
+        printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
+        fflush(stdout);
+        log_step(log, &model, &stats, p_used, step + 1, val_loss, lr, grad_norm, tokens_per_s);
+
+        int stop = step + 1 == o.stop_at;
+        if (last || stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)) {
+            write_checkpoint(&model, o.out_dir, step + 1, last_checkpoint, &train, rng);
+            last_checkpoint = step + 1;
+        }
+        if (stop) {
+            printf("stopped at step %d: continue with --resume %s\n", step + 1, o.out_dir);
+            break;
+        }
+    }
+    if (o.sample_tokens > 0 && last_checkpoint == o.steps) {
+        printf("--- sample after training:\n");
+        generate_text(&model, &codec, o.prompt, o.sample_tokens, o.temperature, o.top_k, &rng);
+        printf("---\n");
+    }
+    printf("done: %s/model.bin, %s/log.csv\n", o.out_dir, o.out_dir);
+
+    fclose(log);
+    free(p_used);
+    routing_stats_free(&stats);
+    if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
+    dataloader_free(&train);
+    if (have_val) { dataloader_free(&val); }
+    model_free(&model);
+    return EXIT_SUCCESS;
+}
+#endif  // TESTING

@@ -1,0 +1,169 @@
+# dtopp.c: `make train` trains a small DTop-p MoE model; `make test` runs every test.
+# Run `make help` for the other targets.
+
+CC ?= gcc
+CFLAGS ?= -O3 -march=native
+CFLAGS += -std=c11 -Wall -Wextra
+LDLIBS = -lm
+PYTHON ?= /usr/bin/python3
+
+# OpenMP: used when the compiler has it; without it everything still builds and runs on one core
+# (and -fopenmp-simd still vectorizes the dot products).
+OPENMP_OK := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo yes)
+ifeq ($(OPENMP_OK),yes)
+  CFLAGS += -fopenmp
+  $(info OpenMP: found, building with -fopenmp)
+else
+  CFLAGS += -fopenmp-simd
+  $(info OpenMP: not found, building single-threaded)
+endif
+
+# CUDA: built when nvcc is present, for the architecture of the GPU found here, or CUDA_ARCH
+# (e.g. make cuda CUDA_ARCH=90) when building on a machine without a GPU.
+NVCC ?= nvcc
+NVCC_OK := $(shell command -v $(NVCC) 2>/dev/null)
+DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
+NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native
+
+# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens
+VOCAB ?= bytes
+DATA = data
+TRAIN_FLAGS ?=
+ifeq ($(VOCAB),gpt2)
+  SHARDS = $(DATA)/train_gpt2
+  TRAIN_DEFAULTS = --batch 8 --seq-len 64 --steps 300 --eval-every 50 --sample-every 100 --sample-tokens 64
+else
+  SHARDS = $(DATA)/train_bytes
+  TRAIN_DEFAULTS = --batch 16 --seq-len 128 --steps 1500 --lr 3e-3 --warmup 50 --eval-every 250 --sample-every 500 --sample-tokens 256
+endif
+
+BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
+           tools/make_offline_text
+
+.PHONY: all train test test-model test-tokenizer test-data test-train reference check-fixtures \
+        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
+
+all: $(BINARIES)
+
+help:
+	@echo "make               build the programs"
+	@echo "make train         prepare TinyShakespeare (or TEXT=file, or the built-in text offline) and train"
+	@echo "                   (VOCAB=gpt2 for GPT-2 tokens; TRAIN_FLAGS='--steps 100 ...' to change options)"
+	@echo "make test          every test (DATA_DIR=folder with tinyshakespeare.txt and kjv.txt adds golden counts)"
+	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
+	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
+	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
+	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
+	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; CUDA vs PyTorch when a GPU is present)"
+
+# ----------------------------------------------------------------------------
+# programs
+
+train_dtopp: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
+
+test_gpt: test_gpt.c train_dtopp.c
+	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
+
+prepro: prepro.c tokenizer.h unicode_tables.h
+	$(CC) $(CFLAGS) -o $@ prepro.c $(LDLIBS)
+
+tools/make_tokenizer: tools/make_tokenizer.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+tools/make_offline_text: tools/make_offline_text.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+tools/make_unicode_tables: tools/make_unicode_tables.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
+
+test/test_tokenizer: test/test_tokenizer.c tokenizer.h unicode_tables.h
+	$(CC) $(CFLAGS) -o $@ test/test_tokenizer.c $(LDLIBS)
+
+test/test_dataloader: test/test_dataloader.c dataloader.h
+	$(CC) $(CFLAGS) -o $@ test/test_dataloader.c $(LDLIBS)
+
+test/tiktoken_compare: test/tiktoken_compare.c tokenizer.h unicode_tables.h
+	$(CC) $(CFLAGS) -o $@ test/tiktoken_compare.c $(LDLIBS)
+
+# tokenizer.bin and unicode_tables.h are committed; these regenerate them from their sources
+tokenizer: tools/make_tokenizer
+	@test -n "$(GPT2_DIR)" || { echo "usage: make tokenizer GPT2_DIR=<folder with vocab.bpe and encoder.json>"; exit 1; }
+	tools/make_tokenizer $(GPT2_DIR)/vocab.bpe $(GPT2_DIR)/encoder.json tokenizer.bin
+
+UNICODE_DATA ?= /usr/share/unicode/UnicodeData.txt
+unicode_tables: tools/make_unicode_tables
+	tools/make_unicode_tables $(UNICODE_DATA) > unicode_tables.h.tmp && mv unicode_tables.h.tmp unicode_tables.h
+
+# ----------------------------------------------------------------------------
+# make train
+
+$(DATA)/input.txt:
+	scripts/get_data.sh $(DATA) $(TEXT)
+
+$(SHARDS)_train.bin: $(DATA)/input.txt prepro
+	./prepro --vocab $(VOCAB) -o $(SHARDS) $(DATA)/input.txt
+
+train: train_dtopp tools/make_offline_text
+	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; fi
+	$(MAKE) --no-print-directory $(SHARDS)_train.bin TEXT=$(TEXT)
+	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out out $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
+
+# ----------------------------------------------------------------------------
+# tests
+
+test: test-model test-tokenizer test-data test-train
+	@echo "all tests passed"
+
+test-model: test_gpt
+	./test_gpt
+
+test-tokenizer: test/test_tokenizer test/tiktoken_compare prepro tools/make_offline_text
+	@if [ -z "$(DATA_DIR)" ]; then echo "note: DATA_DIR is not set: the golden token counts on TinyShakespeare and KJV are skipped"; fi
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) test/test_tokenizer
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) test/tiktoken_compare.sh
+
+test-data: test/test_dataloader prepro tools/make_offline_text
+	test/test_dataloader
+	test/test_prepro.sh
+
+test-train: train_dtopp prepro tools/make_offline_text
+	test/test_train.sh
+
+reference:
+	$(PYTHON) reference/make_fixtures.py --out test/fixtures
+
+check-fixtures:
+	$(PYTHON) reference/make_fixtures.py --check test/fixtures
+
+selfcheck:
+	$(PYTHON) reference/selfcheck.py
+
+# ----------------------------------------------------------------------------
+# CUDA
+
+ifneq ($(NVCC_OK),)
+cuda: train_dtopp_cuda test_gpt_cuda
+	@echo "CUDA: built for sm_$(CUDA_ARCH)$(if $(DETECTED_ARCH), (detected),; no GPU detected, set CUDA_ARCH to change)"
+train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
+test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
+	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
+test-cuda: test_gpt_cuda
+	./test_gpt_cuda
+else
+cuda test-cuda:
+	@echo "CUDA: nvcc not found, skipping the CUDA targets"
+endif
+
+# ----------------------------------------------------------------------------
+# benchmarks: speed is reported as a ratio against a peer measured in the same run
+
+bench: test/tiktoken_compare prepro
+	bench/bench_prepro.sh
+	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
+	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
+
+clean:
+	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda

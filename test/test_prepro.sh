@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# test_prepro.sh: prepro and scripts/get_data.sh end to end, on text made on the spot.
+#
+#   test/test_prepro.sh            (run from the repository root, after building)
+#
+# Environment: PREPRO (default ./prepro), TOKENIZER (default tokenizer.bin),
+# MAKE_OFFLINE_TEXT (default tools/make_offline_text).
+# Prints one line per check and ends with "N passed, M failed"; exits 1 if any check failed.
+set -uo pipefail
+
+PREPRO=${PREPRO:-./prepro}
+TOKENIZER=${TOKENIZER:-tokenizer.bin}
+export MAKE_OFFLINE_TEXT=${MAKE_OFFLINE_TEXT:-tools/make_offline_text}
+passed=0
+failed=0
+check() {  # check DESCRIPTION COMMAND...: passes if the command succeeds
+    local what=$1
+    shift
+    if "$@" > /dev/null 2>&1; then echo "ok   $what"; passed=$((passed + 1)); else echo "FAIL $what"; failed=$((failed + 1)); fi
+}
+# header word i of a file, as a signed 32-bit integer
+word() { od -An -t d4 -j $((4 * $2)) -N 4 "$1" | tr -d ' '; }
+# is the file a valid shard with n tokens of vocabulary v?
+shard_ok() {
+    local f=$1 n=$2 v=$3
+    [ "$(word "$f" 0)" = 20240520 ] && [ "$(word "$f" 1)" = 1 ] && [ "$(word "$f" 2)" = "$n" ] &&
+        [ "$(word "$f" 3)" = "$v" ] && [ "$(wc -c < "$f")" = $((1024 + 2 * n)) ]
+}
+# does the command fail with a message containing the text?
+refuses() {
+    local expect=$1
+    shift
+    local msg
+    msg=$("$@" 2>&1 > /dev/null) && return 1
+    echo "$msg" | grep -qF -- "$expect"
+}
+tokens_of() { od -An -t u2 -v -j 1024 "$1" | tr -s ' ' '\n' | grep -v '^$'; }
+
+for f in "$PREPRO" "$TOKENIZER" "$MAKE_OFFLINE_TEXT"; do
+    if [ ! -e "$f" ]; then echo "test_prepro: $f is missing (build it first)" >&2; exit 1; fi
+done
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+
+# get_data.sh
+check "get_data.sh without network makes the generated text" env GET_DATA_OFFLINE=1 scripts/get_data.sh "$T/a"
+check "get_data.sh says it used the generated text" \
+    sh -c "GET_DATA_OFFLINE=1 scripts/get_data.sh '$T/b' | grep -q 'generated text'"
+size=$(wc -c < "$T/a/input.txt")
+check "the generated text is 0.5 to 1 MB ($size bytes)" test "$size" -ge 500000 -a "$size" -le 1000000
+check "the generated text is the same every time" cmp "$T/a/input.txt" "$T/b/input.txt"
+printf 'hello\n' > "$T/local.txt"
+check "get_data.sh OUTDIR TEXT copies TEXT" sh -c "scripts/get_data.sh '$T/c' '$T/local.txt' && cmp '$T/c/input.txt' '$T/local.txt'"
+check "get_data.sh refuses a missing TEXT" refuses "no such readable file" scripts/get_data.sh "$T/d" "$T/missing.txt"
+
+# prepro, GPT-2 vocabulary
+IN=$T/a/input.txt
+"$PREPRO" --tokenizer "$TOKENIZER" "$IN" > "$T/log" 2>&1
+check "prepro writes input_train.bin and input_val.bin next to input.txt" test -f "$T/a/input_train.bin" -a -f "$T/a/input_val.bin"
+ntrain=$(word "$T/a/input_train.bin" 2)
+nval=$(word "$T/a/input_val.bin" 2)
+total=$((ntrain + nval))
+check "train shard header and size are valid ($ntrain tokens)" shard_ok "$T/a/input_train.bin" "$ntrain" 50257
+check "val shard header and size are valid ($nval tokens)" shard_ok "$T/a/input_val.bin" "$nval" 50257
+diff=$((nval * 10 - total))
+check "val is the last 10% of the tokens" test "${diff#-}" -le 10
+check "prepro prints the token count and throughput" sh -c "grep -q '$total tokens' '$T/log' && grep -q 'tokens/s' '$T/log'"
+if [ -x "${ENCODER:-test/tiktoken_compare}" ]; then
+    "${ENCODER:-test/tiktoken_compare}" "$TOKENIZER" "$IN" > "$T/ids"
+    check "train + val tokens are the text's encoding, in order" \
+        sh -c "{ od -An -t u2 -v -j 1024 '$T/a/input_train.bin'; od -An -t u2 -v -j 1024 '$T/a/input_val.bin'; } | tr -s ' ' '\n' | grep -v '^\$' | cmp - '$T/ids'"
+fi
+
+# bytes vocabulary, output prefix, no validation
+"$PREPRO" --vocab bytes --val 0 -o "$T/bytes" "$IN" > /dev/null 2>&1
+check "--vocab bytes: one token per byte, vocabulary 256 in header word 3" shard_ok "$T/bytes_train.bin" "$size" 256
+check "--val 0 writes no validation shard" test ! -e "$T/bytes_val.bin"
+check "--vocab bytes: the tokens are the bytes" cmp <(od -An -t u1 -v "$IN" | tr -s ' ' '\n' | grep -v '^$') <(tokens_of "$T/bytes_train.bin")
+
+# documents
+printf 'first document\n' > "$T/d1.txt"
+printf 'second document\n' > "$T/d2.txt"
+"$PREPRO" --tokenizer "$TOKENIZER" --eot --val 0 -o "$T/docs" "$T/d1.txt" "$T/d2.txt" > /dev/null 2>&1
+got=$(tokens_of "$T/docs_train.bin" | tr '\n' ' ')
+check "--eot puts end-of-text before each file" test "$got" = "50256 11085 3188 198 50256 12227 3188 198 "
+printf 'one\n---\ntwo\n---\r\n---\nthree' > "$T/split.txt"
+"$PREPRO" --tokenizer "$TOKENIZER" --eot --split --- --val 0 -o "$T/split" "$T/split.txt" > "$T/log" 2>&1
+got=$(tokens_of "$T/split_train.bin" | tr '\n' ' ')
+check "--split cuts at separator lines (3 documents)" grep -q '3 documents' "$T/log"
+check "--split drops the separator lines and empty documents" test "$got" = "50256 505 198 50256 11545 198 50256 15542 "
+
+# several shards
+"$PREPRO" --tokenizer "$TOKENIZER" --shard-tokens 50000 -o "$T/many" "$IN" > /dev/null 2>&1
+n=0
+for f in "$T"/many_train_*.bin; do n=$((n + $(word "$f" 2))); done
+check "--shard-tokens: the training split in numbered shards of at most 50000 tokens" \
+    sh -c "test -f '$T/many_train_000.bin' && test ! -e '$T/many_train.bin' && test $n = $ntrain && test $(word "$T/many_train_000.bin" 2) = 50000"
+check "--shard-tokens: a small validation split stays one shard" test -f "$T/many_val.bin"
+
+# errors
+: > "$T/empty.txt"
+check "refuses a missing input, naming it" refuses "$T/nothing.txt" "$PREPRO" --tokenizer "$TOKENIZER" "$T/nothing.txt"
+check "refuses an empty input, naming it" refuses "$T/empty.txt is empty" "$PREPRO" --tokenizer "$TOKENIZER" "$T/empty.txt"
+check "refuses an unwritable output, naming it" refuses "$T/no/such/dir_train.bin" "$PREPRO" --tokenizer "$TOKENIZER" -o "$T/no/such/dir" "$IN"
+check "refuses a missing tokenizer, naming it" refuses "$T/none.bin" "$PREPRO" --tokenizer "$T/none.bin" "$IN"
+check "refuses --eot with the byte vocabulary" refuses "--eot needs --vocab gpt2" "$PREPRO" --vocab bytes --eot "$IN"
+check "refuses a bad --val" refuses "--val must be" "$PREPRO" --val 1.5 "$IN"
+
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]

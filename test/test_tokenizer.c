@@ -1,0 +1,264 @@
+/*
+test_tokenizer: checks tokenizer.h against GPT-2's known encodings.
+
+    DATA_DIR=folder/with/tinyshakespeare.txt+kjv.txt test_tokenizer [tokenizer.bin]
+
+DATA_DIR must hold tinyshakespeare.txt and kjv.txt for the golden token counts; without it
+those checks fail, unless SKIP_DATA_TESTS=1 is set, which skips them visibly.
+Prints one line per check and ends with "N passed, M failed"; exits 1 if any check failed.
+Refusing a bad tokenizer.bin ends the process with exit(1), so those checks run in a child process.
+*/
+#define _DEFAULT_SOURCE  // mkdtemp, fork, pipe
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../tokenizer.h"
+
+static int passed, failed;
+static Tokenizer tok;
+
+static void check(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s ", ok ? "ok  " : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    if (ok) passed++; else failed++;
+}
+
+// runs fn(arg) in a child process; checks that it exits with status 1 and an error message
+// containing `expect`
+static void check_refuses(const char *what, void (*fn)(const char *), const char *arg, const char *expect) {
+    int fds[2];
+    fflush(stdout);
+    if (pipe(fds) != 0) { perror("pipe"); exit(1); }
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], 2);
+        fn(arg);
+        _exit(0);  // fn returned: nothing was refused
+    }
+    close(fds[1]);
+    char msg[2048] = {0};
+    size_t n = 0;
+    ssize_t r;
+    while (n < sizeof msg - 1 && (r = read(fds[0], msg + n, sizeof msg - 1 - n)) > 0) n += (size_t)r;
+    close(fds[0]);
+    int status;
+    waitpid(pid, &status, 0);
+    if (n > 0 && msg[n - 1] == '\n') msg[n - 1] = 0;
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(msg, expect) != NULL;
+    check(ok, "refuses %s: \"%s\"", what, msg);
+}
+
+static void load(const char *path) {
+    Tokenizer t;
+    tokenizer_init(&t, path);
+    tokenizer_free(&t);
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)size + 1);
+    if (fread(buf, 1, (size_t)size, f) != (size_t)size) { fclose(f); free(buf); return NULL; }
+    fclose(f);
+    *len = (size_t)size;
+    return buf;
+}
+
+static void write_file(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(data, 1, len, f) != len || fclose(f) != 0) { perror(path); exit(1); }
+}
+
+// decode(encode(text)) == text, and all ids valid
+static int round_trip(const char *text, size_t len, size_t *ntok) {
+    size_t n;
+    int *ids = tokenizer_encode(&tok, text, len, &n);
+    char *back = malloc(len + 1);
+    size_t pos = 0;
+    int ok = 1;
+    for (size_t i = 0; i < n && ok; i++) {
+        size_t l;
+        const unsigned char *b = tokenizer_decode(&tok, ids[i], &l);
+        ok = b != NULL && ids[i] < tokenizer_eot(&tok) && pos + l <= len;
+        if (ok) { memcpy(back + pos, b, l); pos += l; }
+    }
+    ok = ok && pos == len && memcmp(back, text, len) == 0;
+    free(back);
+    free(ids);
+    if (ntok) *ntok = n;
+    return ok;
+}
+
+// the pieces of the pre-tokenizer, joined with '|', to check the regex by hand
+static void pieces(const char *s, char *out) {
+    size_t n = strlen(s), pos = 0;
+    out[0] = 0;
+    while (pos < n) {
+        size_t l = pretokenize_next((const unsigned char *)s + pos, n - pos);
+        if (pos > 0) strcat(out, "|");
+        strncat(out, s + pos, l);
+        pos += l;
+    }
+}
+
+static void check_pieces(const char *text, const char *expect) {
+    char got[1024];
+    pieces(text, got);
+    check(strcmp(got, expect) == 0, "pre-tokenizes \"%s\" as %s (got %s)", text, expect, got);
+}
+
+static void check_file(const char *dir, const char *name, size_t expect_tokens, const int *first, int nfirst) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    size_t len, n;
+    char *text = read_file(path, &len);
+    if (!text) { check(0, "%s: cannot read %s", name, path); return; }
+    int *ids = tokenizer_encode(&tok, text, len, &n);
+    int ok = n == expect_tokens;
+    for (int i = 0; i < nfirst && ok; i++) ok = ids[i] == first[i];
+    check(ok, "%s encodes to %zu tokens%s (got %zu)", name, expect_tokens, nfirst ? " starting 5962 22307 25 198 ..." : "", n);
+    check(round_trip(text, len, NULL), "%s: decode(encode(x)) == x", name);
+    free(ids);
+    free(text);
+}
+
+int main(int argc, char **argv) {
+    const char *path = argc > 1 ? argv[1] : "tokenizer.bin";
+    tokenizer_init(&tok, path);
+    check(tokenizer_vocab_size(&tok) == 50257 && tokenizer_eot(&tok) == 50256, "vocabulary 50257, end-of-text 50256");
+    size_t len;
+    const unsigned char *b = tokenizer_decode(&tok, 50256, &len);
+    check(len == 13 && memcmp(b, "<|endoftext|>", 13) == 0, "token 50256 decodes to <|endoftext|>");
+    b = tokenizer_decode(&tok, 15496, &len);
+    check(len == 5 && memcmp(b, "Hello", 5) == 0, "token 15496 decodes to Hello");
+    check(tokenizer_decode(&tok, 50257, &len) == NULL && len == 0 && tokenizer_decode(&tok, -1, &len) == NULL,
+          "decoding an id out of range gives NULL");
+
+    size_t n;
+    int *ids = tokenizer_encode(&tok, "Hello world", 11, &n);
+    check(n == 2 && ids[0] == 15496 && ids[1] == 995, "\"Hello world\" -> [15496, 995]");
+    free(ids);
+    ids = tokenizer_encode(&tok, "", 0, &n);
+    check(n == 0, "empty text -> no tokens");
+    free(ids);
+    ids = tokenizer_encode(&tok, "<|endoftext|>", 13, &n);
+    check(n > 1, "\"<|endoftext|>\" in the text is plain text, not the special token (%zu tokens)", n);
+    free(ids);
+
+    // the regex, alternative by alternative
+    check_pieces("Hello world", "Hello| world");
+    check_pieces("it's we're they've I'm you'll he'd don't", "it|'s| we|'re| they|'ve| I|'m| you|'ll| he|'d| don|'t");
+    check_pieces("IT'S 'sup ''s", "IT|'|S| '|sup| ''|s");  // only lowercase contractions
+    check_pieces("abc123 4x", "abc|123| 4|x");
+    check_pieces("a   b", "a|  | b");
+    check_pieces("a\n\n b\t\tc", "a|\n\n| b|\t|\t|c");  // only U+0020 may lead a word
+    check_pieces("end  \n", "end|  \n");
+    check_pieces("x!!! ...y", "x|!!!| ...|y");
+    check_pieces("caf\xc3\xa9 \xce\xb1\xce\xb2 \xe4\xb8\xad\xe6\x96\x87", "caf\xc3\xa9| \xce\xb1\xce\xb2| \xe4\xb8\xad\xe6\x96\x87");
+    check_pieces("x\xc2\xb2 \xe2\x85\xab \xd9\xa3", "x|\xc2\xb2| \xe2\x85\xab| \xd9\xa3");  // x² Ⅻ ٣: numbers
+    check_pieces("a\xc2\xa0\xc2\xa0" "b", "a|\xc2\xa0|\xc2\xa0|b");  // NBSP is \s
+    // U+0085 is \s in Python's regex (Unicode White_Space), U+FEFF is not (JavaScript differs on both)
+    check_pieces("x \xc2\x85y", "x| |\xc2\x85|y");
+    check_pieces("x \xef\xbb\xbfy", "x| \xef\xbb\xbf|y");
+    check_pieces("a\xff\xfe b\x80", "a|\xff\xfe| b|\x80");  // bytes that are not UTF-8 are like punctuation
+
+    // round trips
+    const char *tricky = "Caf\xc3\xa9 na\xc3\xafve \xce\x9a\xce\xb1\xce\xbb\xce\xb7\xce\xbc\xce\xad\xcf\x81\xce\xb1 "
+                         "\xd0\x9f\xd1\x80\xd0\xb8\xd0\xb2\xd0\xb5\xd1\x82 \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e "
+                         "\xf0\x9f\x91\xa8\xe2\x80\x8d\xf0\x9f\x91\xa9\xe2\x80\x8d\xf0\x9f\x91\xa7 \xf0\x9f\x87\xab\xf0\x9f\x87\xb7 "
+                         "\xd9\xa0\xd9\xa1\xd9\xa2 x\xc2\xb2 \xe2\x85\xab  \t\n\n  It's DON'T\n   ";
+    int ok = round_trip(tricky, strlen(tricky), &n);
+    check(ok, "decode(encode(x)) == x on a tricky UTF-8 text (%zu tokens)", n);
+    const char invalid[] = "ok \xff\xfe bad \xc0\x80 overlong \xed\xa0\x80 surrogate \xf4\x90\x80\x80 too big \x80\x80 cont "
+                           "\xe2\x82 cut \xf0\x9f\x98";
+    ok = round_trip(invalid, sizeof invalid - 1, &n);
+    check(ok, "invalid UTF-8 is encoded and decodes back unchanged (%zu tokens)", n);
+    unsigned long long rng = 1;
+    int fuzz_ok = 1;
+    char buf[4096];
+    for (int i = 0; i < 300; i++) {
+        size_t l = (size_t)(i * 13 % 4000);
+        for (size_t j = 0; j < l; j++) {
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            unsigned char c = (unsigned char)(rng >> 56);
+            // mix plain bytes with letters, spaces and apostrophes so all paths are exercised
+            buf[j] = (char)(i % 3 == 0 ? c : (c < 64 ? ' ' : c < 96 ? '\'' : c < 200 ? 'a' + c % 26 : c));
+        }
+        fuzz_ok &= round_trip(buf, l, NULL);
+    }
+    check(fuzz_ok, "decode(encode(x)) == x on 300 random byte strings");
+    size_t big = 1 << 20;
+    char *same = malloc(big);
+    memset(same, 'a', big);
+    ok = round_trip(same, big, &n);
+    check(ok, "1 MB of one letter (one piece of 1 MB): %zu tokens", n);
+    memset(same, ' ', big);
+    ok = round_trip(same, big, &n);
+    check(ok, "1 MB of spaces: %zu tokens", n);
+    free(same);
+
+    // golden values on real text
+    const char *dir = getenv("DATA_DIR");
+    const char *skip = getenv("SKIP_DATA_TESTS");
+    if (dir && *dir) {
+        static const int first[] = {5962, 22307, 25, 198, 8421, 356, 5120, 597};
+        check_file(dir, "tinyshakespeare.txt", 338025, first, 8);
+        check_file(dir, "kjv.txt", 1024544, NULL, 0);
+    } else if (skip && strcmp(skip, "1") == 0) {
+        printf("skip golden counts on tinyshakespeare.txt and kjv.txt: DATA_DIR is not set (SKIP_DATA_TESTS=1)\n");
+    } else {
+        check(0, "golden counts on tinyshakespeare.txt and kjv.txt: DATA_DIR is not set (set SKIP_DATA_TESTS=1 to skip)");
+    }
+
+    // a bad tokenizer.bin is refused with a message naming the file
+    const char *tmp = getenv("TMPDIR");
+    char dirbuf[256], bad[512];
+    snprintf(dirbuf, sizeof dirbuf, "%s/test_tokenizer_XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(dirbuf)) { perror("mkdtemp"); return 1; }
+    size_t flen;
+    char *file = read_file(path, &flen);
+    snprintf(bad, sizeof bad, "%s/missing.bin", dirbuf);
+    check_refuses("a missing file", load, bad, "missing.bin: cannot open");
+    snprintf(bad, sizeof bad, "%s/empty.bin", dirbuf);
+    write_file(bad, file, 0);
+    check_refuses("an empty file", load, bad, "empty.bin: file too short");
+    snprintf(bad, sizeof bad, "%s/truncated.bin", dirbuf);
+    write_file(bad, file, flen - 1000);
+    check_refuses("a truncated file", load, bad, "truncated.bin: file size does not match");
+    snprintf(bad, sizeof bad, "%s/magic.bin", dirbuf);
+    file[0] ^= 1;
+    write_file(bad, file, flen);
+    check_refuses("a wrong magic number", load, bad, "magic.bin: bad magic");
+    file[0] ^= 1;
+    snprintf(bad, sizeof bad, "%s/version.bin", dirbuf);
+    file[4] = 2;
+    write_file(bad, file, flen);
+    check_refuses("a wrong version", load, bad, "version.bin: unsupported version");
+    file[4] = 1;
+    snprintf(bad, sizeof bad, "%s/corrupt.bin", dirbuf);
+    file[flen - 100] ^= 0x20;  // one byte of a token's text
+    write_file(bad, file, flen);
+    check_refuses("a corrupted token", load, bad, "corrupt.bin: a merged token");
+    const char *names[] = {"empty.bin", "truncated.bin", "magic.bin", "version.bin", "corrupt.bin"};
+    for (int i = 0; i < 5; i++) {
+        snprintf(bad, sizeof bad, "%s/%s", dirbuf, names[i]);
+        remove(bad);
+    }
+    rmdir(dirbuf);
+    free(file);
+    tokenizer_free(&tok);
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
