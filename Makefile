@@ -20,8 +20,8 @@ endif
 
 # CUDA: built when nvcc is present, for the architecture of the GPU found here, or CUDA_ARCH
 # (e.g. make cuda CUDA_ARCH=90) when building on a machine without a GPU.
-NVCC ?= nvcc
-NVCC_OK := $(shell command -v $(NVCC) 2>/dev/null)
+NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+NVCC_OK := $(NVCC)
 DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
 CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
 NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native

@@ -9,15 +9,20 @@ activated experts per token converges to a target budget, and Dynamic Routing No
 threshold. The function computed here is specified exactly in doc/spec.md; doc/formats.md
 describes every file this program reads or writes.
 
-Reading order: utilities; configuration; parameters and activations; the layers, each as a
-forward/backward pair; the MoE layer (router, dispatch, experts, combine, auxiliary losses); the
-model (forward, backward, optimizer, controller); checkpoints; sampling; the training program.
+Reading order: utilities; configuration; the parameters in one buffer; the model's state and the
+functions every implementation provides, with what they share (initialisation, the learning-rate
+schedule, the PI controller, statistics, checkpoints, sampling a token); then the CPU
+implementation: activations, the layers as forward/backward pairs, the MoE layer (router,
+dispatch, experts, combine, auxiliary losses), the model's forward and backward passes, AdamW,
+the sampler's KV cache; last, the training program. train_dtopp.cu provides the same functions on
+a GPU and shares everything else with this file (doc/tour.md).
 
 Determinism: every parallel loop writes disjoint outputs and every reduction runs in a fixed
 order, so results are bitwise identical for any number of threads.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <glob.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -92,8 +97,8 @@ static void header_set_float(int32_t *header, int word, float value) {
     memcpy(&header[word], &value, sizeof(float));
 }
 
-// Reads a header, checks magic, version and that the file holds exactly header + payload_bytes
-// (payload_bytes is computed by the caller from the header, hence the callback-free two steps).
+// Opens a file and checks its header's magic and version. The payload's size depends on fields of
+// the header, so the caller checks it afterwards with check_payload_size.
 static FILE *open_with_header(const char *path, int32_t *header, int32_t magic, int32_t version,
                               const char *what, long *size) {
     FILE *f = fopen_check(path, "rb");
@@ -148,7 +153,7 @@ static float random_normal(uint64_t *state) {  // Box-Muller
     return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
 }
 
-static double wall_seconds(void) {
+static inline double wall_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
@@ -186,7 +191,7 @@ typedef struct {
     float ent_coef;    // router entropy loss coefficient
 } RouterConfig;
 
-static int padded_vocab(int V) { return (V + 127) / 128 * 128; }
+static inline int padded_vocab(int V) { return (V + 127) / 128 * 128; }
 
 // Checks a configuration against what the code supports; `where` names its source in messages.
 static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
@@ -232,6 +237,7 @@ typedef struct {
     float *gf;     // (C) final RMSNorm gain
 } ParameterTensors;
 
+enum { PARAM_WTE, PARAM_G1, PARAM_WQKV, PARAM_WO, PARAM_G2, PARAM_WR, PARAM_THETA, PARAM_W1, PARAM_W3, PARAM_W2, PARAM_GF };
 // Which tensors get weight decay (the matrices) and how they are initialised.
 static const int param_is_matrix[NUM_PARAMETER_TENSORS] = {1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0};
 
@@ -315,6 +321,7 @@ void model_get_losses(const Model *model, float *out);        // total, CE, LB_l
 void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates);  // (L,N), (L,N,E), (L,N,E)
 void model_get_grads(const Model *model, float *out);
 void model_get_params(const Model *model, float *out);
+void model_get_theta(const Model *model, float *out);  // (L) the DRN scales
 void model_get_moments(const Model *model, float *m, float *v);
 void model_set_moments(Model *model, const float *m, const float *v);
 Decoder *decoder_create(const Model *model);
@@ -356,9 +363,9 @@ static void init_params(float *params, const Model *model, uint64_t seed) {
     float *p = params;
     float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        float std = (i == 3 || i == 9) ? residual_std : 0.02f;
+        float std = (i == PARAM_WO || i == PARAM_W2) ? residual_std : 0.02f;
         for (size_t j = 0; j < model->param_sizes[i]; j++) {
-            p[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == 6 ? model->router.theta_init : 1.0f);
+            p[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
         }
         p += model->param_sizes[i];
     }
@@ -764,8 +771,8 @@ static void activations_free(Activations *a) {
 
 // ----------------------------------------------------------------------------
 // the layers, each a forward/backward pair
-// N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and into
-// the input gradient they are given.
+// N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and,
+// unless their comment says otherwise, into the input gradient they are given.
 
 void encoder_forward(float *out, const int *inp, const float *wte, int N, int C) {
     #pragma omp parallel for
@@ -1040,6 +1047,7 @@ void crossentropy_forward(float *token_loss, const float *logits, const int *tar
     }
 }
 
+// Writes (not accumulates) dlogits: scale · (softmax − onehot).
 void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V, float scale) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -1143,8 +1151,8 @@ void router_forward(RouterView r, const float *m, const float *wr, float theta, 
 
 // Dispatch by counting sort: a histogram of the selected experts, a prefix sum giving each expert
 // a contiguous block of rows, and a placement pass in token order (so rows, and every sum over
-// them, come in the same order on every run). Returns the number of rows.
-int moe_dispatch(RouterView r, int *row_token, int N, int E) {
+// them, come in the same order on every run).
+void moe_dispatch(RouterView r, int *row_token, int N, int E) {
     int *start = r.expert_start;
     for (int e = 0; e <= E; e++) { start[e] = 0; }
     for (int n = 0; n < N; n++) {
@@ -1163,7 +1171,6 @@ int moe_dispatch(RouterView r, int *row_token, int N, int E) {
             r.token_row[(size_t)n * E + j] = row;
         }
     }
-    return start[E];
 }
 
 // Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it.
@@ -1185,7 +1192,8 @@ void experts_forward(float *out, float *h1, float *h3, float *hact, const float 
     }
 }
 
-// din (rows, C) = gradient of the gathered inputs, one row per (token, expert) pair.
+// Writes din (rows, C), the gradient of the gathered inputs, one row per (token, expert) pair
+// (moe_gather_rows then sums each token's rows); accumulates into dw1, dw3, dw2.
 void experts_backward(float *din, float *dh1, float *dh3, float *dw1, float *dw3, float *dw2,
                       const float *dout, const float *h1, const float *h3, const float *hact,
                       const float *m, const int *row_token, const int *expert_start,
@@ -1701,6 +1709,10 @@ void model_get_params(const Model *model, float *out) {
     memcpy(out, model->params_memory, model->num_parameters * sizeof(float));
 }
 
+void model_get_theta(const Model *model, float *out) {
+    memcpy(out, model->params.theta, model->config.num_layers * sizeof(float));
+}
+
 void model_get_token_losses(const Model *model, float *out) {
     memcpy(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
 }
@@ -1773,6 +1785,8 @@ typedef struct {
     int eval_every, eval_batches, sample_every, sample_tokens, top_k, checkpoint_every, stop_at, generate;
     float temperature;
     const char *prompt;
+    const char *routing_dump;
+    int model_options_given;  // how many architecture or routing options the command line set
 } Options;
 
 typedef struct {
@@ -1780,57 +1794,59 @@ typedef struct {
     char type;         // 's' string, 'i' int, 'f' float, 'l' long long
     void *value;
     const char *help;
+    int describes_model;  // architecture or routing: comes from the checkpoint with --init or --resume
 } OptionSpec;
 
 static int option_specs(Options *o, OptionSpec *specs) {
     OptionSpec list[] = {
-        {"train", 's', &o->train_pattern, "training shards (glob pattern)"},
-        {"val", 's', &o->val_pattern, "validation shards (glob pattern; empty: none)"},
-        {"tokenizer", 's', &o->tokenizer_path, "tokenizer file, for prompts and samples of GPT-2 tokens"},
-        {"out", 's', &o->out_dir, "output directory: log.csv, model.bin, checkpoints"},
-        {"init", 's', &o->init_path, "start from this model checkpoint (architecture and routing from the file)"},
-        {"resume", 's', &o->resume_dir, "continue the run whose checkpoints are in this directory"},
-        {"model", 's', &o->preset, "size preset: tiny, small, medium, gpt2-moe"},
-        {"layers", 'i', &o->layers, "L, transformer blocks"},
-        {"channels", 'i', &o->channels, "C, model width"},
-        {"heads", 'i', &o->heads, "NH, attention heads"},
-        {"experts", 'i', &o->experts, "E, experts per layer"},
-        {"expert-hidden", 'i', &o->expert_hidden, "H, hidden width of one expert"},
-        {"max-seq-len", 'i', &o->max_seq_len, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)"},
-        {"routing", 's', &o->routing, "topk, topp or dtopp"},
-        {"controller", 's', &o->controller, "dtopp: global (one p) or layer (one p per layer)"},
-        {"drn", 'i', &o->drn, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)"},
-        {"renorm", 'i', &o->renorm, "renormalise the gates over the selected experts 1/0"},
-        {"k", 'i', &o->k, "topk: experts per token"},
-        {"p", 'f', &o->p, "topp: the fixed threshold"},
-        {"tgt", 'f', &o->tgt, "dtopp: target average number of activated experts"},
-        {"kp", 'f', &o->Kp, "dtopp: proportional gain"},
-        {"ki", 'f', &o->Ki, "dtopp: integral gain"},
-        {"p0", 'f', &o->p0, "dtopp: starting and central threshold"},
-        {"pmin", 'f', &o->pmin, "dtopp: lowest threshold"},
-        {"pmax", 'f', &o->pmax, "dtopp: highest threshold"},
-        {"theta-init", 'f', &o->theta_init, "initial DRN scale"},
-        {"lb-coef", 'f', &o->lb_coef, "load-balance loss coefficient"},
-        {"ent-coef", 'f', &o->ent_coef, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)"},
-        {"batch", 'i', &o->batch, "B, sequences per step"},
-        {"seq-len", 'i', &o->seq_len, "T, tokens per sequence"},
-        {"steps", 'i', &o->steps, "optimizer steps"},
-        {"lr", 'f', &o->lr, "peak learning rate"},
-        {"warmup", 'i', &o->warmup, "learning-rate warm-up steps"},
-        {"weight-decay", 'f', &o->weight_decay, "AdamW weight decay of the matrices"},
-        {"shuffle", 'i', &o->shuffle, "shuffle the training windows 1/0"},
-        {"seed", 'l', &o->seed, "seed of the initialisation, the shuffle and the sampler"},
-        {"threads", 'i', &o->threads, "OpenMP threads (0: all)"},
-        {"eval-every", 'i', &o->eval_every, "steps between validations (0: only at the end)"},
-        {"eval-batches", 'i', &o->eval_batches, "validation batches"},
-        {"sample-every", 'i', &o->sample_every, "steps between samples (0: only at the end)"},
-        {"sample-tokens", 'i', &o->sample_tokens, "tokens per sample (0: no samples)"},
-        {"prompt", 's', &o->prompt, "text the samples start from (default: none)"},
-        {"temperature", 'f', &o->temperature, "sampling temperature (0: most likely token)"},
-        {"top-k", 'i', &o->top_k, "sample from the top k tokens (0: all)"},
-        {"checkpoint-every", 'i', &o->checkpoint_every, "steps between checkpoints (0: only at the end)"},
-        {"stop-at", 'i', &o->stop_at, "stop after this step with a checkpoint (0: run to --steps); continue with --resume"},
-        {"generate", 'i', &o->generate, "with --init: print this many tokens after --prompt and exit"},
+        {"train", 's', &o->train_pattern, "training shards (glob pattern)", 0},
+        {"val", 's', &o->val_pattern, "validation shards (glob pattern; empty: none)", 0},
+        {"tokenizer", 's', &o->tokenizer_path, "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
+        {"out", 's', &o->out_dir, "output directory: log.csv, model.bin, checkpoints", 0},
+        {"init", 's', &o->init_path, "start from this model checkpoint (architecture and routing from the file)", 0},
+        {"resume", 's', &o->resume_dir, "continue the run whose checkpoints are in this directory", 0},
+        {"model", 's', &o->preset, "size preset: tiny, small, medium, gpt2-moe", 1},
+        {"layers", 'i', &o->layers, "L, transformer blocks", 1},
+        {"channels", 'i', &o->channels, "C, model width", 1},
+        {"heads", 'i', &o->heads, "NH, attention heads", 1},
+        {"experts", 'i', &o->experts, "E, experts per layer", 1},
+        {"expert-hidden", 'i', &o->expert_hidden, "H, hidden width of one expert", 1},
+        {"max-seq-len", 'i', &o->max_seq_len, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)", 1},
+        {"routing", 's', &o->routing, "topk, topp or dtopp", 1},
+        {"controller", 's', &o->controller, "dtopp: global (one p) or layer (one p per layer)", 1},
+        {"drn", 'i', &o->drn, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
+        {"renorm", 'i', &o->renorm, "renormalise the gates over the selected experts 1/0", 1},
+        {"k", 'i', &o->k, "topk: experts per token", 1},
+        {"p", 'f', &o->p, "topp: the fixed threshold", 1},
+        {"tgt", 'f', &o->tgt, "dtopp: target average number of activated experts", 1},
+        {"kp", 'f', &o->Kp, "dtopp: proportional gain", 1},
+        {"ki", 'f', &o->Ki, "dtopp: integral gain", 1},
+        {"p0", 'f', &o->p0, "dtopp: starting and central threshold", 1},
+        {"pmin", 'f', &o->pmin, "dtopp: lowest threshold", 1},
+        {"pmax", 'f', &o->pmax, "dtopp: highest threshold", 1},
+        {"theta-init", 'f', &o->theta_init, "initial DRN scale", 1},
+        {"lb-coef", 'f', &o->lb_coef, "load-balance loss coefficient", 1},
+        {"ent-coef", 'f', &o->ent_coef, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
+        {"batch", 'i', &o->batch, "B, sequences per step", 0},
+        {"seq-len", 'i', &o->seq_len, "T, tokens per sequence", 0},
+        {"steps", 'i', &o->steps, "optimizer steps", 0},
+        {"lr", 'f', &o->lr, "peak learning rate", 0},
+        {"warmup", 'i', &o->warmup, "learning-rate warm-up steps", 0},
+        {"weight-decay", 'f', &o->weight_decay, "AdamW weight decay of the matrices", 0},
+        {"shuffle", 'i', &o->shuffle, "shuffle the training windows 1/0", 0},
+        {"seed", 'l', &o->seed, "seed of the initialisation, the shuffle and the sampler", 0},
+        {"threads", 'i', &o->threads, "OpenMP threads (0: all)", 0},
+        {"eval-every", 'i', &o->eval_every, "steps between validations (0: only at the end)", 0},
+        {"eval-batches", 'i', &o->eval_batches, "validation batches", 0},
+        {"sample-every", 'i', &o->sample_every, "steps between samples (0: only at the end)", 0},
+        {"sample-tokens", 'i', &o->sample_tokens, "tokens per sample (0: no samples)", 0},
+        {"prompt", 's', &o->prompt, "text the samples start from (default: none)", 0},
+        {"temperature", 'f', &o->temperature, "sampling temperature (0: most likely token)", 0},
+        {"top-k", 'i', &o->top_k, "sample from the top k tokens (0: all)", 0},
+        {"checkpoint-every", 'i', &o->checkpoint_every, "steps between checkpoints (0: only at the end)", 0},
+        {"routing-dump", 's', &o->routing_dump, "at the last validation, write every token's |S| per layer and loss to this CSV", 0},
+        {"stop-at", 'i', &o->stop_at, "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
+        {"generate", 'i', &o->generate, "with --init: print this many tokens after --prompt and exit", 0},
     };
     int n = (int)(sizeof(list) / sizeof(list[0]));
     if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
@@ -1878,6 +1894,7 @@ static void default_options(Options *o) {
     o->temperature = 1.0f;
     o->top_k = 40;
     o->checkpoint_every = 200;
+    o->routing_dump = NULL;
     o->stop_at = 0;
     o->generate = 0;
 }
@@ -1915,6 +1932,7 @@ static void parse_options(Options *o, int argc, char **argv) {
             if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, specs[i].name) == 0) { spec = &specs[i]; }
         }
         if (spec == NULL) { fail("unknown option %s (see --help)", argv[a]); }
+        o->model_options_given += spec->describes_model;
         if (a + 1 >= argc) { fail("option %s needs a value", argv[a]); }
         const char *value = argv[++a];
         char *end = NULL;
@@ -1975,12 +1993,13 @@ static void check_options(const Options *o) {
     if (o->steps < 1 && o->generate <= 0) { fail("--steps must be >= 1 (got %d)", o->steps); }
     if (o->warmup < 1) { fail("--warmup must be >= 1 (got %d)", o->warmup); }
     if (!(o->lr > 0.0f) || !(o->weight_decay >= 0.0f)) { fail("--lr must be > 0 and --weight-decay >= 0"); }
-    if (o->drn > 1 || o->renorm < 0 || o->renorm > 1 || o->shuffle < 0 || o->shuffle > 1) { fail("--drn, --renorm and --shuffle take 0 or 1"); }
+    if (o->drn < -1 || o->drn > 1 || o->renorm < 0 || o->renorm > 1 || o->shuffle < 0 || o->shuffle > 1) { fail("--drn, --renorm and --shuffle take 0 or 1"); }
     if (o->eval_every < 0 || o->sample_every < 0 || o->checkpoint_every < 0 || o->eval_batches < 0 || o->sample_tokens < 0) {
         fail("intervals and counts must be >= 0");
     }
     if (o->temperature < 0.0f) { fail("--temperature must be >= 0"); }
     if (o->stop_at < 0) { fail("--stop-at must be >= 0"); }
+    if (o->ent_coef < 0.0f && o->ent_coef != -1.0f) { fail("--ent-coef must be >= 0 (or -1 for the mode's default)"); }
     if (o->init_path != NULL && o->resume_dir != NULL) { fail("--init and --resume exclude each other"); }
 }
 
@@ -2171,17 +2190,15 @@ static void log_step(FILE *f, const Model *model, const RoutingStats *stats, con
                      float val_loss, float lr, float grad_norm, double tokens_per_s) {
     int L = model->config.num_layers, E = model->config.num_experts;
     float *losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
-    float *theta = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *theta = (float *)malloc_check(L * sizeof(float));
     model_get_losses(model, losses);
-    model_get_params(model, theta);
-    size_t theta_offset = 0;
-    for (int k = 0; k < 6; k++) { theta_offset += model->param_sizes[k]; }
+    model_get_theta(model, theta);  // after this step's update
     fprintf(f, "%d,%.6f,%.6f,", step, losses[0], losses[1]);
     if (val_loss >= 0.0f) { fprintf(f, "%.6f", val_loss); }
     fprintf(f, ",%.6e,%.6f,%.6f,%.6f,%.1f", lr, grad_norm, stats->activated, p_used[0], tokens_per_s);
     for (int l = 0; l < L; l++) {
         fprintf(f, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%d,%d,%.6f", p_used[l], stats->layer_mean[l], stats->layer_std[l],
-                theta[theta_offset + l], losses[2 + l], losses[2 + L + l], stats->load_min[l], stats->load_max[l], stats->load_cv[l]);
+                theta[l], losses[2 + l], losses[2 + L + l], stats->load_min[l], stats->load_max[l], stats->load_cv[l]);
         for (int s = 0; s <= E; s++) { fprintf(f, ",%d", stats->histogram[(size_t)l * (E + 1) + s]); }
     }
     fprintf(f, "\n");
@@ -2190,10 +2207,40 @@ static void log_step(FILE *f, const Model *model, const RoutingStats *stats, con
     free(theta);
 }
 
+// Writes a row per validation position: the token, its position in the sequence, the loss of
+// predicting the next token from it, and |S| in every layer: what the adaptivity analysis reads.
+static void dump_routing(FILE *f, const Model *model, const int *inputs, int write_header) {
+    int N = model->B * model->T, L = model->config.num_layers, E = model->config.num_experts;
+    if (write_header) {
+        fprintf(f, "token,position,loss");
+        for (int l = 0; l < L; l++) { fprintf(f, ",experts_%d", l); }
+        fprintf(f, "\n");
+    }
+    float *loss = (float *)malloc_check((size_t)N * sizeof(float));
+    int *n_selected = (int *)malloc_check((size_t)L * N * sizeof(int));
+    int *load = (int *)malloc_check((size_t)L * E * sizeof(int));
+    model_get_token_losses(model, loss);
+    model_routing_counts(model, n_selected, load);
+    for (int n = 0; n < N; n++) {
+        fprintf(f, "%d,%d,%.5f", inputs[n], n % model->T, loss[n]);
+        for (int l = 0; l < L; l++) { fprintf(f, ",%d", n_selected[(size_t)l * N + n]); }
+        fprintf(f, "\n");
+    }
+    free(loss);
+    free(n_selected);
+    free(load);
+}
+
 // Mean cross-entropy over eval_batches validation batches, and the per-layer table of activated
-// experts (mean ± σ over all validation tokens) with a histogram of |S|.
-static float evaluate(Model *model, DataLoader *val, int batches) {
+// experts (mean ± σ over all validation tokens) with a histogram of |S|. With dump_path, also
+// every token's routing (dump_routing).
+static float evaluate(Model *model, DataLoader *val, int batches, const char *dump_path) {
     int L = model->config.num_layers, E = model->config.num_experts;
+    FILE *dump = NULL;
+    if (dump_path != NULL) {
+        dump = fopen(dump_path, "w");
+        if (dump == NULL) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
+    }
     RoutingStats stats;
     routing_stats_alloc(&stats, &model->config);
     long long *hist = (long long *)calloc_check((size_t)L * (E + 1), sizeof(long long));
@@ -2206,7 +2253,9 @@ static float evaluate(Model *model, DataLoader *val, int batches) {
         loss += model->ce_loss;
         routing_stats_compute(&stats, model);
         for (size_t i = 0; i < (size_t)L * (E + 1); i++) { hist[i] += stats.histogram[i]; }
+        if (dump != NULL) { dump_routing(dump, model, val->inputs, b == 0); }
     }
+    if (dump != NULL && fclose(dump) != 0) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
     printf("  layer  activated experts    |S| = 1 .. %d\n", E);
     for (int l = 0; l < L; l++) {
         double n = 0, sum = 0, sumsq = 0;
@@ -2294,6 +2343,9 @@ int main(int argc, char **argv) {
         configure_model(&o, train.vocab_size, &config, &router);
         model_init(&model, &config, &router, (uint64_t)o.seed);
     }
+    if ((o.init_path != NULL || o.resume_dir != NULL) && o.model_options_given > 0) {
+        fprintf(stderr, "note: the architecture and routing come from the checkpoint; %d model or routing option(s) ignored\n", o.model_options_given);
+    }
     const ModelConfig *c = &model.config;
     const RouterConfig *rc = &model.router;
     if (train.vocab_size > c->vocab_size || (have_val && val.vocab_size > c->vocab_size)) {
@@ -2326,7 +2378,7 @@ int main(int argc, char **argv) {
         int last = step == o.steps - 1;
         float val_loss = -1.0f;
         if (have_val && o.eval_batches > 0 && (last || (o.eval_every > 0 && step % o.eval_every == 0))) {
-            val_loss = evaluate(&model, &val, o.eval_batches);
+            val_loss = evaluate(&model, &val, o.eval_batches, last ? o.routing_dump : NULL);
             printf("step %5d | validation loss %.4f\n", step, val_loss);
         }
         if (o.sample_tokens > 0 && step > start_step && (last || (o.sample_every > 0 && step % o.sample_every == 0))) {
