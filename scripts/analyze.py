@@ -94,6 +94,8 @@ def fmt(x, digits=3):
 
 
 def repro(repro_dir, out):
+    if not os.path.isdir(repro_dir):
+        return
     runs = {}
     for name in sorted(os.listdir(repro_dir)):
         path = os.path.join(repro_dir, name, "log.csv")
@@ -302,7 +304,8 @@ def settle_step(a, tgt, window=10):
 def tune(tune_dir, out):
     if not os.path.isdir(tune_dir):
         return
-    runs = sorted(d for d in os.listdir(tune_dir) if os.path.isfile(os.path.join(tune_dir, d, "log.csv")))
+    runs = sorted((d for d in os.listdir(tune_dir) if os.path.isfile(os.path.join(tune_dir, d, "log.csv"))),
+                  key=lambda d: (d.split("_")[0] != "tiny", d))
     if not runs:
         return
     out.append(f"## Controller tuning (logs: `{os.path.relpath(tune_dir, ROOT)}`)\n")
