@@ -41,7 +41,7 @@ endif
 BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: all train test test-model test-tokenizer test-data test-train reference check-fixtures \
+.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
         selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
 
 all: $(BINARIES)
@@ -55,6 +55,9 @@ help:
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
+	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
+	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 45 minutes on 2 cores)"
+	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
 	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; CUDA vs PyTorch when a GPU is present)"
 
 # ----------------------------------------------------------------------------
@@ -110,6 +113,15 @@ train: train_dtopp tools/make_offline_text
 	$(MAKE) --no-print-directory $(SHARDS)_train.bin TEXT=$(TEXT)
 	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out out $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
 
+# the experiments of doc/results.md: byte-level TinyShakespeare, logs in out/tune and out/repro
+repro: train_dtopp tools/make_offline_text
+	$(MAKE) --no-print-directory $(DATA)/train_bytes_train.bin VOCAB=bytes
+	scripts/tune_controller.sh out/tune
+	scripts/repro.sh out/repro
+
+plots:
+	$(PYTHON) scripts/analyze.py out/repro out/tune
+
 # ----------------------------------------------------------------------------
 # tests
 
@@ -152,8 +164,10 @@ test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
+compare-cuda: train_dtopp train_dtopp_cuda prepro tools/make_offline_text
+	test/compare_cpu_gpu.sh
 else
-cuda test-cuda:
+cuda test-cuda compare-cuda:
 	@echo "CUDA: nvcc not found, skipping the CUDA targets"
 endif
 

@@ -113,7 +113,7 @@ static void dataloader_prepare_(DataLoader *l) {
     if (l->shuffle && l->window_shard != shard) {
         size_t n = dataloader_windows_(l, shard);
         free(l->window_order);
-        l->window_order = dataloader_malloc_(n * sizeof(size_t));
+        l->window_order = (size_t *)dataloader_malloc_(n * sizeof(size_t));
         for (size_t i = 0; i < n; i++) l->window_order[i] = i;
         unsigned long long s = dataloader_stream_(l->seed, l->epoch, shard);
         for (size_t i = n - 1; i > 0; i--) {
@@ -146,15 +146,15 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     glob_t g;
     if (glob(pattern, 0, NULL, &g) != 0 || g.gl_pathc == 0) dataloader_fail_(pattern, "no file matches this pattern");
     l->num_shards = (int)g.gl_pathc;
-    l->shard_path = dataloader_malloc_(sizeof(char *) * g.gl_pathc);
-    l->shard_tokens = dataloader_malloc_(sizeof(size_t) * g.gl_pathc);
+    l->shard_path = (char **)dataloader_malloc_(sizeof(char *) * g.gl_pathc);
+    l->shard_tokens = (size_t *)dataloader_malloc_(sizeof(size_t) * g.gl_pathc);
     // the fingerprint mixes everything a position depends on (FNV-1a over 64-bit words)
     unsigned long long fp = 14695981039346656037ULL;
     unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0, (unsigned long long)B, (unsigned long long)T};
     for (int i = 0; i < 4; i++) fp = (fp ^ words[i]) * 1099511628211ULL;
     for (int i = 0; i < l->num_shards; i++) {
         const char *path = g.gl_pathv[i];
-        l->shard_path[i] = dataloader_malloc_(strlen(path) + 1);
+        l->shard_path[i] = (char *)dataloader_malloc_(strlen(path) + 1);
         strcpy(l->shard_path[i], path);
         FILE *f = fopen(path, "rb");
         if (!f) dataloader_fail_(path, "cannot open");
@@ -189,10 +189,10 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     globfree(&g);
     l->fingerprint = fp >> 1;  // stored in a long long: keep it non-negative
     for (int i = 0; i < l->num_shards; i++) l->num_batches += (size_t)dataloader_batches_(l, i);
-    l->inputs = dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
-    l->targets = dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
-    l->buffer = dataloader_malloc_(sizeof(uint16_t) * ((size_t)T + 1));
-    l->shard_order = dataloader_malloc_(sizeof(int) * (size_t)l->num_shards);
+    l->inputs = (int *)dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
+    l->targets = (int *)dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
+    l->buffer = (uint16_t *)dataloader_malloc_(sizeof(uint16_t) * ((size_t)T + 1));
+    l->shard_order = (int *)dataloader_malloc_(sizeof(int) * (size_t)l->num_shards);
     l->order_epoch = -1;
     l->window_shard = -1;
     l->file_shard = -1;

@@ -241,12 +241,13 @@ static void expect_refusal(const char *what, const char *path, const char *model
     if (pid == 0) {
         dup2(pipefd[1], STDERR_FILENO);
         close(pipefd[0]);
+        // only the files: a child forked after the parent used a GPU cannot use it
         Model model;
         if (model_path == NULL) {
-            model_load(&model, path);
+            free(checkpoint_load(&model, path));
         } else {
             Reference ref;
-            model_load(&model, model_path);
+            free(checkpoint_load(&model, model_path));
             reference_load(&ref, path, &model);
         }
         _exit(0);

@@ -91,10 +91,10 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     if (ftell(f) != expected) tokenizer_fail_(path, "file size does not match its header (truncated?)");
     fseek(f, 1024, SEEK_SET);
 
-    int32_t *pairs = malloc(sizeof(int32_t) * 2 * (size_t)(M > 0 ? M : 1));
-    unsigned char *lens = malloc((size_t)V);
-    t->token_bytes = malloc((size_t)total);
-    t->token_offset = malloc(sizeof(uint32_t) * ((size_t)V + 1));
+    int32_t *pairs = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)(M > 0 ? M : 1));
+    unsigned char *lens = (unsigned char *)malloc((size_t)V);
+    t->token_bytes = (unsigned char *)malloc((size_t)total);
+    t->token_offset = (uint32_t *)malloc(sizeof(uint32_t) * ((size_t)V + 1));
     if (!pairs || !lens || !t->token_bytes || !t->token_offset) tokenizer_fail_(path, "out of memory");
     if (fread(pairs, sizeof(int32_t), 2 * (size_t)M, f) != 2 * (size_t)M || fread(lens, 1, (size_t)V, f) != (size_t)V ||
         fread(t->token_bytes, 1, (size_t)total, f) != (size_t)total)
@@ -118,7 +118,7 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     uint32_t size = 1;
     while (size < 2u * (uint32_t)M + 2) size *= 2;  // at most half full: short probe sequences
     t->merge_mask = size - 1;
-    t->merges = malloc(sizeof(TokenizerMerge) * size);
+    t->merges = (TokenizerMerge *)malloc(sizeof(TokenizerMerge) * size);
     if (!t->merges) tokenizer_fail_(path, "out of memory");
     for (uint32_t i = 0; i < size; i++) t->merges[i].key = -1;
     for (int i = 0; i < M; i++) {
@@ -336,11 +336,11 @@ static void *tokenizer_check_(void *p) {
 int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *n_tokens) {
     const unsigned char *s = (const unsigned char *)text;
     size_t cap = len / 3 + 16, n = 0;  // English averages about 4 bytes per token
-    int *out = tokenizer_check_(malloc(cap * sizeof(int)));
+    int *out = (int *)tokenizer_check_(malloc(cap * sizeof(int)));
     size_t work_cap = 64;
-    int *work = tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
+    int *work = (int *)tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
     size_t cache_size = 1024, cache_used = 0;
-    TokenizerCacheEntry *cache = tokenizer_check_(calloc(cache_size, sizeof *cache));
+    TokenizerCacheEntry *cache = (TokenizerCacheEntry *)tokenizer_check_(calloc(cache_size, sizeof *cache));
 
     for (size_t pos = 0; pos < len;) {
         size_t plen = pretokenize_next(s + pos, len - pos);
@@ -350,7 +350,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
         }
         if (n + plen > cap) {  // a piece never has more tokens than bytes
             cap = 2 * (n + plen);
-            out = tokenizer_check_(realloc(out, cap * sizeof(int)));
+            out = (int *)tokenizer_check_(realloc(out, cap * sizeof(int)));
         }
         uint32_t h = tokenizer_hash_bytes_(s + pos, plen);
         size_t slot = h & (cache_size - 1);
@@ -366,7 +366,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
         if (plen > work_cap) {
             work_cap = 2 * plen;
             free(work);
-            work = tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
+            work = (int *)tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
         }
         size_t k = tokenizer_bpe_(t, s + pos, plen, out + n, work);
         cache[slot] = (TokenizerCacheEntry){pos, n, (uint32_t)plen, (uint32_t)k, h};
@@ -374,7 +374,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
             TokenizerCacheEntry *old = cache;
             size_t old_size = cache_size;
             cache_size *= 2;
-            cache = tokenizer_check_(calloc(cache_size, sizeof *cache));
+            cache = (TokenizerCacheEntry *)tokenizer_check_(calloc(cache_size, sizeof *cache));
             for (size_t i = 0; i < old_size; i++) {
                 if (old[i].hash == 0) continue;
                 size_t j = old[i].hash & (cache_size - 1);

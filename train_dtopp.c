@@ -64,6 +64,12 @@ static void *calloc_check(size_t count, size_t size) {
     return ptr;
 }
 
+static void *realloc_check(void *ptr, size_t size) {
+    void *out = realloc(ptr, size > 0 ? size : 1);
+    if (out == NULL) { fail("out of memory growing a buffer to %zu bytes", size); }
+    return out;
+}
+
 static FILE *fopen_check(const char *path, const char *mode) {
     FILE *f = fopen(path, mode);
     if (f == NULL) { fail("cannot open %s: %s", path, strerror(errno)); }
@@ -719,12 +725,6 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
                                                       N * V, N * E, N * E, N};
         carve_floats(gptrs, gsizes, NUM_GRAD_ACTIVATION_TENSORS, &a->grads_memory);
     }
-}
-
-static void *realloc_check(void *ptr, size_t size) {
-    void *out = realloc(ptr, size > 0 ? size : 1);
-    if (out == NULL) { fail("out of memory growing a buffer to %zu bytes", size); }
-    return out;
 }
 
 // Makes room for `rows` expert rows, keeping the rows already written (realloc preserves them).

@@ -1,0 +1,2053 @@
+/*
+train_dtopp.cu: the CUDA twin of train_dtopp.c.
+
+It includes train_dtopp.c with DTOPP_CUDA defined, which brings in everything the two builds share
+(utilities, configuration, parameter layout, the Model struct, the controller law, checkpoint files
+on host arrays, statistics, token sampling and the training program), and then provides, on one
+GPU, every function that the CPU section of train_dtopp.c provides, under the same section titles,
+with the same names and, where it makes sense, the same arguments. Read the two side by side: a
+CPU loop becomes a kernel plus a launcher of the same name; a CPU matmul becomes a cuBLAS call.
+
+Device memory: model->params_memory, grads_memory, m_memory and v_memory are GPU pointers here;
+threshold and integral (the controller state) stay on the host. The getters (model_get_*) copy
+from the device.
+
+Precision: float32 everywhere. cuBLAS runs in its default math mode, which for float32 products
+is true float32 (no TF32). Setting the environment variable DTOPP_TF32=1 (or calling
+cuda_set_tf32(1)) lets cuBLAS use TF32 tensor cores for the matrix products: faster, about 1e-3
+relative error per product, above the tolerance of the reference tests, which run without it.
+
+The experts' products: by default one cuBLAS product per expert, spread over EXPERT_LANES
+streams; DTOPP_EXPERTS=grouped (or cuda_set_grouped_experts(1)) issues them as grouped products,
+one cuBLAS call per product and layer instead (faster forward, slower backward on an H100: see
+doc/cuda.md).
+
+Determinism: two runs give bitwise identical results. No reduction uses atomics: the dispatch
+places rows in token order by a counting sort, combine and its backward gather per token, column
+sums (RMSNorm gains, dθ) reduce fixed chunks in a fixed order, the gradient norm sums fixed blocks.
+cuBLAS is deterministic for a given problem on a given GPU; the experts' products run on several
+streams, each with its own cuBLAS handle and workspace, which keeps them deterministic too.
+
+Build:  nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp train_dtopp.cu -lcublas -o train_dtopp_cuda
+*/
+#include <cuda_runtime.h>
+#include <cublas_v2.h>
+#define DTOPP_CUDA
+#include "train_dtopp.c"
+
+// ----------------------------------------------------------------------------
+// CUDA utilities: checked calls, the streams and cuBLAS handles, reductions
+
+static void cuda_check(cudaError_t err, const char *what, const char *file, int line) {
+    if (err != cudaSuccess) { fail("CUDA error at %s:%d (%s): %s", file, line, what, cudaGetErrorString(err)); }
+}
+static void cublas_check(cublasStatus_t status, const char *what, const char *file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS) { fail("cuBLAS error %d at %s:%d (%s)", (int)status, file, line, what); }
+}
+#define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
+#define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
+// after every kernel launch: a bad launch configuration is reported where it happened
+#define launchCheck() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+static void *cuda_malloc(size_t bytes) {
+    void *ptr = NULL;
+    cudaError_t err = cudaMalloc(&ptr, bytes > 0 ? bytes : 1);
+    if (err != cudaSuccess) { fail("out of GPU memory allocating %zu bytes: %s", bytes, cudaGetErrorString(err)); }
+    return ptr;
+}
+static void *cuda_calloc(size_t bytes) {
+    void *ptr = cuda_malloc(bytes);
+    cudaCheck(cudaMemset(ptr, 0, bytes > 0 ? bytes : 1));
+    cudaCheck(cudaDeviceSynchronize());  // the memset ran on the legacy stream, which ours do not wait for
+    return ptr;
+}
+static void cuda_free(void *ptr) {
+    if (ptr != NULL) { cudaCheck(cudaFree(ptr)); }
+}
+static unsigned blocks_for(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+// The experts of one layer are many small products of different sizes: one stream cannot fill
+// the GPU with them, so expert e runs on lane e % EXPERT_LANES. Each lane has its own cuBLAS
+// handle and workspace (shared workspaces would make cuBLAS results depend on timing).
+#define EXPERT_LANES 4
+#define CUBLAS_WORKSPACE_BYTES (32u << 20)
+typedef struct {
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *workspace;
+    cudaEvent_t done;
+} Lane;
+
+static struct {
+    int ready;
+    int tf32;
+    int grouped;          // experts through grouped products (one cuBLAS call per product and layer)
+    cudaStream_t stream;  // everything but the experts runs here, in order
+    cublasHandle_t blas;  // bound to stream
+    void *workspace;
+    cudaEvent_t fork;     // recorded on stream before the experts start
+    Lane lanes[EXPERT_LANES];
+} gpu;
+
+static void set_math_mode(cublasHandle_t h) {
+    cublasCheck(cublasSetMathMode(h, gpu.tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+}
+
+// How the experts' products are issued: 1 grouped, 0 one product per expert on EXPERT_LANES
+// streams. The environment variable DTOPP_EXPERTS=grouped|lanes sets it too.
+void cuda_set_grouped_experts(int on) { gpu.grouped = on; }
+
+// Allow (1) or forbid (0, the default) TF32 tensor cores in the matrix products.
+void cuda_set_tf32(int on) {
+    gpu.tf32 = on;
+    if (!gpu.ready) { return; }
+    set_math_mode(gpu.blas);
+    for (int i = 0; i < EXPERT_LANES; i++) { set_math_mode(gpu.lanes[i].blas); }
+}
+
+static void gpu_init(void) {
+    if (gpu.ready) { return; }
+    int devices = 0;
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (devices < 1) { fail("no CUDA device found"); }
+    const char *env = getenv("DTOPP_TF32");
+    if (env != NULL && env[0] == '1') { gpu.tf32 = 1; }
+    env = getenv("DTOPP_EXPERTS");
+    if (env != NULL) { gpu.grouped = strcmp(env, "grouped") == 0; }
+    cudaCheck(cudaStreamCreateWithFlags(&gpu.stream, cudaStreamNonBlocking));
+    cublasCheck(cublasCreate(&gpu.blas));
+    cublasCheck(cublasSetStream(gpu.blas, gpu.stream));
+    gpu.workspace = cuda_malloc(CUBLAS_WORKSPACE_BYTES);
+    cublasCheck(cublasSetWorkspace(gpu.blas, gpu.workspace, CUBLAS_WORKSPACE_BYTES));
+    cudaCheck(cudaEventCreateWithFlags(&gpu.fork, cudaEventDisableTiming));
+    for (int i = 0; i < EXPERT_LANES; i++) {
+        Lane *lane = &gpu.lanes[i];
+        cudaCheck(cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+        cublasCheck(cublasCreate(&lane->blas));
+        cublasCheck(cublasSetStream(lane->blas, lane->stream));
+        lane->workspace = cuda_malloc(CUBLAS_WORKSPACE_BYTES);
+        cublasCheck(cublasSetWorkspace(lane->blas, lane->workspace, CUBLAS_WORKSPACE_BYTES));
+        cudaCheck(cudaEventCreateWithFlags(&lane->done, cudaEventDisableTiming));
+    }
+    gpu.ready = 1;
+    cuda_set_tf32(gpu.tf32);
+}
+
+// The lanes start after everything queued on the main stream, and the main stream continues
+// only after every lane has finished.
+static void lanes_fork(void) {
+    cudaCheck(cudaEventRecord(gpu.fork, gpu.stream));
+    for (int i = 0; i < EXPERT_LANES; i++) { cudaCheck(cudaStreamWaitEvent(gpu.lanes[i].stream, gpu.fork, 0)); }
+}
+static void lanes_join(void) {
+    for (int i = 0; i < EXPERT_LANES; i++) {
+        cudaCheck(cudaEventRecord(gpu.lanes[i].done, gpu.lanes[i].stream));
+        cudaCheck(cudaStreamWaitEvent(gpu.stream, gpu.lanes[i].done, 0));
+    }
+}
+
+// Host <-> device copies on the main stream, waited for (the host needs the data now).
+static void copy_to_host(void *dst, const void *src, size_t bytes) {
+    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+}
+static void copy_to_device(void *dst, const void *src, size_t bytes) {
+    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, gpu.stream));
+    cudaCheck(cudaStreamSynchronize(gpu.stream));  // src may be freed by the caller right after
+}
+static void zero_async(void *ptr, size_t bytes) { cudaCheck(cudaMemsetAsync(ptr, 0, bytes, gpu.stream)); }
+
+// Optional timing of the phases of a step (for bench/): cudaEvents on the main stream mark the
+// start of each named phase; the time up to the next mark is charged to it.
+#define PROFILE_MAX_MARKS 8192
+#define PROFILE_MAX_NAMES 64
+static struct {
+    int on, marks;
+    cudaEvent_t events[PROFILE_MAX_MARKS];
+    const char *mark_names[PROFILE_MAX_MARKS];
+    int names;
+    const char *name[PROFILE_MAX_NAMES];
+    double ms[PROFILE_MAX_NAMES];
+} prof;
+
+static void profile_mark(const char *name) {
+    if (!prof.on || prof.marks >= PROFILE_MAX_MARKS) { return; }
+    if (prof.events[prof.marks] == NULL) { cudaCheck(cudaEventCreate(&prof.events[prof.marks])); }
+    cudaCheck(cudaEventRecord(prof.events[prof.marks], gpu.stream));
+    prof.mark_names[prof.marks++] = name;
+}
+
+void cuda_profile_enable(int on) { prof.on = on; prof.marks = 0; }
+
+// Adds the time between the marks recorded so far to the per-phase totals.
+void cuda_profile_collect(void) {
+    if (!prof.on) { return; }
+    profile_mark("(end)");
+    cudaCheck(cudaEventSynchronize(prof.events[prof.marks - 1]));
+    for (int i = 0; i + 1 < prof.marks; i++) {
+        float ms = 0.0f;
+        cudaCheck(cudaEventElapsedTime(&ms, prof.events[i], prof.events[i + 1]));
+        int k = 0;
+        while (k < prof.names && strcmp(prof.name[k], prof.mark_names[i]) != 0) { k++; }
+        if (k == prof.names) {
+            if (prof.names == PROFILE_MAX_NAMES) { continue; }
+            prof.name[prof.names++] = prof.mark_names[i];
+            prof.ms[k] = 0.0;
+        }
+        prof.ms[k] += ms;
+    }
+    prof.marks = 0;
+}
+
+void cuda_profile_print(FILE *f, int steps) {
+    double total = 0.0;
+    for (int k = 0; k < prof.names; k++) { total += prof.ms[k]; }
+    fprintf(f, "%-28s %10s %7s\n", "phase", "ms/step", "share");
+    for (int k = 0; k < prof.names; k++) {
+        fprintf(f, "%-28s %10.3f %6.1f%%\n", prof.name[k], prof.ms[k] / steps, 100.0 * prof.ms[k] / total);
+    }
+    fprintf(f, "%-28s %10.3f\n", "total", total / steps);
+}
+
+// Reductions in a fixed order: the same inputs give the same bits on every run.
+template <typename T> __device__ T warp_sum(T x) {
+    for (int offset = 16; offset > 0; offset >>= 1) { x += __shfl_xor_sync(0xffffffffu, x, offset); }
+    return x;
+}
+__device__ float warp_max(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) { x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset)); }
+    return x;
+}
+// Sum over a block whose size is a multiple of 32; every thread gets the result.
+template <typename T> __device__ T block_sum(T x) {
+    __shared__ T partial[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    x = warp_sum(x);
+    __syncthreads();  // partial may still be read by a previous call
+    if (lane == 0) { partial[warp] = x; }
+    __syncthreads();
+    x = lane < warps ? partial[lane] : (T)0;
+    return warp_sum(x);
+}
+__device__ float block_max(float x) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    x = warp_max(x);
+    __syncthreads();
+    if (lane == 0) { partial[warp] = x; }
+    __syncthreads();
+    x = lane < warps ? partial[lane] : -INFINITY;
+    return warp_max(x);
+}
+
+// ----------------------------------------------------------------------------
+// activations: what the forward pass keeps for the backward pass (as in train_dtopp.c, on the GPU)
+
+typedef struct {
+    float *encoded;        // (N, C) token embeddings
+    float *ln1;            // (L, N, C)
+    float *ln1_rstd;       // (L, N)
+    float *qkv;            // (L, N, 3C) with RoPE applied to q and k
+    float *att;            // (L, B, NH, T, T) attention probabilities (0 above the diagonal)
+    float *atty;           // (L, N, C) attention output, before Wo
+    float *res1;           // (L, N, C) residual stream after attention
+    float *ln2;            // (L, N, C) MoE input m
+    float *ln2_rstd;       // (L, N)
+    float *router_logits;  // (L, N, E) z = Wr m
+    float *drn_u;          // (L, N, E) standardized logits u (DRN)
+    float *drn_rstd;       // (L, N) 1 / sqrt(var(z) + eps)
+    float *probs;          // (L, N, E) router probabilities P
+    float *gates;          // (L, N, E) gates of the selected experts, in selection order
+    float *res2;           // (L, N, C) residual stream after the MoE layer
+    float *lnf;            // (N, C)
+    float *lnf_rstd;       // (N)
+    float *logits;         // (N, Vp): padded to Vp so that rows stay aligned; columns >= V are 0
+    float *token_loss;     // (N) cross-entropy of each position
+    float *token_lse;      // (N) log-sum-exp of each row of logits, reused by the backward pass
+    float *aux_lb;         // (L) load-balance term LB_l
+    float *aux_ent;        // (L) entropy term H_l
+    float *attn_q;         // (B, NH, T, hd) scratch: q, k, v and the attention output, head-major
+    float *attn_k;
+    float *attn_v;
+    float *attn_y;
+} ActivationTensors;
+#define NUM_ACTIVATION_TENSORS 26
+
+typedef struct {
+    int *n_selected;    // (L, N) |S| of every token
+    int *selected;      // (L, N, E) the experts of S in selection order, -1 after the last
+    int *expert_start;  // (L, E + 1) the rows of expert e are expert_start[e] .. expert_start[e+1]-1
+    int *token_row;     // (L, N, E) the expert row (within its layer) of choice j of token n, -1 if none
+    int *choice;        // (N, E) scratch of the dispatch: which choice j of token n is expert e, -1 if none
+    int *chunk_count;   // (chunks, E) scratch of the dispatch: tokens of each chunk that chose e
+} RoutingTensors;
+#define NUM_ROUTING_TENSORS 6
+#define DISPATCH_CHUNK 256  // tokens per chunk of the counting sort
+// Grouped products: each of the GROUPED_SITES products of a layer (2 forward, 5 backward) has its
+// own slot of A, B and C pointers for up to 2 problems per expert, so that no slot is rewritten
+// while a copy of it may still be in flight.
+#define GROUPED_SITES 7
+#define GROUPED_SLOT(E) (3 * 2 * (size_t)(E))
+
+// Rows of the experts, all layers one after the other (layer l from row_offset[l]); they grow
+// when a step routes more (token, expert) pairs than any before, keeping the rows already written.
+typedef struct {
+    int capacity;     // rows allocated
+    int *row_token;   // (R) the token each row was gathered from
+    float *h13;       // (2, R, H): h1 = W1 m in the first R rows, h3 = W3 m in the next R (one
+                      // allocation, so one strided-batched product computes both)
+    float *hact;      // (R, H) silu(h1) * h3
+    float *out;       // (R, C) Expert_e(m)
+} ExpertRows;
+
+// Scratch for the rows of one layer at a time.
+typedef struct {
+    int capacity, grad_capacity;
+    float *xg;        // (R, C) the gathered inputs m of every row
+    float *dout;      // (R, C) gradient of Expert_e(m)
+    float *dh13;      // (2, R, H) gradients of h1 (first holds that of hact) and h3
+    float *din;       // (R, C) gradient of the gathered inputs
+} ExpertScratch;
+
+// Gradient scratch: one layer at a time, so no (L, ...) dimension.
+typedef struct {
+    float *dresidual;  // (N, C) gradient along the residual stream
+    float *dln;        // (N, C) gradient at a norm's output
+    float *datty;      // (N, C)
+    float *dqkv;       // (N, 3C)
+    float *dlogits;    // (N, Vp)
+    float *dgates;     // (N, E) gradient of each selected gate
+    float *drouter;    // (N, E) gradient of the router logits z
+    float *dtheta;     // (N) each token's share of dθ, summed in order afterwards
+    float *datt;       // (B, NH, T, T) gradient of the attention probabilities, then of the scores
+    float *dq;         // (B, NH, T, hd)
+    float *dk;
+    float *dv;
+    float *dy;         // (B, NH, T, hd) gradient of the attention output, head-major
+    float *colsum;     // (ceil(N / COLSUM_ROWS), C) partial column sums (RMSNorm gains)
+} GradActivations;
+#define NUM_GRAD_ACTIVATION_TENSORS 14
+#define COLSUM_ROWS 256
+
+typedef struct {
+    int B, T;
+    ActivationTensors acts;
+    float *acts_memory;
+    RoutingTensors routing;
+    int *routing_memory;
+    int *expert_start_host;  // (L, E + 1) copy of routing.expert_start: the sizes of the expert products
+    int *row_offset;         // (L + 1) host: layer l owns the expert rows row_offset[l] .. row_offset[l+1]-1
+    float *aux_lb_host, *aux_ent_host;  // (L) copies of acts.aux_lb, aux_ent
+    ExpertRows rows;
+    ExpertScratch scratch;
+    GradActivations grads;
+    float *grads_memory;  // NULL when only the forward pass is needed
+    // the tokens of the batch on the device, and for the embedding's backward pass the positions
+    // of every distinct token: token_ids[u] occurs at positions token_pos[token_first[u] .. token_first[u+1]-1]
+    int *inputs, *targets;
+    int *token_ids, *token_first, *token_pos;
+    int n_distinct;
+    void **gemm_host, **gemm_dev;  // pointer arrays of the grouped products: GROUPED_SITES slots per layer
+    double *sums;  // (L + E + 1) device scratch for reductions (loss, activated counts, LB per expert)
+} Activations;
+
+static void carve_floats(float **ptrs[], const size_t *sizes, int n, float **memory) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) { total += sizes[i]; }
+    float *p = *memory = (float *)cuda_calloc(total * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        *ptrs[i] = p;
+        p += sizes[i];
+    }
+}
+
+static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T, int with_grads) {
+    size_t N = (size_t)B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
+    size_t E = c->num_experts, Vp = c->padded_vocab_size;
+    memset(a, 0, sizeof(*a));
+    a->B = B;
+    a->T = T;
+    ActivationTensors *t = &a->acts;
+    float **ptrs[NUM_ACTIVATION_TENSORS] = {
+        &t->encoded, &t->ln1, &t->ln1_rstd, &t->qkv, &t->att, &t->atty, &t->res1, &t->ln2,
+        &t->ln2_rstd, &t->router_logits, &t->drn_u, &t->drn_rstd, &t->probs, &t->gates, &t->res2,
+        &t->lnf, &t->lnf_rstd, &t->logits, &t->token_loss, &t->token_lse, &t->aux_lb, &t->aux_ent,
+        &t->attn_q, &t->attn_k, &t->attn_v, &t->attn_y};
+    size_t sizes[NUM_ACTIVATION_TENSORS] = {
+        N * C, L * N * C, L * N, L * N * 3 * C, L * B * NH * T * T, L * N * C, L * N * C, L * N * C,
+        L * N, L * N * E, L * N * E, L * N, L * N * E, L * N * E, L * N * C,
+        N * C, N, N * Vp, N, N, L, L, N * C, N * C, N * C, N * C};
+    carve_floats(ptrs, sizes, NUM_ACTIVATION_TENSORS, &a->acts_memory);
+
+    RoutingTensors *r = &a->routing;
+    size_t chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start, &r->token_row,
+                                        &r->choice, &r->chunk_count};
+    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E, N * E, chunks * E};
+    size_t itotal = 0;
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { itotal += isizes[i]; }
+    int *ip = a->routing_memory = (int *)cuda_calloc(itotal * sizeof(int));
+    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) {
+        *iptrs[i] = ip;
+        ip += isizes[i];
+    }
+    a->expert_start_host = (int *)calloc_check(L * (E + 1), sizeof(int));
+    a->row_offset = (int *)calloc_check(L + 1, sizeof(int));
+    a->aux_lb_host = (float *)calloc_check(L, sizeof(float));
+    a->aux_ent_host = (float *)calloc_check(L, sizeof(float));
+    a->inputs = (int *)cuda_calloc(N * sizeof(int));
+    a->targets = (int *)cuda_calloc(N * sizeof(int));
+    a->token_ids = (int *)cuda_calloc(N * sizeof(int));
+    a->token_first = (int *)cuda_calloc((N + 1) * sizeof(int));
+    a->token_pos = (int *)cuda_calloc(N * sizeof(int));
+    a->sums = (double *)cuda_calloc((L + E + 1) * sizeof(double));
+    size_t gemm_pointers = L * GROUPED_SITES * GROUPED_SLOT(E);
+    cudaCheck(cudaMallocHost((void **)&a->gemm_host, gemm_pointers * sizeof(void *)));
+    a->gemm_dev = (void **)cuda_calloc(gemm_pointers * sizeof(void *));
+
+    if (with_grads) {
+        GradActivations *g = &a->grads;
+        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv, &g->dlogits,
+                                                      &g->dgates, &g->drouter, &g->dtheta, &g->datt, &g->dq,
+                                                      &g->dk, &g->dv, &g->dy, &g->colsum};
+        size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, N * Vp, N * E, N * E, N,
+                                                      B * NH * T * T, N * C, N * C, N * C, N * C,
+                                                      ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
+        carve_floats(gptrs, gsizes, NUM_GRAD_ACTIVATION_TENSORS, &a->grads_memory);
+    }
+}
+
+// Makes room for `rows` expert rows, keeping the first `keep` rows (those of earlier layers).
+static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H) {
+    if (rows <= r->capacity) { return; }
+    int capacity = rows + rows / 4;
+    int *row_token = (int *)cuda_malloc((size_t)capacity * sizeof(int));
+    float *h13 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
+    float *hact = (float *)cuda_malloc((size_t)capacity * H * sizeof(float));
+    float *out = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+    if (keep > 0) {
+        size_t k = keep;
+        cudaCheck(cudaMemcpyAsync(row_token, r->row_token, k * sizeof(int), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(h13, r->h13, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(h13 + (size_t)capacity * H, r->h13 + (size_t)r->capacity * H, k * H * sizeof(float),
+                                  cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(hact, r->hact, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(out, r->out, k * C * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaStreamSynchronize(gpu.stream));  // before the old buffers go
+    }
+    cuda_free(r->row_token);
+    cuda_free(r->h13);
+    cuda_free(r->hact);
+    cuda_free(r->out);
+    r->row_token = row_token;
+    r->h13 = h13;
+    r->hact = hact;
+    r->out = out;
+    r->capacity = capacity;
+}
+
+static void expert_scratch_reserve(ExpertScratch *s, int rows, int C, int H, int with_grads) {
+    if (rows > s->capacity) {
+        cudaCheck(cudaStreamSynchronize(gpu.stream));  // the old buffer may still be in use
+        s->capacity = rows + rows / 4;
+        cuda_free(s->xg);
+        s->xg = (float *)cuda_malloc((size_t)s->capacity * C * sizeof(float));
+    }
+    if (with_grads && rows > s->grad_capacity) {
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+        int capacity = s->grad_capacity = rows + rows / 4;
+        cuda_free(s->dout);
+        cuda_free(s->dh13);
+        cuda_free(s->din);
+        s->dout = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+        s->dh13 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
+        s->din = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+    }
+}
+
+static void activations_free(Activations *a) {
+    if (gpu.ready) { cudaCheck(cudaStreamSynchronize(gpu.stream)); }
+    cuda_free(a->acts_memory);
+    cuda_free(a->routing_memory);
+    cuda_free(a->grads_memory);
+    free(a->expert_start_host);
+    free(a->row_offset);
+    free(a->aux_lb_host);
+    free(a->aux_ent_host);
+    cuda_free(a->inputs);
+    cuda_free(a->targets);
+    cuda_free(a->token_ids);
+    cuda_free(a->token_first);
+    cuda_free(a->token_pos);
+    cuda_free(a->sums);
+    if (a->gemm_host != NULL) { cudaCheck(cudaFreeHost(a->gemm_host)); }
+    cuda_free(a->gemm_dev);
+    cuda_free(a->rows.row_token);
+    cuda_free(a->rows.h13);
+    cuda_free(a->rows.hact);
+    cuda_free(a->rows.out);
+    cuda_free(a->scratch.xg);
+    cuda_free(a->scratch.dout);
+    cuda_free(a->scratch.dh13);
+    cuda_free(a->scratch.din);
+    memset(a, 0, sizeof(*a));
+}
+
+// ----------------------------------------------------------------------------
+// the layers, each a forward/backward pair
+// N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and into
+// the input gradient they are given, as on the CPU.
+
+__global__ void encoder_forward_kernel(float *out, const int *inp, const float *wte, int N, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * C) { return; }
+    size_t n = i / C, c = i % C;
+    out[i] = wte[(size_t)inp[n] * C + c];
+}
+
+void encoder_forward(float *out, const int *inp, const float *wte, int N, int C) {
+    encoder_forward_kernel<<<blocks_for((size_t)N * C, 256), 256, 0, gpu.stream>>>(out, inp, wte, N, C);
+    launchCheck();
+}
+
+// One block per distinct token: it adds the gradients of that token's positions in position
+// order, the order of the CPU's serial loop, and no two blocks write the same row.
+__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *token_ids, const int *token_first,
+                                        const int *token_pos, int C) {
+    int u = blockIdx.x;
+    float *dw = dwte + (size_t)token_ids[u] * C;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float sum = dw[i];
+        for (int k = token_first[u]; k < token_first[u + 1]; k++) { sum += dout[(size_t)token_pos[k] * C + i]; }
+        dw[i] = sum;
+    }
+}
+
+void encoder_backward(float *dwte, const float *dout, const Activations *a, int C) {
+    if (a->n_distinct == 0) { return; }
+    encoder_backward_kernel<<<a->n_distinct, 256, 0, gpu.stream>>>(dwte, dout, a->token_ids, a->token_first, a->token_pos, C);
+    launchCheck();
+}
+
+// The positions of every distinct token of the batch, grouped by token (host side, once per
+// forward pass: the token ids live on the host anyway).
+static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
+    int *count = (int *)calloc_check((size_t)V + 1, sizeof(int));
+    int *ids = (int *)malloc_check((size_t)N * sizeof(int));
+    int *first = (int *)malloc_check(((size_t)N + 1) * sizeof(int));
+    int *pos = (int *)malloc_check((size_t)N * sizeof(int));
+    for (int n = 0; n < N; n++) {
+        if (inputs[n] < 0 || inputs[n] >= V) { fail("token id %d at position %d is outside the vocabulary (%d)", inputs[n], n, V); }
+        count[inputs[n]]++;
+    }
+    int distinct = 0, offset = 0;
+    for (int v = 0; v < V; v++) {
+        if (count[v] == 0) { continue; }
+        ids[distinct] = v;
+        first[distinct++] = offset;
+        int c = count[v];
+        count[v] = offset;  // from here on: the next free slot of token v
+        offset += c;
+    }
+    first[distinct] = offset;
+    for (int n = 0; n < N; n++) { pos[count[inputs[n]]++] = n; }  // in position order
+    copy_to_device(a->token_ids, ids, (size_t)distinct * sizeof(int));
+    copy_to_device(a->token_first, first, ((size_t)distinct + 1) * sizeof(int));
+    copy_to_device(a->token_pos, pos, (size_t)N * sizeof(int));
+    a->n_distinct = distinct;
+    free(count);
+    free(ids);
+    free(first);
+    free(pos);
+}
+
+#define RMSNORM_EPS 1e-5f
+
+// one warp per row
+__global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) { return; }
+    const float *x = inp + (size_t)n * C;
+    float ss = 0.0f;
+    for (int i = lane; i < C; i += 32) { ss += x[i] * x[i]; }
+    ss = warp_sum(ss);
+    float r = 1.0f / sqrtf(ss / C + RMSNORM_EPS);
+    float *o = out + (size_t)n * C;
+    for (int i = lane; i < C; i += 32) { o[i] = g[i] * x[i] * r; }
+    if (lane == 0) { rstd[n] = r; }
+}
+
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
+    rmsnorm_forward_kernel<<<blocks_for(N, 8), 256, 0, gpu.stream>>>(out, rstd, inp, g, N, C);
+    launchCheck();
+}
+
+__global__ void rmsnorm_backward_kernel(float *dinp, const float *dout, const float *inp, const float *g,
+                                        const float *rstd, int N, int C) {
+    int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) { return; }
+    const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
+    float r = rstd[n];
+    float dot = 0.0f;  // <g ⊙ dout, x>
+    for (int i = lane; i < C; i += 32) { dot += g[i] * d[i] * x[i]; }
+    dot = warp_sum(dot);
+    float *dx = dinp + (size_t)n * C;
+    for (int i = lane; i < C; i += 32) { dx[i] += r * g[i] * d[i] - x[i] * (r * r * r / C) * dot; }
+}
+
+// Column sums in two fixed stages: chunks of COLSUM_ROWS rows, then the chunks in order.
+__global__ void rmsnorm_dg_partial_kernel(float *partial, const float *dout, const float *inp, const float *rstd, int N, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (i >= C) { return; }
+    int end = min(N, (chunk + 1) * COLSUM_ROWS);
+    float sum = 0.0f;
+    for (int n = chunk * COLSUM_ROWS; n < end; n++) { sum += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n]; }
+    partial[(size_t)chunk * C + i] = sum;
+}
+
+__global__ void colsum_finish_kernel(float *out, const float *partial, int chunks, int C) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C) { return; }
+    float sum = 0.0f;
+    for (int k = 0; k < chunks; k++) { sum += partial[(size_t)k * C + i]; }
+    out[i] += sum;
+}
+
+void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *inp, const float *g,
+                      const float *rstd, float *scratch, int N, int C) {
+    rmsnorm_backward_kernel<<<blocks_for(N, 8), 256, 0, gpu.stream>>>(dinp, dout, inp, g, rstd, N, C);
+    launchCheck();
+    int chunks = (N + COLSUM_ROWS - 1) / COLSUM_ROWS;
+    dim3 grid(blocks_for(C, 128), chunks);
+    rmsnorm_dg_partial_kernel<<<grid, 128, 0, gpu.stream>>>(scratch, dout, inp, rstd, N, C);
+    launchCheck();
+    colsum_finish_kernel<<<blocks_for(C, 128), 128, 0, gpu.stream>>>(dg, scratch, chunks, C);
+    launchCheck();
+}
+
+// out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T, all row-major; in cuBLAS's column-major
+// terms that is out^T = weight · inp^T. beta = 1 accumulates into out.
+static void matmul_forward_on(cublasHandle_t blas, float *out, const float *inp, const float *weight,
+                              int rows, int IC, int OC, float beta) {
+    if (rows == 0) { return; }
+    const float one = 1.0f;
+    cublasCheck(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, &one, weight, IC, inp, IC, &beta, out, OC));
+}
+
+void matmul_forward(float *out, const float *inp, const float *weight, int rows, int IC, int OC) {
+    matmul_forward_on(gpu.blas, out, inp, weight, rows, IC, OC, 0.0f);
+}
+
+// dinp (rows, IC) += dout · weight; dweight (OC, IC) += dout^T · inp (summed over rows by cuBLAS,
+// in an order that depends only on the sizes).
+static void matmul_backward_on(cublasHandle_t blas, float *dinp, float *dweight, const float *dout, const float *inp,
+                               const float *weight, int rows, int IC, int OC, float dinp_beta) {
+    if (rows == 0) { return; }
+    const float one = 1.0f;
+    if (dinp != NULL) {
+        cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, &one, weight, IC, dout, OC, &dinp_beta, dinp, IC));
+    }
+    cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, &one, inp, IC, dout, OC, &one, dweight, IC));
+}
+
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                     int rows, int IC, int OC) {
+    matmul_backward_on(gpu.blas, dinp, dweight, dout, inp, weight, rows, IC, OC, 1.0f);
+}
+
+// RoPE, rotate-half pairing: element i of a head turns with element i + hd/2 by pos·f_i.
+// The table holds cos and sin for every position and frequency, computed in double (host).
+void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd) {
+    for (int pos = 0; pos < max_seq_len; pos++) {
+        for (int i = 0; i < hd / 2; i++) {
+            double freq = pow(10000.0, -2.0 * i / hd);
+            double angle = pos * freq;
+            cos_table[pos * (hd / 2) + i] = (float)cos(angle);
+            sin_table[pos * (hd / 2) + i] = (float)sin(angle);
+        }
+    }
+}
+
+// One thread per (position, head of q or k, pair i); position n sits at pos_offset + n % T
+// (pos_offset is 0 in training, the decoding position when sampling). direction -1 rotates back.
+__global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin_table, int N, int T, int C, int NH,
+                            int pos_offset, float direction) {
+    int hd = C / NH, half = hd / 2;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * 2 * NH * half) { return; }
+    int i = idx % half;
+    int h = (idx / half) % (2 * NH);  // NH heads of q, then NH of k
+    size_t n = idx / ((size_t)half * 2 * NH);
+    int pos = pos_offset + (int)(n % T);
+    float *v = qkv + n * 3 * C + (size_t)h * hd;
+    float cs = cos_table[pos * half + i], s = direction * sin_table[pos * half + i];
+    float a = v[i], b = v[i + half];
+    v[i] = a * cs - b * s;
+    v[i + half] = b * cs + a * s;
+}
+
+static void rope_apply(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH,
+                       int pos_offset, float direction) {
+    size_t n = (size_t)B * T * C;  // N * 2NH * hd/2 = N * C
+    rope_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(qkv, cos_table, sin_table, B * T, T, C, NH, pos_offset, direction);
+    launchCheck();
+}
+
+void rope_forward(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
+    rope_apply(qkv, cos_table, sin_table, B, T, C, NH, 0, 1.0f);
+}
+
+void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
+    rope_apply(dqkv, cos_table, sin_table, B, T, C, NH, 0, -1.0f);
+}
+
+// Attention as batched matrix products over the B*NH (sequence, head) pairs, which need q, k and
+// v head-major: (B, T, 3, NH, hd) -> three (B, NH, T, hd).
+__global__ void attention_permute_kernel(float *q, float *k, float *v, const float *qkv, int B, int T, int NH, int hd) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hd) { return; }
+    int d = idx % hd, t = (idx / hd) % T, h = (idx / ((size_t)hd * T)) % NH;
+    size_t b = idx / ((size_t)hd * T * NH), C = (size_t)NH * hd;
+    const float *src = qkv + (b * T + t) * 3 * C + (size_t)h * hd + d;
+    q[idx] = src[0];
+    k[idx] = src[C];
+    v[idx] = src[2 * C];
+}
+
+// The way back, for the gradient: (B, NH, T, hd) x3 -> (B, T, 3C).
+__global__ void attention_unpermute_qkv_kernel(float *dqkv, const float *dq, const float *dk, const float *dv,
+                                               int B, int T, int NH, int hd) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hd) { return; }
+    int d = idx % hd, t = (idx / hd) % T, h = (idx / ((size_t)hd * T)) % NH;
+    size_t b = idx / ((size_t)hd * T * NH), C = (size_t)NH * hd;
+    float *dst = dqkv + (b * T + t) * 3 * C + (size_t)h * hd + d;
+    dst[0] = dq[idx];
+    dst[C] = dk[idx];
+    dst[2 * C] = dv[idx];
+}
+
+// (B, NH, T, hd) <-> (B, T, C); to_heads 1 goes from (B, T, C) to head-major.
+__global__ void attention_heads_kernel(float *dst, const float *src, int B, int T, int NH, int hd, int to_heads) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * NH * T * hd) { return; }
+    int d = idx % hd, t = (idx / hd) % T, h = (idx / ((size_t)hd * T)) % NH;
+    size_t b = idx / ((size_t)hd * T * NH);
+    size_t flat = (b * T + t) * NH * hd + (size_t)h * hd + d;
+    if (to_heads) { dst[idx] = src[flat]; } else { dst[flat] = src[idx]; }
+}
+
+// Causal softmax over each row of scores (one warp per row), in place: entries above the
+// diagonal become 0, so the product with v that follows ignores them.
+__global__ void softmax_causal_kernel(float *att, int rows, int T) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) { return; }
+    int t = row % T;
+    float *x = att + (size_t)row * T;
+    float maxval = -INFINITY;
+    for (int j = lane; j <= t; j += 32) { maxval = fmaxf(maxval, x[j]); }
+    maxval = warp_max(maxval);
+    float sum = 0.0f;
+    for (int j = lane; j <= t; j += 32) {
+        float e = expf(x[j] - maxval);
+        x[j] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    for (int j = lane; j < T; j += 32) { x[j] = j <= t ? x[j] / sum : 0.0f; }
+}
+
+// datt -> dscores in place: dscore_j = p_j (datt_j − <p, datt>) · scale, 0 above the diagonal.
+__global__ void softmax_causal_backward_kernel(float *datt, const float *att, int rows, int T, float scale) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) { return; }
+    int t = row % T;
+    const float *p = att + (size_t)row * T;
+    float *d = datt + (size_t)row * T;
+    float pdp = 0.0f;
+    for (int j = lane; j <= t; j += 32) { pdp += p[j] * d[j]; }
+    pdp = warp_sum(pdp);
+    for (int j = lane; j < T; j += 32) { d[j] = j <= t ? p[j] * (d[j] - pdp) * scale : 0.0f; }
+}
+
+// Scratch of the attention layer (head-major copies), borrowed from the activations.
+typedef struct {
+    float *q, *k, *v, *y;       // forward and backward
+    float *dq, *dk, *dv, *dy;   // backward
+    float *datt;                // backward: (B, NH, T, T)
+} AttentionScratch;
+
+// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities.
+// The full T x T score matrix is computed (the upper half is wasted work but keeps the products
+// large and regular).
+void attention_forward(float *out, float *att, const float *qkv, AttentionScratch s, int B, int T, int C, int NH) {
+    int hd = C / NH;
+    size_t n = (size_t)B * T * C;
+    attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
+    launchCheck();
+    const float scale = 1.0f / sqrtf((float)hd), zero = 0.0f, one = 1.0f;
+    long long sT = (long long)T * hd, sTT = (long long)T * T;
+    // scores (T, T) = scale · q k^T per (b, h)
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &scale, s.k, hd, sT, s.q, hd, sT,
+                                          &zero, att, T, sTT, B * NH));
+    softmax_causal_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(att, B * NH * T, T);
+    launchCheck();
+    // y (T, hd) = att v
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.v, hd, sT, att, T, sTT,
+                                          &zero, s.y, hd, sT, B * NH));
+    attention_heads_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(out, s.y, B, T, NH, hd, 0);
+    launchCheck();
+}
+
+// dqkv (B, T, 3C) = gradient of qkv (overwritten: each element has one writer) from dout (B, T, C).
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, AttentionScratch s,
+                        int B, int T, int C, int NH) {
+    int hd = C / NH;
+    size_t n = (size_t)B * T * C;
+    attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
+    launchCheck();
+    attention_heads_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.dy, dout, B, T, NH, hd, 1);
+    launchCheck();
+    const float scale = 1.0f / sqrtf((float)hd), zero = 0.0f, one = 1.0f;
+    long long sT = (long long)T * hd, sTT = (long long)T * T;
+    // datt (T, T) = dy v^T; dv (T, hd) = att^T dy
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &one, s.v, hd, sT, s.dy, hd, sT,
+                                          &zero, s.datt, T, sTT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.dy, hd, sT, att, T, sTT,
+                                          &zero, s.dv, hd, sT, B * NH));
+    softmax_causal_backward_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(s.datt, att, B * NH * T, T, scale);
+    launchCheck();
+    // dq (T, hd) = dscores k; dk (T, hd) = dscores^T q
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.k, hd, sT, s.datt, T, sTT,
+                                          &zero, s.dq, hd, sT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.q, hd, sT, s.datt, T, sTT,
+                                          &zero, s.dk, hd, sT, B * NH));
+    attention_unpermute_qkv_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(dqkv, s.dq, s.dk, s.dv, B, T, NH, hd);
+    launchCheck();
+}
+
+__global__ void residual_forward_kernel(float *out, const float *inp1, const float *inp2, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = inp1[i] + inp2[i]; }
+}
+
+void residual_forward(float *out, const float *inp1, const float *inp2, size_t n) {
+    residual_forward_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(out, inp1, inp2, n);
+    launchCheck();
+}
+
+__device__ inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+__global__ void swiglu_forward_kernel(float *out, const float *h1, const float *h3, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = silu(h1[i]) * h3[i]; }
+}
+
+// On entry dh1 holds the gradient of out; on exit the gradients of h1 and h3.
+__global__ void swiglu_backward_kernel(float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    float sig = 1.0f / (1.0f + expf(-h1[i]));
+    float dout = dh1[i];
+    dh3[i] = dout * h1[i] * sig;
+    dh1[i] = dout * h3[i] * sig * (1.0f + h1[i] * (1.0f - sig));
+}
+
+void swiglu_forward(float *out, const float *h1, const float *h3, size_t n, cudaStream_t stream) {
+    if (n == 0) { return; }
+    swiglu_forward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, h1, h3, n);
+    launchCheck();
+}
+
+void swiglu_backward(float *dh1, float *dh3, const float *h1, const float *h3, size_t n, cudaStream_t stream) {
+    if (n == 0) { return; }
+    swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(dh1, dh3, h1, h3, n);
+    launchCheck();
+}
+
+// Cross-entropy over the first V of the Vp logits of a row, one block per row. One pass keeps a
+// running maximum and the sum of exponentials relative to it (online softmax); the (max, sum)
+// pairs of the threads are then merged in a fixed tree.
+__device__ void lse_merge(float &m, float &s, float m2, float s2) {
+    if (m2 == -INFINITY) { return; }
+    if (m == -INFINITY) { m = m2; s = s2; return; }
+    float M = fmaxf(m, m2);
+    s = s * expf(m - M) + s2 * expf(m2 - M);
+    m = M;
+}
+
+__global__ void crossentropy_forward_kernel(float *token_loss, float *token_lse, const float *logits, const int *targets,
+                                            int V, int Vp) {
+    int n = blockIdx.x;
+    const float *z = logits + (size_t)n * Vp;
+    float m = -INFINITY, s = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        float x = z[i];
+        if (x > m) { s = s * expf(m - x) + 1.0f; m = x; } else { s += expf(x - m); }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, offset), s2 = __shfl_xor_sync(0xffffffffu, s, offset);
+        lse_merge(m, s, m2, s2);
+    }
+    __shared__ float ms[32], ss[32];
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) { ms[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)blockDim.x / 32; w++) { lse_merge(m, s, ms[w], ss[w]); }
+        float lse = m + logf(s);
+        token_lse[n] = lse;
+        if (token_loss != NULL) { token_loss[n] = lse - z[targets[n]]; }
+    }
+}
+
+void crossentropy_forward(float *token_loss, float *token_lse, const float *logits, const int *targets, int N, int V, int Vp) {
+    crossentropy_forward_kernel<<<N, 512, 0, gpu.stream>>>(token_loss, token_lse, logits, targets, V, Vp);
+    launchCheck();
+}
+
+// dlogits = scale · (softmax − onehot(target)); the padded columns get 0.
+__global__ void crossentropy_backward_kernel(float *dlogits, const float *logits, const float *token_lse, const int *targets,
+                                             int V, int Vp, float scale) {
+    int n = blockIdx.x, target = targets[n];
+    const float *z = logits + (size_t)n * Vp;
+    float *dz = dlogits + (size_t)n * Vp;
+    float lse = token_lse[n];
+    for (int i = threadIdx.x; i < Vp; i += blockDim.x) {
+        float d = 0.0f;
+        if (i < V) {
+            d = scale * expf(z[i] - lse);
+            if (i == target) { d -= scale; }
+        }
+        dz[i] = d;
+    }
+}
+
+void crossentropy_backward(float *dlogits, const float *logits, const float *token_lse, const int *targets, int N, int V,
+                           int Vp, float scale) {
+    crossentropy_backward_kernel<<<N, 512, 0, gpu.stream>>>(dlogits, logits, token_lse, targets, V, Vp, scale);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// the MoE layer: router -> dispatch (counting sort) -> experts -> combine, plus auxiliary losses
+
+// One layer's routing state, as views into the (L, ...) tensors (device pointers, except
+// expert_start_host).
+typedef struct {
+    float *logits, *drn_u, *drn_rstd, *probs, *gates;
+    int *n_selected, *selected, *expert_start, *token_row;
+    const int *expert_start_host;
+    int row_begin;  // first expert row of this layer
+} RouterView;
+
+static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
+    size_t N = (size_t)a->B * a->T, E = c->num_experts;
+    RouterView v;
+    v.logits = a->acts.router_logits + l * N * E;
+    v.drn_u = a->acts.drn_u + l * N * E;
+    v.drn_rstd = a->acts.drn_rstd + l * N;
+    v.probs = a->acts.probs + l * N * E;
+    v.gates = a->acts.gates + l * N * E;
+    v.n_selected = a->routing.n_selected + l * N;
+    v.selected = a->routing.selected + l * N * E;
+    v.expert_start = a->routing.expert_start + l * (E + 1);
+    v.token_row = a->routing.token_row + l * N * E;
+    v.expert_start_host = a->expert_start_host + l * (E + 1);
+    v.row_begin = a->row_offset[l];
+    return v;
+}
+
+// The router's decisions for one token per block of 32 threads (one warp): DRN, softmax, the
+// selection rule of the spec and the gates. Shared memory holds P and the order of the experts.
+// The order is computed as a rank: expert e comes after every expert with a larger P, and after
+// every expert with the same P and a lower index (the spec's tie rule), so no sort is needed.
+// The running sum of the top-p rule is accumulated one expert at a time in that order, by one
+// thread, as the spec asks.
+__global__ void router_select_kernel(RouterView r, const float *theta_ptr, float threshold, int routing, int k, int drn,
+                                     int renorm, int N, int E) {
+    extern __shared__ float shared[];
+    float *P = shared;
+    int *order = (int *)(shared + E);
+    int n = blockIdx.x, lane = threadIdx.x;
+    const float *z = r.logits + (size_t)n * E;
+    float *u = r.drn_u + (size_t)n * E;
+    if (drn) {  // standardize over the experts, then scale by the learned θ
+        float theta = *theta_ptr, mean = 0.0f;
+        for (int e = lane; e < E; e += 32) { mean += z[e]; }
+        mean = warp_sum(mean) / E;
+        float var = 0.0f;
+        for (int e = lane; e < E; e += 32) { var += (z[e] - mean) * (z[e] - mean); }
+        var = warp_sum(var);
+        float rstd = 1.0f / sqrtf(var / E + RMSNORM_EPS);
+        for (int e = lane; e < E; e += 32) {
+            u[e] = (z[e] - mean) * rstd;
+            P[e] = theta * u[e];
+        }
+        if (lane == 0) { r.drn_rstd[n] = rstd; }
+    } else {
+        for (int e = lane; e < E; e += 32) { P[e] = z[e]; }
+    }
+    __syncwarp();
+    float maxval = -INFINITY;
+    for (int e = lane; e < E; e += 32) { maxval = fmaxf(maxval, P[e]); }
+    maxval = warp_max(maxval);
+    float sum = 0.0f;
+    for (int e = lane; e < E; e += 32) {
+        P[e] = expf(P[e] - maxval);
+        sum += P[e];
+    }
+    sum = warp_sum(sum);
+    for (int e = lane; e < E; e += 32) {
+        P[e] = P[e] / sum;
+        r.probs[(size_t)n * E + e] = P[e];
+    }
+    __syncwarp();
+    for (int e = lane; e < E; e += 32) {
+        float pe = P[e];
+        int rank = 0;
+        for (int j = 0; j < E; j++) { rank += P[j] > pe || (P[j] == pe && j < e); }
+        order[rank] = e;
+    }
+    __syncwarp();
+    int count = 0;
+    float kept = 0.0f;
+    if (lane == 0) {
+        if (routing == ROUTING_TOPK) {
+            count = k;
+        } else {
+            float running = 0.0f;
+            while (count < E && running < threshold) { running += P[order[count]]; count++; }
+        }
+        for (int j = 0; j < count; j++) { kept += P[order[j]]; }
+        r.n_selected[n] = count;
+    }
+    count = __shfl_sync(0xffffffffu, count, 0);
+    kept = __shfl_sync(0xffffffffu, kept, 0);
+    int *sel = r.selected + (size_t)n * E;
+    float *g = r.gates + (size_t)n * E;
+    for (int j = lane; j < E; j += 32) {
+        sel[j] = j < count ? order[j] : -1;
+        g[j] = j < count ? (renorm ? P[order[j]] / kept : P[order[j]]) : 0.0f;
+    }
+}
+
+// z = Wr m; DRN; P = softmax; selection; gates.
+// theta: θ of this layer, on the device.
+void router_forward(RouterView r, const float *m, const float *wr, const float *theta, float threshold,
+                    const RouterConfig *rc, int N, int C, int E) {
+    matmul_forward(r.logits, m, wr, N, C, E);
+    size_t shared = (size_t)E * (sizeof(float) + sizeof(int));
+    router_select_kernel<<<N, 32, shared, gpu.stream>>>(r, theta, threshold, rc->routing, rc->k, rc->drn, rc->renorm, N, E);
+    launchCheck();
+}
+
+// Dispatch by counting sort, on the device and in token order, without atomics:
+//  1. choice (N, E): for every token, which of its choices is expert e (-1: not selected);
+//  2. chunk_count (chunks, E): per chunk of DISPATCH_CHUNK tokens, how many chose e;
+//  3. one block turns the counts into expert_start (E + 1) and each chunk's first row for e;
+//  4. each (chunk, expert) thread walks its tokens in order and places them.
+// Rows of expert e are thus its tokens in increasing token order, as on the CPU.
+__global__ void dispatch_choice_kernel(int *choice, const int *n_selected, const int *selected, int N, int E) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)N * E) { return; }
+    size_t n = idx / E;
+    int j = idx % E;
+    if (j < n_selected[n]) { choice[n * E + selected[idx]] = j; }
+}
+
+__global__ void dispatch_count_kernel(int *chunk_count, const int *choice, int N, int E) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (e >= E) { return; }
+    int end = min(N, (chunk + 1) * DISPATCH_CHUNK), count = 0;
+    for (int n = chunk * DISPATCH_CHUNK; n < end; n++) { count += choice[(size_t)n * E + e] >= 0; }
+    chunk_count[(size_t)chunk * E + e] = count;
+}
+
+__global__ void dispatch_scan_kernel(int *expert_start, int *chunk_count, int chunks, int E) {
+    extern __shared__ int totals[];  // (E)
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int total = 0;
+        for (int c = 0; c < chunks; c++) { total += chunk_count[(size_t)c * E + e]; }
+        totals[e] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int start = 0;
+        for (int e = 0; e < E; e++) {
+            expert_start[e] = start;
+            start += totals[e];
+        }
+        expert_start[E] = start;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {  // chunk_count becomes each chunk's first row
+        int row = expert_start[e];
+        for (int c = 0; c < chunks; c++) {
+            int count = chunk_count[(size_t)c * E + e];
+            chunk_count[(size_t)c * E + e] = row;
+            row += count;
+        }
+    }
+}
+
+__global__ void dispatch_place_kernel(int *row_token, int *token_row, const int *chunk_first, const int *choice, int N, int E) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
+    if (e >= E) { return; }
+    int end = min(N, (chunk + 1) * DISPATCH_CHUNK), row = chunk_first[(size_t)chunk * E + e];
+    for (int n = chunk * DISPATCH_CHUNK; n < end; n++) {
+        int j = choice[(size_t)n * E + e];
+        if (j >= 0) {
+            row_token[row] = n;
+            token_row[(size_t)n * E + j] = row;
+            row++;
+        }
+    }
+}
+
+// Steps 1-3. Returns the number of rows; expert_start is also copied to the host (the sizes of
+// the expert products), which is this layer's one wait for the GPU.
+int moe_dispatch(RouterView r, RoutingTensors *rt, int N, int E) {
+    cudaCheck(cudaMemsetAsync(rt->choice, 0xff, (size_t)N * E * sizeof(int), gpu.stream));  // all -1
+    dispatch_choice_kernel<<<blocks_for((size_t)N * E, 256), 256, 0, gpu.stream>>>(rt->choice, r.n_selected, r.selected, N, E);
+    launchCheck();
+    int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    dim3 grid(blocks_for(E, 64), chunks);
+    dispatch_count_kernel<<<grid, 64, 0, gpu.stream>>>(rt->chunk_count, rt->choice, N, E);
+    launchCheck();
+    dispatch_scan_kernel<<<1, 256, E * sizeof(int), gpu.stream>>>(r.expert_start, rt->chunk_count, chunks, E);
+    launchCheck();
+    copy_to_host((void *)r.expert_start_host, r.expert_start, (E + 1) * sizeof(int));
+    return r.expert_start_host[E];
+}
+
+// Step 4, once the row buffers are large enough: row_token (this layer's slice) and token_row.
+void moe_dispatch_place(RouterView r, int *row_token, RoutingTensors *rt, int N, int E) {
+    cudaCheck(cudaMemsetAsync(r.token_row, 0xff, (size_t)N * E * sizeof(int), gpu.stream));
+    int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    dim3 grid(blocks_for(E, 64), chunks);
+    dispatch_place_kernel<<<grid, 64, 0, gpu.stream>>>(row_token, r.token_row, rt->chunk_count, rt->choice, N, E);
+    launchCheck();
+}
+
+// xg[r] = m[row_token[r]]: the inputs of every row, gathered so the experts' products read
+// contiguous rows.
+__global__ void gather_rows_kernel(float *xg, const float *m, const int *row_token, int rows, int C) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * C) { return; }
+    size_t r = idx / C, c = idx % C;
+    xg[idx] = m[(size_t)row_token[r] * C + c];
+}
+
+static void gather_inputs(float *xg, const float *m, const int *row_token, int rows, int C) {
+    if (rows == 0) { return; }
+    gather_rows_kernel<<<blocks_for((size_t)rows * C, 256), 256, 0, gpu.stream>>>(xg, m, row_token, rows, C);
+    launchCheck();
+}
+
+// Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it (xg), expert e on
+// lane e % EXPERT_LANES. w1, w3: (E, H, C); w2: (E, C, H) of this layer. h13 holds h1 at h13 and
+// h3 at h13 + h3_offset floats; rows are relative to this layer's first row.
+void experts_forward(float *out, float *h13, size_t h3_offset, float *hact, const float *xg, const int *expert_start,
+                     const float *w1, const float *w3, const float *w2, int E, int C, int H) {
+    const float one = 1.0f, zero = 0.0f;
+    long long w_stride = (long long)(w3 - w1);  // W3 of an expert is this far from its W1
+    lanes_fork();
+    for (int e = 0; e < E; e++) {
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
+        const float *x = xg + (size_t)first * C;
+        float *h1 = h13 + (size_t)first * H;
+        // [h1; h3] = x · [W1_e; W3_e]^T, one strided-batched product of two
+        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, &one,
+                                              w1 + (size_t)e * H * C, C, w_stride, x, C, 0, &zero,
+                                              h1, H, (long long)h3_offset, 2));
+        swiglu_forward(hact + (size_t)first * H, h1, h1 + h3_offset, (size_t)count * H, lane->stream);
+        matmul_forward_on(lane->blas, out + (size_t)first * C, hact + (size_t)first * H, w2 + (size_t)e * C * H, count, H, C, 0.0f);
+    }
+    lanes_join();
+}
+
+// din (rows, C) = gradient of the gathered inputs, one row per (token, expert) pair. dh13 holds
+// dh1 and dh3 like h13 (dh3_offset floats apart).
+void experts_backward(float *din, float *dh13, size_t dh3_offset, float *dw1, float *dw3, float *dw2, const float *dout,
+                      const float *h13, size_t h3_offset, const float *hact, const float *xg, const int *expert_start,
+                      const float *w1, const float *w3, const float *w2, int E, int C, int H) {
+    const float one = 1.0f, zero = 0.0f;
+    long long dw_stride = (long long)(dw3 - dw1);
+    lanes_fork();
+    for (int e = 0; e < E; e++) {
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
+        const float *d = dout + (size_t)first * C, *x = xg + (size_t)first * C;
+        float *dh1 = dh13 + (size_t)first * H;
+        const float *h1 = h13 + (size_t)first * H;
+        // through W2: dhact = dout · W2_e (into dh1), dW2_e += dout^T · hact
+        matmul_backward_on(lane->blas, dh1, dw2 + (size_t)e * C * H, d, hact + (size_t)first * H, w2 + (size_t)e * C * H,
+                           count, H, C, 0.0f);
+        swiglu_backward(dh1, dh1 + dh3_offset, h1, h1 + h3_offset, (size_t)count * H, lane->stream);
+        // [dW1_e; dW3_e] += [dh1; dh3]^T · x, one strided-batched product of two
+        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, &one, x, C, 0,
+                                              dh1, H, (long long)dh3_offset, &one, dw1 + (size_t)e * H * C, C, dw_stride, 2));
+        // din = dh1 · W1_e + dh3 · W3_e
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w1 + (size_t)e * H * C, C, dh1, H,
+                                &zero, din + (size_t)first * C, C));
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w3 + (size_t)e * H * C, C,
+                                dh1 + dh3_offset, H, &one, din + (size_t)first * C, C));
+    }
+    lanes_join();
+}
+
+// Grouped products: one cuBLAS call computes the products of every expert of a layer (one group
+// per expert, of 1 or 2 problems of the same shape). The problem sizes live on the host; the
+// operand pointers are written to a pinned slot and copied to the device before the call.
+static struct {
+    int groups, problems, capacity;
+    cublasOperation_t ta[4096], tb[4096];
+    int m[4096], n[4096], k[4096], lda[4096], ldb[4096], ldc[4096], size[4096];
+    float alpha[4096], beta[4096];
+    void **host, **dev;  // this product's slot: A pointers, then B, then C (capacity each)
+} grouped;
+
+static void grouped_begin(void **host, void **dev, int capacity) {
+    grouped.groups = grouped.problems = 0;
+    grouped.capacity = capacity;
+    grouped.host = host;
+    grouped.dev = dev;
+}
+
+// One group of `batch` problems C_i = op(A_i) op(B_i) (+ beta C_i), the operands of problem i
+// stride_* floats after those of problem 0 (column-major sizes, as cublasSgemm).
+static void grouped_add(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *A, int lda,
+                        size_t stride_a, const float *B, int ldb, size_t stride_b, float beta, float *C, int ldc,
+                        size_t stride_c, int batch) {
+    int g = grouped.groups++;
+    grouped.ta[g] = ta;
+    grouped.tb[g] = tb;
+    grouped.m[g] = m;
+    grouped.n[g] = n;
+    grouped.k[g] = k;
+    grouped.lda[g] = lda;
+    grouped.ldb[g] = ldb;
+    grouped.ldc[g] = ldc;
+    grouped.size[g] = batch;
+    grouped.alpha[g] = 1.0f;
+    grouped.beta[g] = beta;
+    for (int i = 0; i < batch; i++) {
+        int p = grouped.problems++;
+        grouped.host[p] = (void *)(A + i * stride_a);
+        grouped.host[grouped.capacity + p] = (void *)(B + i * stride_b);
+        grouped.host[2 * grouped.capacity + p] = (void *)(C + i * stride_c);
+    }
+}
+
+static void grouped_run(void) {
+    if (grouped.groups == 0) { return; }
+    cudaCheck(cudaMemcpyAsync(grouped.dev, grouped.host, 3 * grouped.capacity * sizeof(void *), cudaMemcpyHostToDevice, gpu.stream));
+    cublasCheck(cublasGemmGroupedBatchedEx(gpu.blas, grouped.ta, grouped.tb, grouped.m, grouped.n, grouped.k, grouped.alpha,
+                                           (const void *const *)grouped.dev, CUDA_R_32F, grouped.lda,
+                                           (const void *const *)(grouped.dev + grouped.capacity), CUDA_R_32F, grouped.ldb,
+                                           grouped.beta, grouped.dev + 2 * grouped.capacity, CUDA_R_32F, grouped.ldc,
+                                           grouped.groups, grouped.size,
+                                           gpu.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F));
+}
+
+// experts_forward with grouped products: the same arithmetic per expert, in 2 calls per layer.
+// slots: this layer's GROUPED_SITES pointer slots (host, device).
+void experts_forward_grouped(float *out, float *h13, size_t h3_offset, float *hact, const float *xg, const int *expert_start,
+                             const float *w1, const float *w3, const float *w2, int E, int C, int H, void **slot_host,
+                             void **slot_dev) {
+    size_t w_stride = (size_t)(w3 - w1), slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
+    grouped_begin(slot_host, slot_dev, cap);
+    for (int e = 0; e < E; e++) {  // [h1; h3] = x · [W1_e; W3_e]^T
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, w1 + (size_t)e * H * C, C, w_stride, xg + (size_t)first * C, C, 0,
+                    0.0f, h13 + (size_t)first * H, H, h3_offset, 2);
+    }
+    grouped_run();
+    swiglu_forward(hact, h13, h13 + h3_offset, (size_t)expert_start[E] * H, gpu.stream);
+    grouped_begin(slot_host + slot, slot_dev + slot, cap);
+    for (int e = 0; e < E; e++) {  // out = hact · W2_e^T
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, C, count, H, w2 + (size_t)e * C * H, H, 0, hact + (size_t)first * H, H, 0,
+                    0.0f, out + (size_t)first * C, C, 0, 1);
+    }
+    grouped_run();
+}
+
+// experts_backward with grouped products (5 calls per layer), the arithmetic of experts_backward.
+void experts_backward_grouped(float *din, float *dh13, size_t dh3_offset, float *dw1, float *dw3, float *dw2, const float *dout,
+                              const float *h13, size_t h3_offset, const float *hact, const float *xg, const int *expert_start,
+                              const float *w1, const float *w3, const float *w2, int E, int C, int H, void **slot_host,
+                              void **slot_dev) {
+    size_t dw_stride = (size_t)(dw3 - dw1), slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
+    for (int site = 0; site < 5; site++) {
+        grouped_begin(slot_host + (2 + site) * slot, slot_dev + (2 + site) * slot, cap);
+        for (int e = 0; e < E; e++) {
+            int first = expert_start[e], count = expert_start[e + 1] - first;
+            if (count == 0) { continue; }
+            const float *d = dout + (size_t)first * C, *x = xg + (size_t)first * C;
+            float *dh1 = dh13 + (size_t)first * H;
+            switch (site) {
+                case 0:  // dhact = dout · W2_e (into dh1)
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, H, count, C, w2 + (size_t)e * C * H, H, 0, d, C, 0, 0.0f, dh1, H, 0, 1);
+                    break;
+                case 1:  // dW2_e += dout^T · hact
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, H, C, count, hact + (size_t)first * H, H, 0, d, C, 0, 1.0f,
+                                dw2 + (size_t)e * C * H, H, 0, 1);
+                    break;
+                case 2:  // [dW1_e; dW3_e] += [dh1; dh3]^T · x
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, x, C, 0, dh1, H, dh3_offset, 1.0f,
+                                dw1 + (size_t)e * H * C, C, dw_stride, 2);
+                    break;
+                case 3:  // din = dh1 · W1_e
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w1 + (size_t)e * H * C, C, 0, dh1, H, 0, 0.0f,
+                                din + (size_t)first * C, C, 0, 1);
+                    break;
+                case 4:  // din += dh3 · W3_e
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w3 + (size_t)e * H * C, C, 0, dh1 + dh3_offset, H, 0,
+                                1.0f, din + (size_t)first * C, C, 0, 1);
+                    break;
+            }
+        }
+        grouped_run();
+        if (site == 1) { swiglu_backward(dh13, dh13 + dh3_offset, h13, h13 + h3_offset, (size_t)expert_start[E] * H, gpu.stream); }
+    }
+}
+
+// MoE(m) = Σ_j g_j Expert_j(m): each token (one block) gathers its own rows, in selection order.
+__global__ void moe_combine_forward_kernel(float *out, const float *expert_out, RouterView r, int C, int E) {
+    int n = blockIdx.x, count = r.n_selected[n];
+    const int *rows = r.token_row + (size_t)n * E;
+    const float *g = r.gates + (size_t)n * E;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float o = 0.0f;
+        for (int j = 0; j < count; j++) { o += g[j] * expert_out[(size_t)rows[j] * C + i]; }
+        out[(size_t)n * C + i] = o;
+    }
+}
+
+void moe_combine_forward(float *out, const float *expert_out, RouterView r, int N, int C, int E) {
+    moe_combine_forward_kernel<<<N, 256, 0, gpu.stream>>>(out, expert_out, r, C, E);
+    launchCheck();
+}
+
+// dexpert_out of each row = gate · dMoE; dgates_j = <dMoE, Expert_j(m)>. Every row belongs to
+// exactly one (token, choice), so each token (one block) writes only its own rows.
+__global__ void moe_combine_backward_kernel(float *dexpert_out, float *dgates, const float *dout, const float *expert_out,
+                                            RouterView r, int C, int E) {
+    int n = blockIdx.x, count = r.n_selected[n];
+    const float *d = dout + (size_t)n * C;
+    for (int j = 0; j < E; j++) {
+        if (j >= count) {
+            if (threadIdx.x == 0) { dgates[(size_t)n * E + j] = 0.0f; }
+            continue;
+        }
+        size_t row = r.token_row[(size_t)n * E + j];
+        float g = r.gates[(size_t)n * E + j], dot = 0.0f;
+        for (int i = threadIdx.x; i < C; i += blockDim.x) {
+            dot += d[i] * expert_out[row * C + i];
+            dexpert_out[row * C + i] = g * d[i];
+        }
+        dot = block_sum(dot);
+        if (threadIdx.x == 0) { dgates[(size_t)n * E + j] = dot; }
+    }
+}
+
+void moe_combine_backward(float *dexpert_out, float *dgates, const float *dout, const float *expert_out,
+                          RouterView r, int N, int C, int E) {
+    moe_combine_backward_kernel<<<N, 256, 0, gpu.stream>>>(dexpert_out, dgates, dout, expert_out, r, C, E);
+    launchCheck();
+}
+
+// dm[n] += Σ_j din[row of (n, j)]: the gather that brings expert-input gradients back to tokens.
+__global__ void moe_gather_rows_kernel(float *dm, const float *din, RouterView r, int C, int E) {
+    int n = blockIdx.x, count = r.n_selected[n];
+    const int *rows = r.token_row + (size_t)n * E;
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        float d = dm[(size_t)n * C + i];
+        for (int j = 0; j < count; j++) { d += din[(size_t)rows[j] * C + i]; }
+        dm[(size_t)n * C + i] = d;
+    }
+}
+
+void moe_gather_rows(float *dm, const float *din, RouterView r, int N, int C, int E) {
+    moe_gather_rows_kernel<<<N, 256, 0, gpu.stream>>>(dm, din, r, C, E);
+    launchCheck();
+}
+
+// Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
+// load-balance loss, a constant for the gradient.
+__device__ inline float expert_load_fraction(const int *expert_start, int e, int E) {
+    int total = expert_start[E];
+    return total > 0 ? (float)(expert_start[e + 1] - expert_start[e]) / total : 0.0f;
+}
+
+// LB = E Σ_e f_e mean_n P_e and H = mean_n(−Σ_e P_e log P_e), over the N tokens of the step.
+// One block per expert sums its column of P (double, fixed tree); then one block adds the
+// experts in order and the tokens' entropies.
+__global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int *expert_start, int N, int E) {
+    int e = blockIdx.x;
+    double sum = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += probs[(size_t)n * E + e]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { lb_part[e] = expert_load_fraction(expert_start, e, E) * sum / N; }
+}
+
+__global__ void moe_aux_finish_kernel(float *lb, float *ent, const double *lb_part, const float *probs, int N, int E) {
+    double ent_sum = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        for (int e = 0; e < E; e++) {
+            float p = probs[(size_t)n * E + e];
+            if (p > 0.0f) { ent_sum -= p * logf(p); }
+        }
+    }
+    ent_sum = block_sum(ent_sum);
+    if (threadIdx.x == 0) {
+        double lb_sum = 0.0;
+        for (int e = 0; e < E; e++) { lb_sum += lb_part[e]; }
+        *lb = (float)(E * lb_sum);
+        *ent = (float)(ent_sum / N);
+    }
+}
+
+void moe_aux_forward(float *lb, float *ent, RouterView r, double *scratch, int N, int E) {
+    moe_aux_lb_kernel<<<E, 256, 0, gpu.stream>>>(scratch, r.probs, r.expert_start, N, E);
+    launchCheck();
+    moe_aux_finish_kernel<<<1, 1024, 0, gpu.stream>>>(lb, ent, scratch, r.probs, N, E);
+    launchCheck();
+}
+
+// From the gradient of the gates (and the auxiliary losses, weighted by lb_scale and ent_scale)
+// back to the router logits: one warp per token, as router_backward in train_dtopp.c.
+__global__ void router_backward_kernel(float *drouter, float *dtheta_token, const float *dgates, RouterView r,
+                                       const float *theta_ptr, int drn, int renorm, float lb_scale, float ent_scale, int N, int E) {
+    extern __shared__ float d[];  // (E) dP, then dẑ, then dz, in place
+    int n = blockIdx.x, lane = threadIdx.x;
+    const float *P = r.probs + (size_t)n * E, *g = r.gates + (size_t)n * E;
+    const float *dg = dgates + (size_t)n * E;
+    const int *sel = r.selected + (size_t)n * E;
+    int count = r.n_selected[n];
+    for (int e = lane; e < E; e += 32) {
+        float aux = lb_scale * E * expert_load_fraction(r.expert_start, e, E) / N;
+        if (P[e] > 0.0f) { aux -= ent_scale * (logf(P[e]) + 1.0f) / N; }
+        d[e] = aux;
+    }
+    __syncwarp();
+    if (renorm) {  // g_e = P_e / Z over S: dP_e = (dg_e - Σ_j g_j dg_j) / Z
+        float kept = 0.0f, gdg = 0.0f;
+        for (int j = lane; j < count; j += 32) {
+            kept += P[sel[j]];
+            gdg += g[j] * dg[j];
+        }
+        kept = warp_sum(kept);
+        gdg = warp_sum(gdg);
+        for (int j = lane; j < count; j += 32) { d[sel[j]] += (dg[j] - gdg) / kept; }  // distinct experts: no race
+    } else {
+        for (int j = lane; j < count; j += 32) { d[sel[j]] += dg[j]; }
+    }
+    __syncwarp();
+    float pdp = 0.0f;  // softmax: dẑ = P ⊙ (dP − <P, dP>)
+    for (int e = lane; e < E; e += 32) { pdp += P[e] * d[e]; }
+    pdp = warp_sum(pdp);
+    for (int e = lane; e < E; e += 32) { d[e] = P[e] * (d[e] - pdp); }
+    if (drn) {  // ẑ = θ u: dθ = <dẑ, u>; standardization: dz = (du − mean(du) − u mean(du ⊙ u)) rstd
+        const float *u = r.drn_u + (size_t)n * E;
+        float theta = *theta_ptr, dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            dth += d[e] * u[e];
+            d[e] *= theta;  // du
+            mean_du += d[e];
+            mean_duu += d[e] * u[e];
+        }
+        dth = warp_sum(dth);
+        mean_du = warp_sum(mean_du) / E;
+        mean_duu = warp_sum(mean_duu) / E;
+        float rstd = r.drn_rstd[n];
+        for (int e = lane; e < E; e += 32) { d[e] = (d[e] - mean_du - u[e] * mean_duu) * rstd; }
+        if (lane == 0) { dtheta_token[n] = dth; }
+    }
+    for (int e = lane; e < E; e += 32) { drouter[(size_t)n * E + e] = d[e]; }
+}
+
+// *dtheta += Σ_n dtheta_token[n], one block, fixed order.
+__global__ void sum_into_kernel(float *out, const float *x, int n) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { sum += x[i]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { *out += sum; }
+}
+
+void router_backward(float *dm, float *dwr, float *dtheta, float *drouter, float *dtheta_token,
+                     const float *dgates, RouterView r, const float *m, const float *wr, const float *theta,
+                     const RouterConfig *rc, float lb_scale, float ent_scale, int N, int C, int E) {
+    router_backward_kernel<<<N, 32, E * sizeof(float), gpu.stream>>>(drouter, dtheta_token, dgates, r, theta, rc->drn,
+                                                                     rc->renorm, lb_scale, ent_scale, N, E);
+    launchCheck();
+    if (rc->drn) {
+        sum_into_kernel<<<1, 1024, 0, gpu.stream>>>(dtheta, dtheta_token, N);
+        launchCheck();
+    }
+    matmul_backward(dm, dwr, drouter, m, wr, N, C, E);
+}
+
+// ----------------------------------------------------------------------------
+// the model on the GPU
+
+struct Workspace {
+    Activations acts;     // for the last (B, T) seen by model_forward
+    float *rope_cos;      // (max_seq_len, hd/2), device
+    float *rope_sin;
+    int has_targets;      // the last forward pass had targets
+    double *norm_partial; // partial sums of squares of the gradient norm
+};
+
+// Takes ownership of params (host memory, filled): copies them to the GPU and frees them.
+static void model_attach(Model *model, float *params) {
+    gpu_init();
+    const ModelConfig *c = &model->config;
+    model->params_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
+    copy_to_device(model->params_memory, params, model->num_parameters * sizeof(float));
+    free(params);
+    carve_params(&model->params, model->params_memory, model->param_sizes);
+    Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
+    int hd = c->channels / c->num_heads;
+    size_t table = (size_t)c->max_seq_len * (hd / 2);
+    float *cos_host = (float *)malloc_check(table * sizeof(float)), *sin_host = (float *)malloc_check(table * sizeof(float));
+    rope_table_init(cos_host, sin_host, c->max_seq_len, hd);
+    ws->rope_cos = (float *)cuda_malloc(table * sizeof(float));
+    ws->rope_sin = (float *)cuda_malloc(table * sizeof(float));
+    copy_to_device(ws->rope_cos, cos_host, table * sizeof(float));
+    copy_to_device(ws->rope_sin, sin_host, table * sizeof(float));
+    free(cos_host);
+    free(sin_host);
+}
+
+void model_init(Model *model, const ModelConfig *config, const RouterConfig *router, uint64_t seed) {
+    model_setup(model, config, router, "model configuration");
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    init_params(params, model, seed);
+    model_attach(model, params);
+    controller_reset(model);
+}
+
+void model_load(Model *model, const char *path) {
+    float *params = checkpoint_load(model, path);
+    model_attach(model, params);
+}
+
+void model_save(const Model *model, const char *path) {
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    checkpoint_save(model, params, path);
+    free(params);
+}
+
+void model_free(Model *model) {
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    cuda_free(model->params_memory);
+    cuda_free(model->grads_memory);
+    cuda_free(model->m_memory);
+    cuda_free(model->v_memory);
+    free(model->threshold);
+    free(model->integral);
+    cuda_free(model->ws->rope_cos);
+    cuda_free(model->ws->rope_sin);
+    cuda_free(model->ws->norm_partial);
+    activations_free(&model->ws->acts);
+    free(model->ws);
+}
+
+// The tensors of layer l (of the parameters or of their gradients).
+typedef struct {
+    float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
+} LayerWeights;
+
+static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *c, int l) {
+    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
+    LayerWeights w = {p->g1 + l * C, p->wqkv + l * 3 * C * C, p->wo + l * C * C, p->g2 + l * C,
+                      p->wr + l * E * C, p->theta + l, p->w1 + l * E * H * C, p->w3 + l * E * H * C,
+                      p->w2 + l * E * C * H};
+    return w;
+}
+
+static AttentionScratch attention_scratch(Activations *a) {
+    AttentionScratch s = {a->acts.attn_q, a->acts.attn_k, a->acts.attn_v, a->acts.attn_y,
+                          a->grads.dq, a->grads.dk, a->grads.dv, a->grads.dy, a->grads.datt};
+    return s;
+}
+
+// The MoE half of layer l: router, dispatch, experts, combine and the auxiliary terms.
+// Writes MoE(m) to out (N, C).
+static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
+    const ModelConfig *c = &model->config;
+    int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
+    LayerWeights w = layer_weights(&model->params, c, l);
+    RouterView r = router_view(a, c, l);
+    profile_mark("moe: router");
+    router_forward(r, m, w.wr, w.theta, model->threshold[l], &model->router, N, C, E);
+    profile_mark("moe: dispatch");
+    int rows = moe_dispatch(r, &a->routing, N, E);
+    expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C, H);  // this layer's rows follow the previous layer's
+    moe_dispatch_place(r, a->rows.row_token + r.row_begin, &a->routing, N, E);
+    a->row_offset[l + 1] = r.row_begin + rows;
+    ExpertRows *x = &a->rows;
+    size_t b = r.row_begin;
+    profile_mark("moe: experts");
+    expert_scratch_reserve(&a->scratch, rows, C, H, 0);
+    gather_inputs(a->scratch.xg, m, x->row_token + b, rows, C);
+    if (gpu.grouped) {
+        size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
+        experts_forward_grouped(x->out + b * C, x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, a->scratch.xg,
+                                r.expert_start_host, w.w1, w.w3, w.w2, E, C, H, a->gemm_host + slots, a->gemm_dev + slots);
+    } else {
+        experts_forward(x->out + b * C, x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, a->scratch.xg,
+                        r.expert_start_host, w.w1, w.w3, w.w2, E, C, H);
+    }
+    profile_mark("moe: combine+aux");
+    moe_combine_forward(out, x->out + b * C, r, N, C, E);
+    moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, a->sums, N, E);
+}
+
+// dm (N, C) += gradient of the MoE input, given dout (N, C), the gradient of MoE(m).
+static void moe_backward(Model *model, Activations *a, int l, float *dm, const float *dout, const float *m) {
+    const ModelConfig *c = &model->config;
+    int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden, L = c->num_layers;
+    LayerWeights w = layer_weights(&model->params, c, l);
+    LayerWeights dw = layer_weights(&model->grads, c, l);
+    RouterView r = router_view(a, c, l);
+    ExpertRows *x = &a->rows;
+    ExpertScratch *xs = &a->scratch;
+    size_t b = r.row_begin;
+    int rows = r.expert_start_host[E];
+    expert_scratch_reserve(xs, rows, C, H, 1);
+    GradActivations *g = &a->grads;
+    profile_mark("moe back: combine");
+    moe_combine_backward(xs->dout, g->dgates, dout, x->out + b * C, r, N, C, E);
+    profile_mark("moe back: experts");
+    gather_inputs(xs->xg, m, x->row_token + b, rows, C);
+    if (gpu.grouped) {
+        size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
+        experts_backward_grouped(xs->din, xs->dh13, (size_t)xs->grad_capacity * H, dw.w1, dw.w3, dw.w2, xs->dout,
+                                 x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, xs->xg, r.expert_start_host,
+                                 w.w1, w.w3, w.w2, E, C, H, a->gemm_host + slots, a->gemm_dev + slots);
+    } else {
+        experts_backward(xs->din, xs->dh13, (size_t)xs->grad_capacity * H, dw.w1, dw.w3, dw.w2, xs->dout, x->h13 + b * H,
+                         (size_t)x->capacity * H, x->hact + b * H, xs->xg, r.expert_start_host, w.w1, w.w3, w.w2, E, C, H);
+    }
+    profile_mark("moe back: gather+router");
+    moe_gather_rows(dm, xs->din, r, N, C, E);
+    const RouterConfig *rc = &model->router;
+    router_backward(dm, dw.wr, dw.theta, g->drouter, g->dtheta, g->dgates, r, m, w.wr, w.theta, rc,
+                    rc->lb_coef / L, rc->ent_coef / L, N, C, E);
+}
+
+static void model_ensure_activations(Model *model, int B, int T) {
+    const ModelConfig *c = &model->config;
+    if (T > c->max_seq_len) { fail("sequence length %d exceeds the model's maximum %d", T, c->max_seq_len); }
+    if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
+    activations_free(&model->ws->acts);
+    activations_alloc(&model->ws->acts, c, B, T, 1);
+}
+
+// Sum of the N token losses (double, one block, fixed order) next to the L auxiliary values.
+__global__ void loss_sum_kernel(double *out, const float *token_loss, int N) {
+    double sum = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += token_loss[n]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { *out = sum; }
+}
+
+// inputs, targets: (B, T) token ids in host memory; targets may be NULL (no loss).
+void model_forward(Model *model, const int *inputs, const int *targets, int B, int T) {
+    model_ensure_activations(model, B, T);
+    const ModelConfig *c = &model->config;
+    int N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    Activations *a = &model->ws->acts;
+    ActivationTensors *t = &a->acts;
+    model->B = B;
+    model->T = T;
+    profile_mark("embedding");
+    encoder_prepare(a, inputs, N, V);
+    copy_to_device(a->inputs, inputs, (size_t)N * sizeof(int));
+    model->ws->has_targets = targets != NULL;
+    if (targets != NULL) { copy_to_device(a->targets, targets, (size_t)N * sizeof(int)); }
+    encoder_forward(t->encoded, a->inputs, model->params.wte, N, C);
+    a->row_offset[0] = 0;
+    AttentionScratch s = attention_scratch(a);
+    for (int l = 0; l < L; l++) {
+        LayerWeights w = layer_weights(&model->params, c, l);
+        const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * N * C;
+        float *ln1 = t->ln1 + (size_t)l * N * C, *qkv = t->qkv + (size_t)l * N * 3 * C;
+        float *atty = t->atty + (size_t)l * N * C, *res1 = t->res1 + (size_t)l * N * C;
+        float *ln2 = t->ln2 + (size_t)l * N * C, *res2 = t->res2 + (size_t)l * N * C;
+        profile_mark("attn: norm+qkv+rope");
+        rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
+        matmul_forward(qkv, ln1, w.wqkv, N, C, 3 * C);
+        rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
+        profile_mark("attn: core");
+        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, s, B, T, C, NH);
+        profile_mark("attn: proj+residual+norm");
+        matmul_forward(res1, atty, w.wo, N, C, C);  // res1 = x + Wo·atty
+        residual_forward(res1, x, res1, (size_t)N * C);
+        rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
+        moe_forward(model, a, l, res2, ln2);  // res2 = res1 + MoE(ln2)
+        residual_forward(res2, res1, res2, (size_t)N * C);
+    }
+    profile_mark("lm head");
+    rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, N, C);
+    matmul_forward(t->logits, t->lnf, model->params.wte, N, C, Vp);  // tied head; the padded rows of wte are 0
+    profile_mark("crossentropy");
+    // the auxiliary terms come back to the host in every pass (model_get_losses reads them)
+    if (targets != NULL) {
+        crossentropy_forward(t->token_loss, t->token_lse, t->logits, a->targets, N, V, Vp);
+        loss_sum_kernel<<<1, 1024, 0, gpu.stream>>>(a->sums, t->token_loss, N);
+        launchCheck();
+    }
+    double ce = 0.0;
+    cudaCheck(cudaMemcpyAsync(a->aux_lb_host, t->aux_lb, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaMemcpyAsync(a->aux_ent_host, t->aux_ent, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+    if (targets != NULL) { cudaCheck(cudaMemcpyAsync(&ce, a->sums, sizeof(double), cudaMemcpyDeviceToHost, gpu.stream)); }
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    if (targets == NULL) {
+        model->loss = model->ce_loss = -1.0f;
+        return;
+    }
+    double lb = 0.0, ent = 0.0;
+    for (int l = 0; l < L; l++) {
+        lb += a->aux_lb_host[l];
+        ent += a->aux_ent_host[l];
+    }
+    model->ce_loss = (float)(ce / N);
+    model->loss = (float)(ce / N + model->router.lb_coef * lb / L + model->router.ent_coef * ent / L);
+}
+
+void model_zero_grad(Model *model) {
+    if (model->grads_memory == NULL) {
+        model->grads_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
+        carve_params(&model->grads, model->grads_memory, model->param_sizes);
+    }
+    zero_async(model->grads_memory, model->num_parameters * sizeof(float));
+}
+
+// Gradient of the total loss of the last forward pass, accumulated into model->grads.
+void model_backward(Model *model) {
+    if (!model->ws->has_targets) { fail("model_backward needs a forward pass with targets"); }
+    if (model->grads_memory == NULL) { model_zero_grad(model); }
+    const ModelConfig *c = &model->config;
+    Activations *a = &model->ws->acts;
+    ActivationTensors *t = &a->acts;
+    GradActivations *g = &a->grads;
+    int B = a->B, T = a->T, N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
+    int V = c->vocab_size, Vp = c->padded_vocab_size;
+    ParameterTensors *dp = &model->grads;
+    AttentionScratch s = attention_scratch(a);
+
+    profile_mark("back: crossentropy");
+    crossentropy_backward(g->dlogits, t->logits, t->token_lse, a->targets, N, V, Vp, 1.0f / N);
+    profile_mark("back: lm head");
+    matmul_backward_on(gpu.blas, g->dln, dp->wte, g->dlogits, t->lnf, model->params.wte, N, C, Vp, 0.0f);  // dln = (overwrite)
+    zero_async(g->dresidual, (size_t)N * C * sizeof(float));
+    rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, t->lnf_rstd,
+                     g->colsum, N, C);
+    for (int l = L - 1; l >= 0; l--) {
+        LayerWeights w = layer_weights(&model->params, c, l);
+        LayerWeights dw = layer_weights(dp, c, l);
+        const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * N * C;
+        // dresidual holds d res2; the MoE branch adds its share of d res1
+        zero_async(g->dln, (size_t)N * C * sizeof(float));
+        moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
+        profile_mark("attn back: norm+proj");
+        rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2, t->ln2_rstd + (size_t)l * N,
+                         g->colsum, N, C);
+        // dresidual holds d res1; the attention branch adds its share of d x
+        matmul_backward_on(gpu.blas, g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, w.wo, N, C, C, 0.0f);
+        profile_mark("attn back: core");
+        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->att + (size_t)l * B * NH * T * T, s,
+                           B, T, C, NH);
+        profile_mark("attn back: rope+qkv+norm");
+        rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
+        matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C, 3 * C, 0.0f);
+        rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, g->colsum, N, C);
+    }
+    profile_mark("back: embedding");
+    encoder_backward(dp->wte, g->dresidual, a, C);
+}
+
+// ----------------------------------------------------------------------------
+// optimization: global-norm clipping and AdamW
+
+// Sum of squares in fixed blocks of NORM_BLOCK elements (each block: a fixed tree over its
+// threads), then the blocks in order: the rounding depends only on the number of parameters.
+#define NORM_BLOCK 65536
+__global__ void sum_of_squares_kernel(double *partial, const float *x, size_t n) {
+    size_t begin = (size_t)blockIdx.x * NORM_BLOCK, end = begin + NORM_BLOCK < n ? begin + NORM_BLOCK : n;
+    double s = 0.0;
+    for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) { s += (double)x[i] * x[i]; }
+    s = block_sum(s);
+    if (threadIdx.x == 0) { partial[blockIdx.x] = s; }
+}
+
+__global__ void sum_partials_kernel(double *out, const double *partial, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { s += partial[i]; }
+    s = block_sum(s);
+    if (threadIdx.x == 0) { *out = s; }
+}
+
+static double sum_of_squares(Model *model, const float *x, size_t n) {
+    int blocks = (int)((n + NORM_BLOCK - 1) / NORM_BLOCK);
+    if (model->ws->norm_partial == NULL) { model->ws->norm_partial = (double *)cuda_malloc((blocks + 1) * sizeof(double)); }
+    double *partial = model->ws->norm_partial;
+    sum_of_squares_kernel<<<blocks, 256, 0, gpu.stream>>>(partial, x, n);
+    launchCheck();
+    sum_partials_kernel<<<1, 1024, 0, gpu.stream>>>(partial + blocks, partial, blocks);
+    launchCheck();
+    double total;
+    copy_to_host(&total, partial + blocks, sizeof(double));
+    return total;
+}
+
+__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n, float lr,
+                             float beta1, float beta2, float eps, float wd, float bias1, float bias2, float clip) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    float grad = grads[i] * clip;
+    float m = m_memory[i] = beta1 * m_memory[i] + (1.0f - beta1) * grad;
+    float v = v_memory[i] = beta2 * v_memory[i] + (1.0f - beta2) * grad * grad;
+    float w = params[i];
+    params[i] = w - lr * ((m / bias1) / (sqrtf(v / bias2) + eps) + wd * w);
+}
+
+// Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
+float model_update(Model *model, float lr, float weight_decay) {
+    const float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+    if (model->grads_memory == NULL) { model_zero_grad(model); }
+    if (model->m_memory == NULL) {
+        model->m_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
+        model->v_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
+    }
+    profile_mark("optimizer");
+    float norm = (float)sqrt(sum_of_squares(model, model->grads_memory, model->num_parameters));
+    float clip = norm > 1.0f ? 1.0f / norm : 1.0f;
+    model->adam_step++;
+    float bias1 = 1.0f - powf(beta1, (float)model->adam_step);
+    float bias2 = 1.0f - powf(beta2, (float)model->adam_step);
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        float wd = param_is_matrix[k] ? weight_decay : 0.0f;
+        size_t n = model->param_sizes[k];
+        adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->params_memory + offset, model->m_memory + offset,
+                                                                 model->v_memory + offset, model->grads_memory + offset,
+                                                                 n, lr, beta1, beta2, eps, wd, bias1, bias2, clip);
+        launchCheck();
+        offset += n;
+    }
+    return norm;
+}
+
+// ----------------------------------------------------------------------------
+// routing counts, for the controller and the statistics
+
+// One block per layer adds its N counts (integers: exact in any order; the order is fixed anyway).
+__global__ void count_selected_kernel(double *out, const int *n_selected, int N) {
+    const int *count = n_selected + (size_t)blockIdx.x * N;
+    long long sum = 0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += count[n]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { out[blockIdx.x] = (double)sum; }
+}
+
+void model_activated_per_layer(const Model *model, double *activated) {
+    const Activations *a = &model->ws->acts;
+    int N = a->B * a->T, L = model->config.num_layers;
+    count_selected_kernel<<<L, 1024, 0, gpu.stream>>>(a->sums, a->routing.n_selected, N);
+    launchCheck();
+    copy_to_host(activated, a->sums, L * sizeof(double));
+    for (int l = 0; l < L; l++) { activated[l] /= N; }
+}
+
+void model_routing_counts(const Model *model, int *n_selected, int *expert_load) {
+    const Activations *a = &model->ws->acts;
+    int N = a->B * a->T, L = model->config.num_layers, E = model->config.num_experts;
+    copy_to_host(n_selected, a->routing.n_selected, (size_t)L * N * sizeof(int));
+    for (int l = 0; l < L; l++) {
+        const int *start = a->expert_start_host + (size_t)l * (E + 1);
+        for (int e = 0; e < E; e++) { expert_load[(size_t)l * E + e] = start[e + 1] - start[e]; }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// sampling: the same layers, one new position at a time, attending to cached keys and values
+
+struct Decoder {
+    Activations acts;  // B = 1, T = 1
+    float *kv_cache;   // (L, max_seq_len, 3C) q, k, v of every position so far (RoPE applied), device
+    float *logits;     // (Vp) host copy of the logits of the last step
+};
+
+Decoder *decoder_create(const Model *model) {
+    const ModelConfig *c = &model->config;
+    Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
+    activations_alloc(&d->acts, c, 1, 1, 0);
+    d->kv_cache = (float *)cuda_calloc((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
+    d->logits = (float *)malloc_check((size_t)c->padded_vocab_size * sizeof(float));
+    return d;
+}
+
+void decoder_free(Decoder *d) {
+    activations_free(&d->acts);
+    cuda_free(d->kv_cache);
+    free(d->logits);
+    free(d);
+}
+
+// One query against n_keys cached keys and values (rows `stride` floats apart), one block per
+// head: scores, softmax and the weighted sum of values, as attend() in train_dtopp.c.
+__global__ void attend_kernel(float *out, const float *q, const float *k, const float *v, size_t stride, int n_keys, int hd) {
+    extern __shared__ float probs[];  // (n_keys)
+    int h = blockIdx.x;
+    const float *qh = q + (size_t)h * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    float maxval = -INFINITY;
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
+        const float *kj = k + j * stride + (size_t)h * hd;
+        float dot = 0.0f;
+        for (int i = 0; i < hd; i++) { dot += qh[i] * kj[i]; }
+        probs[j] = dot * scale;
+        maxval = fmaxf(maxval, probs[j]);
+    }
+    maxval = block_max(maxval);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
+        probs[j] = expf(probs[j] - maxval);
+        sum += probs[j];
+    }
+    sum = block_sum(sum);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float o = 0.0f;
+        for (int j = 0; j < n_keys; j++) { o += probs[j] / sum * v[j * stride + (size_t)h * hd + i]; }
+        out[(size_t)h * hd + i] = o;
+    }
+}
+
+// Feeds `token` at position `pos` (all earlier positions must have been fed) and returns the
+// logits (V) for the next token, in host memory owned by the decoder.
+const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
+    const ModelConfig *c = &model->config;
+    int C = c->channels, L = c->num_layers, NH = c->num_heads, hd = C / NH, V = c->vocab_size, Vp = c->padded_vocab_size;
+    if (pos >= c->max_seq_len) { fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len); }
+    if (token < 0 || token >= V) { fail("token id %d is outside the vocabulary (%d)", token, V); }
+    ActivationTensors *t = &d->acts.acts;
+    copy_to_device(d->acts.inputs, &token, sizeof(int));
+    encoder_forward(t->encoded, d->acts.inputs, model->params.wte, 1, C);
+    d->acts.row_offset[0] = 0;
+    for (int l = 0; l < L; l++) {
+        LayerWeights w = layer_weights(&model->params, c, l);
+        const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * C;
+        float *ln1 = t->ln1 + (size_t)l * C, *atty = t->atty + (size_t)l * C;
+        float *res1 = t->res1 + (size_t)l * C, *ln2 = t->ln2 + (size_t)l * C, *res2 = t->res2 + (size_t)l * C;
+        float *cache = d->kv_cache + (size_t)l * c->max_seq_len * 3 * C;
+        float *qkv = cache + (size_t)pos * 3 * C;
+        rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
+        matmul_forward(qkv, ln1, w.wqkv, 1, C, 3 * C);
+        rope_apply(qkv, model->ws->rope_cos, model->ws->rope_sin, 1, 1, C, NH, pos, 1.0f);
+        attend_kernel<<<NH, 128, (size_t)(pos + 1) * sizeof(float), gpu.stream>>>(atty, qkv, cache + C, cache + 2 * C,
+                                                                                   3 * (size_t)C, pos + 1, hd);
+        launchCheck();
+        matmul_forward(res1, atty, w.wo, 1, C, C);
+        residual_forward(res1, x, res1, C);
+        rmsnorm_forward(ln2, t->ln2_rstd + l, res1, w.g2, 1, C);
+        moe_forward(model, &d->acts, l, res2, ln2);
+        residual_forward(res2, res1, res2, C);
+    }
+    rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * C, model->params.gf, 1, C);
+    matmul_forward(t->logits, t->lnf, model->params.wte, 1, C, Vp);
+    copy_to_host(d->logits, t->logits, (size_t)V * sizeof(float));
+    return d->logits;
+}
+
+// ----------------------------------------------------------------------------
+// results of the last forward/backward pass, copied out from the device: what tests and tools read
+
+void model_get_logits(const Model *model, float *out) {  // (N, V) from the (N, Vp) rows
+    const ModelConfig *c = &model->config;
+    size_t N = (size_t)model->ws->acts.B * model->ws->acts.T;
+    cudaCheck(cudaMemcpy2DAsync(out, c->vocab_size * sizeof(float), model->ws->acts.acts.logits, c->padded_vocab_size * sizeof(float),
+                                c->vocab_size * sizeof(float), N, cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+}
+
+void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for each l, H_l for each l
+    int L = model->config.num_layers;
+    out[0] = model->loss;
+    out[1] = model->ce_loss;
+    memcpy(out + 2, model->ws->acts.aux_lb_host, L * sizeof(float));
+    memcpy(out + 2 + L, model->ws->acts.aux_ent_host, L * sizeof(float));
+}
+
+// n_selected (L, N), selected (L, N, E), gates (L, N, E), as in the reference fixtures.
+void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates) {
+    const Activations *a = &model->ws->acts;
+    size_t LN = (size_t)model->config.num_layers * a->B * a->T, E = model->config.num_experts;
+    copy_to_host(n_selected, a->routing.n_selected, LN * sizeof(int));
+    copy_to_host(selected, a->routing.selected, LN * E * sizeof(int));
+    copy_to_host(gates, a->acts.gates, LN * E * sizeof(float));
+}
+
+void model_get_grads(const Model *model, float *out) {
+    copy_to_host(out, model->grads_memory, model->num_parameters * sizeof(float));
+}
+
+void model_get_params(const Model *model, float *out) {
+    copy_to_host(out, model->params_memory, model->num_parameters * sizeof(float));
+}
+
+void model_get_theta(const Model *model, float *out) {  // (L) the DRN scales: L floats, not the whole model
+    copy_to_host(out, model->params.theta, model->config.num_layers * sizeof(float));
+}
+
+void model_get_token_losses(const Model *model, float *out) {
+    copy_to_host(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
+}
+
+void model_get_moments(const Model *model, float *m, float *v) {
+    if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
+        memset(m, 0, model->num_parameters * sizeof(float));
+        memset(v, 0, model->num_parameters * sizeof(float));
+        return;
+    }
+    copy_to_host(m, model->m_memory, model->num_parameters * sizeof(float));
+    copy_to_host(v, model->v_memory, model->num_parameters * sizeof(float));
+}
+
+void model_set_moments(Model *model, const float *m, const float *v) {
+    if (model->m_memory == NULL) {
+        model->m_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
+        model->v_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
+    }
+    copy_to_device(model->m_memory, m, model->num_parameters * sizeof(float));
+    copy_to_device(model->v_memory, v, model->num_parameters * sizeof(float));
+}
+
+// The host side (data loading, statistics) still uses OpenMP where it has loops.
+void set_num_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) { omp_set_num_threads(threads); }
+#else
+    (void)threads;
+#endif
+}
+
+int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
