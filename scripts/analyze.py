@@ -290,15 +290,19 @@ def adaptivity(path, out):
     plt.close(fig)
 
 
-def settle_step(a, tgt, window=10):
-    """First step from which every window-step mean of a stays within 5% of the target."""
-    means = [statistics.mean(a[i:i + window]) for i in range(len(a) - window + 1)]
-    settle = None
-    for i in range(len(means) - 1, -1, -1):
-        if abs(means[i] - tgt) > 0.05 * tgt:
-            break
-        settle = i
-    return settle
+def settle_step(a, tgt):
+    """First step s with a_s within 5% of the target and at least 95% of all steps from s on within
+    5% too (None if there is none): a run that oscillates around the target never settles."""
+    inside = [abs(x - tgt) <= 0.05 * tgt for x in a]
+    remaining = 0
+    counts = [0] * (len(a) + 1)  # counts[s]: steps from s on that are inside
+    for i in range(len(a) - 1, -1, -1):
+        remaining += inside[i]
+        counts[i] = remaining
+    for i in range(len(a)):
+        if inside[i] and counts[i] >= 0.95 * (len(a) - i):
+            return i
+    return None
 
 
 def tune(tune_dir, out):
@@ -309,8 +313,8 @@ def tune(tune_dir, out):
     if not runs:
         return
     out.append(f"## Controller tuning (logs: `{os.path.relpath(tune_dir, ROOT)}`)\n")
-    out.append("Settled: the first step from which every 10-step mean of a_t stays within 5% of the target "
-               "(— if never); spread: standard deviation of a_t over the second half; lag-1: autocorrelation of "
+    out.append("Settled: the first step whose a_t is within 5% of the target and from which at least 95% of "
+               "the steps stay within 5% (— if never); spread: standard deviation of a_t over the second half; lag-1: autocorrelation of "
                "a_t − target over the second half (near −1 means a two-step oscillation, near +1 a slow drift).\n")
     out.append("| size | target | Kp | Ki | p0 | settled at step | of steps | mean a (2nd half) | spread | lag-1 | final p |")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -328,16 +332,21 @@ def tune(tune_dir, out):
         s = settle_step(a, tgt)
         out.append(f"| {size} | {tgt:g} | {kp[2:]} | {ki[2:]} | {p0[2:]} | {s + 1 if s is not None else '—'} | {len(a)} | "
                    f"{statistics.mean(half):.3f} | {statistics.pstdev(half):.3f} | {lag1:+.2f} | {float(rows[-1]['p']):.3f} |")
-        groups[(size, tgt)].append((f"Kp {kp[2:]}, Ki {ki[2:]}, p0 {p0[2:]}", a))
+        oscillates = statistics.pstdev(half) > 0.25 * tgt
+        groups[(size, tgt)].append((f"Kp {kp[2:]}, Ki {ki[2:]}, p0 {p0[2:]}", a, oscillates))
     out.append("")
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for ax, ((size, tgt), curves) in zip(axes.flat, sorted(groups.items())):
-        for label, a in curves:
-            ax.plot(range(1, len(a) + 1), a, lw=1, label=label)
+        for label, a, oscillates in curves:
+            if oscillates:  # a_t jumping between 1 and E: drawn faintly so the others stay visible
+                ax.plot(range(1, len(a) + 1), a, lw=0.3, color="grey", alpha=0.5)
+            else:
+                ax.plot(range(1, len(a) + 1), a, lw=1, label=label)
         ax.axhspan(0.95 * tgt, 1.05 * tgt, color="grey", alpha=0.2)
-        ax.set_title(f"{size}, target {tgt:g}")
+        ax.set_ylim(0.4 * tgt, 1.6 * tgt)
+        ax.set_title(f"{size}, target {tgt:g} (grey: settings that oscillate)")
         ax.set_ylabel("a_t")
-    axes[0][0].legend(fontsize=6)
+        ax.legend(fontsize=6)
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.tight_layout()

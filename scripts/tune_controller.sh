@@ -26,8 +26,10 @@ run() {  # run NAME ARGS...
     "$TRAIN" "${COMMON[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.txt" 2>&1 || { echo "tune: $name failed, see $OUT/$name.txt" >&2; exit 1; }
 }
 
-# gains: the provisional defaults, then stronger integral action, then a higher starting p
-GAINS=("0.3 0.05 0.5" "0.3 0.5 0.5" "0.5 1.0 0.5" "1.0 2.0 0.5" "0.5 1.0 0.8")
+# gains: the provisional defaults; stronger integral action; then, after the first grid showed
+# oscillation at target 4, moderate gains with a starting p near where the runs settled
+GAINS=("0.3 0.05 0.5" "0.3 0.5 0.5" "0.5 1.0 0.5" "1.0 2.0 0.5" "0.5 1.0 0.8"
+       "0.1 0.1 0.8" "0.2 0.2 0.8" "0.1 0.2 0.8" "0.2 0.1 0.8" "0.2 0.3 0.6" "0.1 0.3 0.8")
 for size in tiny small; do
     for tgt in 2 4; do
         for g in "${GAINS[@]}"; do
