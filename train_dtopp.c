@@ -333,8 +333,6 @@ void model_set_moments(Model *model, const float *m, const float *v);
 Decoder *decoder_create(const Model *model);
 const float *decoder_step(Model *model, Decoder *decoder, int token, int pos);  // logits (V) of the next token
 void decoder_free(Decoder *decoder);
-void set_num_threads(int threads);
-int omp_threads(void);  // threads the CPU parts use
 
 // What both implementations share: sizes, the starting state, the controller law, the checkpoint
 // file, statistics.
@@ -386,6 +384,23 @@ float learning_rate(int step, int total_steps, int warmup, float peak) {
     float min_lr = 0.1f * peak;
     float progress = (float)(step - warmup) / (float)(total_steps - warmup);
     return min_lr + 0.5f * (1.0f + cosf((float)M_PI * progress)) * (peak - min_lr);
+}
+
+// OpenMP threads of the host code (all of it in the CPU implementation).
+void set_num_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) { omp_set_num_threads(threads); }
+#else
+    (void)threads;
+#endif
+}
+
+int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
 
 // a_t of the last forward pass: mean |S| over its tokens and layers.
@@ -1718,6 +1733,11 @@ void model_get_token_losses(const Model *model, float *out) {
 }
 
 void model_get_moments(const Model *model, float *m, float *v) {
+    if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
+        memset(m, 0, model->num_parameters * sizeof(float));
+        memset(v, 0, model->num_parameters * sizeof(float));
+        return;
+    }
     memcpy(m, model->m_memory, model->num_parameters * sizeof(float));
     memcpy(v, model->v_memory, model->num_parameters * sizeof(float));
 }
@@ -1729,22 +1749,6 @@ void model_set_moments(Model *model, const float *m, const float *v) {
     }
     memcpy(model->m_memory, m, model->num_parameters * sizeof(float));
     memcpy(model->v_memory, v, model->num_parameters * sizeof(float));
-}
-
-void set_num_threads(int threads) {
-#ifdef _OPENMP
-    if (threads > 0) { omp_set_num_threads(threads); }
-#else
-    (void)threads;
-#endif
-}
-
-int omp_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
 }
 
 #endif  // DTOPP_CUDA

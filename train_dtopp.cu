@@ -2034,20 +2034,3 @@ void model_set_moments(Model *model, const float *m, const float *v) {
     copy_to_device(model->m_memory, m, model->num_parameters * sizeof(float));
     copy_to_device(model->v_memory, v, model->num_parameters * sizeof(float));
 }
-
-// The host side (data loading, statistics) still uses OpenMP where it has loops.
-void set_num_threads(int threads) {
-#ifdef _OPENMP
-    if (threads > 0) { omp_set_num_threads(threads); }
-#else
-    (void)threads;
-#endif
-}
-
-int omp_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
