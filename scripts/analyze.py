@@ -305,6 +305,11 @@ def settle_step(a, tgt):
     return None
 
 
+# the controller settings drawn boldly in the tuning plot
+HIGHLIGHT = {"Kp 0.1, Ki 0.3, p0 0.8": ("tuned default", "tab:green"),
+             "Kp 0.3, Ki 0.05, p0 0.5": ("provisional", "tab:red")}
+
+
 def tune(tune_dir, out):
     if not os.path.isdir(tune_dir):
         return
@@ -338,13 +343,16 @@ def tune(tune_dir, out):
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for ax, ((size, tgt), curves) in zip(axes.flat, sorted(groups.items())):
         for label, a, oscillates in curves:
-            if oscillates:  # a_t jumping between 1 and E: drawn faintly so the others stay visible
-                ax.plot(range(1, len(a) + 1), a, lw=0.3, color="grey", alpha=0.5)
+            steps = range(1, len(a) + 1)
+            if label in HIGHLIGHT:
+                ax.plot(steps, a, lw=1.6, color=HIGHLIGHT[label][1], label=HIGHLIGHT[label][0] + ": " + label, zorder=3)
+            elif oscillates:  # a_t jumping between 1 and E: drawn faintly so the others stay visible
+                ax.plot(steps, a, lw=0.3, color="grey", alpha=0.4)
             else:
-                ax.plot(range(1, len(a) + 1), a, lw=1, label=label)
+                ax.plot(steps, a, lw=0.8, alpha=0.45)
         ax.axhspan(0.95 * tgt, 1.05 * tgt, color="grey", alpha=0.2)
         ax.set_ylim(0.4 * tgt, 1.6 * tgt)
-        ax.set_title(f"{size}, target {tgt:g} (grey: settings that oscillate)")
+        ax.set_title(f"{size}, target {tgt:g} (thin: other settings; grey: oscillating)", fontsize=9)
         ax.set_ylabel("a_t")
         ax.legend(fontsize=6)
     for ax in axes[1]:
