@@ -58,7 +58,7 @@ help:
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
 	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 45 minutes on 2 cores)"
 	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
-	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; CUDA vs PyTorch when a GPU is present)"
+	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; C vs PyTorch on the CPU; CUDA vs PyTorch with a GPU)"
 
 # ----------------------------------------------------------------------------
 # programs
@@ -174,8 +174,9 @@ endif
 # ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run
 
-bench: test/tiktoken_compare prepro
+bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
 	bench/bench_prepro.sh
+	bench/bench_cpu.sh
 	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 

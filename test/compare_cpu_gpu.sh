@@ -6,7 +6,8 @@
 #     test/compare_cpu_gpu.sh            (from anywhere; needs a GPU)
 #
 # Environment: CPU_BIN (default ./train_dtopp), GPU_BIN (default ./train_dtopp_cuda),
-# PREPRO (default ./prepro), STEPS (default 50), TOL (default 1e-3). Build them first, e.g.
+# PREPRO (default ./prepro), STEPS (default 50), TOL (default 1e-3), TEXT (a text file; default the
+# documentation), MODEL (preset, default tiny), BATCH (default 4), SEQ_LEN (default 64). Build them first, e.g.
 # make train_dtopp prepro train_dtopp_cuda.
 set -eu
 cd "$(dirname "$0")/.."
@@ -21,13 +22,13 @@ done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# a byte-level shard of the repository's own documentation: small and always there
-cat doc/*.md reference/README.md > "$work/text.txt"
+# a byte-level shard of TEXT, by default the repository's own documentation: small and always there
+if [ -n "${TEXT:-}" ]; then cp "$TEXT" "$work/text.txt"; else cat doc/*.md reference/README.md > "$work/text.txt"; fi
 "$PREPRO" --vocab bytes -o "$work/text" "$work/text.txt" > "$work/prepro.txt"
-common="--train $work/text_train.bin --val $work/text_val.bin --batch 4 --seq-len 64 --eval-every 0 --sample-tokens 0 --checkpoint-every 0"
+common="--train $work/text_train.bin --val $work/text_val.bin --batch ${BATCH:-4} --seq-len ${SEQ_LEN:-64} --eval-every 0 --sample-tokens 0 --checkpoint-every 0"
 
-# the common starting checkpoint: a tiny dtopp model after one CPU step
-"$CPU_BIN" --model tiny $common --steps 1 --out "$work/init" > "$work/init.txt"
+# the common starting checkpoint: a dtopp model (MODEL preset, default tiny) after one CPU step
+"$CPU_BIN" --model "${MODEL:-tiny}" $common --steps 1 --out "$work/init" > "$work/init.txt"
 "$CPU_BIN" --init "$work/init/model.bin" $common --steps "$STEPS" --out "$work/cpu" > "$work/cpu.txt"
 "$GPU_BIN" --init "$work/init/model.bin" $common --steps "$STEPS" --out "$work/gpu" > "$work/gpu.txt"
 
