@@ -272,6 +272,19 @@ static void carve_params(ParameterTensors *t, float *memory, const size_t *sizes
     }
 }
 
+// The tensors of layer l (of the parameters or of their gradients).
+typedef struct {
+    float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
+} LayerWeights;
+
+static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *c, int l) {
+    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
+    LayerWeights w = {p->g1 + l * C, p->wqkv + l * 3 * C * C, p->wo + l * C * C, p->g2 + l * C,
+                      p->wr + l * E * C, p->theta + l, p->w1 + l * E * H * C, p->w3 + l * E * H * C,
+                      p->w2 + l * E * C * H};
+    return w;
+}
+
 // ----------------------------------------------------------------------------
 // the model: its state, and the functions every implementation provides (the CPU section of this
 // file, and train_dtopp.cu on the GPU). The training program at the end uses nothing else.
@@ -1402,19 +1415,6 @@ void model_free(Model *model) {
     free(model->ws->rope_sin);
     activations_free(&model->ws->acts);
     free(model->ws);
-}
-
-// The tensors of layer l (of the parameters or of their gradients).
-typedef struct {
-    float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
-} LayerWeights;
-
-static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *c, int l) {
-    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
-    LayerWeights w = {p->g1 + l * C, p->wqkv + l * 3 * C * C, p->wo + l * C * C, p->g2 + l * C,
-                      p->wr + l * E * C, p->theta + l, p->w1 + l * E * H * C, p->w3 + l * E * H * C,
-                      p->w2 + l * E * C * H};
-    return w;
 }
 
 // The MoE half of layer l: router, dispatch, experts, combine and the auxiliary terms.

@@ -1562,19 +1562,6 @@ void model_free(Model *model) {
     free(model->ws);
 }
 
-// The tensors of layer l (of the parameters or of their gradients).
-typedef struct {
-    float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
-} LayerWeights;
-
-static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *c, int l) {
-    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
-    LayerWeights w = {p->g1 + l * C, p->wqkv + l * 3 * C * C, p->wo + l * C * C, p->g2 + l * C,
-                      p->wr + l * E * C, p->theta + l, p->w1 + l * E * H * C, p->w3 + l * E * H * C,
-                      p->w2 + l * E * C * H};
-    return w;
-}
-
 static AttentionScratch attention_scratch(Activations *a) {
     AttentionScratch s = {a->acts.attn_q, a->acts.attn_k, a->acts.attn_v, a->acts.attn_y,
                           a->grads.dq, a->grads.dk, a->grads.dv, a->grads.dy, a->grads.datt};
