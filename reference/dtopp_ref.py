@@ -512,15 +512,21 @@ def save_model(model, path):
         fh.write(payload.astype("<f4").tobytes())
 
 
-def read_model_header(path):
+def read_header(path, magic, version, what):
+    """The raw bytes of a file and its 256-word header, after checking magic and version."""
     raw = open(path, "rb").read()
     if len(raw) < 4 * HEADER_WORDS:
         raise ValueError(f"{path}: too short for a header")
     h = np.frombuffer(raw[:4 * HEADER_WORDS], dtype="<i4").astype(np.int32)
-    if h[0] != MODEL_MAGIC:
-        raise ValueError(f"{path}: bad magic {h[0]} (expected model checkpoint {MODEL_MAGIC})")
-    if h[1] != MODEL_VERSION:
+    if h[0] != magic:
+        raise ValueError(f"{path}: bad magic {h[0]} (expected {what} {magic})")
+    if h[1] != version:
         raise ValueError(f"{path}: unsupported version {h[1]}")
+    return raw, h
+
+
+def read_model_header(path):
+    raw, h = read_header(path, MODEL_MAGIC, MODEL_VERSION, "model checkpoint")
     ints = dict(max_seq_len=int(h[2]), V=int(h[3]), Vp=int(h[4]), L=int(h[5]), NH=int(h[6]),
                 C=int(h[7]), E=int(h[8]), H=int(h[9]), routing=ROUTING_NAMES[int(h[10])],
                 controller=CONTROLLER_NAMES[int(h[11])], drn=int(h[12]), renorm=int(h[13]), k=int(h[14]))
@@ -571,14 +577,7 @@ def save_ref(path, cfg, B, T, n_steps, warmup, lr, weight_decay, arrays):
 
 
 def load_ref(path):
-    raw = open(path, "rb").read()
-    if len(raw) < 4 * HEADER_WORDS:
-        raise ValueError(f"{path}: too short for a header")
-    h = np.frombuffer(raw[:4 * HEADER_WORDS], dtype="<i4").astype(np.int32)
-    if h[0] != REF_MAGIC:
-        raise ValueError(f"{path}: bad magic {h[0]} (expected reference fixture {REF_MAGIC})")
-    if h[1] != REF_VERSION:
-        raise ValueError(f"{path}: unsupported version {h[1]}")
+    raw, h = read_header(path, REF_MAGIC, REF_VERSION, "reference fixture")
     B, T, V, L, E, n_params, n_steps, warmup = (int(x) for x in h[2:10])
     layout = ref_layout(B, T, V, L, E, n_params, n_steps)
     expect = 4 * HEADER_WORDS + 4 * sum(c for _, _, c in layout)
