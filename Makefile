@@ -117,10 +117,11 @@ train: train_dtopp tools/make_offline_text
 repro: train_dtopp tools/make_offline_text
 	$(MAKE) --no-print-directory $(DATA)/train_bytes_train.bin VOCAB=bytes
 	scripts/tune_controller.sh out/tune
+	STEPS=1000 GAINS_ONLY="0.1 0.3 0.8" scripts/tune_controller.sh out/tune_long
 	scripts/repro.sh out/repro
 
 plots:
-	$(PYTHON) scripts/analyze.py out/repro out/tune
+	$(PYTHON) scripts/analyze.py out/repro out/tune out/tune_long
 
 # ----------------------------------------------------------------------------
 # tests

@@ -41,4 +41,4 @@ run pi_only_s1 --routing dtopp --drn 0 --tgt "$TGT" --seed 1
 run drn_only_s1 --routing topp --drn 1 --p "$P_LOW" --seed 1
 run dtopp_layer_s1 --routing dtopp --controller layer --tgt "$TGT" --seed 1
 echo "repro: all runs done, logs in $OUT"
-/usr/bin/python3 scripts/analyze.py "$OUT"
+/usr/bin/python3 scripts/analyze.py "$OUT" out/tune out/tune_long

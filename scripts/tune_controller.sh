@@ -5,7 +5,8 @@
 # byte-level TinyShakespeare shards of `make train` (data/train_bytes_*.bin) and keeps every log.
 # scripts/analyze.py then measures, for each run, how fast the average number of activated experts
 # a_t reaches the target (within 5%), whether it stays there, and how much it wanders.
-# Every run is deterministic; a run whose log is complete is not run again.
+# Every run is deterministic; a run whose log is complete is not run again. Environment: STEPS
+# (default 300), GAINS_ONLY="Kp Ki p0" to run one setting (make repro checks the defaults over 1,000 steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/tune}
@@ -30,6 +31,8 @@ run() {  # run NAME ARGS...
 # oscillation at target 4, moderate gains with a starting p near where the runs settled
 GAINS=("0.3 0.05 0.5" "0.3 0.5 0.5" "0.5 1.0 0.5" "1.0 2.0 0.5" "0.5 1.0 0.8"
        "0.1 0.1 0.8" "0.2 0.2 0.8" "0.1 0.2 0.8" "0.2 0.1 0.8" "0.2 0.3 0.6" "0.1 0.3 0.8")
+# GAINS="Kp Ki p0" in the environment runs that one setting only (for longer checks)
+if [ -n "${GAINS_ONLY:-}" ]; then GAINS=("$GAINS_ONLY"); fi
 for size in tiny small; do
     for tgt in 2 4; do
         for g in "${GAINS[@]}"; do
