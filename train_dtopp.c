@@ -313,7 +313,7 @@ typedef struct {
 
 typedef struct Decoder Decoder;  // sampling: a cache of keys and values, one position's activations
 
-// What SPEC section 6 asks every implementation to report, for the last forward pass.
+// What section 6 of doc/spec.md asks every implementation to report, for the last forward pass.
 typedef struct {
     double activated;         // a_t: mean |S| over tokens and layers
     double *layer_mean;       // (L) mean |S|
@@ -372,7 +372,7 @@ static void controller_reset(Model *model) {
     }
 }
 
-// Fresh parameters from a seed (SPEC 5): matrices normal(0, 0.02), the output projections of each
+// Fresh parameters from a seed (doc/spec.md, section 5): matrices normal(0, 0.02), the output projections of each
 // block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded vocabulary rows zero.
 static void init_params(float *params, const Model *model, uint64_t seed) {
     const ModelConfig *c = &model->config;
