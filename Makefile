@@ -56,7 +56,7 @@ help:
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
-	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 45 minutes on 2 cores)"
+	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
 	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
 	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; C vs PyTorch on the CPU; CUDA vs PyTorch with a GPU)"
 
