@@ -514,28 +514,33 @@ void routing_stats_compute(RoutingStats *s, const Model *model) {
 #define MODEL_MAGIC 20251213
 #define MODEL_VERSION 1
 
+// The header words of a model checkpoint (doc/formats.md): integers from word 2, float32 values
+// from word 32, in this order. Saving and loading both walk this one list.
+#define HEADER_INT_FIELDS 13
+#define HEADER_FLOAT_FIELDS 10
+static void header_fields(ModelConfig *c, RouterConfig *rc, int *ints[HEADER_INT_FIELDS], float *floats[HEADER_FLOAT_FIELDS]) {
+    int *i[HEADER_INT_FIELDS] = {&c->max_seq_len, &c->vocab_size, &c->padded_vocab_size, &c->num_layers, &c->num_heads,
+                                 &c->channels, &c->num_experts, &c->expert_hidden, &rc->routing, &rc->controller,
+                                 &rc->drn, &rc->renorm, &rc->k};
+    float *f[HEADER_FLOAT_FIELDS] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init,
+                                     &rc->lb_coef, &rc->ent_coef, &rc->p};
+    memcpy(ints, i, sizeof(i));
+    memcpy(floats, f, sizeof(f));
+}
+
 // params: the parameters in host memory.
 static void checkpoint_save(const Model *model, const float *params, const char *path) {
     const ModelConfig *c = &model->config;
-    const RouterConfig *rc = &model->router;
+    ModelConfig config = model->config;
+    RouterConfig router = model->router;
+    int *ints[HEADER_INT_FIELDS];
+    float *floats[HEADER_FLOAT_FIELDS];
+    header_fields(&config, &router, ints, floats);
     int32_t header[HEADER_WORDS] = {0};
     header[0] = MODEL_MAGIC;
     header[1] = MODEL_VERSION;
-    header[2] = c->max_seq_len;
-    header[3] = c->vocab_size;
-    header[4] = c->padded_vocab_size;
-    header[5] = c->num_layers;
-    header[6] = c->num_heads;
-    header[7] = c->channels;
-    header[8] = c->num_experts;
-    header[9] = c->expert_hidden;
-    header[10] = rc->routing;
-    header[11] = rc->controller;
-    header[12] = rc->drn;
-    header[13] = rc->renorm;
-    header[14] = rc->k;
-    const float floats[] = {rc->tgt, rc->Kp, rc->Ki, rc->p0, rc->pmin, rc->pmax, rc->theta_init, rc->lb_coef, rc->ent_coef, rc->p};
-    for (int i = 0; i < (int)(sizeof(floats) / sizeof(floats[0])); i++) { header_set_float(header, 32 + i, floats[i]); }
+    for (int i = 0; i < HEADER_INT_FIELDS; i++) { header[2 + i] = *ints[i]; }
+    for (int i = 0; i < HEADER_FLOAT_FIELDS; i++) { header_set_float(header, 32 + i, *floats[i]); }
     char tmp[4096];
     FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
     fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
@@ -553,21 +558,11 @@ static float *checkpoint_load(Model *model, const char *path) {
     FILE *f = open_with_header(path, header, MODEL_MAGIC, MODEL_VERSION, "model checkpoint", &size);
     ModelConfig config, *c = &config;
     RouterConfig router, *rc = &router;
-    c->max_seq_len = header[2];
-    c->vocab_size = header[3];
-    c->padded_vocab_size = header[4];
-    c->num_layers = header[5];
-    c->num_heads = header[6];
-    c->channels = header[7];
-    c->num_experts = header[8];
-    c->expert_hidden = header[9];
-    rc->routing = header[10];
-    rc->controller = header[11];
-    rc->drn = header[12];
-    rc->renorm = header[13];
-    rc->k = header[14];
-    float *fields[] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init, &rc->lb_coef, &rc->ent_coef, &rc->p};
-    for (int i = 0; i < (int)(sizeof(fields) / sizeof(fields[0])); i++) { *fields[i] = header_float(header, 32 + i); }
+    int *ints[HEADER_INT_FIELDS];
+    float *floats[HEADER_FLOAT_FIELDS];
+    header_fields(c, rc, ints, floats);
+    for (int i = 0; i < HEADER_INT_FIELDS; i++) { *ints[i] = header[2 + i]; }
+    for (int i = 0; i < HEADER_FLOAT_FIELDS; i++) { *floats[i] = header_float(header, 32 + i); }
     model_setup(model, c, rc, path);
     check_payload_size(path, size, (model->num_parameters + 2 * (size_t)c->num_layers) * sizeof(float));
     float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
