@@ -6,8 +6,10 @@ dataloader.h: hands out batches of B sequences of T tokens from token shards wri
     dataloader_next_batch(&l);   // l.inputs[b*T + t] is a token, l.targets[b*T + t] the one after it
     dataloader_free(&l);
 
-A shard (llm.c's format, see doc/tokenizer.md) is a header of 256 int32: magic 20240520,
-version 1, number of tokens, vocabulary size (0 means GPT-2's 50257), then the tokens as uint16.
+A shard (llm.c's format, see doc/formats.md) is a header of 256 int32: magic 20240520, version 2,
+number of tokens, vocabulary size (0 means GPT-2's 50257), vocabulary kind (VOCAB_* of utils.h),
+then the tokens as uint16. Version 1 shards (no kind; llm.c's own) are still read, their kind
+inferred from the vocabulary size.
 Every shard matching the pattern is checked when the loader starts, so that a bad file is found
 at once and not hours into training.
 
@@ -31,10 +33,9 @@ was, with no random generator state to carry along.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "utils.h"
 
-#define DATALOADER_MAGIC 20240520
-#define DATALOADER_VERSION 1
-#define DATALOADER_GPT2_VOCAB 50257
+#define SHARD_GPT2_VOCAB 50257
 
 typedef struct {
     // what the training program uses
@@ -42,6 +43,7 @@ typedef struct {
     int *inputs;              // B*T token ids of the current batch
     int *targets;             // B*T token ids: targets[i] follows inputs[i] in the text
     int vocab_size;           // of the tokens, from the shard headers
+    int vocab_kind;           // VOCAB_*: what the tokens are, from the shard headers
     size_t num_tokens;        // in all shards together
     size_t num_batches;       // batches in one epoch
     long long epoch;          // the epoch of the next batch
@@ -64,31 +66,12 @@ typedef struct {
     uint16_t *buffer;         // one window, T + 1 tokens
 } DataLoader;
 
-static void dataloader_fail_(const char *path, const char *msg) {
-    fprintf(stderr, "dataloader: %s: %s\n", path, msg);
-    exit(1);
-}
-
-static void *dataloader_malloc_(size_t bytes) {
-    void *p = malloc(bytes ? bytes : 1);
-    if (!p) { fprintf(stderr, "dataloader: out of memory\n"); exit(1); }
-    return p;
-}
-
-// splitmix64: a tiny, good random generator, enough to shuffle
-static unsigned long long dataloader_rand_(unsigned long long *state) {
-    unsigned long long z = (*state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
 // a random generator state that depends only on (seed, epoch, shard)
-static unsigned long long dataloader_stream_(unsigned long long seed, long long epoch, long long shard) {
-    unsigned long long s = seed;
-    s = dataloader_rand_(&s) ^ (unsigned long long)epoch;
-    s = dataloader_rand_(&s) ^ (unsigned long long)shard;
-    dataloader_rand_(&s);
+static uint64_t dataloader_stream_(uint64_t seed, long long epoch, long long shard) {
+    uint64_t s = seed;
+    s = random_u64(&s) ^ (unsigned long long)epoch;
+    s = random_u64(&s) ^ (unsigned long long)shard;
+    random_u64(&s);
     return s;
 }
 
@@ -100,9 +83,9 @@ static void dataloader_prepare_(DataLoader *l) {
     if (l->order_epoch != l->epoch) {
         for (int i = 0; i < l->num_shards; i++) l->shard_order[i] = i;
         if (l->shuffle) {  // Fisher-Yates (the modulo bias is negligible for these sizes)
-            unsigned long long s = dataloader_stream_(l->seed, l->epoch, -1);
+            uint64_t s = dataloader_stream_(l->seed, l->epoch, -1);
             for (int i = l->num_shards - 1; i > 0; i--) {
-                int j = (int)(dataloader_rand_(&s) % (unsigned long long)(i + 1));
+                int j = (int)(random_u64(&s) % (unsigned long long)(i + 1));
                 int tmp = l->shard_order[i]; l->shard_order[i] = l->shard_order[j]; l->shard_order[j] = tmp;
             }
         }
@@ -113,11 +96,11 @@ static void dataloader_prepare_(DataLoader *l) {
     if (l->shuffle && l->window_shard != shard) {
         size_t n = dataloader_windows_(l, shard);
         free(l->window_order);
-        l->window_order = (size_t *)dataloader_malloc_(n * sizeof(size_t));
+        l->window_order = (size_t *)malloc_check(n * sizeof(size_t));
         for (size_t i = 0; i < n; i++) l->window_order[i] = i;
-        unsigned long long s = dataloader_stream_(l->seed, l->epoch, shard);
+        uint64_t s = dataloader_stream_(l->seed, l->epoch, shard);
         for (size_t i = n - 1; i > 0; i--) {
-            size_t j = (size_t)(dataloader_rand_(&s) % (unsigned long long)(i + 1));
+            size_t j = (size_t)(random_u64(&s) % (unsigned long long)(i + 1));
             size_t tmp = l->window_order[i]; l->window_order[i] = l->window_order[j]; l->window_order[j] = tmp;
         }
         l->window_shard = shard;
@@ -125,7 +108,7 @@ static void dataloader_prepare_(DataLoader *l) {
     if (l->file_shard != shard) {
         if (l->file) fclose(l->file);
         l->file = fopen(l->shard_path[shard], "rb");
-        if (!l->file) dataloader_fail_(l->shard_path[shard], "cannot open (was it removed?)");
+        if (!l->file) fail("%s: cannot open (was it removed?)", l->shard_path[shard]);
         l->file_shard = shard;
     }
 }
@@ -138,50 +121,43 @@ void dataloader_reset(DataLoader *l) {
 
 void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuffle, unsigned long long seed) {
     memset(l, 0, sizeof *l);
-    if (B < 1 || T < 1) { fprintf(stderr, "dataloader: B and T must be positive (got B=%d, T=%d)\n", B, T); exit(1); }
+    if (B < 1 || T < 1) { fail("dataloader: B and T must be positive (got B=%d, T=%d)", B, T); }
     l->B = B;
     l->T = T;
     l->shuffle = shuffle != 0;
     l->seed = seed;
     glob_t g;
-    if (glob(pattern, 0, NULL, &g) != 0 || g.gl_pathc == 0) dataloader_fail_(pattern, "no file matches this pattern");
+    if (glob(pattern, 0, NULL, &g) != 0 || g.gl_pathc == 0) fail("%s: no file matches this pattern", pattern);
     l->num_shards = (int)g.gl_pathc;
-    l->shard_path = (char **)dataloader_malloc_(sizeof(char *) * g.gl_pathc);
-    l->shard_tokens = (size_t *)dataloader_malloc_(sizeof(size_t) * g.gl_pathc);
+    l->shard_path = (char **)malloc_check(sizeof(char *) * g.gl_pathc);
+    l->shard_tokens = (size_t *)malloc_check(sizeof(size_t) * g.gl_pathc);
     // the fingerprint mixes everything a position depends on (FNV-1a over 64-bit words)
     unsigned long long fp = 14695981039346656037ULL;
     unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0, (unsigned long long)B, (unsigned long long)T};
     for (int i = 0; i < 4; i++) fp = (fp ^ words[i]) * 1099511628211ULL;
     for (int i = 0; i < l->num_shards; i++) {
         const char *path = g.gl_pathv[i];
-        l->shard_path[i] = (char *)dataloader_malloc_(strlen(path) + 1);
+        l->shard_path[i] = (char *)malloc_check(strlen(path) + 1);
         strcpy(l->shard_path[i], path);
-        FILE *f = fopen(path, "rb");
-        if (!f) dataloader_fail_(path, "cannot open");
-        int32_t h[256];
-        if (fread(h, sizeof h, 1, f) != 1) dataloader_fail_(path, "too short for the 1024-byte header of a token shard");
-        if (h[0] != DATALOADER_MAGIC) dataloader_fail_(path, "bad magic number, not a token shard (make one with prepro)");
-        if (h[1] != DATALOADER_VERSION) dataloader_fail_(path, "unsupported token shard version");
-        int vocab = h[3] == 0 ? DATALOADER_GPT2_VOCAB : h[3];  // 0: a plain llm.c shard, GPT-2 tokens
-        if (h[2] < 0 || vocab < 1 || vocab > 65536) dataloader_fail_(path, "header holds an invalid token count or vocabulary size");
-        fseek(f, 0, SEEK_END);
-        long size = ftell(f);
+        static const int versions[] = {1, SHARD_VERSION};
+        int32_t h[HEADER_WORDS];
+        long size;
+        FILE *f = open_with_header(path, h, SHARD_MAGIC, versions, 2, "token shard (make one with prepro)", &size);
         fclose(f);
-        if (size != 1024L + 2L * h[2]) {
-            fprintf(stderr, "dataloader: %s: header says %d tokens (%ld bytes) but the file has %ld bytes (truncated?)\n", path, h[2],
-                    1024L + 2L * h[2], size);
-            exit(1);
-        }
+        int vocab = h[3] == 0 ? SHARD_GPT2_VOCAB : h[3];  // 0: a plain llm.c shard, GPT-2 tokens
+        if (h[2] < 0 || vocab < 1 || vocab > 65536) fail("%s: header holds an invalid token count or vocabulary size", path);
+        int kind = h[1] == 1 ? (vocab == 256 ? VOCAB_BYTES : vocab == SHARD_GPT2_VOCAB ? VOCAB_GPT2 : VOCAB_UNKNOWN) : h[4];
+        if (kind < VOCAB_UNKNOWN || kind > VOCAB_BYTES) fail("%s: header holds an unknown vocabulary kind %d", path, kind);
+        check_payload_size(path, size, 2 * (size_t)h[2]);
         if ((long long)h[2] < (long long)B * T + 1) {
-            fprintf(stderr, "dataloader: %s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs\n", path, h[2],
-                    (long long)B * T + 1);
-            exit(1);
+            fail("%s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs", path, h[2], (long long)B * T + 1);
         }
-        if (i > 0 && vocab != l->vocab_size) {
-            fprintf(stderr, "dataloader: %s: vocabulary size %d, but %s has %d\n", path, vocab, l->shard_path[0], l->vocab_size);
-            exit(1);
+        if (i > 0 && (vocab != l->vocab_size || kind != l->vocab_kind)) {
+            fail("%s: vocabulary of %d %s tokens, but %s has %d %s tokens", path, vocab, vocab_kind_name(kind),
+                 l->shard_path[0], l->vocab_size, vocab_kind_name(l->vocab_kind));
         }
         l->vocab_size = vocab;
+        l->vocab_kind = kind;
         l->shard_tokens[i] = (size_t)h[2];
         l->num_tokens += (size_t)h[2];
         fp = (fp ^ (unsigned long long)h[2]) * 1099511628211ULL;
@@ -189,10 +165,10 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     globfree(&g);
     l->fingerprint = fp >> 1;  // stored in a long long: keep it non-negative
     for (int i = 0; i < l->num_shards; i++) l->num_batches += (size_t)dataloader_batches_(l, i);
-    l->inputs = (int *)dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
-    l->targets = (int *)dataloader_malloc_(sizeof(int) * (size_t)B * (size_t)T);
-    l->buffer = (uint16_t *)dataloader_malloc_(sizeof(uint16_t) * ((size_t)T + 1));
-    l->shard_order = (int *)dataloader_malloc_(sizeof(int) * (size_t)l->num_shards);
+    l->inputs = (int *)malloc_check(sizeof(int) * (size_t)B * (size_t)T);
+    l->targets = (int *)malloc_check(sizeof(int) * (size_t)B * (size_t)T);
+    l->buffer = (uint16_t *)malloc_check(sizeof(uint16_t) * ((size_t)T + 1));
+    l->shard_order = (int *)malloc_check(sizeof(int) * (size_t)l->num_shards);
     l->order_epoch = -1;
     l->window_shard = -1;
     l->file_shard = -1;
@@ -210,12 +186,11 @@ void dataloader_next_batch(DataLoader *l) {
         size_t start = w * (size_t)T;  // in tokens, from the start of the shard's tokens
         if (fseek(l->file, 1024L + 2L * (long)start, SEEK_SET) != 0 ||
             fread(l->buffer, sizeof(uint16_t), (size_t)T + 1, l->file) != (size_t)T + 1)
-            dataloader_fail_(path, "read error (was the file changed?)");
+            fail("%s: read error (was the file changed?)", path);
         for (int t = 0; t <= T; t++) {
             if (l->buffer[t] >= l->vocab_size) {
-                fprintf(stderr, "dataloader: %s: token %d at offset %zu (in tokens after the header) is >= the vocabulary size %d\n",
-                        path, l->buffer[t], start + (size_t)t, l->vocab_size);
-                exit(1);
+                fail("%s: token %d at offset %zu (in tokens after the header) is >= the vocabulary size %d",
+                     path, l->buffer[t], start + (size_t)t, l->vocab_size);
             }
         }
         for (int t = 0; t < T; t++) {
@@ -244,21 +219,18 @@ void dataloader_get_position(const DataLoader *l, long long pos[4]) {
 
 void dataloader_set_position(DataLoader *l, const long long pos[4]) {
     if (pos[3] != (long long)l->fingerprint) {
-        fprintf(stderr, "dataloader: cannot restore the position: it was saved over other shards or with other B, T, "
-                        "shuffle or seed (first shard %s)\n", l->shard_path[0]);
-        exit(1);
+        fail("cannot restore the data position: it was saved over other shards or with other B, T, "
+             "shuffle or seed (first shard %s)", l->shard_path[0]);
     }
     if (pos[0] < 0 || pos[1] < 0 || pos[1] >= l->num_shards) {
-        fprintf(stderr, "dataloader: invalid position (epoch %lld, shard %lld of %d)\n", pos[0], pos[1], l->num_shards);
-        exit(1);
+        fail("invalid data position (epoch %lld, shard %lld of %d)", pos[0], pos[1], l->num_shards);
     }
     l->epoch = pos[0];
     l->shard_pos = (int)pos[1];
     dataloader_prepare_(l);  // to know which shard that is in this epoch
     long long nb = dataloader_batches_(l, l->shard_order[l->shard_pos]);
     if (pos[2] < 0 || pos[2] >= nb) {
-        fprintf(stderr, "dataloader: invalid position: batch %lld of a shard with %lld batches\n", pos[2], nb);
-        exit(1);
+        fail("invalid data position: batch %lld of a shard with %lld batches", pos[2], nb);
     }
     l->batch = pos[2];
 }

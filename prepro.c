@@ -13,8 +13,8 @@ A split with more than --shard-tokens tokens is cut into several shards instead,
 PREFIX_train_000.bin, PREFIX_train_001.bin, ...; the dataloader takes them all with the glob
 pattern "PREFIX_train*.bin".
 
-A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 1, number of tokens,
-vocabulary size of the tokens), then the tokens as uint16. See doc/tokenizer.md.
+A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 2, number of tokens,
+vocabulary size, vocabulary kind), then the tokens as uint16. See doc/formats.md.
 */
 #define _POSIX_C_SOURCE 199309L
 #include <errno.h>
@@ -27,9 +27,7 @@ vocabulary size of the tokens), then the tokens as uint16. See doc/tokenizer.md.
 #include <time.h>
 
 #include "tokenizer.h"
-
-#define SHARD_MAGIC 20240520
-#define SHARD_VERSION 1
+#include "utils.h"
 
 static void usage(void) {
     fprintf(stderr,
@@ -60,56 +58,51 @@ static size_t ntoks, toks_cap;
 static void push_token(int id) {
     if (ntoks == toks_cap) {
         toks_cap = toks_cap ? 2 * toks_cap : 1 << 20;
-        toks = realloc(toks, toks_cap * sizeof *toks);
-        if (!toks) { fprintf(stderr, "prepro: out of memory\n"); exit(1); }
+        toks = realloc_check(toks, toks_cap * sizeof *toks);
     }
     toks[ntoks++] = (uint16_t)id;
 }
 
 static char *read_text(const char *path, size_t *len) {
     struct stat st;
-    if (stat(path, &st) != 0) { fprintf(stderr, "prepro: cannot open %s: %s\n", path, strerror(errno)); exit(1); }
-    if (!S_ISREG(st.st_mode)) { fprintf(stderr, "prepro: %s is not a regular file\n", path); exit(1); }
-    FILE *f = fopen(path, "rb");
-    if (!f) { fprintf(stderr, "prepro: cannot open %s: %s\n", path, strerror(errno)); exit(1); }
+    if (stat(path, &st) != 0) fail("cannot open %s: %s", path, strerror(errno));
+    if (!S_ISREG(st.st_mode)) fail("%s is not a regular file", path);
+    FILE *f = fopen_check(path, "rb");
     off_t size = st.st_size;
-    if (size == 0) { fprintf(stderr, "prepro: %s is empty\n", path); exit(1); }
-    char *text = malloc((size_t)size);
-    if (!text) { fprintf(stderr, "prepro: out of memory reading %s\n", path); exit(1); }
-    if (fread(text, 1, (size_t)size, f) != (size_t)size) { fprintf(stderr, "prepro: cannot read %s\n", path); exit(1); }
+    if (size == 0) fail("%s is empty", path);
+    char *text = malloc_check((size_t)size);
+    fread_check(text, 1, (size_t)size, f, path);
     fclose(f);
     *len = (size_t)size;
     return text;
 }
 
 // writes tokens [begin, end) of the stream as one shard
-static void write_shard(const char *path, size_t begin, size_t end, int vocab_size) {
-    int32_t header[256] = {0};
-    header[0] = SHARD_MAGIC;
-    header[1] = SHARD_VERSION;
-    header[2] = (int32_t)(end - begin);
-    header[3] = vocab_size;
-    FILE *f = fopen(path, "wb");
-    if (!f) { fprintf(stderr, "prepro: cannot write %s: %s\n", path, strerror(errno)); exit(1); }
-    int ok = fwrite(header, sizeof header, 1, f) == 1 && fwrite(toks + begin, sizeof *toks, end - begin, f) == end - begin;
-    if (fclose(f) != 0 || !ok) { fprintf(stderr, "prepro: error writing %s (disk full?)\n", path); exit(1); }
+static void write_shard(const char *path, size_t begin, size_t end, int vocab_size, int vocab_kind) {
+    int32_t header[HEADER_WORDS] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)(end - begin), vocab_size, vocab_kind};
+    char tmp[4096];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof tmp);
+    fwrite_check(header, sizeof header, 1, f, tmp);
+    fwrite_check(toks + begin, sizeof *toks, end - begin, f, tmp);
+    finish_atomic_write(f, tmp, path);
     printf("  %-40s %12zu tokens\n", path, end - begin);
 }
 
 // writes tokens [begin, end) as PREFIX_NAME.bin, or as numbered shards if they do not fit in one
-static void write_split(const char *prefix, const char *name, size_t begin, size_t end, size_t shard_tokens, int vocab_size) {
+static void write_split(const char *prefix, const char *name, size_t begin, size_t end, size_t shard_tokens, int vocab_size,
+                        int vocab_kind) {
     size_t n = end - begin;
     char path[4096];
     if (n <= shard_tokens) {
         snprintf(path, sizeof path, "%s_%s.bin", prefix, name);
-        write_shard(path, begin, end, vocab_size);
+        write_shard(path, begin, end, vocab_size, vocab_kind);
         return;
     }
     size_t nshards = (n + shard_tokens - 1) / shard_tokens;
     for (size_t s = 0; s < nshards; s++) {
         snprintf(path, sizeof path, "%s_%s_%03zu.bin", prefix, name, s);
         size_t b = begin + s * shard_tokens;
-        write_shard(path, b, b + shard_tokens < end ? b + shard_tokens : end, vocab_size);
+        write_shard(path, b, b + shard_tokens < end ? b + shard_tokens : end, vocab_size, vocab_kind);
     }
 }
 
@@ -119,7 +112,7 @@ int main(int argc, char **argv) {
     int eot = 0;
     long long shard_tokens = 100000000;
     int ninputs = 0;
-    const char **inputs = malloc(sizeof(char *) * (size_t)argc);
+    const char **inputs = malloc_check(sizeof(char *) * (size_t)argc);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int has_value = i + 1 < argc;
@@ -128,7 +121,7 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--val") == 0 && has_value) {
             char *end;
             val_frac = strtod(argv[++i], &end);
-            if (*end || !(val_frac >= 0 && val_frac < 1)) { fprintf(stderr, "prepro: --val must be a number in [0, 1)\n"); exit(1); }
+            if (*end || !(val_frac >= 0 && val_frac < 1)) fail("--val must be a number in [0, 1)");
         } else if (strcmp(a, "--split") == 0 && has_value) split_line = argv[++i];
         else if (strcmp(a, "--vocab") == 0 && has_value) vocab = argv[++i];
         else if (strcmp(a, "--tokenizer") == 0 && has_value) tokenizer_path = argv[++i];
@@ -136,14 +129,14 @@ int main(int argc, char **argv) {
             char *end;
             shard_tokens = strtoll(argv[++i], &end, 10);
             // a shard's header stores its token count as an int32
-            if (*end || shard_tokens < 1 || shard_tokens > INT32_MAX) { fprintf(stderr, "prepro: --shard-tokens must be in [1, 2^31)\n"); exit(1); }
+            if (*end || shard_tokens < 1 || shard_tokens > INT32_MAX) fail("--shard-tokens must be in [1, 2^31)");
         } else if (a[0] == '-' && a[1] != 0) usage();
         else inputs[ninputs++] = a;
     }
     if (ninputs == 0) usage();
     int bytes = strcmp(vocab, "bytes") == 0;
-    if (!bytes && strcmp(vocab, "gpt2") != 0) { fprintf(stderr, "prepro: --vocab must be gpt2 or bytes\n"); exit(1); }
-    if (bytes && eot) { fprintf(stderr, "prepro: --eot needs --vocab gpt2: the byte vocabulary has no end-of-text token\n"); exit(1); }
+    if (!bytes && strcmp(vocab, "gpt2") != 0) fail("--vocab must be gpt2 or bytes");
+    if (bytes && eot) fail("--eot needs --vocab gpt2: the byte vocabulary has no end-of-text token");
 
     // default prefix: the first input without its extension, data/input.txt -> data/input
     char default_prefix[4096];
@@ -207,15 +200,16 @@ int main(int argc, char **argv) {
         ndocs += file_docs;
         free(text);
     }
-    if (ntoks < 2) { fprintf(stderr, "prepro: the input gives only %zu token(s), too little to train on\n", ntoks); exit(1); }
+    if (ntoks < 2) fail("the input gives only %zu token(s), too little to train on", ntoks);
 
     size_t nval = (size_t)(val_frac * (double)ntoks + 0.5);
     if (val_frac > 0 && nval == 0) nval = 1;
     size_t ntrain = ntoks - nval;
     printf("%zu tokens (vocabulary %s, %d tokens) from %zu bytes in %zu document%s: %zu train, %zu val\n", ntoks, vocab,
            vocab_size, total_bytes, ndocs, ndocs == 1 ? "" : "s", ntrain, nval);
-    write_split(prefix, "train", 0, ntrain, (size_t)shard_tokens, vocab_size);
-    if (nval > 0) write_split(prefix, "val", ntrain, ntoks, (size_t)shard_tokens, vocab_size);
+    int kind = bytes ? VOCAB_BYTES : VOCAB_GPT2;
+    write_split(prefix, "train", 0, ntrain, (size_t)shard_tokens, vocab_size, kind);
+    if (nval > 0) write_split(prefix, "val", ntrain, ntoks, (size_t)shard_tokens, vocab_size, kind);
     double t_total = now() - t_start;
     if (!bytes) {
         printf("tokenizer: %.3f s, %.1f MB/s, %.2f M tokens/s\n", t_encode, total_bytes / 1e6 / t_encode,

@@ -53,8 +53,7 @@ static void check_tensor(const char *fixture, const char *what, const float *got
 // ----------------------------------------------------------------------------
 // the reference fixture file (doc/formats.md)
 
-#define REF_MAGIC 20251215
-#define REF_VERSION 1
+#define FIXTURE_VERSION 1
 
 typedef struct {
     int B, T, V, L, E, n_steps, warmup;
@@ -74,17 +73,14 @@ typedef struct {
 static void reference_load(Reference *ref, const char *path, const Model *model) {
     int32_t header[HEADER_WORDS];
     long size;
-    FILE *f = open_with_header(path, header, REF_MAGIC, REF_VERSION, "reference fixture", &size);
-    ref->B = header[2];
-    ref->T = header[3];
-    ref->V = header[4];
-    ref->L = header[5];
-    ref->E = header[6];
-    ref->num_params = (size_t)header[7];
-    ref->n_steps = header[8];
-    ref->warmup = header[9];
-    ref->lr = header_float(header, 32);
-    ref->weight_decay = header_float(header, 33);
+    static const int versions[] = {FIXTURE_VERSION};
+    FILE *f = open_with_header(path, header, FIXTURE_MAGIC, versions, 1, "reference fixture", &size);
+    int num_params;
+    const HeaderField fields[] = {{2, 4, &ref->B}, {3, 4, &ref->T}, {4, 4, &ref->V}, {5, 4, &ref->L}, {6, 4, &ref->E},
+                                  {7, 4, &num_params}, {8, 4, &ref->n_steps}, {9, 4, &ref->warmup},
+                                  {32, 4, &ref->lr}, {33, 4, &ref->weight_decay}};
+    header_unpack(header, fields, (int)(sizeof(fields) / sizeof(fields[0])));
+    ref->num_params = (size_t)num_params;
     const ModelConfig *c = &model->config;
     if (ref->V != c->vocab_size || ref->L != c->num_layers || ref->E != c->num_experts || ref->num_params != model->num_parameters) {
         fail("%s does not belong to its model (V %d/%d, L %d/%d, E %d/%d, params %zu/%zu)", path, ref->V,

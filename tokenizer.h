@@ -34,9 +34,10 @@ tokens one after the other.
 #include <stdlib.h>
 #include <string.h>
 
+#include "utils.h"
+
 #include "unicode_tables.h"
 
-#define TOKENIZER_MAGIC 20251216
 #define TOKENIZER_VERSION 1
 
 typedef struct {
@@ -55,11 +56,6 @@ typedef struct {
     uint32_t merge_mask;
 } Tokenizer;
 
-static void tokenizer_fail_(const char *path, const char *msg) {
-    fprintf(stderr, "tokenizer: %s: %s\n", path, msg);
-    exit(1);
-}
-
 static uint32_t tokenizer_hash_pair_(int32_t key) {
     return (uint32_t)key * 2654435761u;  // Knuth's multiplicative hash
 }
@@ -75,43 +71,38 @@ static int tokenizer_merge_(const Tokenizer *t, int left, int right) {
 
 void tokenizer_init(Tokenizer *t, const char *path) {
     memset(t, 0, sizeof *t);
-    FILE *f = fopen(path, "rb");
-    if (!f) tokenizer_fail_(path, "cannot open (build it with `make tokenizer`)");
-    int32_t h[256];
-    if (fread(h, sizeof h, 1, f) != 1) tokenizer_fail_(path, "file too short for its 1024-byte header");
-    if (h[0] != TOKENIZER_MAGIC) tokenizer_fail_(path, "bad magic number, not a tokenizer.bin");
-    if (h[1] != TOKENIZER_VERSION) tokenizer_fail_(path, "unsupported version");
+    static const int versions[] = {TOKENIZER_VERSION};
+    int32_t h[HEADER_WORDS];
+    long file_bytes;
+    FILE *f = open_with_header(path, h, TOKENIZER_MAGIC, versions, 1, "tokenizer file (tokenizer.bin)", &file_bytes);
     int V = h[2], eot = h[3], M = h[4], total = h[5];
     // token ids must fit the uint16 of the token shards; merges come after the 256 bytes and
     // before the special tokens, and end-of-text is a special token
     if (V < 257 || V > 65536 || M < 0 || 256 + M >= V || eot < 256 + M || eot >= V || total < V)
-        tokenizer_fail_(path, "header holds inconsistent sizes");
-    fseek(f, 0, SEEK_END);
-    long expected = 1024L + 8L * M + V + total;
-    if (ftell(f) != expected) tokenizer_fail_(path, "file size does not match its header (truncated?)");
-    fseek(f, 1024, SEEK_SET);
+        fail("%s: header holds inconsistent sizes", path);
+    check_payload_size(path, file_bytes, 8 * (size_t)M + (size_t)V + (size_t)total);
 
     int32_t *pairs = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)(M > 0 ? M : 1));
     unsigned char *lens = (unsigned char *)malloc((size_t)V);
     t->token_bytes = (unsigned char *)malloc((size_t)total);
     t->token_offset = (uint32_t *)malloc(sizeof(uint32_t) * ((size_t)V + 1));
-    if (!pairs || !lens || !t->token_bytes || !t->token_offset) tokenizer_fail_(path, "out of memory");
+    if (!pairs || !lens || !t->token_bytes || !t->token_offset) fail("%s: out of memory", path);
     if (fread(pairs, sizeof(int32_t), 2 * (size_t)M, f) != 2 * (size_t)M || fread(lens, 1, (size_t)V, f) != (size_t)V ||
         fread(t->token_bytes, 1, (size_t)total, f) != (size_t)total)
-        tokenizer_fail_(path, "read error");
+        fail("%s: read error", path);
     fclose(f);
     t->vocab_size = V;
     t->eot = eot;
     t->num_merges = M;
     t->token_offset[0] = 0;
     for (int i = 0; i < V; i++) t->token_offset[i + 1] = t->token_offset[i] + lens[i];
-    if (t->token_offset[V] != (uint32_t)total) tokenizer_fail_(path, "token lengths do not add up to the header's total");
+    if (t->token_offset[V] != (uint32_t)total) fail("%s: token lengths do not add up to the header's total", path);
 
     // the first 256 tokens are the 256 byte values, each exactly once
     for (int b = 0; b < 256; b++) t->byte_to_id[b] = -1;
     for (int i = 0; i < 256; i++) {
         int b = t->token_bytes[t->token_offset[i]];
-        if (lens[i] != 1 || t->byte_to_id[b] != -1) tokenizer_fail_(path, "tokens 0..255 are not the 256 single bytes");
+        if (lens[i] != 1 || t->byte_to_id[b] != -1) fail("%s: tokens 0..255 are not the 256 single bytes", path);
         t->byte_to_id[b] = i;
     }
     // merge i joins two earlier tokens into token 256 + i, whose bytes must be theirs
@@ -119,20 +110,20 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     while (size < 2u * (uint32_t)M + 2) size *= 2;  // at most half full: short probe sequences
     t->merge_mask = size - 1;
     t->merges = (TokenizerMerge *)malloc(sizeof(TokenizerMerge) * size);
-    if (!t->merges) tokenizer_fail_(path, "out of memory");
+    if (!t->merges) fail("%s: out of memory", path);
     for (uint32_t i = 0; i < size; i++) t->merges[i].key = -1;
     for (int i = 0; i < M; i++) {
         int a = pairs[2 * i], b = pairs[2 * i + 1], id = 256 + i;
-        if (a < 0 || b < 0 || a >= id || b >= id) tokenizer_fail_(path, "a merge refers to a later token");
+        if (a < 0 || b < 0 || a >= id || b >= id) fail("%s: a merge refers to a later token", path);
         uint32_t la = lens[a], lb = lens[b];
         const unsigned char *tb = t->token_bytes;
         if (lens[id] != la + lb || memcmp(tb + t->token_offset[id], tb + t->token_offset[a], la) != 0 ||
             memcmp(tb + t->token_offset[id] + la, tb + t->token_offset[b], lb) != 0)
-            tokenizer_fail_(path, "a merged token's bytes are not those of its two halves");
+            fail("%s: a merged token's bytes are not those of its two halves", path);
         int32_t key = a * 65536 + b;
         uint32_t h = tokenizer_hash_pair_(key) & t->merge_mask;
         while (t->merges[h].key != -1) {
-            if (t->merges[h].key == key) tokenizer_fail_(path, "the same merge appears twice");
+            if (t->merges[h].key == key) fail("%s: the same merge appears twice", path);
             h = (h + 1) & t->merge_mask;
         }
         t->merges[h].key = key;
@@ -328,29 +319,23 @@ static uint32_t tokenizer_hash_bytes_(const unsigned char *s, size_t n) {
     return h | 1;              // 0 marks an empty slot
 }
 
-static void *tokenizer_check_(void *p) {
-    if (!p) { fprintf(stderr, "tokenizer: out of memory\n"); exit(1); }
-    return p;
-}
-
 int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *n_tokens) {
     const unsigned char *s = (const unsigned char *)text;
     size_t cap = len / 3 + 16, n = 0;  // English averages about 4 bytes per token
-    int *out = (int *)tokenizer_check_(malloc(cap * sizeof(int)));
+    int *out = (int *)malloc_check(cap * sizeof(int));
     size_t work_cap = 64;
-    int *work = (int *)tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
+    int *work = (int *)malloc_check(9 * work_cap * sizeof(int));
     size_t cache_size = 1024, cache_used = 0;
-    TokenizerCacheEntry *cache = (TokenizerCacheEntry *)tokenizer_check_(calloc(cache_size, sizeof *cache));
+    TokenizerCacheEntry *cache = (TokenizerCacheEntry *)calloc_check(cache_size, sizeof *cache);
 
     for (size_t pos = 0; pos < len;) {
         size_t plen = pretokenize_next(s + pos, len - pos);
         if (plen > INT32_MAX / 9) {  // the BPE below indexes a piece's bytes with ints
-            fprintf(stderr, "tokenizer: a single piece of text (one word or run of spaces) of %zu bytes is too long\n", plen);
-            exit(1);
+            fail("a single piece of text (one word or run of spaces) of %zu bytes is too long to tokenize", plen);
         }
         if (n + plen > cap) {  // a piece never has more tokens than bytes
             cap = 2 * (n + plen);
-            out = (int *)tokenizer_check_(realloc(out, cap * sizeof(int)));
+            out = (int *)realloc_check(out, cap * sizeof(int));
         }
         uint32_t h = tokenizer_hash_bytes_(s + pos, plen);
         size_t slot = h & (cache_size - 1);
@@ -366,7 +351,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
         if (plen > work_cap) {
             work_cap = 2 * plen;
             free(work);
-            work = (int *)tokenizer_check_(malloc(9 * work_cap * sizeof(int)));
+            work = (int *)malloc_check(9 * work_cap * sizeof(int));
         }
         size_t k = tokenizer_bpe_(t, s + pos, plen, out + n, work);
         cache[slot] = (TokenizerCacheEntry){pos, n, (uint32_t)plen, (uint32_t)k, h};
@@ -374,7 +359,7 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
             TokenizerCacheEntry *old = cache;
             size_t old_size = cache_size;
             cache_size *= 2;
-            cache = (TokenizerCacheEntry *)tokenizer_check_(calloc(cache_size, sizeof *cache));
+            cache = (TokenizerCacheEntry *)calloc_check(cache_size, sizeof *cache);
             for (size_t i = 0; i < old_size; i++) {
                 if (old[i].hash == 0) continue;
                 size_t j = old[i].hash & (cache_size - 1);

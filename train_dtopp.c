@@ -32,6 +32,7 @@ order, so results are bitwise identical for any number of threads.
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include "utils.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -40,116 +41,8 @@ order, so results are bitwise identical for any number of threads.
 #endif
 
 // ----------------------------------------------------------------------------
-// utilities: fatal errors, checked file I/O, a seeded random number generator
+// utilities: errors and files come from utils.h; here, random numbers and the clock
 
-static void fail(const char *fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
-    va_end(args);
-    exit(EXIT_FAILURE);
-}
-
-static void *malloc_check(size_t size) {
-    void *ptr = malloc(size > 0 ? size : 1);
-    if (ptr == NULL) { fail("out of memory allocating %zu bytes", size); }
-    return ptr;
-}
-
-static void *calloc_check(size_t count, size_t size) {
-    void *ptr = calloc(count > 0 ? count : 1, size);
-    if (ptr == NULL) { fail("out of memory allocating %zu x %zu bytes", count, size); }
-    return ptr;
-}
-
-static void *realloc_check(void *ptr, size_t size) {
-    void *out = realloc(ptr, size > 0 ? size : 1);
-    if (out == NULL) { fail("out of memory growing a buffer to %zu bytes", size); }
-    return out;
-}
-
-static FILE *fopen_check(const char *path, const char *mode) {
-    FILE *f = fopen(path, mode);
-    if (f == NULL) { fail("cannot open %s: %s", path, strerror(errno)); }
-    return f;
-}
-
-static long file_size(FILE *f, const char *path) {
-    if (fseek(f, 0, SEEK_END) != 0) { fail("cannot seek in %s", path); }
-    long size = ftell(f);
-    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) { fail("cannot seek in %s", path); }
-    return size;
-}
-
-static void fread_check(void *ptr, size_t size, size_t count, FILE *f, const char *path) {
-    if (fread(ptr, size, count, f) != count) { fail("%s is truncated", path); }
-}
-
-static void fwrite_check(const void *ptr, size_t size, size_t count, FILE *f, const char *path) {
-    if (fwrite(ptr, size, count, f) != count) { fail("cannot write %s: %s", path, strerror(errno)); }
-}
-
-// Every binary file starts with 256 words: a magic number, a version, then fields. Some fields
-// are float32 values stored bit for bit in a word.
-#define HEADER_WORDS 256
-static float header_float(const int32_t *header, int word) {
-    float value;
-    memcpy(&value, &header[word], sizeof(float));
-    return value;
-}
-static void header_set_float(int32_t *header, int word, float value) {
-    memcpy(&header[word], &value, sizeof(float));
-}
-
-// Opens a file and checks its header's magic and version. The payload's size depends on fields of
-// the header, so the caller checks it afterwards with check_payload_size.
-static FILE *open_with_header(const char *path, int32_t *header, int32_t magic, int32_t version,
-                              const char *what, long *size) {
-    FILE *f = fopen_check(path, "rb");
-    *size = file_size(f, path);
-    if (*size < (long)(HEADER_WORDS * sizeof(int32_t))) {
-        fail("%s is too short to be a %s (%ld bytes)", path, what, *size);
-    }
-    fread_check(header, sizeof(int32_t), HEADER_WORDS, f, path);
-    if (header[0] != magic) { fail("%s is not a %s (magic %d, expected %d)", path, what, header[0], magic); }
-    if (header[1] != version) { fail("%s: unsupported %s version %d (expected %d)", path, what, header[1], version); }
-    return f;
-}
-
-static void check_payload_size(const char *path, long size, size_t payload_bytes) {
-    size_t expected = HEADER_WORDS * sizeof(int32_t) + payload_bytes;
-    if ((size_t)size < expected) { fail("%s is truncated: %ld bytes, expected %zu", path, size, expected); }
-    if ((size_t)size > expected) { fail("%s has %ld bytes, expected %zu: trailing data", path, size, expected); }
-}
-
-// Writes go to "path.tmp" first and are renamed over the target only once complete, so a crash
-// or a full disk never destroys the previous file.
-static FILE *open_for_atomic_write(const char *path, char *tmp_path, size_t tmp_size) {
-    if (strlen(path) + 5 > tmp_size) { fail("path too long: %s", path); }
-    memcpy(tmp_path, path, strlen(path));
-    memcpy(tmp_path + strlen(path), ".tmp", 5);
-    FILE *f = fopen(tmp_path, "wb");
-    if (f == NULL) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
-    return f;
-}
-
-static void finish_atomic_write(FILE *f, const char *tmp_path, const char *path) {
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) {
-        remove(tmp_path);
-        fail("cannot write %s: %s", tmp_path, strerror(errno));
-    }
-    if (rename(tmp_path, path) != 0) { fail("cannot rename %s to %s: %s", tmp_path, path, strerror(errno)); }
-}
-
-// splitmix64: small, fast, and its whole state is one integer, which checkpoints save.
-static uint64_t random_u64(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 static float random_f32(uint64_t *state) {  // uniform in [0, 1)
     return (random_u64(state) >> 40) * (1.0f / 16777216.0f);
 }
@@ -175,6 +68,7 @@ static const char *routing_names[] = {"topk", "topp", "dtopp"};
 typedef struct {
     int max_seq_len;        // longest sequence, e.g. 1024
     int vocab_size;         // V, e.g. 50257
+    int vocab_kind;         // VOCAB_*: what the tokens are (GPT-2 tokens, bytes)
     int padded_vocab_size;  // Vp: V rounded up to a multiple of 128
     int num_layers;         // L
     int num_heads;          // NH
@@ -198,6 +92,9 @@ typedef struct {
 } RouterConfig;
 
 static inline int padded_vocab(int V) { return (V + 127) / 128 * 128; }
+
+// For files written before the vocabulary kind was stored: the two vocabularies the project had.
+static int vocab_kind_of_size(int V) { return V == 256 ? VOCAB_BYTES : V == 50257 ? VOCAB_GPT2 : VOCAB_UNKNOWN; }
 
 // Checks a configuration against what the code supports; `where` names its source in messages.
 static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
@@ -511,21 +408,22 @@ void routing_stats_compute(RoutingStats *s, const Model *model) {
 // ----------------------------------------------------------------------------
 // model checkpoints (doc/formats.md): architecture, routing configuration, parameters, controller
 
-#define MODEL_MAGIC 20251213
-#define MODEL_VERSION 1
+// Version 2 added the vocabulary kind (word 15); version 1 files are still read, their kind
+// inferred from V (256: bytes, 50257: GPT-2).
+#define MODEL_VERSION 2
+static const int model_versions[] = {1, MODEL_VERSION};
 
-// The header words of a model checkpoint (doc/formats.md): integers from word 2, float32 values
-// from word 32, in this order. Saving and loading both walk this one list.
-#define HEADER_INT_FIELDS 13
-#define HEADER_FLOAT_FIELDS 10
-static void header_fields(ModelConfig *c, RouterConfig *rc, int *ints[HEADER_INT_FIELDS], float *floats[HEADER_FLOAT_FIELDS]) {
-    int *i[HEADER_INT_FIELDS] = {&c->max_seq_len, &c->vocab_size, &c->padded_vocab_size, &c->num_layers, &c->num_heads,
-                                 &c->channels, &c->num_experts, &c->expert_hidden, &rc->routing, &rc->controller,
-                                 &rc->drn, &rc->renorm, &rc->k};
-    float *f[HEADER_FLOAT_FIELDS] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init,
-                                     &rc->lb_coef, &rc->ent_coef, &rc->p};
-    memcpy(ints, i, sizeof(i));
-    memcpy(floats, f, sizeof(f));
+// The header of a model checkpoint (doc/formats.md): integers from word 2, float32 values from
+// word 32. Saving and loading both walk this one table.
+#define MODEL_HEADER_FIELDS 24
+static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfig *rc) {
+    void *ints[] = {&c->max_seq_len, &c->vocab_size, &c->padded_vocab_size, &c->num_layers, &c->num_heads,
+                    &c->channels, &c->num_experts, &c->expert_hidden, &rc->routing, &rc->controller,
+                    &rc->drn, &rc->renorm, &rc->k, &c->vocab_kind};
+    void *floats[] = {&rc->tgt, &rc->Kp, &rc->Ki, &rc->p0, &rc->pmin, &rc->pmax, &rc->theta_init,
+                      &rc->lb_coef, &rc->ent_coef, &rc->p};
+    for (int i = 0; i < 14; i++) { fields[i] = (HeaderField){2 + i, 4, ints[i]}; }
+    for (int i = 0; i < 10; i++) { fields[14 + i] = (HeaderField){32 + i, 4, floats[i]}; }
 }
 
 // params: the parameters in host memory.
@@ -533,14 +431,10 @@ static void checkpoint_save(const Model *model, const float *params, const char 
     const ModelConfig *c = &model->config;
     ModelConfig config = model->config;
     RouterConfig router = model->router;
-    int *ints[HEADER_INT_FIELDS];
-    float *floats[HEADER_FLOAT_FIELDS];
-    header_fields(&config, &router, ints, floats);
-    int32_t header[HEADER_WORDS] = {0};
-    header[0] = MODEL_MAGIC;
-    header[1] = MODEL_VERSION;
-    for (int i = 0; i < HEADER_INT_FIELDS; i++) { header[2 + i] = *ints[i]; }
-    for (int i = 0; i < HEADER_FLOAT_FIELDS; i++) { header_set_float(header, 32 + i, *floats[i]); }
+    HeaderField fields[MODEL_HEADER_FIELDS];
+    model_header_fields(fields, &config, &router);
+    int32_t header[HEADER_WORDS] = {MODEL_MAGIC, MODEL_VERSION};
+    header_pack(header, fields, MODEL_HEADER_FIELDS);
     char tmp[4096];
     FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
     fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
@@ -555,14 +449,13 @@ static void checkpoint_save(const Model *model, const float *params, const char 
 static float *checkpoint_load(Model *model, const char *path) {
     int32_t header[HEADER_WORDS];
     long size;
-    FILE *f = open_with_header(path, header, MODEL_MAGIC, MODEL_VERSION, "model checkpoint", &size);
+    FILE *f = open_with_header(path, header, MODEL_MAGIC, model_versions, 2, "model checkpoint", &size);
     ModelConfig config, *c = &config;
     RouterConfig router, *rc = &router;
-    int *ints[HEADER_INT_FIELDS];
-    float *floats[HEADER_FLOAT_FIELDS];
-    header_fields(c, rc, ints, floats);
-    for (int i = 0; i < HEADER_INT_FIELDS; i++) { *ints[i] = header[2 + i]; }
-    for (int i = 0; i < HEADER_FLOAT_FIELDS; i++) { *floats[i] = header_float(header, 32 + i); }
+    HeaderField fields[MODEL_HEADER_FIELDS];
+    model_header_fields(fields, c, rc);
+    header_unpack(header, fields, MODEL_HEADER_FIELDS);
+    if (header[1] == 1) { c->vocab_kind = vocab_kind_of_size(c->vocab_size); }
     model_setup(model, c, rc, path);
     check_payload_size(path, size, (model->num_parameters + 2 * (size_t)c->num_layers) * sizeof(float));
     float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
@@ -1854,8 +1747,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
 
 static void default_options(Options *o) {
     memset(o, 0, sizeof(*o));
-    o->train_pattern = "data/tinyshakespeare_train.bin";
-    o->val_pattern = "data/tinyshakespeare_val.bin";
+    o->train_pattern = "data/train_bytes_train.bin";  // what `make train` writes
+    o->val_pattern = "data/train_bytes_val.bin";
     o->tokenizer_path = "tokenizer.bin";
     o->out_dir = "out";
     o->init_path = o->resume_dir = NULL;
@@ -1955,13 +1848,14 @@ static int parse_name(const char *value, const char *const *names, int count, co
 }
 
 // The model and router configuration that the options describe, for a vocabulary of V tokens.
-static void configure_model(const Options *o, int V, ModelConfig *c, RouterConfig *rc) {
+static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig *c, RouterConfig *rc) {
     const Preset *preset = NULL;
     for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++) {
         if (strcmp(o->preset, presets[i].name) == 0) { preset = &presets[i]; }
     }
     if (preset == NULL) { fail("option --model: unknown preset '%s' (tiny, small, medium, gpt2-moe)", o->preset); }
     c->vocab_size = V;
+    c->vocab_kind = vocab_kind;
     c->padded_vocab_size = padded_vocab(V);
     c->num_layers = o->layers >= 0 ? o->layers : preset->layers;
     c->channels = o->channels >= 0 ? o->channels : preset->channels;
@@ -2006,19 +1900,21 @@ static void check_options(const Options *o) {
 // text in and out: GPT-2 tokens through tokenizer.bin, or bytes for a byte-level vocabulary
 
 typedef struct {
-    int byte_level;  // vocabulary of 256: a token is a byte
+    int byte_level;  // a token is a byte
     int loaded;
     Tokenizer tokenizer;
 } TextCodec;
 
-static void codec_init(TextCodec *codec, const char *tokenizer_path, int V) {
-    codec->byte_level = V == 256;
+// The model's header says what its tokens are; a vocabulary of unknown kind cannot be printed.
+static void codec_init(TextCodec *codec, const char *tokenizer_path, const ModelConfig *c) {
+    codec->byte_level = c->vocab_kind == VOCAB_BYTES;
     codec->loaded = 0;
+    if (c->vocab_kind == VOCAB_UNKNOWN) { fail("the model's vocabulary (%d tokens) is of no known kind: cannot print text", c->vocab_size); }
     if (!codec->byte_level) {
         tokenizer_init(&codec->tokenizer, tokenizer_path);
         codec->loaded = 1;
-        if (tokenizer_vocab_size(&codec->tokenizer) != V) {
-            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path, tokenizer_vocab_size(&codec->tokenizer), V);
+        if (tokenizer_vocab_size(&codec->tokenizer) != c->vocab_size) {
+            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path, tokenizer_vocab_size(&codec->tokenizer), c->vocab_size);
         }
     }
 }
@@ -2077,18 +1973,33 @@ static void generate_text(Model *model, const TextCodec *codec, const char *prom
 // A checkpoint is the pair model_STEP.bin + state_STEP.bin; the newer pair is complete before the
 // older one is removed, so a crash never leaves the run without a checkpoint.
 
-#define STATE_MAGIC 20251214
 #define STATE_VERSION 1
+static const int state_versions[] = {STATE_VERSION};
 
-static void state_save(const Model *model, const char *path, int step, const long long position[4], uint64_t rng) {
-    int32_t header[HEADER_WORDS] = {0};
-    header[0] = STATE_MAGIC;
-    header[1] = STATE_VERSION;
-    header[2] = step;
-    header[3] = model->adam_step;
-    memcpy(&header[4], position, 4 * sizeof(long long));  // words 4..11
-    memcpy(&header[12], &rng, sizeof(uint64_t));         // words 12..13
-    header[14] = (int32_t)(model->num_parameters & 0x7fffffff);
+// What a state file holds besides the moments.
+typedef struct {
+    int step;               // optimizer steps of the run so far
+    int adam_step;          // AdamW's step count (for its bias correction)
+    long long position[4];  // the training data loader's position (dataloader_get_position)
+    uint64_t rng;           // the sampler's random state
+    int32_t param_check;    // the model's parameter count, low 31 bits: the pair must match
+} TrainingState;
+
+// The header of a state file (doc/formats.md); saving and loading both walk this table.
+#define STATE_HEADER_FIELDS 5
+static void state_header_fields(HeaderField *fields, TrainingState *s) {
+    HeaderField list[STATE_HEADER_FIELDS] = {{2, 4, &s->step}, {3, 4, &s->adam_step}, {4, 32, s->position},
+                                             {12, 8, &s->rng}, {14, 4, &s->param_check}};
+    memcpy(fields, list, sizeof(list));
+}
+
+static void state_save(const Model *model, const char *path, TrainingState s) {
+    s.adam_step = model->adam_step;
+    s.param_check = (int32_t)(model->num_parameters & 0x7fffffff);
+    HeaderField fields[STATE_HEADER_FIELDS];
+    state_header_fields(fields, &s);
+    int32_t header[HEADER_WORDS] = {STATE_MAGIC, STATE_VERSION};
+    header_pack(header, fields, STATE_HEADER_FIELDS);
     float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
     float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
     model_get_moments(model, m, v);
@@ -2102,16 +2013,18 @@ static void state_save(const Model *model, const char *path, int step, const lon
     free(v);
 }
 
-static int state_load(Model *model, const char *path, long long position[4], uint64_t *rng) {
+// Restores the moments and AdamW's step into the model; returns the rest.
+static TrainingState state_load(Model *model, const char *path) {
     int32_t header[HEADER_WORDS];
     long size;
-    FILE *f = open_with_header(path, header, STATE_MAGIC, STATE_VERSION, "training state", &size);
-    if (header[14] != (int32_t)(model->num_parameters & 0x7fffffff)) { fail("%s belongs to a model of a different size", path); }
+    FILE *f = open_with_header(path, header, STATE_MAGIC, state_versions, 1, "training state", &size);
+    TrainingState s;
+    HeaderField fields[STATE_HEADER_FIELDS];
+    state_header_fields(fields, &s);
+    header_unpack(header, fields, STATE_HEADER_FIELDS);
+    if (s.param_check != (int32_t)(model->num_parameters & 0x7fffffff)) { fail("%s belongs to a model of a different size", path); }
     check_payload_size(path, size, 2 * model->num_parameters * sizeof(float));
-    int step = header[2];
-    model->adam_step = header[3];
-    memcpy(position, &header[4], 4 * sizeof(long long));
-    memcpy(rng, &header[12], sizeof(uint64_t));
+    model->adam_step = s.adam_step;
     float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
     float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
     fread_check(m, sizeof(float), model->num_parameters, f, path);
@@ -2120,7 +2033,7 @@ static int state_load(Model *model, const char *path, long long position[4], uin
     model_set_moments(model, m, v);
     free(m);
     free(v);
-    return step;
+    return s;
 }
 
 static void checkpoint_path(char *out, size_t size, const char *dir, const char *kind, int step) {
@@ -2150,12 +2063,12 @@ static int latest_checkpoint(const char *dir) {
 static void write_checkpoint(const Model *model, const char *dir, int step, int previous_step,
                              const DataLoader *loader, uint64_t rng) {
     char model_path[4096], state_path[4096], latest[4096];
-    long long position[4];
-    dataloader_get_position(loader, position);
+    TrainingState state = {.step = step, .rng = rng};
+    dataloader_get_position(loader, state.position);
     checkpoint_path(model_path, sizeof(model_path), dir, "model", step);
     checkpoint_path(state_path, sizeof(state_path), dir, "state", step);
     model_save(model, model_path);
-    state_save(model, state_path, step, position, rng);
+    state_save(model, state_path, state);
     snprintf(latest, sizeof(latest), "%s/model.bin", dir);  // the latest model under a fixed name, for sampling
     model_save(model, latest);
     if (previous_step >= 0 && previous_step != step) {
@@ -2292,151 +2205,225 @@ static void ensure_directory(const char *dir) {
     remove(cmd);
 }
 
-int main(int argc, char **argv) {
+// ----------------------------------------------------------------------------
+// the training program: setup, then a loop of training steps with evaluation, samples and
+// checkpoints
+
+typedef struct {
     Options o;
-    default_options(&o);
-    parse_options(&o, argc, argv);
-    check_options(&o);
-    set_num_threads(o.threads);
-    uint64_t rng = (uint64_t)o.seed ^ 0x5DEECE66Dull;  // the sampler's stream
-
     Model model;
-    if (o.generate > 0) {  // sampling only
-        if (o.init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
-        model_load(&model, o.init_path);
-        TextCodec codec;
-        codec_init(&codec, o.tokenizer_path, model.config.vocab_size);
-        double t0 = wall_seconds();
-        generate_text(&model, &codec, o.prompt, o.generate, o.temperature, o.top_k, &rng);
-        fprintf(stderr, "%d tokens in %.2f s\n", o.generate, wall_seconds() - t0);
-        if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
-        model_free(&model);
-        return EXIT_SUCCESS;
-    }
-
     DataLoader train, val;
-    dataloader_init(&train, o.train_pattern, o.batch, o.seq_len, o.shuffle, (unsigned long long)o.seed);
-    int have_val = o.val_pattern != NULL && o.val_pattern[0] != '\0';
-    if (have_val) { dataloader_init(&val, o.val_pattern, o.batch, o.seq_len, 0, 0); }
-    ensure_directory(o.out_dir);
+    int have_val;
+    TextCodec codec;
+    uint64_t rng;         // the sampler's stream
+    int start_step;       // the first step this process runs
+    int last_checkpoint;  // the step of the newest checkpoint in o.out_dir (-1: none yet)
+    FILE *log;
+    RoutingStats stats;
+    float *p_used;        // (L) the thresholds the current step routed with
+} Run;
 
-    int start_step = 0, last_checkpoint = -1;
-    if (o.resume_dir != NULL) {
-        int step = latest_checkpoint(o.resume_dir);
-        if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o.resume_dir); }
+// --generate: print a sample from a checkpoint and exit.
+static int generate_only(const Options *o, uint64_t rng) {
+    if (o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
+    Model model;
+    model_load(&model, o->init_path);
+    TextCodec codec;
+    codec_init(&codec, o->tokenizer_path, &model.config);
+    double t0 = wall_seconds();
+    generate_text(&model, &codec, o->prompt, o->generate, o->temperature, o->top_k, &rng);
+    fprintf(stderr, "%d tokens in %.2f s\n", o->generate, wall_seconds() - t0);
+    if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
+    model_free(&model);
+    return EXIT_SUCCESS;
+}
+
+// The model of the run: the newest checkpoint of --resume, the file of --init, or a fresh model
+// shaped by the options and the data's vocabulary.
+static void load_or_init_model(Run *run) {
+    const Options *o = &run->o;
+    run->start_step = 0;
+    run->last_checkpoint = -1;
+    if (o->resume_dir != NULL) {
+        int step = latest_checkpoint(o->resume_dir);
+        if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir); }
         char model_path[4096], state_path[4096];
-        checkpoint_path(model_path, sizeof(model_path), o.resume_dir, "model", step);
-        checkpoint_path(state_path, sizeof(state_path), o.resume_dir, "state", step);
-        model_load(&model, model_path);
-        long long position[4];
-        start_step = state_load(&model, state_path, position, &rng);
-        if (start_step != step) { fail("%s says step %d, its name says %d", state_path, start_step, step); }
-        dataloader_set_position(&train, position);
-        last_checkpoint = strcmp(o.resume_dir, o.out_dir) == 0 ? step : -1;
-        printf("resuming %s at step %d\n", o.resume_dir, start_step);
-    } else if (o.init_path != NULL) {
-        model_load(&model, o.init_path);
+        checkpoint_path(model_path, sizeof(model_path), o->resume_dir, "model", step);
+        checkpoint_path(state_path, sizeof(state_path), o->resume_dir, "state", step);
+        model_load(&run->model, model_path);
+        TrainingState state = state_load(&run->model, state_path);
+        if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
+        dataloader_set_position(&run->train, state.position);
+        run->rng = state.rng;
+        run->start_step = step;
+        run->last_checkpoint = strcmp(o->resume_dir, o->out_dir) == 0 ? step : -1;
+        printf("resuming %s at step %d\n", o->resume_dir, step);
+    } else if (o->init_path != NULL) {
+        model_load(&run->model, o->init_path);
     } else {
         ModelConfig config;
         RouterConfig router;
-        configure_model(&o, train.vocab_size, &config, &router);
-        model_init(&model, &config, &router, (uint64_t)o.seed);
+        configure_model(o, run->train.vocab_size, run->train.vocab_kind, &config, &router);
+        model_init(&run->model, &config, &router, (uint64_t)o->seed);
     }
-    if ((o.init_path != NULL || o.resume_dir != NULL) && o.model_options_given > 0) {
-        fprintf(stderr, "note: the architecture and routing come from the checkpoint; %d model or routing option(s) ignored\n", o.model_options_given);
+    if ((o->init_path != NULL || o->resume_dir != NULL) && o->model_options_given > 0) {
+        fprintf(stderr, "note: the architecture and routing come from the checkpoint; %d model or routing option(s) ignored\n", o->model_options_given);
     }
-    const ModelConfig *c = &model.config;
-    const RouterConfig *rc = &model.router;
-    if (train.vocab_size > c->vocab_size || (have_val && val.vocab_size > c->vocab_size)) {
-        fail("the data's vocabulary (%d tokens) does not fit the model's (%d)", train.vocab_size, c->vocab_size);
-    }
-    if (o.seq_len > c->max_seq_len) { fail("--seq-len %d exceeds the model's maximum sequence length %d", o.seq_len, c->max_seq_len); }
-    if (start_step >= o.steps) { fail("the run is already at step %d of --steps %d", start_step, o.steps); }
-    TextCodec codec = {0};
-    if (o.sample_tokens > 0) { codec_init(&codec, o.tokenizer_path, c->vocab_size); }
+}
 
-    printf("model: L=%d C=%d NH=%d E=%d H=%d V=%d max T=%d, %.2fM parameters (%.2fM active at |S|=1)\n",
-           c->num_layers, c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->vocab_size, c->max_seq_len,
-           model.num_parameters / 1e6,
-           (model.num_parameters - (double)c->num_layers * (c->num_experts - 1) * 3 * c->expert_hidden * c->channels) / 1e6);
-    if (rc->routing == ROUTING_TOPK) { printf("routing: topk, k=%d", rc->k); }
-    else if (rc->routing == ROUTING_TOPP) { printf("routing: topp, p=%g", rc->p); }
-    else { printf("routing: dtopp, %s controller, target %g of %d experts, Kp=%g Ki=%g p0=%g", rc->controller ? "per-layer" : "global", rc->tgt, c->num_experts, rc->Kp, rc->Ki, rc->p0); }
-    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off", rc->renorm ? "renormalised" : "raw", rc->lb_coef, rc->ent_coef);
-    printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", train.num_tokens,
-           train.num_batches, o.batch, o.seq_len, have_val ? val.num_tokens : (size_t)0);
+// The data must fit the model: vocabulary, sequence length, steps left.
+static void check_data_fits_model(const Run *run) {
+    const ModelConfig *c = &run->model.config;
+    const Options *o = &run->o;
+    const DataLoader *loaders[2] = {&run->train, run->have_val ? &run->val : NULL};
+    for (int i = 0; i < 2 && loaders[i] != NULL; i++) {
+        const DataLoader *d = loaders[i];
+        if (d->vocab_size > c->vocab_size) {
+            fail("%s: the data's vocabulary (%d tokens) does not fit the model's (%d)", d->shard_path[0], d->vocab_size, c->vocab_size);
+        }
+        if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
+            fail("%s holds %s tokens but the model was trained on %s tokens", d->shard_path[0],
+                 vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind));
+        }
+    }
+    if (o->seq_len > c->max_seq_len) { fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len); }
+    if (run->start_step >= o->steps) { fail("the run is already at step %d of --steps %d", run->start_step, o->steps); }
+}
+
+static void print_configuration(const Run *run) {
+    const ModelConfig *c = &run->model.config;
+    const RouterConfig *rc = &run->model.router;
+    double inactive = (double)c->num_layers * (c->num_experts - 1) * 3 * c->expert_hidden * c->channels;
+    printf("model: L=%d C=%d NH=%d E=%d H=%d V=%d (%s) max T=%d, %.2fM parameters (%.2fM active at |S|=1)\n",
+           c->num_layers, c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->vocab_size,
+           vocab_kind_name(c->vocab_kind), c->max_seq_len, run->model.num_parameters / 1e6,
+           (run->model.num_parameters - inactive) / 1e6);
+    if (rc->routing == ROUTING_TOPK) {
+        printf("routing: topk, k=%d", rc->k);
+    } else if (rc->routing == ROUTING_TOPP) {
+        printf("routing: topp, p=%g", rc->p);
+    } else {
+        printf("routing: dtopp, %s controller, target %g of %d experts, Kp=%g Ki=%g p0=%g",
+               rc->controller ? "per-layer" : "global", rc->tgt, c->num_experts, rc->Kp, rc->Ki, rc->p0);
+    }
+    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off", rc->renorm ? "renormalised" : "raw",
+           rc->lb_coef, rc->ent_coef);
+    printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", run->train.num_tokens,
+           run->train.num_batches, run->o.batch, run->o.seq_len, run->have_val ? run->val.num_tokens : (size_t)0);
     printf("threads: %d\n\n", omp_threads());
+}
 
-    FILE *log = open_log(o.out_dir, &model, o.resume_dir != NULL && strcmp(o.resume_dir, o.out_dir) == 0);
-    RoutingStats stats;
-    routing_stats_alloc(&stats, c);
-    float *p_used = (float *)malloc_check(c->num_layers * sizeof(float));
-    double train_seconds = 0.0;
-    int timed_steps = 0;
-    for (int step = start_step; step < o.steps; step++) {
-        int last = step == o.steps - 1;
+// Everything before the first step: data, model, output directory, log, sampler.
+static void run_setup(Run *run) {
+    const Options *o = &run->o;
+    run->rng = (uint64_t)o->seed ^ 0x5DEECE66Dull;  // the sampler's stream
+    dataloader_init(&run->train, o->train_pattern, o->batch, o->seq_len, o->shuffle, (unsigned long long)o->seed);
+    run->have_val = o->val_pattern != NULL && o->val_pattern[0] != '\0';
+    if (run->have_val) { dataloader_init(&run->val, o->val_pattern, o->batch, o->seq_len, 0, 0); }
+    ensure_directory(o->out_dir);
+    load_or_init_model(run);
+    check_data_fits_model(run);
+    memset(&run->codec, 0, sizeof(run->codec));
+    if (o->sample_tokens > 0) { codec_init(&run->codec, o->tokenizer_path, &run->model.config); }
+    print_configuration(run);
+    int resumed_here = o->resume_dir != NULL && strcmp(o->resume_dir, o->out_dir) == 0;
+    run->log = open_log(o->out_dir, &run->model, resumed_here);
+    routing_stats_alloc(&run->stats, &run->model.config);
+    run->p_used = (float *)malloc_check(run->model.config.num_layers * sizeof(float));
+}
+
+static void run_free(Run *run) {
+    fclose(run->log);
+    free(run->p_used);
+    routing_stats_free(&run->stats);
+    if (run->codec.loaded) { tokenizer_free(&run->codec.tokenizer); }
+    dataloader_free(&run->train);
+    if (run->have_val) { dataloader_free(&run->val); }
+    model_free(&run->model);
+}
+
+// One optimizer step: forward, backward, clipped AdamW update, then the controller moves p for
+// the next step. Returns the gradient norm; the thresholds this step used are kept in p_used.
+static float train_step(Run *run, int step, float lr) {
+    Model *model = &run->model;
+    dataloader_next_batch(&run->train);
+    memcpy(run->p_used, model->threshold, model->config.num_layers * sizeof(float));
+    model_forward(model, run->train.inputs, run->train.targets, run->o.batch, run->o.seq_len);
+    if (!isfinite(model->loss)) { fail("the loss is %g at step %d: training diverged (try a lower --lr); the last checkpoint is kept", model->loss, step); }
+    model_zero_grad(model);
+    model_backward(model);
+    float grad_norm = model_update(model, lr, run->o.weight_decay);
+    if (!isfinite(grad_norm)) { fail("the gradient norm is %g at step %d: training diverged; the last checkpoint is kept", grad_norm, step); }
+    controller_update(model);
+    return grad_norm;
+}
+
+// The progress line of a step, and its row of log.csv.
+static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt, double eta) {
+    const Model *model = &run->model;
+    routing_stats_compute(&run->stats, model);
+    double tokens_per_s = run->o.batch * run->o.seq_len / dt;
+    printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps, model->loss, lr,
+           run->p_used[0], run->stats.activated);
+    if (model->router.routing == ROUTING_DTOPP) { printf(" (target %.2f)", model->router.tgt); }
+    printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
+    fflush(stdout);
+    log_step(run->log, model, &run->stats, run->p_used, step + 1, val_loss, lr, grad_norm, tokens_per_s);
+}
+
+static void print_sample(Run *run, const char *title) {
+    printf("--- sample %s:\n", title);
+    const Options *o = &run->o;
+    generate_text(&run->model, &run->codec, o->prompt, o->sample_tokens, o->temperature, o->top_k, &run->rng);
+    printf("---\n");
+}
+
+static int is_due(int step, int every) { return every > 0 && step % every == 0; }
+
+int main(int argc, char **argv) {
+    Run run;
+    Options *o = &run.o;
+    default_options(o);
+    parse_options(o, argc, argv);
+    check_options(o);
+    set_num_threads(o->threads);
+    if (o->generate > 0) { return generate_only(o, (uint64_t)o->seed ^ 0x5DEECE66Dull); }
+    run_setup(&run);
+
+    double train_seconds = 0.0;  // of the steps after the first, which pays for allocations
+    for (int step = run.start_step; step < o->steps; step++) {
+        int last = step == o->steps - 1, stop = step + 1 == o->stop_at;
         float val_loss = -1.0f;
-        if (have_val && o.eval_batches > 0 && (last || (o.eval_every > 0 && step % o.eval_every == 0))) {
-            val_loss = evaluate(&model, &val, o.eval_batches, last ? o.routing_dump : NULL);
+        if (run.have_val && o->eval_batches > 0 && (last || is_due(step, o->eval_every))) {
+            val_loss = evaluate(&run.model, &run.val, o->eval_batches, last ? o->routing_dump : NULL);
             printf("step %5d | validation loss %.4f\n", step, val_loss);
         }
-        if (o.sample_tokens > 0 && step > start_step && (last || (o.sample_every > 0 && step % o.sample_every == 0))) {
-            printf("--- sample at step %d:\n", step);
-            generate_text(&model, &codec, o.prompt, o.sample_tokens, o.temperature, o.top_k, &rng);
-            printf("---\n");
+        if (o->sample_tokens > 0 && step > run.start_step && (last || is_due(step, o->sample_every))) {
+            char title[64];
+            snprintf(title, sizeof(title), "at step %d", step);
+            print_sample(&run, title);
         }
 
         double t0 = wall_seconds();
-        dataloader_next_batch(&train);
-        memcpy(p_used, model.threshold, c->num_layers * sizeof(float));
-        model_forward(&model, train.inputs, train.targets, o.batch, o.seq_len);
-        if (!isfinite(model.loss)) { fail("the loss is %g at step %d: training diverged (try a lower --lr); the last checkpoint is kept", model.loss, step); }
-        model_zero_grad(&model);
-        model_backward(&model);
-        float lr = learning_rate(step, o.steps, o.warmup, o.lr);
-        float grad_norm = model_update(&model, lr, o.weight_decay);
-        if (!isfinite(grad_norm)) { fail("the gradient norm is %g at step %d: training diverged; the last checkpoint is kept", grad_norm, step); }
-        controller_update(&model);
+        float lr = learning_rate(step, o->steps, o->warmup, o->lr);
+        float grad_norm = train_step(&run, step, lr);
         double dt = wall_seconds() - t0;
-        if (step > start_step) {  // the first step pays for allocations
-            train_seconds += dt;
-            timed_steps++;
-        }
+        train_seconds += step > run.start_step ? dt : 0.0;
+        double mean_dt = step > run.start_step ? train_seconds / (step - run.start_step) : dt;
+        report_step(&run, step, val_loss, lr, grad_norm, dt, mean_dt * (o->steps - step - 1));
 
-        routing_stats_compute(&stats, &model);
-        double mean_dt = timed_steps > 0 ? train_seconds / timed_steps : dt;
-        double tokens_per_s = o.batch * o.seq_len / dt;
-        double eta = mean_dt * (o.steps - step - 1);
-        printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, o.steps, model.loss, lr, p_used[0], stats.activated);
-        if (rc->routing == ROUTING_DTOPP) { printf(" (target %.2f)", rc->tgt); }
-        printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
-        fflush(stdout);
-        log_step(log, &model, &stats, p_used, step + 1, val_loss, lr, grad_norm, tokens_per_s);
-
-        int stop = step + 1 == o.stop_at;
-        if (last || stop || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0)) {
-            write_checkpoint(&model, o.out_dir, step + 1, last_checkpoint, &train, rng);
-            last_checkpoint = step + 1;
+        if (last || stop || is_due(step + 1, o->checkpoint_every)) {
+            write_checkpoint(&run.model, o->out_dir, step + 1, run.last_checkpoint, &run.train, run.rng);
+            run.last_checkpoint = step + 1;
         }
         if (stop) {
-            printf("stopped at step %d: continue with --resume %s\n", step + 1, o.out_dir);
+            printf("stopped at step %d: continue with --resume %s\n", step + 1, o->out_dir);
             break;
         }
     }
-    if (o.sample_tokens > 0 && last_checkpoint == o.steps) {
-        printf("--- sample after training:\n");
-        generate_text(&model, &codec, o.prompt, o.sample_tokens, o.temperature, o.top_k, &rng);
-        printf("---\n");
-    }
-    printf("done: %s/model.bin, %s/log.csv\n", o.out_dir, o.out_dir);
-
-    fclose(log);
-    free(p_used);
-    routing_stats_free(&stats);
-    if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
-    dataloader_free(&train);
-    if (have_val) { dataloader_free(&val); }
-    model_free(&model);
+    if (o->sample_tokens > 0 && run.last_checkpoint == o->steps) { print_sample(&run, "after training"); }
+    printf("done: %s/model.bin, %s/log.csv\n", o->out_dir, o->out_dir);
+    run_free(&run);
     return EXIT_SUCCESS;
 }
 #endif  // TESTING

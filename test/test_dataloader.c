@@ -20,20 +20,27 @@ process, whose exit status and error message we check.
 static char dir[256];
 
 
-// writes a shard of n tokens: token i is (i + offset) % modulo; magic, version, vocab as given
-static void write_shard(const char *name, int n, int offset, int modulo, int magic, int version, int vocab, int truncate) {
+// writes a shard of n tokens: token i is (i + offset) % modulo; magic, version, vocab (header word
+// 3) as given, and for version 2 the vocabulary kind in word 4
+static void write_shard_kind(const char *name, int n, int offset, int modulo, int magic, int version, int vocab,
+                             int truncate, int kind) {
     char path[512];
     snprintf(path, sizeof path, "%s/%s", dir, name);
     FILE *f = fopen(path, "wb");
     if (!f) { perror(path); exit(1); }
     int32_t h[256] = {0};
-    h[0] = magic; h[1] = version; h[2] = n; h[3] = vocab;
+    h[0] = magic; h[1] = version; h[2] = n; h[3] = vocab; h[4] = kind;
     fwrite(h, sizeof h, 1, f);
     for (int i = 0; i < n - truncate; i++) {
         uint16_t t = (uint16_t)((i + offset) % modulo);
         fwrite(&t, 2, 1, f);
     }
     fclose(f);
+}
+
+// a version 1 shard, as llm.c and earlier versions of prepro write them
+static void write_shard(const char *name, int n, int offset, int modulo, int magic, int version, int vocab, int truncate) {
+    write_shard_kind(name, n, offset, modulo, magic, version, vocab, truncate, 0);
 }
 
 static char *path_of(const char *pattern) {
@@ -80,8 +87,8 @@ int main(void) {
     if (!mkdtemp(dir)) { perror("mkdtemp"); return 1; }
 
     // two good shards; token values encode their position so that every check is exact
-    write_shard("good_0.bin", 1001, 0, 60000, DATALOADER_MAGIC, 1, 60000, 0);
-    write_shard("good_1.bin", 503, 10000, 60000, DATALOADER_MAGIC, 1, 60000, 0);
+    write_shard("good_0.bin", 1001, 0, 60000, SHARD_MAGIC, 1, 60000, 0);
+    write_shard("good_1.bin", 503, 10000, 60000, SHARD_MAGIC, 1, 60000, 0);
     int B = 2, T = 4;
 
     // sequential
@@ -170,20 +177,28 @@ int main(void) {
     dataloader_free(&a);
 
     // a plain llm.c shard (header word 3 = 0) holds GPT-2 tokens
-    write_shard("llmc.bin", 100, 0, 50257, DATALOADER_MAGIC, 1, 0, 0);
+    write_shard("llmc.bin", 100, 0, 50257, SHARD_MAGIC, 1, 0, 0);
     dataloader_init(&l, path_of("llmc.bin"), B, T, 0, 0);
     check(l.vocab_size == 50257, "header word 3 = 0 means vocabulary 50257");
+    check(l.vocab_kind == VOCAB_GPT2, "a version 1 shard of 50257 tokens holds GPT-2 tokens");
+    dataloader_free(&l);
+    write_shard_kind("v2.bin", 100, 0, 256, SHARD_MAGIC, 2, 256, 0, VOCAB_BYTES);
+    dataloader_init(&l, path_of("v2.bin"), B, T, 0, 0);
+    check(l.vocab_size == 256 && l.vocab_kind == VOCAB_BYTES, "a version 2 shard's header word 4 is its vocabulary kind");
     dataloader_free(&l);
 
     // refusals
     write_shard("magic.bin", 100, 0, 100, 12345, 1, 256, 0);
-    write_shard("version.bin", 100, 0, 100, DATALOADER_MAGIC, 2, 256, 0);
-    write_shard("trunc.bin", 100, 0, 100, DATALOADER_MAGIC, 1, 256, 10);
-    write_shard("vocab.bin", 100, 0, 300, DATALOADER_MAGIC, 1, 256, 0);  // tokens 0..99: all fine
-    write_shard("big.bin", 100, 250, 300, DATALOADER_MAGIC, 1, 256, 0);  // tokens 250..299: 256 and up are too big
-    write_shard("short.bin", 8, 0, 100, DATALOADER_MAGIC, 1, 256, 0);    // B*T+1 = 9 tokens needed
-    write_shard("mixed_0.bin", 100, 0, 100, DATALOADER_MAGIC, 1, 256, 0);
-    write_shard("mixed_1.bin", 100, 0, 100, DATALOADER_MAGIC, 1, 512, 0);
+    write_shard("version.bin", 100, 0, 100, SHARD_MAGIC, 3, 256, 0);
+    write_shard_kind("kind.bin", 100, 0, 100, SHARD_MAGIC, 2, 256, 0, 7);
+    write_shard_kind("kinds_0.bin", 100, 0, 100, SHARD_MAGIC, 2, 256, 0, VOCAB_BYTES);
+    write_shard_kind("kinds_1.bin", 100, 0, 100, SHARD_MAGIC, 2, 256, 0, VOCAB_UNKNOWN);
+    write_shard("trunc.bin", 100, 0, 100, SHARD_MAGIC, 1, 256, 10);
+    write_shard("vocab.bin", 100, 0, 300, SHARD_MAGIC, 1, 256, 0);  // tokens 0..99: all fine
+    write_shard("big.bin", 100, 250, 300, SHARD_MAGIC, 1, 256, 0);  // tokens 250..299: 256 and up are too big
+    write_shard("short.bin", 8, 0, 100, SHARD_MAGIC, 1, 256, 0);    // B*T+1 = 9 tokens needed
+    write_shard("mixed_0.bin", 100, 0, 100, SHARD_MAGIC, 1, 256, 0);
+    write_shard("mixed_1.bin", 100, 0, 100, SHARD_MAGIC, 1, 512, 0);
     char hdr[512];
     snprintf(hdr, sizeof hdr, "%s/tiny.bin", dir);
     FILE *f = fopen(hdr, "wb");
@@ -191,6 +206,8 @@ int main(void) {
     fclose(f);
     check_refuses("a wrong magic number", load_all, "magic.bin", "magic");
     check_refuses("a wrong version", load_all, "version.bin", "version");
+    check_refuses("an unknown vocabulary kind", load_all, "kind.bin", "vocabulary kind 7");
+    check_refuses("shards of different vocabulary kinds", load_all, "kinds_*.bin", "kinds_1.bin");
     check_refuses("a truncated shard", load_all, "trunc.bin", "trunc.bin");
     check_refuses("a file shorter than the header", load_all, "tiny.bin", "tiny.bin");
     check_refuses("a token id >= vocabulary size", load_all, "big.bin", "offset 6");
@@ -198,12 +215,13 @@ int main(void) {
     check_refuses("shards of different vocabularies", load_all, "mixed_*.bin", "mixed_1.bin");
     check_refuses("a pattern that matches no file", load_all, "nothing_*.bin", "no file matches");
     check_refuses("a position saved with other settings", restore_into_other, NULL, "cannot restore");
-    check_refuses("a position beyond the shard", restore_bad_batch, NULL, "invalid position");
+    check_refuses("a position beyond the shard", restore_bad_batch, NULL, "invalid data position");
     load_all("vocab.bin");
     check(1, "accepts a shard whose tokens are all below its vocabulary size");
 
     const char *files[] = {"good_0.bin", "good_1.bin", "llmc.bin", "magic.bin", "version.bin", "trunc.bin", "vocab.bin",
-                           "big.bin", "short.bin", "mixed_0.bin", "mixed_1.bin", "tiny.bin"};
+                           "big.bin", "short.bin", "mixed_0.bin", "mixed_1.bin", "tiny.bin", "kind.bin", "kinds_0.bin",
+                           "kinds_1.bin", "v2.bin"};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) remove(path_of(files[i]));
     rmdir(dir);
     printf("%d passed, %d failed\n", passed, failed);

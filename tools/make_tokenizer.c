@@ -19,7 +19,7 @@ every id it lists has exactly the bytes we derived, so a wrong input file cannot
 #include <stdlib.h>
 #include <string.h>
 
-#define TOKENIZER_MAGIC 20251216
+#include "../utils.h"  // TOKENIZER_MAGIC
 #define TOKENIZER_VERSION 1
 #define MAX_VOCAB 65536
 

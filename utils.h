@@ -1,0 +1,169 @@
+/*
+utils.h: what every program of the project shares about errors and files.
+
+- fail(): the one way to stop on bad input or a failed system call. It prints "error: " and the
+  message (which names the file and the problem) to stderr and exits with status 1.
+- checked memory and file calls (malloc_check, fopen_check, fread_check, ...) that fail() with the
+  file's name instead of returning an error code the caller could forget.
+- the 256-word header that starts every binary file (doc/formats.md): the magic numbers of every
+  file kind live here, and header fields are described by tables (HeaderField) that saving and
+  loading both walk, so the two cannot disagree.
+- atomic writes: a file is written to "path.tmp" and renamed over "path" only once complete.
+- splitmix64, the project's random number generator: its whole state is one integer.
+*/
+#ifndef UTILS_H
+#define UTILS_H
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+// ----------------------------------------------------------------------------
+// fatal errors
+
+static inline void fail(const char *fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, args);
+    fprintf(stderr, "\n");
+    va_end(args);
+    exit(EXIT_FAILURE);
+}
+
+static inline void *malloc_check(size_t size) {
+    void *ptr = malloc(size > 0 ? size : 1);
+    if (ptr == NULL) { fail("out of memory allocating %zu bytes", size); }
+    return ptr;
+}
+
+static inline void *calloc_check(size_t count, size_t size) {
+    void *ptr = calloc(count > 0 ? count : 1, size);
+    if (ptr == NULL) { fail("out of memory allocating %zu x %zu bytes", count, size); }
+    return ptr;
+}
+
+static inline void *realloc_check(void *ptr, size_t size) {
+    void *out = realloc(ptr, size > 0 ? size : 1);
+    if (out == NULL) { fail("out of memory growing a buffer to %zu bytes", size); }
+    return out;
+}
+
+// ----------------------------------------------------------------------------
+// checked file I/O
+
+static inline FILE *fopen_check(const char *path, const char *mode) {
+    FILE *f = fopen(path, mode);
+    if (f == NULL) { fail("cannot open %s: %s", path, strerror(errno)); }
+    return f;
+}
+
+static inline long file_size(FILE *f, const char *path) {
+    if (fseek(f, 0, SEEK_END) != 0) { fail("cannot seek in %s", path); }
+    long size = ftell(f);
+    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) { fail("cannot seek in %s", path); }
+    return size;
+}
+
+static inline void fread_check(void *ptr, size_t size, size_t count, FILE *f, const char *path) {
+    if (fread(ptr, size, count, f) != count) { fail("%s is truncated", path); }
+}
+
+static inline void fwrite_check(const void *ptr, size_t size, size_t count, FILE *f, const char *path) {
+    if (fwrite(ptr, size, count, f) != count) { fail("cannot write %s: %s", path, strerror(errno)); }
+}
+
+// Writes go to "path.tmp" first and are renamed over the target only once complete, so a crash
+// or a full disk never destroys the previous file.
+static inline FILE *open_for_atomic_write(const char *path, char *tmp_path, size_t tmp_size) {
+    if (strlen(path) + 5 > tmp_size) { fail("path too long: %s", path); }
+    memcpy(tmp_path, path, strlen(path));
+    memcpy(tmp_path + strlen(path), ".tmp", 5);
+    FILE *f = fopen(tmp_path, "wb");
+    if (f == NULL) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
+    return f;
+}
+
+static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char *path) {
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) {
+        remove(tmp_path);
+        fail("cannot write %s: %s", tmp_path, strerror(errno));
+    }
+    if (rename(tmp_path, path) != 0) { fail("cannot rename %s to %s: %s", tmp_path, path, strerror(errno)); }
+}
+
+// ----------------------------------------------------------------------------
+// binary files: a header of 256 int32 words (magic, version, fields), then the payload
+
+#define HEADER_WORDS 256
+#define HEADER_BYTES (HEADER_WORDS * sizeof(int32_t))
+
+// The magic number (word 0) of every file kind; doc/formats.md describes each.
+#define SHARD_MAGIC 20240520      // token shard, written by prepro (llm.c's magic)
+#define SHARD_VERSION 2           // the version prepro writes; dataloader.h also reads version 1
+#define MODEL_MAGIC 20251213      // model checkpoint: configuration, parameters, controller state
+#define STATE_MAGIC 20251214      // training state: AdamW moments, step, data position, sampler
+#define FIXTURE_MAGIC 20251215    // reference fixture of the tests, written by reference/
+#define TOKENIZER_MAGIC 20251216  // tokenizer.bin: GPT-2's vocabulary and merges
+
+// What a vocabulary's tokens are, stored in shard and model headers so that a program never has
+// to guess how to turn tokens back into text.
+enum { VOCAB_UNKNOWN = 0, VOCAB_GPT2 = 1, VOCAB_BYTES = 2 };
+static inline const char *vocab_kind_name(int kind) {
+    return kind == VOCAB_GPT2 ? "gpt2" : kind == VOCAB_BYTES ? "bytes" : "unknown";
+}
+
+// One field of a header: `bytes` bytes (a multiple of 4) at word `word`, copied bit for bit from
+// or to `value`. A table of them describes a header; saving and loading walk the same table.
+typedef struct {
+    int word;
+    size_t bytes;
+    void *value;
+} HeaderField;
+
+static inline void header_pack(int32_t *header, const HeaderField *fields, int n) {
+    for (int i = 0; i < n; i++) { memcpy(&header[fields[i].word], fields[i].value, fields[i].bytes); }
+}
+
+static inline void header_unpack(const int32_t *header, const HeaderField *fields, int n) {
+    for (int i = 0; i < n; i++) { memcpy(fields[i].value, &header[fields[i].word], fields[i].bytes); }
+}
+
+// Opens a file and checks its header's magic and version (one of the `versions` accepted). The
+// payload's size depends on fields of the header, so the caller checks it afterwards with
+// check_payload_size.
+static inline FILE *open_with_header(const char *path, int32_t *header, int32_t magic, const int *versions,
+                              int num_versions, const char *what, long *size) {
+    FILE *f = fopen_check(path, "rb");
+    *size = file_size(f, path);
+    if (*size < (long)HEADER_BYTES) { fail("%s is too short to be a %s (%ld bytes)", path, what, *size); }
+    fread_check(header, sizeof(int32_t), HEADER_WORDS, f, path);
+    if (header[0] != magic) { fail("%s is not a %s (magic %d, expected %d)", path, what, header[0], magic); }
+    for (int i = 0; i < num_versions; i++) {
+        if (header[1] == versions[i]) { return f; }
+    }
+    fail("%s: unsupported %s version %d (expected %d)", path, what, header[1], versions[num_versions - 1]);
+    return NULL;
+}
+
+static inline void check_payload_size(const char *path, long size, size_t payload_bytes) {
+    size_t expected = HEADER_BYTES + payload_bytes;
+    if ((size_t)size < expected) { fail("%s is truncated: %ld bytes, expected %zu", path, size, expected); }
+    if ((size_t)size > expected) { fail("%s has %ld bytes, expected %zu: trailing data", path, size, expected); }
+}
+
+// ----------------------------------------------------------------------------
+// splitmix64: small, fast, and its whole state is one integer, which checkpoints save.
+
+static inline uint64_t random_u64(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+#endif  // UTILS_H
