@@ -21,10 +21,10 @@ check() {  # check DESCRIPTION COMMAND...: passes if the command succeeds
 # header word i of a file, as a signed 32-bit integer
 word() { od -An -t d4 -j $((4 * $2)) -N 4 "$1" | tr -d ' '; }
 # is the file a valid shard with n tokens of vocabulary v?
-shard_ok() {
-    local f=$1 n=$2 v=$3
-    [ "$(word "$f" 0)" = 20240520 ] && [ "$(word "$f" 1)" = 1 ] && [ "$(word "$f" 2)" = "$n" ] &&
-        [ "$(word "$f" 3)" = "$v" ] && [ "$(wc -c < "$f")" = $((1024 + 2 * n)) ]
+shard_ok() {  # shard_ok FILE TOKENS VOCAB KIND (1: GPT-2, 2: bytes)
+    local f=$1 n=$2 v=$3 k=$4
+    [ "$(word "$f" 0)" = 20240520 ] && [ "$(word "$f" 1)" = 2 ] && [ "$(word "$f" 2)" = "$n" ] &&
+        [ "$(word "$f" 3)" = "$v" ] && [ "$(word "$f" 4)" = "$k" ] && [ "$(wc -c < "$f")" = $((1024 + 2 * n)) ]
 }
 # does the command fail with a message containing the text?
 refuses() {
@@ -60,8 +60,8 @@ check "prepro writes input_train.bin and input_val.bin next to input.txt" test -
 ntrain=$(word "$T/a/input_train.bin" 2)
 nval=$(word "$T/a/input_val.bin" 2)
 total=$((ntrain + nval))
-check "train shard header and size are valid ($ntrain tokens)" shard_ok "$T/a/input_train.bin" "$ntrain" 50257
-check "val shard header and size are valid ($nval tokens)" shard_ok "$T/a/input_val.bin" "$nval" 50257
+check "train shard header and size are valid ($ntrain tokens)" shard_ok "$T/a/input_train.bin" "$ntrain" 50257 1
+check "val shard header and size are valid ($nval tokens)" shard_ok "$T/a/input_val.bin" "$nval" 50257 1
 diff=$((nval * 10 - total))
 check "val is the last 10% of the tokens" test "${diff#-}" -le 10
 check "prepro prints the token count and throughput" sh -c "grep -q '$total tokens' '$T/log' && grep -q 'tokens/s' '$T/log'"
@@ -73,7 +73,8 @@ fi
 
 # bytes vocabulary, output prefix, no validation
 "$PREPRO" --vocab bytes --val 0 -o "$T/bytes" "$IN" > /dev/null 2>&1
-check "--vocab bytes: one token per byte, vocabulary 256 in header word 3" shard_ok "$T/bytes_train.bin" "$size" 256
+check "--vocab bytes: one token per byte, vocabulary 256 and kind bytes in header words 3, 4" \
+    shard_ok "$T/bytes_train.bin" "$size" 256 2
 check "--val 0 writes no validation shard" test ! -e "$T/bytes_val.bin"
 check "--vocab bytes: the tokens are the bytes" cmp <(od -An -t u1 -v "$IN" | tr -s ' ' '\n' | grep -v '^$') <(tokens_of "$T/bytes_train.bin")
 
