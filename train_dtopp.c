@@ -182,6 +182,44 @@ static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *
     return w;
 }
 
+// The views the MoE layer's functions take: one layer's routing state and its expert rows, as
+// pointers into the (L, ...) tensors of either implementation. A field marked "GPU" is scratch
+// that only train_dtopp.cu uses (NULL on the CPU); both builds pass the same structs so that the
+// functions of the two have the same arguments.
+typedef struct {
+    float *logits;       // (N, E) z = Wr m
+    float *drn_u;        // (N, E) standardized logits u (DRN)
+    float *drn_rstd;     // (N) 1 / sqrt(var(z) + DRN_EPS)
+    float *probs;        // (N, E) router probabilities P
+    float *gates;        // (N, E) gates of the selected experts, in selection order
+    int *n_selected;     // (N) |S| of every token
+    int *selected;       // (N, E) the experts of S in selection order, -1 after the last
+    int *expert_start;   // (E + 1) the rows of expert e are expert_start[e] .. expert_start[e+1]-1
+    int *token_row;      // (N, E) the expert row of choice j of token n, -1 if none
+    int row_begin;       // first expert row of this layer, in the rows of all layers
+    float *dgates;       // (N, E) gradient of each selected gate (backward only)
+    float *drouter;      // (N, E) gradient of P, then of ẑ, then of z (backward only)
+    float *dtheta_token; // (N) each token's share of dθ, summed in order afterwards (backward only)
+    const int *expert_start_host;  // GPU: (E + 1) host copy of expert_start, the products' sizes
+    int *dispatch_choice;          // GPU: (N, E) counting-sort scratch
+    int *dispatch_counts;          // GPU: (chunks, E) counting-sort scratch
+    double *sums;                  // GPU: (E + 1) reduction scratch of the auxiliary losses
+} RouterView;
+
+typedef struct {
+    int *row_token;  // (R) the token each row was gathered from
+    float *h1;       // (R, H) W1 m
+    float *h3;       // (R, H) W3 m
+    float *hact;     // (R, H) silu(h1) * h3
+    float *out;      // (R, C) Expert_e(m)
+    float *dout;     // (R, C) gradient of out (backward only)
+    float *dh1;      // (R, H) gradient of h1, which first holds that of hact (backward only)
+    float *dh3;      // (R, H) gradient of h3 (backward only)
+    float *din;      // (R, C) gradient of each row's gathered input (backward only)
+    float *xg;       // GPU: (R, C) the gathered inputs, contiguous for the products
+    void **gemm_host, **gemm_dev;  // GPU: operand pointers of grouped products
+} ExpertView;
+
 // ----------------------------------------------------------------------------
 // the model: its state, and the functions every implementation provides (the CPU section of this
 // file, and train_dtopp.cu on the GPU). The training program at the end uses nothing else.
@@ -980,29 +1018,53 @@ void crossentropy_backward(float *dlogits, const float *logits, const int *targe
 }
 
 // ----------------------------------------------------------------------------
-// the MoE layer: router -> dispatch (counting sort) -> experts -> combine, plus auxiliary losses
+// the MoE layer, in the order of the paper: router (z = Wr m, DRN, softmax, top-p selection,
+// gates), auxiliary losses, dispatch (counting sort), experts, combine. Each forward function sits
+// next to its backward.
 
-// One layer's routing state, as views into the (L, ...) tensors.
-typedef struct {
-    float *logits, *drn_u, *drn_rstd, *probs, *gates;
-    int *n_selected, *selected, *expert_start, *token_row;
-    int row_begin;  // first expert row of this layer
-} RouterView;
+// DRN standardizes each token's router logits over the experts and scales them by the layer's
+// learned θ: ẑ = θ (z − mean(z)) / sqrt(var(z) + DRN_EPS). Without it the spread of the logits,
+// and so how many experts a threshold p admits, would be whatever training made it in each layer.
+#define DRN_EPS 1e-5f
 
-static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
-    size_t N = (size_t)a->B * a->T, E = c->num_experts;
-    RouterView v;
-    v.logits = a->acts.router_logits + l * N * E;
-    v.drn_u = a->acts.drn_u + l * N * E;
-    v.drn_rstd = a->acts.drn_rstd + l * N;
-    v.probs = a->acts.probs + l * N * E;
-    v.gates = a->acts.gates + l * N * E;
-    v.n_selected = a->routing.n_selected + l * N;
-    v.selected = a->routing.selected + l * N * E;
-    v.expert_start = a->routing.expert_start + l * (E + 1);
-    v.token_row = a->routing.token_row + l * N * E;
-    v.row_begin = a->routing.row_offset[l];
-    return v;
+// scaled (N, E) = θ u, with u (N, E) the standardized logits and rstd (N) 1 / sqrt(var + eps).
+void drn_forward(float *scaled, float *u, float *rstd, const float *z, float theta, int N, int E) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *zn = z + (size_t)n * E;
+        float *un = u + (size_t)n * E, *out = scaled + (size_t)n * E;
+        float mean = 0.0f, var = 0.0f;
+        for (int e = 0; e < E; e++) { mean += zn[e]; }
+        mean /= E;
+        for (int e = 0; e < E; e++) { var += (zn[e] - mean) * (zn[e] - mean); }
+        float r = 1.0f / sqrtf(var / E + DRN_EPS);
+        for (int e = 0; e < E; e++) {
+            un[e] = (zn[e] - mean) * r;
+            out[e] = theta * un[e];
+        }
+        rstd[n] = r;
+    }
+}
+
+// In place: d (N, E) holds dẑ on entry and dz on exit; each token's share of dθ = <dẑ, u> goes to
+// dtheta_token (N), for the caller to sum in order. du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, float theta, int N, int E) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *dn = d + (size_t)n * E;
+        const float *un = u + (size_t)n * E;
+        float dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
+        for (int e = 0; e < E; e++) {
+            dth += dn[e] * un[e];
+            dn[e] *= theta;  // du
+            mean_du += dn[e];
+            mean_duu += dn[e] * un[e];
+        }
+        mean_du /= E;
+        mean_duu /= E;
+        for (int e = 0; e < E; e++) { dn[e] = (dn[e] - mean_du - un[e] * mean_duu) * rstd[n]; }
+        dtheta_token[n] = dth;
+    }
 }
 
 // The selection rule of the spec: experts in order of P descending (ties: lower index first);
@@ -1026,28 +1088,19 @@ static int select_experts(int *selected, const float *P, int E, const RouterConf
     return count;
 }
 
-// z = Wr m; DRN; P = softmax; selection; gates.
-void router_forward(RouterView r, const float *m, const float *wr, float theta, float threshold,
-                    const RouterConfig *rc, int N, int C, int E) {
-    matmul_forward(r.logits, m, NULL, wr, N, C, E);
+// z = Wr m; DRN (if on); P = softmax; S = selection with this layer's threshold; gates over S
+// (renormalised to sum 1, or the raw probabilities).
+void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold, const RouterConfig *rc,
+                    int N, int C, int E) {
+    matmul_forward(r.logits, m, NULL, w->wr, N, C, E);
+    if (rc->drn) {
+        drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, *w->theta, N, E);
+    } else {
+        memcpy(r.probs, r.logits, (size_t)N * E * sizeof(float));
+    }
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
-        const float *z = r.logits + (size_t)n * E;
-        float *u = r.drn_u + (size_t)n * E, *P = r.probs + (size_t)n * E;
-        if (rc->drn) {  // standardize over the experts, then scale by the learned θ
-            float mean = 0.0f, var = 0.0f;
-            for (int e = 0; e < E; e++) { mean += z[e]; }
-            mean /= E;
-            for (int e = 0; e < E; e++) { var += (z[e] - mean) * (z[e] - mean); }
-            float rstd = 1.0f / sqrtf(var / E + RMSNORM_EPS);
-            for (int e = 0; e < E; e++) {
-                u[e] = (z[e] - mean) * rstd;
-                P[e] = theta * u[e];
-            }
-            r.drn_rstd[n] = rstd;
-        } else {
-            for (int e = 0; e < E; e++) { P[e] = z[e]; }
-        }
+        float *P = r.probs + (size_t)n * E;  // softmax in place
         float maxval = -INFINITY, sum = 0.0f;
         for (int e = 0; e < E; e++) { maxval = P[e] > maxval ? P[e] : maxval; }
         for (int e = 0; e < E; e++) {
@@ -1065,117 +1118,37 @@ void router_forward(RouterView r, const float *m, const float *wr, float theta, 
     }
 }
 
-// Dispatch by counting sort: a histogram of the selected experts, a prefix sum giving each expert
-// a contiguous block of rows, and a placement pass in token order (so rows, and every sum over
-// them, come in the same order on every run).
-void moe_dispatch(RouterView r, int *row_token, int N, int E) {
-    int *start = r.expert_start;
-    for (int e = 0; e <= E; e++) { start[e] = 0; }
+// From the gradient of the gates (r.dgates) back to the router logits, θ and Wr; r.drouter holds
+// on entry the auxiliary losses' dP (moe_aux_backward) and is reused for dẑ and dz. dm (N, C) +=.
+// The derivation is in doc/router_backward.md.
+void router_backward(RouterView r, float *dm, const LayerWeights *dw, const float *m, const LayerWeights *w,
+                     const RouterConfig *rc, int N, int C, int E) {
+    #pragma omp parallel for
     for (int n = 0; n < N; n++) {
-        for (int j = 0; j < r.n_selected[n]; j++) { start[r.selected[(size_t)n * E + j] + 1]++; }
-    }
-    for (int e = 0; e < E; e++) { start[e + 1] += start[e]; }
-    int cursor[E];
-    for (int e = 0; e < E; e++) { cursor[e] = start[e]; }
-    for (int n = 0; n < N; n++) {
-        for (int j = 0; j < E; j++) {
-            int row = -1;
-            if (j < r.n_selected[n]) {
-                row = cursor[r.selected[(size_t)n * E + j]]++;
-                row_token[row] = n;
+        const float *P = r.probs + (size_t)n * E, *g = r.gates + (size_t)n * E;
+        const float *dg = r.dgates + (size_t)n * E;
+        const int *sel = r.selected + (size_t)n * E;
+        float *d = r.drouter + (size_t)n * E;  // dP, then dẑ
+        int count = r.n_selected[n];
+        if (rc->renorm) {  // g_e = P_e / Z over S: dP_e = (dg_e - Σ_j g_j dg_j) / Z
+            float kept = 0.0f, gdg = 0.0f;
+            for (int j = 0; j < count; j++) {
+                kept += P[sel[j]];
+                gdg += g[j] * dg[j];
             }
-            r.token_row[(size_t)n * E + j] = row;
+            for (int j = 0; j < count; j++) { d[sel[j]] += (dg[j] - gdg) / kept; }
+        } else {
+            for (int j = 0; j < count; j++) { d[sel[j]] += dg[j]; }
         }
+        float pdp = 0.0f;  // softmax: dẑ = P ⊙ (dP − <P, dP>)
+        for (int e = 0; e < E; e++) { pdp += P[e] * d[e]; }
+        for (int e = 0; e < E; e++) { d[e] = P[e] * (d[e] - pdp); }
     }
-}
-
-// Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it.
-// w1, w3: (E, H, C); w2: (E, C, H) of this layer; rows are relative to this layer's first row.
-void experts_forward(float *out, float *h1, float *h3, float *hact, const float *m, const int *row_token,
-                     const int *expert_start, const float *w1, const float *w3, const float *w2,
-                     int E, int C, int H) {
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_forward(h1 + (size_t)first * H, m, row_token + first, w1 + (size_t)e * H * C, count, C, H);
-        matmul_forward(h3 + (size_t)first * H, m, row_token + first, w3 + (size_t)e * H * C, count, C, H);
+    if (rc->drn) {
+        drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, *w->theta, N, E);
+        for (int n = 0; n < N; n++) { *dw->theta += r.dtheta_token[n]; }  // in token order
     }
-    swiglu_forward(hact, h1, h3, (size_t)expert_start[E] * H);
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_forward(out + (size_t)first * C, hact + (size_t)first * H, NULL, w2 + (size_t)e * C * H, count, H, C);
-    }
-}
-
-// Writes din (rows, C), the gradient of the gathered inputs, one row per (token, expert) pair
-// (moe_gather_rows then sums each token's rows); accumulates into dw1, dw3, dw2.
-void experts_backward(float *din, float *dh1, float *dh3, float *dw1, float *dw3, float *dw2,
-                      const float *dout, const float *h1, const float *h3, const float *hact,
-                      const float *m, const int *row_token, const int *expert_start,
-                      const float *w1, const float *w3, const float *w2, int E, int C, int H) {
-    size_t rows = expert_start[E];
-    memset(dh1, 0, rows * H * sizeof(float));
-    memset(din, 0, rows * C * sizeof(float));
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_backward(dh1 + (size_t)first * H, dw2 + (size_t)e * C * H, dout + (size_t)first * C,
-                        hact + (size_t)first * H, NULL, w2 + (size_t)e * C * H, count, H, C);
-    }
-    swiglu_backward(dh1, dh3, h1, h3, rows * H);
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_backward(din + (size_t)first * C, dw1 + (size_t)e * H * C, dh1 + (size_t)first * H, m,
-                        row_token + first, w1 + (size_t)e * H * C, count, C, H);
-        matmul_backward(din + (size_t)first * C, dw3 + (size_t)e * H * C, dh3 + (size_t)first * H, m,
-                        row_token + first, w3 + (size_t)e * H * C, count, C, H);
-    }
-}
-
-// MoE(m) = Σ_j g_j Expert_j(m): each token gathers its own rows, in selection order.
-void moe_combine_forward(float *out, const float *expert_out, RouterView r, int N, int C, int E) {
-    #pragma omp parallel for
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * C;
-        for (int i = 0; i < C; i++) { o[i] = 0.0f; }
-        for (int j = 0; j < r.n_selected[n]; j++) {
-            const float *y = expert_out + (size_t)r.token_row[(size_t)n * E + j] * C;
-            float g = r.gates[(size_t)n * E + j];
-            for (int i = 0; i < C; i++) { o[i] += g * y[i]; }
-        }
-    }
-}
-
-// dexpert_out of each row = gate · dMoE; dgates_j = <dMoE, Expert_j(m)>. Every row belongs to
-// exactly one (token, choice), so each token writes only its own rows.
-void moe_combine_backward(float *dexpert_out, float *dgates, const float *dout, const float *expert_out,
-                          RouterView r, int N, int C, int E) {
-    #pragma omp parallel for
-    for (int n = 0; n < N; n++) {
-        const float *d = dout + (size_t)n * C;
-        for (int j = 0; j < E; j++) {
-            dgates[(size_t)n * E + j] = 0.0f;
-            if (j >= r.n_selected[n]) { continue; }
-            size_t row = r.token_row[(size_t)n * E + j];
-            float g = r.gates[(size_t)n * E + j];
-            dgates[(size_t)n * E + j] = dot_product(d, expert_out + row * C, C);
-            for (int i = 0; i < C; i++) { dexpert_out[row * C + i] = g * d[i]; }
-        }
-    }
-}
-
-// dm[n] += Σ_j din[row of (n, j)]: the gather that brings expert-input gradients back to tokens.
-void moe_gather_rows(float *dm, const float *din, RouterView r, int N, int C, int E) {
-    #pragma omp parallel for
-    for (int n = 0; n < N; n++) {
-        float *d = dm + (size_t)n * C;
-        for (int j = 0; j < r.n_selected[n]; j++) {
-            const float *g = din + (size_t)r.token_row[(size_t)n * E + j] * C;
-            for (int i = 0; i < C; i++) { d[i] += g[i]; }
-        }
-    }
+    matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E);
 }
 
 // Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
@@ -1203,55 +1176,135 @@ void moe_aux_forward(float *lb, float *ent, RouterView r, int N, int E) {
     *ent = (float)(ent_sum / N);
 }
 
-// From the gradient of the gates (and the auxiliary losses, weighted by lb_scale and ent_scale)
-// back to the router logits, θ and Wr. The derivation is in doc/router_backward.md.
-void router_backward(float *dm, float *dwr, float *dtheta, float *drouter, float *dtheta_token,
-                     const float *dgates, RouterView r, const float *m, const float *wr, float theta,
-                     const RouterConfig *rc, float lb_scale, float ent_scale, int N, int C, int E) {
+// Writes (not accumulates) r.drouter = dP of lb_scale·LB + ent_scale·H, the start of the router's
+// backward pass.
+void moe_aux_backward(RouterView r, float lb_scale, float ent_scale, int N, int E) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
-        const float *P = r.probs + (size_t)n * E, *g = r.gates + (size_t)n * E;
-        const float *dg = dgates + (size_t)n * E;
-        const int *sel = r.selected + (size_t)n * E;
-        float *d = drouter + (size_t)n * E;  // dP, then dẑ, then dz, in place
-        int count = r.n_selected[n];
+        const float *P = r.probs + (size_t)n * E;
+        float *d = r.drouter + (size_t)n * E;
         for (int e = 0; e < E; e++) {
             float aux = lb_scale * E * expert_load_fraction(r, e, E) / N;
             if (P[e] > 0.0f) { aux -= ent_scale * (logf(P[e]) + 1.0f) / N; }
             d[e] = aux;
         }
-        if (rc->renorm) {  // g_e = P_e / Z over S: dP_e = (dg_e - Σ_j g_j dg_j) / Z
-            float kept = 0.0f, gdg = 0.0f;
-            for (int j = 0; j < count; j++) {
-                kept += P[sel[j]];
-                gdg += g[j] * dg[j];
+    }
+}
+
+// Dispatch by counting sort, in two steps so that the caller can size the row buffers in
+// between. First a histogram of the selected experts and its prefix sum: expert e gets rows
+// expert_start[e] .. expert_start[e+1]-1. Returns the number of rows.
+int moe_dispatch_count(RouterView r, int N, int E) {
+    int *start = r.expert_start;
+    for (int e = 0; e <= E; e++) { start[e] = 0; }
+    for (int n = 0; n < N; n++) {
+        for (int j = 0; j < r.n_selected[n]; j++) { start[r.selected[(size_t)n * E + j] + 1]++; }
+    }
+    for (int e = 0; e < E; e++) { start[e + 1] += start[e]; }
+    return start[E];
+}
+
+// Then the placement, in token order (so rows, and every sum over them, come in the same order on
+// every run): x.row_token of every row, and r.token_row of every (token, choice).
+void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
+    int cursor[E];
+    for (int e = 0; e < E; e++) { cursor[e] = r.expert_start[e]; }
+    for (int n = 0; n < N; n++) {
+        for (int j = 0; j < E; j++) {
+            int row = -1;
+            if (j < r.n_selected[n]) {
+                row = cursor[r.selected[(size_t)n * E + j]]++;
+                x.row_token[row] = n;
             }
-            for (int j = 0; j < count; j++) { d[sel[j]] += (dg[j] - gdg) / kept; }
-        } else {
-            for (int j = 0; j < count; j++) { d[sel[j]] += dg[j]; }
-        }
-        float pdp = 0.0f;  // softmax: dẑ = P ⊙ (dP − <P, dP>)
-        for (int e = 0; e < E; e++) { pdp += P[e] * d[e]; }
-        for (int e = 0; e < E; e++) { d[e] = P[e] * (d[e] - pdp); }
-        if (rc->drn) {  // ẑ = θ u: dθ = <dẑ, u>; standardization: dz = (du − mean(du) − u mean(du ⊙ u)) rstd
-            const float *u = r.drn_u + (size_t)n * E;
-            float dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
-            for (int e = 0; e < E; e++) {
-                dth += d[e] * u[e];
-                d[e] *= theta;  // du
-                mean_du += d[e];
-                mean_duu += d[e] * u[e];
-            }
-            mean_du /= E;
-            mean_duu /= E;
-            for (int e = 0; e < E; e++) { d[e] = (d[e] - mean_du - u[e] * mean_duu) * r.drn_rstd[n]; }
-            dtheta_token[n] = dth;
+            r.token_row[(size_t)n * E + j] = row;
         }
     }
-    if (rc->drn) {
-        for (int n = 0; n < N; n++) { *dtheta += dtheta_token[n]; }
+}
+
+// Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it: x.out (R, C).
+void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H) {
+    const int *start = r.expert_start;
+    for (int e = 0; e < E; e++) {
+        int first = start[e], count = start[e + 1] - first;
+        if (count == 0) { continue; }
+        matmul_forward(x.h1 + (size_t)first * H, m, x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H);
+        matmul_forward(x.h3 + (size_t)first * H, m, x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H);
     }
-    matmul_backward(dm, dwr, drouter, m, NULL, wr, N, C, E);
+    swiglu_forward(x.hact, x.h1, x.h3, (size_t)start[E] * H);
+    for (int e = 0; e < E; e++) {
+        int first = start[e], count = start[e + 1] - first;
+        if (count == 0) { continue; }
+        matmul_forward(x.out + (size_t)first * C, x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C);
+    }
+}
+
+// From x.dout (R, C) to x.din (R, C), the gradient of the gathered inputs, one row per (token,
+// expert) pair (moe_gather_rows then sums each token's rows); accumulates into dw's W1, W3, W2.
+void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw, const LayerWeights *w,
+                      int E, int C, int H) {
+    const int *start = r.expert_start;
+    size_t rows = start[E];
+    memset(x.dh1, 0, rows * H * sizeof(float));
+    memset(x.din, 0, rows * C * sizeof(float));
+    for (int e = 0; e < E; e++) {
+        int first = start[e], count = start[e + 1] - first;
+        if (count == 0) { continue; }
+        matmul_backward(x.dh1 + (size_t)first * H, dw->w2 + (size_t)e * C * H, x.dout + (size_t)first * C,
+                        x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C);
+    }
+    swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
+    for (int e = 0; e < E; e++) {
+        int first = start[e], count = start[e + 1] - first;
+        if (count == 0) { continue; }
+        matmul_backward(x.din + (size_t)first * C, dw->w1 + (size_t)e * H * C, x.dh1 + (size_t)first * H, m,
+                        x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H);
+        matmul_backward(x.din + (size_t)first * C, dw->w3 + (size_t)e * H * C, x.dh3 + (size_t)first * H, m,
+                        x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H);
+    }
+}
+
+// MoE(m) = Σ_j g_j Expert_j(m): each token gathers its own rows, in selection order. out (N, C).
+void moe_combine_forward(float *out, ExpertView x, RouterView r, int N, int C, int E) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * C;
+        for (int i = 0; i < C; i++) { o[i] = 0.0f; }
+        for (int j = 0; j < r.n_selected[n]; j++) {
+            const float *y = x.out + (size_t)r.token_row[(size_t)n * E + j] * C;
+            float g = r.gates[(size_t)n * E + j];
+            for (int i = 0; i < C; i++) { o[i] += g * y[i]; }
+        }
+    }
+}
+
+// From dout (N, C), the gradient of MoE(m): x.dout of each row = gate · dout; r.dgates_j =
+// <dout, Expert_j(m)>. Every row belongs to exactly one (token, choice), so each token writes
+// only its own rows.
+void moe_combine_backward(ExpertView x, RouterView r, const float *dout, int N, int C, int E) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *d = dout + (size_t)n * C;
+        for (int j = 0; j < E; j++) {
+            r.dgates[(size_t)n * E + j] = 0.0f;
+            if (j >= r.n_selected[n]) { continue; }
+            size_t row = r.token_row[(size_t)n * E + j];
+            float g = r.gates[(size_t)n * E + j];
+            r.dgates[(size_t)n * E + j] = dot_product(d, x.out + row * C, C);
+            for (int i = 0; i < C; i++) { x.dout[row * C + i] = g * d[i]; }
+        }
+    }
+}
+
+// dm[n] += Σ_j x.din[row of (n, j)]: the gather that brings expert-input gradients back to tokens.
+void moe_gather_rows(float *dm, ExpertView x, RouterView r, int N, int C, int E) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float *d = dm + (size_t)n * C;
+        for (int j = 0; j < r.n_selected[n]; j++) {
+            const float *g = x.din + (size_t)r.token_row[(size_t)n * E + j] * C;
+            for (int i = 0; i < C; i++) { d[i] += g[i]; }
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -1305,46 +1358,76 @@ void model_free(Model *model) {
     free(model->ws);
 }
 
-// The MoE half of layer l: router, dispatch, experts, combine and the auxiliary terms.
+static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
+    size_t N = (size_t)a->B * a->T, E = c->num_experts;
+    RouterView v = {0};
+    v.logits = a->acts.router_logits + l * N * E;
+    v.drn_u = a->acts.drn_u + l * N * E;
+    v.drn_rstd = a->acts.drn_rstd + l * N;
+    v.probs = a->acts.probs + l * N * E;
+    v.gates = a->acts.gates + l * N * E;
+    v.n_selected = a->routing.n_selected + l * N;
+    v.selected = a->routing.selected + l * N * E;
+    v.expert_start = a->routing.expert_start + l * (E + 1);
+    v.token_row = a->routing.token_row + l * N * E;
+    v.row_begin = a->routing.row_offset[l];
+    v.dgates = a->grads.dgates;
+    v.drouter = a->grads.drouter;
+    v.dtheta_token = a->grads.dtheta;
+    return v;
+}
+
+// This layer's rows: they follow the previous layer's in a->rows; the gradient scratch holds one
+// layer at a time.
+static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r) {
+    size_t b = r.row_begin, C = c->channels, H = c->expert_hidden;
+    ExpertView x = {0};
+    x.row_token = a->rows.row_token + b;
+    x.h1 = a->rows.h1 + b * H;
+    x.h3 = a->rows.h3 + b * H;
+    x.hact = a->rows.hact + b * H;
+    x.out = a->rows.out + b * C;
+    x.dout = a->row_grads.dout;
+    x.dh1 = a->row_grads.dh1;
+    x.dh3 = a->row_grads.dh3;
+    x.din = a->row_grads.din;
+    return x;
+}
+
+// The MoE half of layer l: router, auxiliary terms, dispatch, experts, combine.
 // Writes MoE(m) to out (N, C).
 static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
     LayerWeights w = layer_weights(&model->params, c, l);
     RouterView r = router_view(a, c, l);
-    router_forward(r, m, w.wr, *w.theta, model->threshold[l], &model->router, N, C, E);
-    int rows = 0;
-    for (int n = 0; n < N; n++) { rows += r.n_selected[n]; }
-    expert_rows_reserve(&a->rows, r.row_begin + rows, C, H);  // this layer's rows follow the previous layer's
-    moe_dispatch(r, a->rows.row_token + r.row_begin, N, E);
-    a->routing.row_offset[l + 1] = r.row_begin + rows;
-    ExpertRows *x = &a->rows;
-    size_t b = r.row_begin;
-    experts_forward(x->out + b * C, x->h1 + b * H, x->h3 + b * H, x->hact + b * H, m, x->row_token + b,
-                    r.expert_start, w.w1, w.w3, w.w2, E, C, H);
-    moe_combine_forward(out, x->out + b * C, r, N, C, E);
+    router_forward(r, m, &w, model->threshold[l], &model->router, N, C, E);
+    int rows = moe_dispatch_count(r, N, E);
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
+    expert_rows_reserve(&a->rows, r.row_begin + rows, C, H);
+    a->routing.row_offset[l + 1] = r.row_begin + rows;
+    ExpertView x = expert_view(a, c, r);
+    moe_dispatch(r, x, N, E);
+    experts_forward(x, r, m, &w, E, C, H);
+    moe_combine_forward(out, x, r, N, C, E);
 }
 
-// dm (N, C) += gradient of the MoE input, given dout (N, C), the gradient of MoE(m).
+// dm (N, C) += gradient of the MoE input, given dout (N, C), the gradient of MoE(m): the forward
+// pass reversed.
 static void moe_backward(Model *model, Activations *a, int l, float *dm, const float *dout, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden, L = c->num_layers;
+    const RouterConfig *rc = &model->router;
     LayerWeights w = layer_weights(&model->params, c, l);
     LayerWeights dw = layer_weights(&model->grads, c, l);
     RouterView r = router_view(a, c, l);
-    ExpertRows *x = &a->rows;
-    ExpertRowGrads *xg = &a->row_grads;
-    size_t b = r.row_begin;
-    expert_row_grads_reserve(xg, r.expert_start[E], C, H);
-    GradActivations *g = &a->grads;
-    moe_combine_backward(xg->dout, g->dgates, dout, x->out + b * C, r, N, C, E);
-    experts_backward(xg->din, xg->dh1, xg->dh3, dw.w1, dw.w3, dw.w2, xg->dout, x->h1 + b * H, x->h3 + b * H,
-                     x->hact + b * H, m, x->row_token + b, r.expert_start, w.w1, w.w3, w.w2, E, C, H);
-    moe_gather_rows(dm, xg->din, r, N, C, E);
-    const RouterConfig *rc = &model->router;
-    router_backward(dm, dw.wr, dw.theta, g->drouter, g->dtheta, g->dgates, r, m, w.wr, *w.theta, rc,
-                    rc->lb_coef / L, rc->ent_coef / L, N, C, E);
+    expert_row_grads_reserve(&a->row_grads, r.expert_start[E], C, H);
+    ExpertView x = expert_view(a, c, r);
+    moe_combine_backward(x, r, dout, N, C, E);
+    experts_backward(x, r, m, &dw, &w, E, C, H);
+    moe_gather_rows(dm, x, r, N, C, E);
+    moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);
+    router_backward(r, dm, &dw, m, &w, rc, N, C, E);
 }
 
 static void model_ensure_activations(Model *model, int B, int T) {
