@@ -325,6 +325,42 @@ static void init_params(float *params, const Model *model, uint64_t seed) {
            (size_t)(c->padded_vocab_size - c->vocab_size) * c->channels * sizeof(float));
 }
 
+// The optimizer's rule, shared by both builds (doc/spec.md, section 4): the gradient is clipped
+// to global norm CLIP_NORM, then AdamW updates every parameter. adamw_update runs in a CPU loop
+// here and in a GPU kernel in train_dtopp.cu, so it is marked for both compilers.
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
+#define ADAMW_BETA1 0.9f
+#define ADAMW_BETA2 0.95f
+#define ADAMW_EPS 1e-8f
+#define CLIP_NORM 1.0f
+
+typedef struct {
+    float lr;
+    float clip;          // scales the gradient to norm at most CLIP_NORM
+    float bias1, bias2;  // AdamW's bias corrections 1 - β^s at step s
+} AdamWStep;
+
+static AdamWStep adamw_step(int step, float lr, float grad_norm) {
+    AdamWStep s;
+    s.lr = lr;
+    s.clip = grad_norm > CLIP_NORM ? CLIP_NORM / grad_norm : 1.0f;
+    s.bias1 = 1.0f - powf(ADAMW_BETA1, (float)step);
+    s.bias2 = 1.0f - powf(ADAMW_BETA2, (float)step);
+    return s;
+}
+
+// One parameter: its moments m1, m2 and its value w move by the clipped gradient.
+static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s, float wd) {
+    grad *= s.clip;
+    float m = *m1 = ADAMW_BETA1 * *m1 + (1.0f - ADAMW_BETA1) * grad;
+    float v = *m2 = ADAMW_BETA2 * *m2 + (1.0f - ADAMW_BETA2) * grad * grad;
+    *w = *w - s.lr * ((m / s.bias1) / (sqrtf(v / s.bias2) + ADAMW_EPS) + wd * *w);
+}
+
 // Warm-up then cosine decay to a tenth of the peak, over total_steps steps (step counts from 0).
 float learning_rate(int step, int total_steps, int warmup, float peak) {
     if (step < warmup) { return peak * (step + 1) / warmup; }
@@ -1555,27 +1591,20 @@ static double sum_of_squares(const float *x, size_t n) {
 
 // Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
 float model_update(Model *model, float lr, float weight_decay) {
-    const float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
     if (model->m_memory == NULL) {
         model->m_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
         model->v_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
     }
     float norm = (float)sqrt(sum_of_squares(model->grads_memory, model->num_parameters));
-    float clip = norm > 1.0f ? 1.0f / norm : 1.0f;
     model->adam_step++;
-    float bias1 = 1.0f - powf(beta1, (float)model->adam_step);
-    float bias2 = 1.0f - powf(beta2, (float)model->adam_step);
+    AdamWStep s = adamw_step(model->adam_step, lr, norm);
     size_t offset = 0;
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
         float wd = param_is_matrix[k] ? weight_decay : 0.0f;
         size_t end = offset + model->param_sizes[k];
         #pragma omp parallel for
         for (size_t i = offset; i < end; i++) {
-            float grad = model->grads_memory[i] * clip;
-            float m = model->m_memory[i] = beta1 * model->m_memory[i] + (1.0f - beta1) * grad;
-            float v = model->v_memory[i] = beta2 * model->v_memory[i] + (1.0f - beta2) * grad * grad;
-            float w = model->params_memory[i];
-            model->params_memory[i] = w - lr * ((m / bias1) / (sqrtf(v / bias2) + eps) + wd * w);
+            adamw_update(&model->params_memory[i], &model->m_memory[i], &model->v_memory[i], model->grads_memory[i], s, wd);
         }
         offset = end;
     }
