@@ -91,6 +91,10 @@ typedef struct {
     float ent_coef;    // router entropy loss coefficient
 } RouterConfig;
 
+// The epsilons of the two normalizations (doc/spec.md, sections 1 and 2).
+#define RMSNORM_EPS 1e-5f
+#define DRN_EPS 1e-5f
+
 static inline int padded_vocab(int V) { return (V + 127) / 128 * 128; }
 
 // For files written before the vocabulary kind was stored: the two vocabularies the project had.
@@ -780,8 +784,6 @@ void encoder_backward(float *dwte, const float *dout, const int *inp, int N, int
     }
 }
 
-#define RMSNORM_EPS 1e-5f
-
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -1061,22 +1063,20 @@ void crossentropy_backward(float *dlogits, const float *logits, const int *targe
 // DRN standardizes each token's router logits over the experts and scales them by the layer's
 // learned θ: ẑ = θ (z − mean(z)) / sqrt(var(z) + DRN_EPS). Without it the spread of the logits,
 // and so how many experts a threshold p admits, would be whatever training made it in each layer.
-#define DRN_EPS 1e-5f
-
 // scaled (N, E) = θ u, with u (N, E) the standardized logits and rstd (N) 1 / sqrt(var + eps).
-void drn_forward(float *scaled, float *u, float *rstd, const float *z, float theta, int N, int E) {
+void drn_forward(float *scaled, float *u, float *rstd, const float *z, const float *theta, int N, int E) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float *zn = z + (size_t)n * E;
         float *un = u + (size_t)n * E, *out = scaled + (size_t)n * E;
-        float mean = 0.0f, var = 0.0f;
+        float mean = 0.0f, var = 0.0f, scale = *theta;
         for (int e = 0; e < E; e++) { mean += zn[e]; }
         mean /= E;
         for (int e = 0; e < E; e++) { var += (zn[e] - mean) * (zn[e] - mean); }
         float r = 1.0f / sqrtf(var / E + DRN_EPS);
         for (int e = 0; e < E; e++) {
             un[e] = (zn[e] - mean) * r;
-            out[e] = theta * un[e];
+            out[e] = scale * un[e];
         }
         rstd[n] = r;
     }
@@ -1084,15 +1084,15 @@ void drn_forward(float *scaled, float *u, float *rstd, const float *z, float the
 
 // In place: d (N, E) holds dẑ on entry and dz on exit; each token's share of dθ = <dẑ, u> goes to
 // dtheta_token (N), for the caller to sum in order. du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
-void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, float theta, int N, int E) {
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N, int E) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float *dn = d + (size_t)n * E;
         const float *un = u + (size_t)n * E;
-        float dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
+        float dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f, scale = *theta;
         for (int e = 0; e < E; e++) {
             dth += dn[e] * un[e];
-            dn[e] *= theta;  // du
+            dn[e] *= scale;  // du
             mean_du += dn[e];
             mean_duu += dn[e] * un[e];
         }
@@ -1130,7 +1130,7 @@ void router_forward(RouterView r, const float *m, const LayerWeights *w, float t
                     int N, int C, int E) {
     matmul_forward(r.logits, m, NULL, w->wr, N, C, E);
     if (rc->drn) {
-        drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, *w->theta, N, E);
+        drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, w->theta, N, E);
     } else {
         memcpy(r.probs, r.logits, (size_t)N * E * sizeof(float));
     }
@@ -1181,7 +1181,7 @@ void router_backward(RouterView r, float *dm, const LayerWeights *dw, const floa
         for (int e = 0; e < E; e++) { d[e] = P[e] * (d[e] - pdp); }
     }
     if (rc->drn) {
-        drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, *w->theta, N, E);
+        drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, w->theta, N, E);
         for (int n = 0; n < N; n++) { *dw->theta += r.dtheta_token[n]; }  // in token order
     }
     matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E);

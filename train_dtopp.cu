@@ -157,8 +157,13 @@ static void copy_to_device(void *dst, const void *src, size_t bytes) {
 }
 static void zero_async(void *ptr, size_t bytes) { cudaCheck(cudaMemsetAsync(ptr, 0, bytes, gpu.stream)); }
 
-// Optional timing of the phases of a step (for bench/): cudaEvents on the main stream mark the
-// start of each named phase; the time up to the next mark is charged to it.
+// Optional timing of the phases of a step, for bench/bench_cuda.c: built with -DDTOPP_PROFILE,
+// PROFILE_MARK(name) records a cudaEvent on the main stream at the start of each named phase, and
+// the time up to the next mark is charged to it. Without it PROFILE_MARK is nothing at all.
+#ifndef DTOPP_PROFILE
+#define PROFILE_MARK(name) ((void)0)
+#else
+#define PROFILE_MARK(name) profile_mark(name)
 #define PROFILE_MAX_MARKS 8192
 #define PROFILE_MAX_NAMES 64
 static struct {
@@ -208,6 +213,7 @@ void cuda_profile_print(FILE *f, int steps) {
     }
     fprintf(f, "%-28s %10.3f\n", "total", total / steps);
 }
+#endif  // DTOPP_PROFILE
 
 // Reductions in a fixed order: the same inputs give the same bits on every run.
 template <typename T> __device__ T warp_sum(T x) {
@@ -561,7 +567,6 @@ static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
     free(pos);
 }
 
-#define RMSNORM_EPS 1e-5f
 
 // one warp per row
 __global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
@@ -853,16 +858,26 @@ __global__ void swiglu_backward_kernel(float *dh1, float *dh3, const float *h1, 
     dh1[i] = dout * h3[i] * sig * (1.0f + h1[i] * (1.0f - sig));
 }
 
-void swiglu_forward(float *out, const float *h1, const float *h3, size_t n, cudaStream_t stream) {
+// The experts run on several streams, so the launchers take one; swiglu_forward/backward are
+// those of the main stream.
+static void swiglu_forward_on(cudaStream_t stream, float *out, const float *h1, const float *h3, size_t n) {
     if (n == 0) { return; }
     swiglu_forward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(out, h1, h3, n);
     launchCheck();
 }
 
-void swiglu_backward(float *dh1, float *dh3, const float *h1, const float *h3, size_t n, cudaStream_t stream) {
+static void swiglu_backward_on(cudaStream_t stream, float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
     if (n == 0) { return; }
     swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(dh1, dh3, h1, h3, n);
     launchCheck();
+}
+
+void swiglu_forward(float *out, const float *h1, const float *h3, size_t n) {
+    swiglu_forward_on(gpu.stream, out, h1, h3, n);
+}
+
+void swiglu_backward(float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
+    swiglu_backward_on(gpu.stream, dh1, dh3, h1, h3, n);
 }
 
 // Cross-entropy over the first V of the Vp logits of a row, one block per row. One pass keeps a
@@ -930,64 +945,73 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *tok
 }
 
 // ----------------------------------------------------------------------------
-// the MoE layer: router -> dispatch (counting sort) -> experts -> combine, plus auxiliary losses
+// the MoE layer, in the order of the paper: router (z = Wr m, DRN, softmax, top-p selection,
+// gates), auxiliary losses, dispatch (counting sort), experts, combine. The functions take the
+// shared RouterView and ExpertView (device pointers, except expert_start_host and gemm_host).
 
-// One layer's routing state, as views into the (L, ...) tensors (device pointers, except
-// expert_start_host).
-typedef struct {
-    float *logits, *drn_u, *drn_rstd, *probs, *gates;
-    int *n_selected, *selected, *expert_start, *token_row;
-    const int *expert_start_host;
-    int row_begin;  // first expert row of this layer
-} RouterView;
-
-static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
-    size_t N = (size_t)a->B * a->T, E = c->num_experts;
-    RouterView v;
-    v.logits = a->acts.router_logits + l * N * E;
-    v.drn_u = a->acts.drn_u + l * N * E;
-    v.drn_rstd = a->acts.drn_rstd + l * N;
-    v.probs = a->acts.probs + l * N * E;
-    v.gates = a->acts.gates + l * N * E;
-    v.n_selected = a->routing.n_selected + l * N;
-    v.selected = a->routing.selected + l * N * E;
-    v.expert_start = a->routing.expert_start + l * (E + 1);
-    v.token_row = a->routing.token_row + l * N * E;
-    v.expert_start_host = a->expert_start_host + l * (E + 1);
-    v.row_begin = a->row_offset[l];
-    return v;
+// DRN, one warp per token: scaled = θ u with u the standardized logits (see train_dtopp.c).
+__global__ void drn_forward_kernel(float *scaled, float *u, float *rstd, const float *z, const float *theta_ptr, int E) {
+    int n = blockIdx.x, lane = threadIdx.x;
+    const float *zn = z + (size_t)n * E;
+    float *un = u + (size_t)n * E, *out = scaled + (size_t)n * E;
+    float theta = *theta_ptr, mean = 0.0f;
+    for (int e = lane; e < E; e += 32) { mean += zn[e]; }
+    mean = warp_sum(mean) / E;
+    float var = 0.0f;
+    for (int e = lane; e < E; e += 32) { var += (zn[e] - mean) * (zn[e] - mean); }
+    var = warp_sum(var);
+    float r = 1.0f / sqrtf(var / E + DRN_EPS);
+    for (int e = lane; e < E; e += 32) {
+        un[e] = (zn[e] - mean) * r;
+        out[e] = theta * un[e];
+    }
+    if (lane == 0) { rstd[n] = r; }
 }
 
-// The router's decisions for one token per block of 32 threads (one warp): DRN, softmax, the
+// theta: θ of this layer, on the device (a pointer into the parameters).
+void drn_forward(float *scaled, float *u, float *rstd, const float *z, const float *theta, int N, int E) {
+    drn_forward_kernel<<<N, 32, 0, gpu.stream>>>(scaled, u, rstd, z, theta, E);
+    launchCheck();
+}
+
+// In place: d (N, E) holds dẑ on entry and dz on exit; dθ shares to dtheta_token, one warp per token.
+__global__ void drn_backward_kernel(float *d, float *dtheta_token, const float *u, const float *rstd,
+                                    const float *theta_ptr, int E) {
+    int n = blockIdx.x, lane = threadIdx.x;
+    float *dn = d + (size_t)n * E;
+    const float *un = u + (size_t)n * E;
+    float theta = *theta_ptr, dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
+    for (int e = lane; e < E; e += 32) {
+        dth += dn[e] * un[e];
+        dn[e] *= theta;  // du
+        mean_du += dn[e];
+        mean_duu += dn[e] * un[e];
+    }
+    dth = warp_sum(dth);
+    mean_du = warp_sum(mean_du) / E;
+    mean_duu = warp_sum(mean_duu) / E;
+    float r = rstd[n];
+    for (int e = lane; e < E; e += 32) { dn[e] = (dn[e] - mean_du - un[e] * mean_duu) * r; }
+    if (lane == 0) { dtheta_token[n] = dth; }
+}
+
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N, int E) {
+    drn_backward_kernel<<<N, 32, 0, gpu.stream>>>(d, dtheta_token, u, rstd, theta, E);
+    launchCheck();
+}
+
+// Softmax and the router's decisions for one token per block of 32 threads (one warp): the
 // selection rule of the spec and the gates. Shared memory holds P and the order of the experts.
 // The order is computed as a rank: expert e comes after every expert with a larger P, and after
 // every expert with the same P and a lower index (the spec's tie rule), so no sort is needed.
 // The running sum of the top-p rule is accumulated one expert at a time in that order, by one
-// thread, as the spec asks.
-__global__ void router_select_kernel(RouterView r, const float *theta_ptr, float threshold, int routing, int k, int drn,
-                                     int renorm, int N, int E) {
+// thread, as the spec asks. r.probs holds ẑ on entry and P on exit.
+__global__ void router_select_kernel(RouterView r, float threshold, int routing, int k, int renorm, int E) {
     extern __shared__ float shared[];
     float *P = shared;
     int *order = (int *)(shared + E);
     int n = blockIdx.x, lane = threadIdx.x;
-    const float *z = r.logits + (size_t)n * E;
-    float *u = r.drn_u + (size_t)n * E;
-    if (drn) {  // standardize over the experts, then scale by the learned θ
-        float theta = *theta_ptr, mean = 0.0f;
-        for (int e = lane; e < E; e += 32) { mean += z[e]; }
-        mean = warp_sum(mean) / E;
-        float var = 0.0f;
-        for (int e = lane; e < E; e += 32) { var += (z[e] - mean) * (z[e] - mean); }
-        var = warp_sum(var);
-        float rstd = 1.0f / sqrtf(var / E + RMSNORM_EPS);
-        for (int e = lane; e < E; e += 32) {
-            u[e] = (z[e] - mean) * rstd;
-            P[e] = theta * u[e];
-        }
-        if (lane == 0) { r.drn_rstd[n] = rstd; }
-    } else {
-        for (int e = lane; e < E; e += 32) { P[e] = z[e]; }
-    }
+    for (int e = lane; e < E; e += 32) { P[e] = r.probs[(size_t)n * E + e]; }
     __syncwarp();
     float maxval = -INFINITY;
     for (int e = lane; e < E; e += 32) { maxval = fmaxf(maxval, P[e]); }
@@ -1032,13 +1056,126 @@ __global__ void router_select_kernel(RouterView r, const float *theta_ptr, float
     }
 }
 
-// z = Wr m; DRN; P = softmax; selection; gates.
-// theta: θ of this layer, on the device.
-void router_forward(RouterView r, const float *m, const float *wr, const float *theta, float threshold,
-                    const RouterConfig *rc, int N, int C, int E) {
-    matmul_forward(r.logits, m, wr, N, C, E);
+// z = Wr m; DRN (if on); P = softmax; S = selection with this layer's threshold; gates over S.
+void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold, const RouterConfig *rc,
+                    int N, int C, int E) {
+    matmul_forward(r.logits, m, w->wr, N, C, E);
+    if (rc->drn) {
+        drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, w->theta, N, E);
+    } else {
+        cudaCheck(cudaMemcpyAsync(r.probs, r.logits, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+    }
     size_t shared = (size_t)E * (sizeof(float) + sizeof(int));
-    router_select_kernel<<<N, 32, shared, gpu.stream>>>(r, theta, threshold, rc->routing, rc->k, rc->drn, rc->renorm, N, E);
+    router_select_kernel<<<N, 32, shared, gpu.stream>>>(r, threshold, rc->routing, rc->k, rc->renorm, E);
+    launchCheck();
+}
+
+// From the gradient of the gates back to ẑ, one warp per token: r.drouter holds the auxiliary
+// losses' dP on entry (moe_aux_backward) and dẑ on exit.
+__global__ void router_backward_kernel(RouterView r, int renorm, int E) {
+    extern __shared__ float d[];  // (E) dP, then dẑ, in place
+    int n = blockIdx.x, lane = threadIdx.x;
+    const float *P = r.probs + (size_t)n * E, *g = r.gates + (size_t)n * E;
+    const float *dg = r.dgates + (size_t)n * E;
+    const int *sel = r.selected + (size_t)n * E;
+    int count = r.n_selected[n];
+    for (int e = lane; e < E; e += 32) { d[e] = r.drouter[(size_t)n * E + e]; }
+    __syncwarp();
+    if (renorm) {  // g_e = P_e / Z over S: dP_e = (dg_e - Σ_j g_j dg_j) / Z
+        float kept = 0.0f, gdg = 0.0f;
+        for (int j = lane; j < count; j += 32) {
+            kept += P[sel[j]];
+            gdg += g[j] * dg[j];
+        }
+        kept = warp_sum(kept);
+        gdg = warp_sum(gdg);
+        for (int j = lane; j < count; j += 32) { d[sel[j]] += (dg[j] - gdg) / kept; }  // distinct experts: no race
+    } else {
+        for (int j = lane; j < count; j += 32) { d[sel[j]] += dg[j]; }
+    }
+    __syncwarp();
+    float pdp = 0.0f;  // softmax: dẑ = P ⊙ (dP − <P, dP>)
+    for (int e = lane; e < E; e += 32) { pdp += P[e] * d[e]; }
+    pdp = warp_sum(pdp);
+    for (int e = lane; e < E; e += 32) { r.drouter[(size_t)n * E + e] = P[e] * (d[e] - pdp); }
+}
+
+// *dtheta += Σ_n dtheta_token[n], one block, fixed order.
+__global__ void sum_into_kernel(float *out, const float *x, int n) {
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { sum += x[i]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { *out += sum; }
+}
+
+// From the gradient of the gates back to the router logits, θ and Wr (see train_dtopp.c).
+void router_backward(RouterView r, float *dm, const LayerWeights *dw, const float *m, const LayerWeights *w,
+                     const RouterConfig *rc, int N, int C, int E) {
+    router_backward_kernel<<<N, 32, E * sizeof(float), gpu.stream>>>(r, rc->renorm, E);
+    launchCheck();
+    if (rc->drn) {
+        drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, w->theta, N, E);
+        sum_into_kernel<<<1, 1024, 0, gpu.stream>>>(dw->theta, r.dtheta_token, N);
+        launchCheck();
+    }
+    matmul_backward(dm, dw->wr, r.drouter, m, w->wr, N, C, E);
+}
+
+// Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
+// load-balance loss, a constant for the gradient.
+__device__ inline float expert_load_fraction(const int *expert_start, int e, int E) {
+    int total = expert_start[E];
+    return total > 0 ? (float)(expert_start[e + 1] - expert_start[e]) / total : 0.0f;
+}
+
+// LB = E Σ_e f_e mean_n P_e and H = mean_n(−Σ_e P_e log P_e), over the N tokens of the step.
+// One block per expert sums its column of P (double, fixed tree); then one block adds the
+// experts in order and the tokens' entropies.
+__global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int *expert_start, int N, int E) {
+    int e = blockIdx.x;
+    double sum = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += probs[(size_t)n * E + e]; }
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) { lb_part[e] = expert_load_fraction(expert_start, e, E) * sum / N; }
+}
+
+__global__ void moe_aux_finish_kernel(float *lb, float *ent, const double *lb_part, const float *probs, int N, int E) {
+    double ent_sum = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        for (int e = 0; e < E; e++) {
+            float p = probs[(size_t)n * E + e];
+            if (p > 0.0f) { ent_sum -= p * logf(p); }
+        }
+    }
+    ent_sum = block_sum(ent_sum);
+    if (threadIdx.x == 0) {
+        double lb_sum = 0.0;
+        for (int e = 0; e < E; e++) { lb_sum += lb_part[e]; }
+        *lb = (float)(E * lb_sum);
+        *ent = (float)(ent_sum / N);
+    }
+}
+
+void moe_aux_forward(float *lb, float *ent, RouterView r, int N, int E) {
+    moe_aux_lb_kernel<<<E, 256, 0, gpu.stream>>>(r.sums, r.probs, r.expert_start, N, E);
+    launchCheck();
+    moe_aux_finish_kernel<<<1, 1024, 0, gpu.stream>>>(lb, ent, r.sums, r.probs, N, E);
+    launchCheck();
+}
+
+// r.drouter = dP of lb_scale·LB + ent_scale·H, one warp per token.
+__global__ void moe_aux_backward_kernel(RouterView r, float lb_scale, float ent_scale, int N, int E) {
+    int n = blockIdx.x, lane = threadIdx.x;
+    const float *P = r.probs + (size_t)n * E;
+    for (int e = lane; e < E; e += 32) {
+        float aux = lb_scale * E * expert_load_fraction(r.expert_start, e, E) / N;
+        if (P[e] > 0.0f) { aux -= ent_scale * (logf(P[e]) + 1.0f) / N; }
+        r.drouter[(size_t)n * E + e] = aux;
+    }
+}
+
+void moe_aux_backward(RouterView r, float lb_scale, float ent_scale, int N, int E) {
+    moe_aux_backward_kernel<<<N, 32, 0, gpu.stream>>>(r, lb_scale, ent_scale, N, E);
     launchCheck();
 }
 
@@ -1107,26 +1244,28 @@ __global__ void dispatch_place_kernel(int *row_token, int *token_row, const int 
 
 // Steps 1-3. Returns the number of rows; expert_start is also copied to the host (the sizes of
 // the expert products), which is this layer's one wait for the GPU.
-int moe_dispatch(RouterView r, RoutingTensors *rt, int N, int E) {
-    cudaCheck(cudaMemsetAsync(rt->choice, 0xff, (size_t)N * E * sizeof(int), gpu.stream));  // all -1
-    dispatch_choice_kernel<<<blocks_for((size_t)N * E, 256), 256, 0, gpu.stream>>>(rt->choice, r.n_selected, r.selected, N, E);
+int moe_dispatch_count(RouterView r, int N, int E) {
+    cudaCheck(cudaMemsetAsync(r.dispatch_choice, 0xff, (size_t)N * E * sizeof(int), gpu.stream));  // all -1
+    dispatch_choice_kernel<<<blocks_for((size_t)N * E, 256), 256, 0, gpu.stream>>>(r.dispatch_choice, r.n_selected,
+                                                                                     r.selected, N, E);
     launchCheck();
     int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
     dim3 grid(blocks_for(E, 64), chunks);
-    dispatch_count_kernel<<<grid, 64, 0, gpu.stream>>>(rt->chunk_count, rt->choice, N, E);
+    dispatch_count_kernel<<<grid, 64, 0, gpu.stream>>>(r.dispatch_counts, r.dispatch_choice, N, E);
     launchCheck();
-    dispatch_scan_kernel<<<1, 256, E * sizeof(int), gpu.stream>>>(r.expert_start, rt->chunk_count, chunks, E);
+    dispatch_scan_kernel<<<1, 256, E * sizeof(int), gpu.stream>>>(r.expert_start, r.dispatch_counts, chunks, E);
     launchCheck();
     copy_to_host((void *)r.expert_start_host, r.expert_start, (E + 1) * sizeof(int));
     return r.expert_start_host[E];
 }
 
-// Step 4, once the row buffers are large enough: row_token (this layer's slice) and token_row.
-void moe_dispatch_place(RouterView r, int *row_token, RoutingTensors *rt, int N, int E) {
+// Step 4, once the row buffers are large enough: x.row_token and r.token_row.
+void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
     cudaCheck(cudaMemsetAsync(r.token_row, 0xff, (size_t)N * E * sizeof(int), gpu.stream));
     int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
     dim3 grid(blocks_for(E, 64), chunks);
-    dispatch_place_kernel<<<grid, 64, 0, gpu.stream>>>(row_token, r.token_row, rt->chunk_count, rt->choice, N, E);
+    dispatch_place_kernel<<<grid, 64, 0, gpu.stream>>>(x.row_token, r.token_row, r.dispatch_counts, r.dispatch_choice,
+                                                        N, E);
     launchCheck();
 }
 
@@ -1143,61 +1282,6 @@ static void gather_inputs(float *xg, const float *m, const int *row_token, int r
     if (rows == 0) { return; }
     gather_rows_kernel<<<blocks_for((size_t)rows * C, 256), 256, 0, gpu.stream>>>(xg, m, row_token, rows, C);
     launchCheck();
-}
-
-// Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it (xg), expert e on
-// lane e % EXPERT_LANES. w1, w3: (E, H, C); w2: (E, C, H) of this layer. h13 holds h1 at h13 and
-// h3 at h13 + h3_offset floats; rows are relative to this layer's first row.
-void experts_forward(float *out, float *h13, size_t h3_offset, float *hact, const float *xg, const int *expert_start,
-                     const float *w1, const float *w3, const float *w2, int E, int C, int H) {
-    const float one = 1.0f, zero = 0.0f;
-    long long w_stride = (long long)(w3 - w1);  // W3 of an expert is this far from its W1
-    lanes_fork();
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
-        const float *x = xg + (size_t)first * C;
-        float *h1 = h13 + (size_t)first * H;
-        // [h1; h3] = x · [W1_e; W3_e]^T, one strided-batched product of two
-        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, &one,
-                                              w1 + (size_t)e * H * C, C, w_stride, x, C, 0, &zero,
-                                              h1, H, (long long)h3_offset, 2));
-        swiglu_forward(hact + (size_t)first * H, h1, h1 + h3_offset, (size_t)count * H, lane->stream);
-        matmul_forward_on(lane->blas, out + (size_t)first * C, hact + (size_t)first * H, w2 + (size_t)e * C * H, count, H, C, 0.0f);
-    }
-    lanes_join();
-}
-
-// din (rows, C) = gradient of the gathered inputs, one row per (token, expert) pair. dh13 holds
-// dh1 and dh3 like h13 (dh3_offset floats apart).
-void experts_backward(float *din, float *dh13, size_t dh3_offset, float *dw1, float *dw3, float *dw2, const float *dout,
-                      const float *h13, size_t h3_offset, const float *hact, const float *xg, const int *expert_start,
-                      const float *w1, const float *w3, const float *w2, int E, int C, int H) {
-    const float one = 1.0f, zero = 0.0f;
-    long long dw_stride = (long long)(dw3 - dw1);
-    lanes_fork();
-    for (int e = 0; e < E; e++) {
-        int first = expert_start[e], count = expert_start[e + 1] - first;
-        if (count == 0) { continue; }
-        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
-        const float *d = dout + (size_t)first * C, *x = xg + (size_t)first * C;
-        float *dh1 = dh13 + (size_t)first * H;
-        const float *h1 = h13 + (size_t)first * H;
-        // through W2: dhact = dout · W2_e (into dh1), dW2_e += dout^T · hact
-        matmul_backward_on(lane->blas, dh1, dw2 + (size_t)e * C * H, d, hact + (size_t)first * H, w2 + (size_t)e * C * H,
-                           count, H, C, 0.0f);
-        swiglu_backward(dh1, dh1 + dh3_offset, h1, h1 + h3_offset, (size_t)count * H, lane->stream);
-        // [dW1_e; dW3_e] += [dh1; dh3]^T · x, one strided-batched product of two
-        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, &one, x, C, 0,
-                                              dh1, H, (long long)dh3_offset, &one, dw1 + (size_t)e * H * C, C, dw_stride, 2));
-        // din = dh1 · W1_e + dh3 · W3_e
-        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w1 + (size_t)e * H * C, C, dh1, H,
-                                &zero, din + (size_t)first * C, C));
-        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w3 + (size_t)e * H * C, C,
-                                dh1 + dh3_offset, H, &one, din + (size_t)first * C, C));
-    }
-    lanes_join();
 }
 
 // Grouped products: one cuBLAS call computes the products of every expert of a layer (one group
@@ -1254,69 +1338,135 @@ static void grouped_run(void) {
                                            gpu.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F));
 }
 
-// experts_forward with grouped products: the same arithmetic per expert, in 2 calls per layer.
-// slots: this layer's GROUPED_SITES pointer slots (host, device).
-void experts_forward_grouped(float *out, float *h13, size_t h3_offset, float *hact, const float *xg, const int *expert_start,
-                             const float *w1, const float *w3, const float *w2, int E, int C, int H, void **slot_host,
-                             void **slot_dev) {
-    size_t w_stride = (size_t)(w3 - w1), slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
-    grouped_begin(slot_host, slot_dev, cap);
+// The experts' products as grouped products: the same arithmetic per expert, in 2 calls per layer.
+// x.gemm_host, x.gemm_dev: this layer's GROUPED_SITES pointer slots.
+static void experts_forward_grouped(ExpertView x, const int *expert_start, const LayerWeights *w, int E, int C, int H) {
+    size_t w_stride = (size_t)(w->w3 - w->w1), h3_offset = (size_t)(x.h3 - x.h1);
+    size_t slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
+    grouped_begin(x.gemm_host, x.gemm_dev, cap);
     for (int e = 0; e < E; e++) {  // [h1; h3] = x · [W1_e; W3_e]^T
         int first = expert_start[e], count = expert_start[e + 1] - first;
         if (count == 0) { continue; }
-        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, w1 + (size_t)e * H * C, C, w_stride, xg + (size_t)first * C, C, 0,
-                    0.0f, h13 + (size_t)first * H, H, h3_offset, 2);
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, w->w1 + (size_t)e * H * C, C, w_stride, x.xg + (size_t)first * C,
+                    C, 0, 0.0f, x.h1 + (size_t)first * H, H, h3_offset, 2);
     }
     grouped_run();
-    swiglu_forward(hact, h13, h13 + h3_offset, (size_t)expert_start[E] * H, gpu.stream);
-    grouped_begin(slot_host + slot, slot_dev + slot, cap);
+    swiglu_forward_on(gpu.stream, x.hact, x.h1, x.h3, (size_t)expert_start[E] * H);
+    grouped_begin(x.gemm_host + slot, x.gemm_dev + slot, cap);
     for (int e = 0; e < E; e++) {  // out = hact · W2_e^T
         int first = expert_start[e], count = expert_start[e + 1] - first;
         if (count == 0) { continue; }
-        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, C, count, H, w2 + (size_t)e * C * H, H, 0, hact + (size_t)first * H, H, 0,
-                    0.0f, out + (size_t)first * C, C, 0, 1);
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, C, count, H, w->w2 + (size_t)e * C * H, H, 0, x.hact + (size_t)first * H, H, 0,
+                    0.0f, x.out + (size_t)first * C, C, 0, 1);
     }
     grouped_run();
 }
 
-// experts_backward with grouped products (5 calls per layer), the arithmetic of experts_backward.
-void experts_backward_grouped(float *din, float *dh13, size_t dh3_offset, float *dw1, float *dw3, float *dw2, const float *dout,
-                              const float *h13, size_t h3_offset, const float *hact, const float *xg, const int *expert_start,
-                              const float *w1, const float *w3, const float *w2, int E, int C, int H, void **slot_host,
-                              void **slot_dev) {
-    size_t dw_stride = (size_t)(dw3 - dw1), slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
+// The backward products as grouped products (5 calls per layer), the arithmetic of experts_backward.
+static void experts_backward_grouped(ExpertView x, const int *expert_start, const LayerWeights *dw, const LayerWeights *w,
+                                     int E, int C, int H) {
+    size_t dw_stride = (size_t)(dw->w3 - dw->w1), dh3_offset = (size_t)(x.dh3 - x.dh1);
+    size_t slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
     for (int site = 0; site < 5; site++) {
-        grouped_begin(slot_host + (2 + site) * slot, slot_dev + (2 + site) * slot, cap);
+        grouped_begin(x.gemm_host + (2 + site) * slot, x.gemm_dev + (2 + site) * slot, cap);
         for (int e = 0; e < E; e++) {
             int first = expert_start[e], count = expert_start[e + 1] - first;
             if (count == 0) { continue; }
-            const float *d = dout + (size_t)first * C, *x = xg + (size_t)first * C;
-            float *dh1 = dh13 + (size_t)first * H;
+            const float *d = x.dout + (size_t)first * C, *xg = x.xg + (size_t)first * C;
+            float *dh1 = x.dh1 + (size_t)first * H;
             switch (site) {
                 case 0:  // dhact = dout · W2_e (into dh1)
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, H, count, C, w2 + (size_t)e * C * H, H, 0, d, C, 0, 0.0f, dh1, H, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, H, count, C, w->w2 + (size_t)e * C * H, H, 0, d, C, 0, 0.0f, dh1,
+                                H, 0, 1);
                     break;
                 case 1:  // dW2_e += dout^T · hact
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, H, C, count, hact + (size_t)first * H, H, 0, d, C, 0, 1.0f,
-                                dw2 + (size_t)e * C * H, H, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, H, C, count, x.hact + (size_t)first * H, H, 0, d, C, 0, 1.0f,
+                                dw->w2 + (size_t)e * C * H, H, 0, 1);
                     break;
                 case 2:  // [dW1_e; dW3_e] += [dh1; dh3]^T · x
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, x, C, 0, dh1, H, dh3_offset, 1.0f,
-                                dw1 + (size_t)e * H * C, C, dw_stride, 2);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, xg, C, 0, dh1, H, dh3_offset, 1.0f,
+                                dw->w1 + (size_t)e * H * C, C, dw_stride, 2);
                     break;
                 case 3:  // din = dh1 · W1_e
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w1 + (size_t)e * H * C, C, 0, dh1, H, 0, 0.0f,
-                                din + (size_t)first * C, C, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w->w1 + (size_t)e * H * C, C, 0, dh1, H, 0, 0.0f,
+                                x.din + (size_t)first * C, C, 0, 1);
                     break;
                 case 4:  // din += dh3 · W3_e
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w3 + (size_t)e * H * C, C, 0, dh1 + dh3_offset, H, 0,
-                                1.0f, din + (size_t)first * C, C, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w->w3 + (size_t)e * H * C, C, 0,
+                                dh1 + dh3_offset, H, 0, 1.0f, x.din + (size_t)first * C, C, 0, 1);
                     break;
             }
         }
         grouped_run();
-        if (site == 1) { swiglu_backward(dh13, dh13 + dh3_offset, h13, h13 + h3_offset, (size_t)expert_start[E] * H, gpu.stream); }
+        if (site == 1) { swiglu_backward_on(gpu.stream, x.dh1, x.dh3, x.h1, x.h3, (size_t)expert_start[E] * H); }
     }
+}
+
+// Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it (into x.xg first),
+// expert e on lane e % EXPERT_LANES, or all of them as grouped products (DTOPP_EXPERTS=grouped).
+// x.h3 is x.h1 plus a fixed offset, so one strided-batched product computes both.
+void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H) {
+    const int *expert_start = r.expert_start_host;
+    gather_inputs(x.xg, m, x.row_token, expert_start[E], C);
+    if (gpu.grouped) {
+        experts_forward_grouped(x, expert_start, w, E, C, H);
+        return;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    long long w_stride = (long long)(w->w3 - w->w1), h3_offset = (long long)(x.h3 - x.h1);
+    lanes_fork();
+    for (int e = 0; e < E; e++) {
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
+        const float *xg = x.xg + (size_t)first * C;
+        float *h1 = x.h1 + (size_t)first * H;
+        // [h1; h3] = x · [W1_e; W3_e]^T, one strided-batched product of two
+        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, &one,
+                                              w->w1 + (size_t)e * H * C, C, w_stride, xg, C, 0, &zero,
+                                              h1, H, h3_offset, 2));
+        swiglu_forward_on(lane->stream, x.hact + (size_t)first * H, h1, h1 + h3_offset, (size_t)count * H);
+        matmul_forward_on(lane->blas, x.out + (size_t)first * C, x.hact + (size_t)first * H, w->w2 + (size_t)e * C * H,
+                          count, H, C, 0.0f);
+    }
+    lanes_join();
+}
+
+// From x.dout to x.din (rows, C), the gradient of the gathered inputs, one row per (token,
+// expert) pair; accumulates into dw's W1, W3, W2. x.dh3 is x.dh1 plus a fixed offset.
+void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw, const LayerWeights *w,
+                      int E, int C, int H) {
+    const int *expert_start = r.expert_start_host;
+    gather_inputs(x.xg, m, x.row_token, expert_start[E], C);
+    if (gpu.grouped) {
+        experts_backward_grouped(x, expert_start, dw, w, E, C, H);
+        return;
+    }
+    const float one = 1.0f, zero = 0.0f;
+    long long dw_stride = (long long)(dw->w3 - dw->w1), dh3_offset = (long long)(x.dh3 - x.dh1);
+    size_t h3_offset = (size_t)(x.h3 - x.h1);
+    lanes_fork();
+    for (int e = 0; e < E; e++) {
+        int first = expert_start[e], count = expert_start[e + 1] - first;
+        if (count == 0) { continue; }
+        Lane *lane = &gpu.lanes[e % EXPERT_LANES];
+        const float *d = x.dout + (size_t)first * C, *xg = x.xg + (size_t)first * C;
+        float *dh1 = x.dh1 + (size_t)first * H;
+        const float *h1 = x.h1 + (size_t)first * H;
+        // through W2: dhact = dout · W2_e (into dh1), dW2_e += dout^T · hact
+        matmul_backward_on(lane->blas, dh1, dw->w2 + (size_t)e * C * H, d, x.hact + (size_t)first * H,
+                           w->w2 + (size_t)e * C * H, count, H, C, 0.0f);
+        swiglu_backward_on(lane->stream, dh1, dh1 + dh3_offset, h1, h1 + h3_offset, (size_t)count * H);
+        // [dW1_e; dW3_e] += [dh1; dh3]^T · x, one strided-batched product of two
+        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, &one, xg, C, 0,
+                                              dh1, H, dh3_offset, &one, dw->w1 + (size_t)e * H * C, C, dw_stride, 2));
+        // din = dh1 · W1_e + dh3 · W3_e
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w->w1 + (size_t)e * H * C, C,
+                                dh1, H, &zero, x.din + (size_t)first * C, C));
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w->w3 + (size_t)e * H * C, C,
+                                dh1 + dh3_offset, H, &one, x.din + (size_t)first * C, C));
+    }
+    lanes_join();
 }
 
 // MoE(m) = Σ_j g_j Expert_j(m): each token (one block) gathers its own rows, in selection order.
@@ -1331,8 +1481,8 @@ __global__ void moe_combine_forward_kernel(float *out, const float *expert_out, 
     }
 }
 
-void moe_combine_forward(float *out, const float *expert_out, RouterView r, int N, int C, int E) {
-    moe_combine_forward_kernel<<<N, 256, 0, gpu.stream>>>(out, expert_out, r, C, E);
+void moe_combine_forward(float *out, ExpertView x, RouterView r, int N, int C, int E) {
+    moe_combine_forward_kernel<<<N, 256, 0, gpu.stream>>>(out, x.out, r, C, E);
     launchCheck();
 }
 
@@ -1358,9 +1508,8 @@ __global__ void moe_combine_backward_kernel(float *dexpert_out, float *dgates, c
     }
 }
 
-void moe_combine_backward(float *dexpert_out, float *dgates, const float *dout, const float *expert_out,
-                          RouterView r, int N, int C, int E) {
-    moe_combine_backward_kernel<<<N, 256, 0, gpu.stream>>>(dexpert_out, dgates, dout, expert_out, r, C, E);
+void moe_combine_backward(ExpertView x, RouterView r, const float *dout, int N, int C, int E) {
+    moe_combine_backward_kernel<<<N, 256, 0, gpu.stream>>>(x.dout, r.dgates, dout, x.out, r, C, E);
     launchCheck();
 }
 
@@ -1375,124 +1524,9 @@ __global__ void moe_gather_rows_kernel(float *dm, const float *din, RouterView r
     }
 }
 
-void moe_gather_rows(float *dm, const float *din, RouterView r, int N, int C, int E) {
-    moe_gather_rows_kernel<<<N, 256, 0, gpu.stream>>>(dm, din, r, C, E);
+void moe_gather_rows(float *dm, ExpertView x, RouterView r, int N, int C, int E) {
+    moe_gather_rows_kernel<<<N, 256, 0, gpu.stream>>>(dm, x.din, r, C, E);
     launchCheck();
-}
-
-// Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
-// load-balance loss, a constant for the gradient.
-__device__ inline float expert_load_fraction(const int *expert_start, int e, int E) {
-    int total = expert_start[E];
-    return total > 0 ? (float)(expert_start[e + 1] - expert_start[e]) / total : 0.0f;
-}
-
-// LB = E Σ_e f_e mean_n P_e and H = mean_n(−Σ_e P_e log P_e), over the N tokens of the step.
-// One block per expert sums its column of P (double, fixed tree); then one block adds the
-// experts in order and the tokens' entropies.
-__global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int *expert_start, int N, int E) {
-    int e = blockIdx.x;
-    double sum = 0.0;
-    for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += probs[(size_t)n * E + e]; }
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) { lb_part[e] = expert_load_fraction(expert_start, e, E) * sum / N; }
-}
-
-__global__ void moe_aux_finish_kernel(float *lb, float *ent, const double *lb_part, const float *probs, int N, int E) {
-    double ent_sum = 0.0;
-    for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        for (int e = 0; e < E; e++) {
-            float p = probs[(size_t)n * E + e];
-            if (p > 0.0f) { ent_sum -= p * logf(p); }
-        }
-    }
-    ent_sum = block_sum(ent_sum);
-    if (threadIdx.x == 0) {
-        double lb_sum = 0.0;
-        for (int e = 0; e < E; e++) { lb_sum += lb_part[e]; }
-        *lb = (float)(E * lb_sum);
-        *ent = (float)(ent_sum / N);
-    }
-}
-
-void moe_aux_forward(float *lb, float *ent, RouterView r, double *scratch, int N, int E) {
-    moe_aux_lb_kernel<<<E, 256, 0, gpu.stream>>>(scratch, r.probs, r.expert_start, N, E);
-    launchCheck();
-    moe_aux_finish_kernel<<<1, 1024, 0, gpu.stream>>>(lb, ent, scratch, r.probs, N, E);
-    launchCheck();
-}
-
-// From the gradient of the gates (and the auxiliary losses, weighted by lb_scale and ent_scale)
-// back to the router logits: one warp per token, as router_backward in train_dtopp.c.
-__global__ void router_backward_kernel(float *drouter, float *dtheta_token, const float *dgates, RouterView r,
-                                       const float *theta_ptr, int drn, int renorm, float lb_scale, float ent_scale, int N, int E) {
-    extern __shared__ float d[];  // (E) dP, then dẑ, then dz, in place
-    int n = blockIdx.x, lane = threadIdx.x;
-    const float *P = r.probs + (size_t)n * E, *g = r.gates + (size_t)n * E;
-    const float *dg = dgates + (size_t)n * E;
-    const int *sel = r.selected + (size_t)n * E;
-    int count = r.n_selected[n];
-    for (int e = lane; e < E; e += 32) {
-        float aux = lb_scale * E * expert_load_fraction(r.expert_start, e, E) / N;
-        if (P[e] > 0.0f) { aux -= ent_scale * (logf(P[e]) + 1.0f) / N; }
-        d[e] = aux;
-    }
-    __syncwarp();
-    if (renorm) {  // g_e = P_e / Z over S: dP_e = (dg_e - Σ_j g_j dg_j) / Z
-        float kept = 0.0f, gdg = 0.0f;
-        for (int j = lane; j < count; j += 32) {
-            kept += P[sel[j]];
-            gdg += g[j] * dg[j];
-        }
-        kept = warp_sum(kept);
-        gdg = warp_sum(gdg);
-        for (int j = lane; j < count; j += 32) { d[sel[j]] += (dg[j] - gdg) / kept; }  // distinct experts: no race
-    } else {
-        for (int j = lane; j < count; j += 32) { d[sel[j]] += dg[j]; }
-    }
-    __syncwarp();
-    float pdp = 0.0f;  // softmax: dẑ = P ⊙ (dP − <P, dP>)
-    for (int e = lane; e < E; e += 32) { pdp += P[e] * d[e]; }
-    pdp = warp_sum(pdp);
-    for (int e = lane; e < E; e += 32) { d[e] = P[e] * (d[e] - pdp); }
-    if (drn) {  // ẑ = θ u: dθ = <dẑ, u>; standardization: dz = (du − mean(du) − u mean(du ⊙ u)) rstd
-        const float *u = r.drn_u + (size_t)n * E;
-        float theta = *theta_ptr, dth = 0.0f, mean_du = 0.0f, mean_duu = 0.0f;
-        for (int e = lane; e < E; e += 32) {
-            dth += d[e] * u[e];
-            d[e] *= theta;  // du
-            mean_du += d[e];
-            mean_duu += d[e] * u[e];
-        }
-        dth = warp_sum(dth);
-        mean_du = warp_sum(mean_du) / E;
-        mean_duu = warp_sum(mean_duu) / E;
-        float rstd = r.drn_rstd[n];
-        for (int e = lane; e < E; e += 32) { d[e] = (d[e] - mean_du - u[e] * mean_duu) * rstd; }
-        if (lane == 0) { dtheta_token[n] = dth; }
-    }
-    for (int e = lane; e < E; e += 32) { drouter[(size_t)n * E + e] = d[e]; }
-}
-
-// *dtheta += Σ_n dtheta_token[n], one block, fixed order.
-__global__ void sum_into_kernel(float *out, const float *x, int n) {
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) { sum += x[i]; }
-    sum = block_sum(sum);
-    if (threadIdx.x == 0) { *out += sum; }
-}
-
-void router_backward(float *dm, float *dwr, float *dtheta, float *drouter, float *dtheta_token,
-                     const float *dgates, RouterView r, const float *m, const float *wr, const float *theta,
-                     const RouterConfig *rc, float lb_scale, float ent_scale, int N, int C, int E) {
-    router_backward_kernel<<<N, 32, E * sizeof(float), gpu.stream>>>(drouter, dtheta_token, dgates, r, theta, rc->drn,
-                                                                     rc->renorm, lb_scale, ent_scale, N, E);
-    launchCheck();
-    if (rc->drn) {
-        sum_into_kernel<<<1, 1024, 0, gpu.stream>>>(dtheta, dtheta_token, N);
-        launchCheck();
-    }
-    matmul_backward(dm, dwr, drouter, m, wr, N, C, E);
 }
 
 // ----------------------------------------------------------------------------
@@ -1568,69 +1602,94 @@ static AttentionScratch attention_scratch(Activations *a) {
     return s;
 }
 
-// The MoE half of layer l: router, dispatch, experts, combine and the auxiliary terms.
+static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
+    size_t N = (size_t)a->B * a->T, E = c->num_experts;
+    RouterView v = {0};
+    v.logits = a->acts.router_logits + l * N * E;
+    v.drn_u = a->acts.drn_u + l * N * E;
+    v.drn_rstd = a->acts.drn_rstd + l * N;
+    v.probs = a->acts.probs + l * N * E;
+    v.gates = a->acts.gates + l * N * E;
+    v.n_selected = a->routing.n_selected + l * N;
+    v.selected = a->routing.selected + l * N * E;
+    v.expert_start = a->routing.expert_start + l * (E + 1);
+    v.token_row = a->routing.token_row + l * N * E;
+    v.row_begin = a->row_offset[l];
+    v.dgates = a->grads.dgates;
+    v.drouter = a->grads.drouter;
+    v.dtheta_token = a->grads.dtheta;
+    v.expert_start_host = a->expert_start_host + l * (E + 1);
+    v.dispatch_choice = a->routing.choice;
+    v.dispatch_counts = a->routing.chunk_count;
+    v.sums = a->sums;
+    return v;
+}
+
+// This layer's rows: they follow the previous layer's in a->rows (h3 a fixed offset after h1);
+// the scratch (gathered inputs, gradients) holds one layer at a time.
+static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r, int l) {
+    size_t first_row = r.row_begin, C = c->channels, H = c->expert_hidden, E = c->num_experts;
+    ExpertRows *rows = &a->rows;
+    ExpertScratch *s = &a->scratch;
+    ExpertView x = {0};
+    x.row_token = rows->row_token + first_row;
+    x.h1 = rows->h13 + first_row * H;
+    x.h3 = x.h1 + (size_t)rows->capacity * H;
+    x.hact = rows->hact + first_row * H;
+    x.out = rows->out + first_row * C;
+    x.dout = s->dout;
+    x.dh1 = s->dh13;
+    x.dh3 = s->dh13 == NULL ? NULL : s->dh13 + (size_t)s->grad_capacity * H;
+    x.din = s->din;
+    x.xg = s->xg;
+    size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
+    x.gemm_host = a->gemm_host + slots;
+    x.gemm_dev = a->gemm_dev + slots;
+    return x;
+}
+
+// The MoE half of layer l: router, auxiliary terms, dispatch, experts, combine.
 // Writes MoE(m) to out (N, C).
 static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
     LayerWeights w = layer_weights(&model->params, c, l);
     RouterView r = router_view(a, c, l);
-    profile_mark("moe: router");
-    router_forward(r, m, w.wr, w.theta, model->threshold[l], &model->router, N, C, E);
-    profile_mark("moe: dispatch");
-    int rows = moe_dispatch(r, &a->routing, N, E);
+    PROFILE_MARK("moe: router");
+    router_forward(r, m, &w, model->threshold[l], &model->router, N, C, E);
+    PROFILE_MARK("moe: dispatch");
+    int rows = moe_dispatch_count(r, N, E);
+    moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
     expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C, H);  // this layer's rows follow the previous layer's
-    moe_dispatch_place(r, a->rows.row_token + r.row_begin, &a->routing, N, E);
-    a->row_offset[l + 1] = r.row_begin + rows;
-    ExpertRows *x = &a->rows;
-    size_t b = r.row_begin;
-    profile_mark("moe: experts");
     expert_scratch_reserve(&a->scratch, rows, C, H, 0);
-    gather_inputs(a->scratch.xg, m, x->row_token + b, rows, C);
-    if (gpu.grouped) {
-        size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
-        experts_forward_grouped(x->out + b * C, x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, a->scratch.xg,
-                                r.expert_start_host, w.w1, w.w3, w.w2, E, C, H, a->gemm_host + slots, a->gemm_dev + slots);
-    } else {
-        experts_forward(x->out + b * C, x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, a->scratch.xg,
-                        r.expert_start_host, w.w1, w.w3, w.w2, E, C, H);
-    }
-    profile_mark("moe: combine+aux");
-    moe_combine_forward(out, x->out + b * C, r, N, C, E);
-    moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, a->sums, N, E);
+    a->row_offset[l + 1] = r.row_begin + rows;
+    ExpertView x = expert_view(a, c, r, l);
+    moe_dispatch(r, x, N, E);
+    PROFILE_MARK("moe: experts");
+    experts_forward(x, r, m, &w, E, C, H);
+    PROFILE_MARK("moe: combine");
+    moe_combine_forward(out, x, r, N, C, E);
 }
 
-// dm (N, C) += gradient of the MoE input, given dout (N, C), the gradient of MoE(m).
+// dm (N, C) += gradient of the MoE input, given dout (N, C), the gradient of MoE(m): the forward
+// pass reversed.
 static void moe_backward(Model *model, Activations *a, int l, float *dm, const float *dout, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden, L = c->num_layers;
+    const RouterConfig *rc = &model->router;
     LayerWeights w = layer_weights(&model->params, c, l);
     LayerWeights dw = layer_weights(&model->grads, c, l);
     RouterView r = router_view(a, c, l);
-    ExpertRows *x = &a->rows;
-    ExpertScratch *xs = &a->scratch;
-    size_t b = r.row_begin;
-    int rows = r.expert_start_host[E];
-    expert_scratch_reserve(xs, rows, C, H, 1);
-    GradActivations *g = &a->grads;
-    profile_mark("moe back: combine");
-    moe_combine_backward(xs->dout, g->dgates, dout, x->out + b * C, r, N, C, E);
-    profile_mark("moe back: experts");
-    gather_inputs(xs->xg, m, x->row_token + b, rows, C);
-    if (gpu.grouped) {
-        size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
-        experts_backward_grouped(xs->din, xs->dh13, (size_t)xs->grad_capacity * H, dw.w1, dw.w3, dw.w2, xs->dout,
-                                 x->h13 + b * H, (size_t)x->capacity * H, x->hact + b * H, xs->xg, r.expert_start_host,
-                                 w.w1, w.w3, w.w2, E, C, H, a->gemm_host + slots, a->gemm_dev + slots);
-    } else {
-        experts_backward(xs->din, xs->dh13, (size_t)xs->grad_capacity * H, dw.w1, dw.w3, dw.w2, xs->dout, x->h13 + b * H,
-                         (size_t)x->capacity * H, x->hact + b * H, xs->xg, r.expert_start_host, w.w1, w.w3, w.w2, E, C, H);
-    }
-    profile_mark("moe back: gather+router");
-    moe_gather_rows(dm, xs->din, r, N, C, E);
-    const RouterConfig *rc = &model->router;
-    router_backward(dm, dw.wr, dw.theta, g->drouter, g->dtheta, g->dgates, r, m, w.wr, w.theta, rc,
-                    rc->lb_coef / L, rc->ent_coef / L, N, C, E);
+    expert_scratch_reserve(&a->scratch, r.expert_start_host[E], C, H, 1);
+    ExpertView x = expert_view(a, c, r, l);
+    PROFILE_MARK("moe back: combine");
+    moe_combine_backward(x, r, dout, N, C, E);
+    PROFILE_MARK("moe back: experts");
+    experts_backward(x, r, m, &dw, &w, E, C, H);
+    PROFILE_MARK("moe back: gather+router");
+    moe_gather_rows(dm, x, r, N, C, E);
+    moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);
+    router_backward(r, dm, &dw, m, &w, rc, N, C, E);
 }
 
 static void model_ensure_activations(Model *model, int B, int T) {
@@ -1658,7 +1717,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     ActivationTensors *t = &a->acts;
     model->B = B;
     model->T = T;
-    profile_mark("embedding");
+    PROFILE_MARK("embedding");
     encoder_prepare(a, inputs, N, V);
     copy_to_device(a->inputs, inputs, (size_t)N * sizeof(int));
     model->ws->has_targets = targets != NULL;
@@ -1672,23 +1731,23 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         float *ln1 = t->ln1 + (size_t)l * N * C, *qkv = t->qkv + (size_t)l * N * 3 * C;
         float *atty = t->atty + (size_t)l * N * C, *res1 = t->res1 + (size_t)l * N * C;
         float *ln2 = t->ln2 + (size_t)l * N * C, *res2 = t->res2 + (size_t)l * N * C;
-        profile_mark("attn: norm+qkv+rope");
+        PROFILE_MARK("attn: norm+qkv+rope");
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
         matmul_forward(qkv, ln1, w.wqkv, N, C, 3 * C);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        profile_mark("attn: core");
+        PROFILE_MARK("attn: core");
         attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, s, B, T, C, NH);
-        profile_mark("attn: proj+residual+norm");
+        PROFILE_MARK("attn: proj+residual+norm");
         matmul_forward(res1, atty, w.wo, N, C, C);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
         moe_forward(model, a, l, res2, ln2);  // res2 = res1 + MoE(ln2)
         residual_forward(res2, res1, res2, (size_t)N * C);
     }
-    profile_mark("lm head");
+    PROFILE_MARK("lm head");
     rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, N, C);
     matmul_forward(t->logits, t->lnf, model->params.wte, N, C, Vp);  // tied head; the padded rows of wte are 0
-    profile_mark("crossentropy");
+    PROFILE_MARK("crossentropy");
     // the auxiliary terms come back to the host in every pass (model_get_losses reads them)
     if (targets != NULL) {
         crossentropy_forward(t->token_loss, t->token_lse, t->logits, a->targets, N, V, Vp);
@@ -1734,9 +1793,9 @@ void model_backward(Model *model) {
     ParameterTensors *dp = &model->grads;
     AttentionScratch s = attention_scratch(a);
 
-    profile_mark("back: crossentropy");
+    PROFILE_MARK("back: crossentropy");
     crossentropy_backward(g->dlogits, t->logits, t->token_lse, a->targets, N, V, Vp, 1.0f / N);
-    profile_mark("back: lm head");
+    PROFILE_MARK("back: lm head");
     matmul_backward_on(gpu.blas, g->dln, dp->wte, g->dlogits, t->lnf, model->params.wte, N, C, Vp, 0.0f);  // dln = (overwrite)
     zero_async(g->dresidual, (size_t)N * C * sizeof(float));
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, t->lnf_rstd,
@@ -1748,20 +1807,20 @@ void model_backward(Model *model) {
         // dresidual holds d res2; the MoE branch adds its share of d res1
         zero_async(g->dln, (size_t)N * C * sizeof(float));
         moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
-        profile_mark("attn back: norm+proj");
+        PROFILE_MARK("attn back: norm+proj");
         rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2, t->ln2_rstd + (size_t)l * N,
                          g->colsum, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
         matmul_backward_on(gpu.blas, g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, w.wo, N, C, C, 0.0f);
-        profile_mark("attn back: core");
+        PROFILE_MARK("attn back: core");
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->att + (size_t)l * B * NH * T * T, s,
                            B, T, C, NH);
-        profile_mark("attn back: rope+qkv+norm");
+        PROFILE_MARK("attn back: rope+qkv+norm");
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C, 3 * C, 0.0f);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, g->colsum, N, C);
     }
-    profile_mark("back: embedding");
+    PROFILE_MARK("back: embedding");
     encoder_backward(dp->wte, g->dresidual, a, C);
 }
 
@@ -1818,7 +1877,7 @@ float model_update(Model *model, float lr, float weight_decay) {
         model->m_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
         model->v_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
     }
-    profile_mark("optimizer");
+    PROFILE_MARK("optimizer");
     float norm = (float)sqrt(sum_of_squares(model, model->grads_memory, model->num_parameters));
     float clip = norm > 1.0f ? 1.0f / norm : 1.0f;
     model->adam_step++;

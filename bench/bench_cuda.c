@@ -13,6 +13,7 @@ first 3 steps of each measurement are warm-up (allocations); the figures are the
 rest, like reference/bench.py. Build: see bench/bench_cuda.sh.
 */
 #define TESTING
+#define DTOPP_PROFILE  // the phase timings of train_dtopp.cu
 #include "../train_dtopp.cu"
 
 static void train_step(Model *model, const int *inputs, const int *targets, int B, int T, int step, int steps) {
