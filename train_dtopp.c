@@ -9,13 +9,21 @@ activated experts per token converges to a target budget, and Dynamic Routing No
 threshold. The function computed here is specified exactly in doc/spec.md; doc/formats.md
 describes every file this program reads or writes.
 
-Reading order: utilities; configuration; the parameters in one buffer; the model's state and the
-functions every implementation provides, with what they share (initialisation, the learning-rate
-schedule, the PI controller, statistics, checkpoints, sampling a token); then the CPU
-implementation: activations, the layers as forward/backward pairs, the MoE layer (router,
-dispatch, experts, combine, auxiliary losses), the model's forward and backward passes, AdamW,
-the sampler's KV cache; last, the training program. train_dtopp.cu provides the same functions on
-a GPU and shares everything else with this file (doc/tour.md).
+The file has three parts, and this is the contract between them and train_dtopp.cu:
+  1. The shared part (up to `#ifndef DTOPP_CUDA`): configuration, the parameter layout, the views
+     the layer functions take (LayerWeights, RouterView, ExpertView), the model API (Model and the
+     model_* and decoder_* functions, declared here, defined by each build), and what both builds
+     compute the same way on the host: initialisation, the learning-rate schedule, the AdamW rule,
+     the PI controller, routing statistics, checkpoint files and token sampling. Errors and file
+     headers come from utils.h.
+  2. The CPU implementation (`#ifndef DTOPP_CUDA` to `#endif`): activations, the layers as
+     forward/backward pairs, the MoE layer (DRN, router, auxiliary losses, dispatch, experts,
+     combine), the model's forward and backward passes, AdamW, the sampler's KV cache; it defines
+     the model API.
+  3. The training program (`#ifndef TESTING` to the end): it uses the shared part and the model
+     API, nothing else.
+train_dtopp.cu defines DTOPP_CUDA, includes this file (parts 1 and 3) and defines the model API and
+the same layer functions on a GPU; doc/tour.md is the reading guide.
 
 Determinism: every parallel loop writes disjoint outputs and every reduction runs in a fixed
 order, so results are bitwise identical for any number of threads.

@@ -1,12 +1,18 @@
 /*
 train_dtopp.cu: the CUDA twin of train_dtopp.c.
 
-It includes train_dtopp.c with DTOPP_CUDA defined, which brings in everything the two builds share
-(utilities, configuration, parameter layout, the Model struct, the controller law, checkpoint files
-on host arrays, statistics, token sampling and the training program), and then provides, on one
-GPU, every function that the CPU section of train_dtopp.c provides, under the same section titles,
-with the same names and, where it makes sense, the same arguments. Read the two side by side: a
-CPU loop becomes a kernel plus a launcher of the same name; a CPU matmul becomes a cuBLAS call.
+The contract (stated also at the top of train_dtopp.c): this file defines DTOPP_CUDA and includes
+train_dtopp.c, which brings in its shared part (configuration, parameter layout, the views
+LayerWeights, RouterView and ExpertView, the model API's declarations, the AdamW rule, the
+controller law, checkpoint files on host arrays, statistics, token sampling) and its training
+program. It then defines, on one GPU, the model API and every layer function of train_dtopp.c's CPU
+section, under the same section titles and names: a CPU loop becomes a kernel plus a launcher of
+the same name; a CPU matmul becomes a cuBLAS call. The model API and the MoE layer's functions take
+exactly the CPU's arguments; what a GPU needs beyond them (streams, cuBLAS handles, scratch) lives
+in the global `gpu` state or in the GPU fields of the views. Still different, because the GPU keeps
+other buffers: the products take no gathered-row list (the experts gather into ExpertView.xg
+first), attention and cross-entropy take their scratch and the padded vocabulary, rmsnorm_backward
+a column-sum scratch, encoder_backward the batch's distinct tokens.
 
 Device memory: model->params_memory, grads_memory, m_memory and v_memory are GPU pointers here;
 threshold and integral (the controller state) stay on the host. The getters (model_get_*) copy
