@@ -186,11 +186,11 @@ typedef struct {
     float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
 } LayerWeights;
 
-static LayerWeights layer_weights(const ParameterTensors *p, const ModelConfig *c, int l) {
+static LayerWeights layer_weights(const ParameterTensors *t, const ModelConfig *c, int l) {
     size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
-    LayerWeights w = {p->g1 + l * C, p->wqkv + l * 3 * C * C, p->wo + l * C * C, p->g2 + l * C,
-                      p->wr + l * E * C, p->theta + l, p->w1 + l * E * H * C, p->w3 + l * E * H * C,
-                      p->w2 + l * E * C * H};
+    LayerWeights w = {t->g1 + l * C, t->wqkv + l * 3 * C * C, t->wo + l * C * C, t->g2 + l * C,
+                      t->wr + l * E * C, t->theta + l, t->w1 + l * E * H * C, t->w3 + l * E * H * C,
+                      t->w2 + l * E * C * H};
     return w;
 }
 
@@ -324,14 +324,14 @@ static void controller_reset(Model *model) {
 static void init_params(float *params, const Model *model, uint64_t seed) {
     const ModelConfig *c = &model->config;
     uint64_t rng = seed;
-    float *p = params;
+    float *out = params;
     float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         float std = (i == PARAM_WO || i == PARAM_W2) ? residual_std : 0.02f;
         for (size_t j = 0; j < model->param_sizes[i]; j++) {
-            p[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
+            out[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
         }
-        p += model->param_sizes[i];
+        out += model->param_sizes[i];
     }
     memset(params + (size_t)c->vocab_size * c->channels, 0,
            (size_t)(c->padded_vocab_size - c->vocab_size) * c->channels * sizeof(float));
@@ -368,9 +368,9 @@ static AdamWStep adamw_step(int step, float lr, float grad_norm) {
 // One parameter: its moments m1, m2 and its value w move by the clipped gradient.
 static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s, float wd) {
     grad *= s.clip;
-    float m = *m1 = ADAMW_BETA1 * *m1 + (1.0f - ADAMW_BETA1) * grad;
-    float v = *m2 = ADAMW_BETA2 * *m2 + (1.0f - ADAMW_BETA2) * grad * grad;
-    *w = *w - s.lr * ((m / s.bias1) / (sqrtf(v / s.bias2) + ADAMW_EPS) + wd * *w);
+    float first = *m1 = ADAMW_BETA1 * *m1 + (1.0f - ADAMW_BETA1) * grad;
+    float second = *m2 = ADAMW_BETA2 * *m2 + (1.0f - ADAMW_BETA2) * grad * grad;
+    *w = *w - s.lr * ((first / s.bias1) / (sqrtf(second / s.bias2) + ADAMW_EPS) + wd * *w);
 }
 
 // Warm-up then cosine decay to a tenth of the peak, over total_steps steps (step counts from 0).
@@ -423,12 +423,12 @@ void controller_update(Model *model) {
         double a = rc->controller == CONTROLLER_GLOBAL ? global : activated[l];
         double error = (rc->tgt - a) / model->config.num_experts;
         double integral = (double)model->integral[l] + error;
-        double p = (double)rc->p0 + rc->Kp * error + rc->Ki * integral;
-        if (p >= rc->pmin && p <= rc->pmax) {
-            model->threshold[l] = (float)p;
+        double threshold = (double)rc->p0 + rc->Kp * error + rc->Ki * integral;
+        if (threshold >= rc->pmin && threshold <= rc->pmax) {
+            model->threshold[l] = (float)threshold;
             model->integral[l] = (float)integral;
         } else {
-            model->threshold[l] = p < rc->pmin ? rc->pmin : rc->pmax;
+            model->threshold[l] = threshold < rc->pmin ? rc->pmin : rc->pmax;
         }
     }
     free(activated);
@@ -570,11 +570,11 @@ int sample_token(const float *logits, int V, float temperature, int top_k, uint6
         float *sorted = (float *)malloc_check((size_t)V * sizeof(float));
         memcpy(sorted, logits, (size_t)V * sizeof(float));
         for (int k = 0; k < top_k; k++) {  // partial selection sort: k passes over V
-            int m = k;
-            for (int i = k + 1; i < V; i++) { m = sorted[i] > sorted[m] ? i : m; }
+            int largest = k;
+            for (int i = k + 1; i < V; i++) { largest = sorted[i] > sorted[largest] ? i : largest; }
             float tmp = sorted[k];
-            sorted[k] = sorted[m];
-            sorted[m] = tmp;
+            sorted[k] = sorted[largest];
+            sorted[largest] = tmp;
         }
         cutoff = sorted[top_k - 1];
         free(sorted);
@@ -1212,8 +1212,8 @@ void moe_aux_forward(float *lb, float *ent, RouterView r, int N, int E) {
     }
     for (int n = 0; n < N; n++) {
         for (int e = 0; e < E; e++) {
-            float p = r.probs[(size_t)n * E + e];
-            if (p > 0.0f) { ent_sum -= p * logf(p); }
+            float prob = r.probs[(size_t)n * E + e];
+            if (prob > 0.0f) { ent_sum -= prob * logf(prob); }
         }
     }
     *lb = (float)(E * lb_sum);
@@ -1424,13 +1424,13 @@ static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
 // This layer's rows: they follow the previous layer's in a->rows; the gradient scratch holds one
 // layer at a time.
 static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r) {
-    size_t b = r.row_begin, C = c->channels, H = c->expert_hidden;
+    size_t first_row = r.row_begin, C = c->channels, H = c->expert_hidden;
     ExpertView x = {0};
-    x.row_token = a->rows.row_token + b;
-    x.h1 = a->rows.h1 + b * H;
-    x.h3 = a->rows.h3 + b * H;
-    x.hact = a->rows.hact + b * H;
-    x.out = a->rows.out + b * C;
+    x.row_token = a->rows.row_token + first_row;
+    x.h1 = a->rows.h1 + first_row * H;
+    x.h3 = a->rows.h3 + first_row * H;
+    x.hact = a->rows.hact + first_row * H;
+    x.out = a->rows.out + first_row * C;
     x.dout = a->row_grads.dout;
     x.dh1 = a->row_grads.dh1;
     x.dh3 = a->row_grads.dh3;
@@ -1585,14 +1585,14 @@ static double sum_of_squares(const float *x, size_t n) {
     size_t blocks = (n + BLOCK - 1) / BLOCK;
     double *partial = (double *)malloc_check(blocks * sizeof(double));
     #pragma omp parallel for
-    for (size_t b = 0; b < blocks; b++) {
+    for (size_t block = 0; block < blocks; block++) {
         double s = 0.0;
-        size_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
-        for (size_t i = b * BLOCK; i < end; i++) { s += (double)x[i] * x[i]; }
-        partial[b] = s;
+        size_t end = (block + 1) * BLOCK < n ? (block + 1) * BLOCK : n;
+        for (size_t i = block * BLOCK; i < end; i++) { s += (double)x[i] * x[i]; }
+        partial[block] = s;
     }
     double total = 0.0;
-    for (size_t b = 0; b < blocks; b++) { total += partial[b]; }
+    for (size_t block = 0; block < blocks; block++) { total += partial[block]; }
     free(partial);
     return total;
 }
