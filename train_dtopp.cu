@@ -1864,20 +1864,15 @@ static double sum_of_squares(Model *model, const float *x, size_t n) {
     return total;
 }
 
-__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n, float lr,
-                             float beta1, float beta2, float eps, float wd, float bias1, float bias2, float clip) {
+// One thread per parameter: the AdamW rule of the shared part (adamw_update).
+__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n, AdamWStep s,
+                             float wd) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) { return; }
-    float grad = grads[i] * clip;
-    float m = m_memory[i] = beta1 * m_memory[i] + (1.0f - beta1) * grad;
-    float v = v_memory[i] = beta2 * v_memory[i] + (1.0f - beta2) * grad * grad;
-    float w = params[i];
-    params[i] = w - lr * ((m / bias1) / (sqrtf(v / bias2) + eps) + wd * w);
+    if (i < n) { adamw_update(&params[i], &m_memory[i], &v_memory[i], grads[i], s, wd); }
 }
 
 // Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
 float model_update(Model *model, float lr, float weight_decay) {
-    const float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
     if (model->grads_memory == NULL) { model_zero_grad(model); }
     if (model->m_memory == NULL) {
         model->m_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
@@ -1885,17 +1880,15 @@ float model_update(Model *model, float lr, float weight_decay) {
     }
     PROFILE_MARK("optimizer");
     float norm = (float)sqrt(sum_of_squares(model, model->grads_memory, model->num_parameters));
-    float clip = norm > 1.0f ? 1.0f / norm : 1.0f;
     model->adam_step++;
-    float bias1 = 1.0f - powf(beta1, (float)model->adam_step);
-    float bias2 = 1.0f - powf(beta2, (float)model->adam_step);
+    AdamWStep s = adamw_step(model->adam_step, lr, norm);
     size_t offset = 0;
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
         float wd = param_is_matrix[k] ? weight_decay : 0.0f;
         size_t n = model->param_sizes[k];
         adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->params_memory + offset, model->m_memory + offset,
                                                                  model->v_memory + offset, model->grads_memory + offset,
-                                                                 n, lr, beta1, beta2, eps, wd, bias1, bias2, clip);
+                                                                 n, s, wd);
         launchCheck();
         offset += n;
     }
