@@ -45,10 +45,14 @@ Build:  nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp train_dtopp.cu -lcub
 // CUDA utilities: checked calls, the streams and cuBLAS handles, reductions
 
 static void cuda_check(cudaError_t err, const char *what, const char *file, int line) {
-    if (err != cudaSuccess) { fail("CUDA error at %s:%d (%s): %s", file, line, what, cudaGetErrorString(err)); }
+    if (err != cudaSuccess) {
+        fail("CUDA error at %s:%d (%s): %s", file, line, what, cudaGetErrorString(err));
+    }
 }
 static void cublas_check(cublasStatus_t status, const char *what, const char *file, int line) {
-    if (status != CUBLAS_STATUS_SUCCESS) { fail("cuBLAS error %d at %s:%d (%s)", (int)status, file, line, what); }
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        fail("cuBLAS error %d at %s:%d (%s)", (int)status, file, line, what);
+    }
 }
 #define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
 #define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
@@ -58,7 +62,9 @@ static void cublas_check(cublasStatus_t status, const char *what, const char *fi
 static void *cuda_malloc(size_t bytes) {
     void *ptr = NULL;
     cudaError_t err = cudaMalloc(&ptr, bytes > 0 ? bytes : 1);
-    if (err != cudaSuccess) { fail("out of GPU memory allocating %zu bytes: %s", bytes, cudaGetErrorString(err)); }
+    if (err != cudaSuccess) {
+        fail("out of GPU memory allocating %zu bytes: %s", bytes, cudaGetErrorString(err));
+    }
     return ptr;
 }
 static void *cuda_calloc(size_t bytes) {
@@ -143,7 +149,9 @@ static void gpu_init(void) {
 // only after every lane has finished.
 static void lanes_fork(void) {
     cudaCheck(cudaEventRecord(gpu.fork, gpu.stream));
-    for (int i = 0; i < EXPERT_LANES; i++) { cudaCheck(cudaStreamWaitEvent(gpu.lanes[i].stream, gpu.fork, 0)); }
+    for (int i = 0; i < EXPERT_LANES; i++) {
+        cudaCheck(cudaStreamWaitEvent(gpu.lanes[i].stream, gpu.fork, 0));
+    }
 }
 static void lanes_join(void) {
     for (int i = 0; i < EXPERT_LANES; i++) {
@@ -355,7 +363,8 @@ typedef struct {
     GradActivations grads;
     float *grads_memory;  // NULL when only the forward pass is needed
     // the tokens of the batch on the device, and for the embedding's backward pass the positions
-    // of every distinct token: token_ids[u] occurs at positions token_pos[token_first[u] .. token_first[u+1]-1]
+    // of every distinct token: token_ids[u] occurs at positions
+    // token_pos[token_first[u] .. token_first[u+1]-1]
     int *inputs, *targets;
     int *token_ids, *token_first, *token_pos;
     int n_distinct;
@@ -419,9 +428,9 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
 
     if (with_grads) {
         GradActivations *g = &a->grads;
-        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv, &g->dlogits,
-                                                      &g->dgates, &g->drouter, &g->dtheta, &g->datt, &g->dq,
-                                                      &g->dk, &g->dv, &g->dy, &g->colsum};
+        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {
+            &g->dresidual, &g->dln,  &g->datty, &g->dqkv, &g->dlogits, &g->dgates, &g->drouter,
+            &g->dtheta,    &g->datt, &g->dq,    &g->dk,   &g->dv,      &g->dy,     &g->colsum};
         size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, N * Vp, N * E, N * E, N,
                                                       B * NH * T * T, N * C, N * C, N * C, N * C,
                                                       ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
@@ -439,11 +448,13 @@ static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H)
     float *out = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
     if (keep > 0) {
         size_t k = keep;
-        cudaCheck(cudaMemcpyAsync(row_token, r->row_token, k * sizeof(int), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(
+            cudaMemcpyAsync(row_token, r->row_token, k * sizeof(int), cudaMemcpyDeviceToDevice, gpu.stream));
         cudaCheck(cudaMemcpyAsync(h13, r->h13, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(h13 + (size_t)capacity * H, r->h13 + (size_t)r->capacity * H, k * H * sizeof(float),
-                                  cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(hact, r->hact, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(h13 + (size_t)capacity * H, r->h13 + (size_t)r->capacity * H,
+                                  k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(
+            cudaMemcpyAsync(hact, r->hact, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
         cudaCheck(cudaMemcpyAsync(out, r->out, k * C * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
         cudaCheck(cudaStreamSynchronize(gpu.stream));  // before the old buffers go
     }
@@ -524,20 +535,23 @@ void encoder_forward(float *out, const int *inp, const float *wte, int N, int C)
 
 // One block per distinct token: it adds the gradients of that token's positions in position
 // order, the order of the CPU's serial loop, and no two blocks write the same row.
-__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *token_ids, const int *token_first,
-                                        const int *token_pos, int C) {
+__global__ void encoder_backward_kernel(float *dwte, const float *dout, const int *token_ids,
+                                        const int *token_first, const int *token_pos, int C) {
     int u = blockIdx.x;
     float *dw = dwte + (size_t)token_ids[u] * C;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
         float sum = dw[i];
-        for (int k = token_first[u]; k < token_first[u + 1]; k++) { sum += dout[(size_t)token_pos[k] * C + i]; }
+        for (int k = token_first[u]; k < token_first[u + 1]; k++) {
+            sum += dout[(size_t)token_pos[k] * C + i];
+        }
         dw[i] = sum;
     }
 }
 
 void encoder_backward(float *dwte, const float *dout, const Activations *a, int C) {
     if (a->n_distinct == 0) { return; }
-    encoder_backward_kernel<<<a->n_distinct, 256, 0, gpu.stream>>>(dwte, dout, a->token_ids, a->token_first, a->token_pos, C);
+    encoder_backward_kernel<<<a->n_distinct, 256, 0, gpu.stream>>>(dwte, dout, a->token_ids, a->token_first,
+                                                                   a->token_pos, C);
     launchCheck();
 }
 
@@ -549,7 +563,9 @@ static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
     int *first = (int *)malloc_check(((size_t)N + 1) * sizeof(int));
     int *pos = (int *)malloc_check((size_t)N * sizeof(int));
     for (int n = 0; n < N; n++) {
-        if (inputs[n] < 0 || inputs[n] >= V) { fail("token id %d at position %d is outside the vocabulary (%d)", inputs[n], n, V); }
+        if (inputs[n] < 0 || inputs[n] >= V) {
+            fail("token id %d at position %d is outside the vocabulary (%d)", inputs[n], n, V);
+        }
         count[inputs[n]]++;
     }
     int distinct = 0, offset = 0;
@@ -575,7 +591,8 @@ static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
 
 
 // one warp per row
-__global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
+__global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *inp, const float *g, int N,
+                                       int C) {
     int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (n >= N) { return; }
     const float *x = inp + (size_t)n * C;
@@ -607,12 +624,15 @@ __global__ void rmsnorm_backward_kernel(float *dinp, const float *dout, const fl
 }
 
 // Column sums in two fixed stages: chunks of COLSUM_ROWS rows, then the chunks in order.
-__global__ void rmsnorm_dg_partial_kernel(float *partial, const float *dout, const float *inp, const float *rstd, int N, int C) {
+__global__ void rmsnorm_dg_partial_kernel(float *partial, const float *dout, const float *inp,
+                                          const float *rstd, int N, int C) {
     int i = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     if (i >= C) { return; }
     int end = min(N, (chunk + 1) * COLSUM_ROWS);
     float sum = 0.0f;
-    for (int n = chunk * COLSUM_ROWS; n < end; n++) { sum += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n]; }
+    for (int n = chunk * COLSUM_ROWS; n < end; n++) {
+        sum += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n];
+    }
     partial[(size_t)chunk * C + i] = sum;
 }
 
@@ -642,7 +662,8 @@ static void matmul_forward_on(cublasHandle_t blas, float *out, const float *inp,
                               int rows, int IC, int OC, float beta) {
     if (rows == 0) { return; }
     const float one = 1.0f;
-    cublasCheck(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, &one, weight, IC, inp, IC, &beta, out, OC));
+    cublasCheck(
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, &one, weight, IC, inp, IC, &beta, out, OC));
 }
 
 void matmul_forward(float *out, const float *inp, const float *weight, int rows, int IC, int OC) {
@@ -651,14 +672,17 @@ void matmul_forward(float *out, const float *inp, const float *weight, int rows,
 
 // dinp (rows, IC) += dout · weight; dweight (OC, IC) += dout^T · inp (summed over rows by cuBLAS,
 // in an order that depends only on the sizes).
-static void matmul_backward_on(cublasHandle_t blas, float *dinp, float *dweight, const float *dout, const float *inp,
-                               const float *weight, int rows, int IC, int OC, float dinp_beta) {
+static void matmul_backward_on(cublasHandle_t blas, float *dinp, float *dweight, const float *dout,
+                               const float *inp, const float *weight, int rows, int IC, int OC,
+                               float dinp_beta) {
     if (rows == 0) { return; }
     const float one = 1.0f;
     if (dinp != NULL) {
-        cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, &one, weight, IC, dout, OC, &dinp_beta, dinp, IC));
+        cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, &one, weight, IC, dout, OC,
+                                &dinp_beta, dinp, IC));
     }
-    cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, &one, inp, IC, dout, OC, &one, dweight, IC));
+    cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, &one, inp, IC, dout, OC, &one,
+                            dweight, IC));
 }
 
 void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
@@ -681,8 +705,8 @@ void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd
 
 // One thread per (position, head of q or k, pair i); position n sits at pos_offset + n % T
 // (pos_offset is 0 in training, the decoding position when sampling). direction -1 rotates back.
-__global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin_table, int N, int T, int C, int NH,
-                            int pos_offset, float direction) {
+__global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin_table, int N, int T, int C,
+                            int NH, int pos_offset, float direction) {
     int hd = C / NH, half = hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * 2 * NH * half) { return; }
@@ -697,10 +721,11 @@ __global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin
     v[i + half] = b * cs + a * s;
 }
 
-static void rope_apply(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH,
-                       int pos_offset, float direction) {
+static void rope_apply(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C,
+                       int NH, int pos_offset, float direction) {
     size_t n = (size_t)B * T * C;  // N * 2NH * hd/2 = N * C
-    rope_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(qkv, cos_table, sin_table, B * T, T, C, NH, pos_offset, direction);
+    rope_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(qkv, cos_table, sin_table, B * T, T, C, NH,
+                                                            pos_offset, direction);
     launchCheck();
 }
 
@@ -714,7 +739,8 @@ void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, 
 
 // Attention as batched matrix products over the B*NH (sequence, head) pairs, which need q, k and
 // v head-major: (B, T, 3, NH, hd) -> three (B, NH, T, hd).
-__global__ void attention_permute_kernel(float *q, float *k, float *v, const float *qkv, int B, int T, int NH, int hd) {
+__global__ void attention_permute_kernel(float *q, float *k, float *v, const float *qkv, int B, int T, int NH,
+                                         int hd) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * NH * T * hd) { return; }
     int d = idx % hd, t = (idx / hd) % T, h = (idx / ((size_t)hd * T)) % NH;
@@ -739,7 +765,8 @@ __global__ void attention_unpermute_qkv_kernel(float *dqkv, const float *dq, con
 }
 
 // (B, NH, T, hd) <-> (B, T, C); to_heads 1 goes from (B, T, C) to head-major.
-__global__ void attention_heads_kernel(float *dst, const float *src, int B, int T, int NH, int hd, int to_heads) {
+__global__ void attention_heads_kernel(float *dst, const float *src, int B, int T, int NH, int hd,
+                                       int to_heads) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * NH * T * hd) { return; }
     int d = idx % hd, t = (idx / hd) % T, h = (idx / ((size_t)hd * T)) % NH;
@@ -791,7 +818,8 @@ typedef struct {
 // Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities.
 // The full T x T score matrix is computed (the upper half is wasted work but keeps the products
 // large and regular).
-void attention_forward(float *out, float *att, const float *qkv, AttentionScratch s, int B, int T, int C, int NH) {
+void attention_forward(float *out, float *att, const float *qkv, AttentionScratch s, int B, int T, int C,
+                       int NH) {
     int hd = C / NH;
     size_t n = (size_t)B * T * C;
     attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
@@ -799,20 +827,20 @@ void attention_forward(float *out, float *att, const float *qkv, AttentionScratc
     const float scale = 1.0f / sqrtf((float)hd), zero = 0.0f, one = 1.0f;
     long long sT = (long long)T * hd, sTT = (long long)T * T;
     // scores (T, T) = scale · q k^T per (b, h)
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &scale, s.k, hd, sT, s.q, hd, sT,
-                                          &zero, att, T, sTT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &scale, s.k, hd, sT,
+                                          s.q, hd, sT, &zero, att, T, sTT, B * NH));
     softmax_causal_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(att, B * NH * T, T);
     launchCheck();
     // y (T, hd) = att v
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.v, hd, sT, att, T, sTT,
-                                          &zero, s.y, hd, sT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.v, hd, sT,
+                                          att, T, sTT, &zero, s.y, hd, sT, B * NH));
     attention_heads_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(out, s.y, B, T, NH, hd, 0);
     launchCheck();
 }
 
 // dqkv (B, T, 3C) = gradient of qkv (overwritten: each element has one writer) from dout (B, T, C).
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, AttentionScratch s,
-                        int B, int T, int C, int NH) {
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
+                        AttentionScratch s, int B, int T, int C, int NH) {
     int hd = C / NH;
     size_t n = (size_t)B * T * C;
     attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
@@ -822,18 +850,20 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
     const float scale = 1.0f / sqrtf((float)hd), zero = 0.0f, one = 1.0f;
     long long sT = (long long)T * hd, sTT = (long long)T * T;
     // datt (T, T) = dy v^T; dv (T, hd) = att^T dy
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &one, s.v, hd, sT, s.dy, hd, sT,
-                                          &zero, s.datt, T, sTT, B * NH));
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.dy, hd, sT, att, T, sTT,
-                                          &zero, s.dv, hd, sT, B * NH));
-    softmax_causal_backward_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(s.datt, att, B * NH * T, T, scale);
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &one, s.v, hd, sT,
+                                          s.dy, hd, sT, &zero, s.datt, T, sTT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.dy, hd, sT,
+                                          att, T, sTT, &zero, s.dv, hd, sT, B * NH));
+    softmax_causal_backward_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(
+        s.datt, att, B * NH * T, T, scale);
     launchCheck();
     // dq (T, hd) = dscores k; dk (T, hd) = dscores^T q
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.k, hd, sT, s.datt, T, sTT,
-                                          &zero, s.dq, hd, sT, B * NH));
-    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.q, hd, sT, s.datt, T, sTT,
-                                          &zero, s.dk, hd, sT, B * NH));
-    attention_unpermute_qkv_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(dqkv, s.dq, s.dk, s.dv, B, T, NH, hd);
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.k, hd, sT,
+                                          s.datt, T, sTT, &zero, s.dq, hd, sT, B * NH));
+    cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.q, hd, sT,
+                                          s.datt, T, sTT, &zero, s.dk, hd, sT, B * NH));
+    attention_unpermute_qkv_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(dqkv, s.dq, s.dk, s.dv, B, T,
+                                                                               NH, hd);
     launchCheck();
 }
 
@@ -872,7 +902,8 @@ static void swiglu_forward_on(cudaStream_t stream, float *out, const float *h1, 
     launchCheck();
 }
 
-static void swiglu_backward_on(cudaStream_t stream, float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
+static void swiglu_backward_on(cudaStream_t stream, float *dh1, float *dh3, const float *h1, const float *h3,
+                               size_t n) {
     if (n == 0) { return; }
     swiglu_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(dh1, dh3, h1, h3, n);
     launchCheck();
@@ -897,8 +928,8 @@ __device__ void lse_merge(float &m, float &s, float m2, float s2) {
     m = M;
 }
 
-__global__ void crossentropy_forward_kernel(float *token_loss, float *token_lse, const float *logits, const int *targets,
-                                            int V, int Vp) {
+__global__ void crossentropy_forward_kernel(float *token_loss, float *token_lse, const float *logits,
+                                            const int *targets, int V, int Vp) {
     int n = blockIdx.x;
     const float *z = logits + (size_t)n * Vp;
     float m = -INFINITY, s = 0.0f;
@@ -922,14 +953,15 @@ __global__ void crossentropy_forward_kernel(float *token_loss, float *token_lse,
     }
 }
 
-void crossentropy_forward(float *token_loss, float *token_lse, const float *logits, const int *targets, int N, int V, int Vp) {
+void crossentropy_forward(float *token_loss, float *token_lse, const float *logits, const int *targets, int N,
+                          int V, int Vp) {
     crossentropy_forward_kernel<<<N, 512, 0, gpu.stream>>>(token_loss, token_lse, logits, targets, V, Vp);
     launchCheck();
 }
 
 // dlogits = scale · (softmax − onehot(target)); the padded columns get 0.
-__global__ void crossentropy_backward_kernel(float *dlogits, const float *logits, const float *token_lse, const int *targets,
-                                             int V, int Vp, float scale) {
+__global__ void crossentropy_backward_kernel(float *dlogits, const float *logits, const float *token_lse,
+                                             const int *targets, int V, int Vp, float scale) {
     int n = blockIdx.x, target = targets[n];
     const float *z = logits + (size_t)n * Vp;
     float *dz = dlogits + (size_t)n * Vp;
@@ -944,9 +976,10 @@ __global__ void crossentropy_backward_kernel(float *dlogits, const float *logits
     }
 }
 
-void crossentropy_backward(float *dlogits, const float *logits, const float *token_lse, const int *targets, int N, int V,
-                           int Vp, float scale) {
-    crossentropy_backward_kernel<<<N, 512, 0, gpu.stream>>>(dlogits, logits, token_lse, targets, V, Vp, scale);
+void crossentropy_backward(float *dlogits, const float *logits, const float *token_lse, const int *targets,
+                           int N, int V, int Vp, float scale) {
+    crossentropy_backward_kernel<<<N, 512, 0, gpu.stream>>>(dlogits, logits, token_lse, targets, V, Vp,
+                                                            scale);
     launchCheck();
 }
 
@@ -956,7 +989,8 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *tok
 // shared RouterView and ExpertView (device pointers, except expert_start_host and gemm_host).
 
 // DRN, one warp per token: scaled = θ u with u the standardized logits (see train_dtopp.c).
-__global__ void drn_forward_kernel(float *scaled, float *u, float *rstd, const float *z, const float *theta_ptr, int E) {
+__global__ void drn_forward_kernel(float *scaled, float *u, float *rstd, const float *z,
+                                   const float *theta_ptr, int E) {
     int n = blockIdx.x, lane = threadIdx.x;
     const float *zn = z + (size_t)n * E;
     float *un = u + (size_t)n * E, *out = scaled + (size_t)n * E;
@@ -1001,7 +1035,8 @@ __global__ void drn_backward_kernel(float *d, float *dtheta_token, const float *
     if (lane == 0) { dtheta_token[n] = dth; }
 }
 
-void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N, int E) {
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N,
+                  int E) {
     drn_backward_kernel<<<N, 32, 0, gpu.stream>>>(d, dtheta_token, u, rstd, theta, E);
     launchCheck();
 }
@@ -1063,13 +1098,14 @@ __global__ void router_select_kernel(RouterView r, float threshold, int routing,
 }
 
 // z = Wr m; DRN (if on); P = softmax; S = selection with this layer's threshold; gates over S.
-void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold, const RouterConfig *rc,
-                    int N, int C, int E) {
+void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold,
+                    const RouterConfig *rc, int N, int C, int E) {
     matmul_forward(r.logits, m, w->wr, N, C, E);
     if (rc->drn) {
         drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, w->theta, N, E);
     } else {
-        cudaCheck(cudaMemcpyAsync(r.probs, r.logits, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(r.probs, r.logits, (size_t)N * E * sizeof(float), cudaMemcpyDeviceToDevice,
+                                  gpu.stream));
     }
     size_t shared = (size_t)E * (sizeof(float) + sizeof(int));
     router_select_kernel<<<N, 32, shared, gpu.stream>>>(r, threshold, rc->routing, rc->k, rc->renorm, E);
@@ -1095,7 +1131,9 @@ __global__ void router_backward_kernel(RouterView r, int renorm, int E) {
         }
         kept = warp_sum(kept);
         gdg = warp_sum(gdg);
-        for (int j = lane; j < count; j += 32) { d[sel[j]] += (dg[j] - gdg) / kept; }  // distinct experts: no race
+        for (int j = lane; j < count; j += 32) {
+            d[sel[j]] += (dg[j] - gdg) / kept;
+        }  // distinct experts: no race
     } else {
         for (int j = lane; j < count; j += 32) { d[sel[j]] += dg[j]; }
     }
@@ -1137,7 +1175,8 @@ __device__ inline float expert_load_fraction(const int *expert_start, int e, int
 // LB = E Σ_e f_e mean_n P_e and H = mean_n(−Σ_e P_e log P_e), over the N tokens of the step.
 // One block per expert sums its column of P (double, fixed tree); then one block adds the
 // experts in order and the tokens' entropies.
-__global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int *expert_start, int N, int E) {
+__global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int *expert_start, int N,
+                                  int E) {
     int e = blockIdx.x;
     double sum = 0.0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) { sum += probs[(size_t)n * E + e]; }
@@ -1145,7 +1184,8 @@ __global__ void moe_aux_lb_kernel(double *lb_part, const float *probs, const int
     if (threadIdx.x == 0) { lb_part[e] = expert_load_fraction(expert_start, e, E) * sum / N; }
 }
 
-__global__ void moe_aux_finish_kernel(float *lb, float *ent, const double *lb_part, const float *probs, int N, int E) {
+__global__ void moe_aux_finish_kernel(float *lb, float *ent, const double *lb_part, const float *probs, int N,
+                                      int E) {
     double ent_sum = 0.0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         for (int e = 0; e < E; e++) {
@@ -1191,7 +1231,8 @@ void moe_aux_backward(RouterView r, float lb_scale, float ent_scale, int N, int 
 //  3. one block turns the counts into expert_start (E + 1) and each chunk's first row for e;
 //  4. each (chunk, expert) thread walks its tokens in order and places them.
 // Rows of expert e are thus its tokens in increasing token order, as on the CPU.
-__global__ void dispatch_choice_kernel(int *choice, const int *n_selected, const int *selected, int N, int E) {
+__global__ void dispatch_choice_kernel(int *choice, const int *n_selected, const int *selected, int N,
+                                       int E) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * E) { return; }
     size_t n = idx / E;
@@ -1234,7 +1275,8 @@ __global__ void dispatch_scan_kernel(int *expert_start, int *chunk_count, int ch
     }
 }
 
-__global__ void dispatch_place_kernel(int *row_token, int *token_row, const int *chunk_first, const int *choice, int N, int E) {
+__global__ void dispatch_place_kernel(int *row_token, int *token_row, const int *chunk_first,
+                                      const int *choice, int N, int E) {
     int e = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     if (e >= E) { return; }
     int end = min(N, (chunk + 1) * DISPATCH_CHUNK), row = chunk_first[(size_t)chunk * E + e];
@@ -1252,14 +1294,15 @@ __global__ void dispatch_place_kernel(int *row_token, int *token_row, const int 
 // the expert products), which is this layer's one wait for the GPU.
 int moe_dispatch_count(RouterView r, int N, int E) {
     cudaCheck(cudaMemsetAsync(r.dispatch_choice, 0xff, (size_t)N * E * sizeof(int), gpu.stream));  // all -1
-    dispatch_choice_kernel<<<blocks_for((size_t)N * E, 256), 256, 0, gpu.stream>>>(r.dispatch_choice, r.n_selected,
-                                                                                     r.selected, N, E);
+    dispatch_choice_kernel<<<blocks_for((size_t)N * E, 256), 256, 0, gpu.stream>>>(
+        r.dispatch_choice, r.n_selected, r.selected, N, E);
     launchCheck();
     int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
     dim3 grid(blocks_for(E, 64), chunks);
     dispatch_count_kernel<<<grid, 64, 0, gpu.stream>>>(r.dispatch_counts, r.dispatch_choice, N, E);
     launchCheck();
-    dispatch_scan_kernel<<<1, 256, E * sizeof(int), gpu.stream>>>(r.expert_start, r.dispatch_counts, chunks, E);
+    dispatch_scan_kernel<<<1, 256, E * sizeof(int), gpu.stream>>>(r.expert_start, r.dispatch_counts, chunks,
+                                                                  E);
     launchCheck();
     copy_to_host((void *)r.expert_start_host, r.expert_start, (E + 1) * sizeof(int));
     return r.expert_start_host[E];
@@ -1270,8 +1313,8 @@ void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
     cudaCheck(cudaMemsetAsync(r.token_row, 0xff, (size_t)N * E * sizeof(int), gpu.stream));
     int chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
     dim3 grid(blocks_for(E, 64), chunks);
-    dispatch_place_kernel<<<grid, 64, 0, gpu.stream>>>(x.row_token, r.token_row, r.dispatch_counts, r.dispatch_choice,
-                                                        N, E);
+    dispatch_place_kernel<<<grid, 64, 0, gpu.stream>>>(x.row_token, r.token_row, r.dispatch_counts,
+                                                       r.dispatch_choice, N, E);
     launchCheck();
 }
 
@@ -1310,9 +1353,9 @@ static void grouped_begin(void **host, void **dev, int capacity) {
 
 // One group of `batch` problems C_i = op(A_i) op(B_i) (+ beta C_i), the operands of problem i
 // stride_* floats after those of problem 0 (column-major sizes, as cublasSgemm).
-static void grouped_add(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *A, int lda,
-                        size_t stride_a, const float *B, int ldb, size_t stride_b, float beta, float *C, int ldc,
-                        size_t stride_c, int batch) {
+static void grouped_add(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const float *A,
+                        int lda, size_t stride_a, const float *B, int ldb, size_t stride_b, float beta,
+                        float *C, int ldc, size_t stride_c, int batch) {
     int g = grouped.groups++;
     grouped.ta[g] = ta;
     grouped.tb[g] = tb;
@@ -1335,26 +1378,28 @@ static void grouped_add(cublasOperation_t ta, cublasOperation_t tb, int m, int n
 
 static void grouped_run(void) {
     if (grouped.groups == 0) { return; }
-    cudaCheck(cudaMemcpyAsync(grouped.dev, grouped.host, 3 * grouped.capacity * sizeof(void *), cudaMemcpyHostToDevice, gpu.stream));
-    cublasCheck(cublasGemmGroupedBatchedEx(gpu.blas, grouped.ta, grouped.tb, grouped.m, grouped.n, grouped.k, grouped.alpha,
-                                           (const void *const *)grouped.dev, CUDA_R_32F, grouped.lda,
-                                           (const void *const *)(grouped.dev + grouped.capacity), CUDA_R_32F, grouped.ldb,
-                                           grouped.beta, grouped.dev + 2 * grouped.capacity, CUDA_R_32F, grouped.ldc,
-                                           grouped.groups, grouped.size,
-                                           gpu.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F));
+    cudaCheck(cudaMemcpyAsync(grouped.dev, grouped.host, 3 * grouped.capacity * sizeof(void *),
+                              cudaMemcpyHostToDevice, gpu.stream));
+    cublasCheck(cublasGemmGroupedBatchedEx(
+        gpu.blas, grouped.ta, grouped.tb, grouped.m, grouped.n, grouped.k, grouped.alpha,
+        (const void *const *)grouped.dev, CUDA_R_32F, grouped.lda,
+        (const void *const *)(grouped.dev + grouped.capacity), CUDA_R_32F, grouped.ldb, grouped.beta,
+        grouped.dev + 2 * grouped.capacity, CUDA_R_32F, grouped.ldc, grouped.groups, grouped.size,
+        gpu.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F));
 }
 
 // The experts' products as grouped products: the same arithmetic per expert, in 2 calls per layer.
 // x.gemm_host, x.gemm_dev: this layer's GROUPED_SITES pointer slots.
-static void experts_forward_grouped(ExpertView x, const int *expert_start, const LayerWeights *w, int E, int C, int H) {
+static void experts_forward_grouped(ExpertView x, const int *expert_start, const LayerWeights *w, int E,
+                                    int C, int H) {
     size_t w_stride = (size_t)(w->w3 - w->w1), h3_offset = (size_t)(x.h3 - x.h1);
     size_t slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
     grouped_begin(x.gemm_host, x.gemm_dev, cap);
     for (int e = 0; e < E; e++) {  // [h1; h3] = x · [W1_e; W3_e]^T
         int first = expert_start[e], count = expert_start[e + 1] - first;
         if (count == 0) { continue; }
-        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, w->w1 + (size_t)e * H * C, C, w_stride, x.xg + (size_t)first * C,
-                    C, 0, 0.0f, x.h1 + (size_t)first * H, H, h3_offset, 2);
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, H, count, C, w->w1 + (size_t)e * H * C, C, w_stride,
+                    x.xg + (size_t)first * C, C, 0, 0.0f, x.h1 + (size_t)first * H, H, h3_offset, 2);
     }
     grouped_run();
     swiglu_forward_on(gpu.stream, x.hact, x.h1, x.h3, (size_t)expert_start[E] * H);
@@ -1362,15 +1407,15 @@ static void experts_forward_grouped(ExpertView x, const int *expert_start, const
     for (int e = 0; e < E; e++) {  // out = hact · W2_e^T
         int first = expert_start[e], count = expert_start[e + 1] - first;
         if (count == 0) { continue; }
-        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, C, count, H, w->w2 + (size_t)e * C * H, H, 0, x.hact + (size_t)first * H, H, 0,
-                    0.0f, x.out + (size_t)first * C, C, 0, 1);
+        grouped_add(CUBLAS_OP_T, CUBLAS_OP_N, C, count, H, w->w2 + (size_t)e * C * H, H, 0,
+                    x.hact + (size_t)first * H, H, 0, 0.0f, x.out + (size_t)first * C, C, 0, 1);
     }
     grouped_run();
 }
 
 // The backward products as grouped products (5 calls per layer), the arithmetic of experts_backward.
-static void experts_backward_grouped(ExpertView x, const int *expert_start, const LayerWeights *dw, const LayerWeights *w,
-                                     int E, int C, int H) {
+static void experts_backward_grouped(ExpertView x, const int *expert_start, const LayerWeights *dw,
+                                     const LayerWeights *w, int E, int C, int H) {
     size_t dw_stride = (size_t)(dw->w3 - dw->w1), dh3_offset = (size_t)(x.dh3 - x.dh1);
     size_t slot = GROUPED_SLOT(E), cap = 2 * (size_t)E;
     for (int site = 0; site < 5; site++) {
@@ -1382,20 +1427,20 @@ static void experts_backward_grouped(ExpertView x, const int *expert_start, cons
             float *dh1 = x.dh1 + (size_t)first * H;
             switch (site) {
                 case 0:  // dhact = dout · W2_e (into dh1)
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, H, count, C, w->w2 + (size_t)e * C * H, H, 0, d, C, 0, 0.0f, dh1,
-                                H, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, H, count, C, w->w2 + (size_t)e * C * H, H, 0, d, C,
+                                0, 0.0f, dh1, H, 0, 1);
                     break;
                 case 1:  // dW2_e += dout^T · hact
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, H, C, count, x.hact + (size_t)first * H, H, 0, d, C, 0, 1.0f,
-                                dw->w2 + (size_t)e * C * H, H, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, H, C, count, x.hact + (size_t)first * H, H, 0, d, C,
+                                0, 1.0f, dw->w2 + (size_t)e * C * H, H, 0, 1);
                     break;
                 case 2:  // [dW1_e; dW3_e] += [dh1; dh3]^T · x
                     grouped_add(CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, xg, C, 0, dh1, H, dh3_offset, 1.0f,
                                 dw->w1 + (size_t)e * H * C, C, dw_stride, 2);
                     break;
                 case 3:  // din = dh1 · W1_e
-                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w->w1 + (size_t)e * H * C, C, 0, dh1, H, 0, 0.0f,
-                                x.din + (size_t)first * C, C, 0, 1);
+                    grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w->w1 + (size_t)e * H * C, C, 0, dh1,
+                                H, 0, 0.0f, x.din + (size_t)first * C, C, 0, 1);
                     break;
                 case 4:  // din += dh3 · W3_e
                     grouped_add(CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, w->w3 + (size_t)e * H * C, C, 0,
@@ -1404,7 +1449,9 @@ static void experts_backward_grouped(ExpertView x, const int *expert_start, cons
             }
         }
         grouped_run();
-        if (site == 1) { swiglu_backward_on(gpu.stream, x.dh1, x.dh3, x.h1, x.h3, (size_t)expert_start[E] * H); }
+        if (site == 1) {
+            swiglu_backward_on(gpu.stream, x.dh1, x.dh3, x.h1, x.h3, (size_t)expert_start[E] * H);
+        }
     }
 }
 
@@ -1432,16 +1479,16 @@ void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeig
                                               w->w1 + (size_t)e * H * C, C, w_stride, xg, C, 0, &zero,
                                               h1, H, h3_offset, 2));
         swiglu_forward_on(lane->stream, x.hact + (size_t)first * H, h1, h1 + h3_offset, (size_t)count * H);
-        matmul_forward_on(lane->blas, x.out + (size_t)first * C, x.hact + (size_t)first * H, w->w2 + (size_t)e * C * H,
-                          count, H, C, 0.0f);
+        matmul_forward_on(lane->blas, x.out + (size_t)first * C, x.hact + (size_t)first * H,
+                          w->w2 + (size_t)e * C * H, count, H, C, 0.0f);
     }
     lanes_join();
 }
 
 // From x.dout to x.din (rows, C), the gradient of the gathered inputs, one row per (token,
 // expert) pair; accumulates into dw's W1, W3, W2. x.dh3 is x.dh1 plus a fixed offset.
-void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw, const LayerWeights *w,
-                      int E, int C, int H) {
+void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw,
+                      const LayerWeights *w, int E, int C, int H) {
     const int *expert_start = r.expert_start_host;
     gather_inputs(x.xg, m, x.row_token, expert_start[E], C);
     if (gpu.grouped) {
@@ -1464,13 +1511,15 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
                            w->w2 + (size_t)e * C * H, count, H, C, 0.0f);
         swiglu_backward_on(lane->stream, dh1, dh1 + dh3_offset, h1, h1 + h3_offset, (size_t)count * H);
         // [dW1_e; dW3_e] += [dh1; dh3]^T · x, one strided-batched product of two
-        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, &one, xg, C, 0,
-                                              dh1, H, dh3_offset, &one, dw->w1 + (size_t)e * H * C, C, dw_stride, 2));
+        cublasCheck(cublasSgemmStridedBatched(lane->blas, CUBLAS_OP_N, CUBLAS_OP_T, C, H, count, &one, xg, C,
+                                              0, dh1, H, dh3_offset, &one, dw->w1 + (size_t)e * H * C, C,
+                                              dw_stride, 2));
         // din = dh1 · W1_e + dh3 · W3_e
-        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w->w1 + (size_t)e * H * C, C,
-                                dh1, H, &zero, x.din + (size_t)first * C, C));
-        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one, w->w3 + (size_t)e * H * C, C,
-                                dh1 + dh3_offset, H, &one, x.din + (size_t)first * C, C));
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one,
+                                w->w1 + (size_t)e * H * C, C, dh1, H, &zero, x.din + (size_t)first * C, C));
+        cublasCheck(cublasSgemm(lane->blas, CUBLAS_OP_N, CUBLAS_OP_N, C, count, H, &one,
+                                w->w3 + (size_t)e * H * C, C, dh1 + dh3_offset, H, &one,
+                                x.din + (size_t)first * C, C));
     }
     lanes_join();
 }
@@ -1494,8 +1543,8 @@ void moe_combine_forward(float *out, ExpertView x, RouterView r, int N, int C, i
 
 // dexpert_out of each row = gate · dMoE; dgates_j = <dMoE, Expert_j(m)>. Every row belongs to
 // exactly one (token, choice), so each token (one block) writes only its own rows.
-__global__ void moe_combine_backward_kernel(float *dexpert_out, float *dgates, const float *dout, const float *expert_out,
-                                            RouterView r, int C, int E) {
+__global__ void moe_combine_backward_kernel(float *dexpert_out, float *dgates, const float *dout,
+                                            const float *expert_out, RouterView r, int C, int E) {
     int n = blockIdx.x, count = r.n_selected[n];
     const float *d = dout + (size_t)n * C;
     for (int j = 0; j < E; j++) {
@@ -1557,7 +1606,8 @@ static void model_attach(Model *model, float *params) {
     Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
     int hd = c->channels / c->num_heads;
     size_t table = (size_t)c->max_seq_len * (hd / 2);
-    float *cos_host = (float *)malloc_check(table * sizeof(float)), *sin_host = (float *)malloc_check(table * sizeof(float));
+    float *cos_host = (float *)malloc_check(table * sizeof(float)),
+          *sin_host = (float *)malloc_check(table * sizeof(float));
     rope_table_init(cos_host, sin_host, c->max_seq_len, hd);
     ws->rope_cos = (float *)cuda_malloc(table * sizeof(float));
     ws->rope_sin = (float *)cuda_malloc(table * sizeof(float));
@@ -1666,7 +1716,8 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     PROFILE_MARK("moe: dispatch");
     int rows = moe_dispatch_count(r, N, E);
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
-    expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C, H);  // this layer's rows follow the previous layer's
+    expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C,
+                        H);  // this layer's rows follow the previous layer's
     expert_scratch_reserve(&a->scratch, rows, C, H, 0);
     a->row_offset[l + 1] = r.row_begin + rows;
     ExpertView x = expert_view(a, c, r, l);
@@ -1718,7 +1769,8 @@ __global__ void loss_sum_kernel(double *out, const float *token_loss, int N) {
 void model_forward(Model *model, const int *inputs, const int *targets, int B, int T) {
     model_ensure_activations(model, B, T);
     const ModelConfig *c = &model->config;
-    int N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads, V = c->vocab_size,
+        Vp = c->padded_vocab_size;
     Activations *a = &model->ws->acts;
     ActivationTensors *t = &a->acts;
     model->B = B;
@@ -1752,7 +1804,8 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     }
     PROFILE_MARK("lm head");
     rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, N, C);
-    matmul_forward(t->logits, t->lnf, model->params.wte, N, C, Vp);  // tied head; the padded rows of wte are 0
+    matmul_forward(t->logits, t->lnf, model->params.wte, N, C,
+                   Vp);  // tied head; the padded rows of wte are 0
     PROFILE_MARK("crossentropy");
     // the auxiliary terms come back to the host in every pass (model_get_losses reads them)
     if (targets != NULL) {
@@ -1761,9 +1814,13 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         launchCheck();
     }
     double ce = 0.0;
-    cudaCheck(cudaMemcpyAsync(a->aux_lb_host, t->aux_lb, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
-    cudaCheck(cudaMemcpyAsync(a->aux_ent_host, t->aux_ent, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
-    if (targets != NULL) { cudaCheck(cudaMemcpyAsync(&ce, a->sums, sizeof(double), cudaMemcpyDeviceToHost, gpu.stream)); }
+    cudaCheck(
+        cudaMemcpyAsync(a->aux_lb_host, t->aux_lb, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(
+        cudaMemcpyAsync(a->aux_ent_host, t->aux_ent, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+    if (targets != NULL) {
+        cudaCheck(cudaMemcpyAsync(&ce, a->sums, sizeof(double), cudaMemcpyDeviceToHost, gpu.stream));
+    }
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     if (targets == NULL) {
         model->loss = model->ce_loss = -1.0f;
@@ -1802,10 +1859,11 @@ void model_backward(Model *model) {
     PROFILE_MARK("back: crossentropy");
     crossentropy_backward(g->dlogits, t->logits, t->token_lse, a->targets, N, V, Vp, 1.0f / N);
     PROFILE_MARK("back: lm head");
-    matmul_backward_on(gpu.blas, g->dln, dp->wte, g->dlogits, t->lnf, model->params.wte, N, C, Vp, 0.0f);  // dln = (overwrite)
+    matmul_backward_on(gpu.blas, g->dln, dp->wte, g->dlogits, t->lnf, model->params.wte, N, C, Vp,
+                       0.0f);  // dln = (overwrite)
     zero_async(g->dresidual, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, t->lnf_rstd,
-                     g->colsum, N, C);
+    rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
+                     t->lnf_rstd, g->colsum, N, C);
     for (int l = L - 1; l >= 0; l--) {
         LayerWeights w = layer_weights(&model->params, c, l);
         LayerWeights dw = layer_weights(dp, c, l);
@@ -1814,16 +1872,18 @@ void model_backward(Model *model) {
         zero_async(g->dln, (size_t)N * C * sizeof(float));
         moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
         PROFILE_MARK("attn back: norm+proj");
-        rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2, t->ln2_rstd + (size_t)l * N,
-                         g->colsum, N, C);
+        rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2,
+                         t->ln2_rstd + (size_t)l * N, g->colsum, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
-        matmul_backward_on(gpu.blas, g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, w.wo, N, C, C, 0.0f);
+        matmul_backward_on(gpu.blas, g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, w.wo, N, C,
+                           C, 0.0f);
         PROFILE_MARK("attn back: core");
-        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->att + (size_t)l * B * NH * T * T, s,
-                           B, T, C, NH);
+        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
+                           t->att + (size_t)l * B * NH * T * T, s, B, T, C, NH);
         PROFILE_MARK("attn back: rope+qkv+norm");
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C, 3 * C, 0.0f);
+        matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C,
+                           3 * C, 0.0f);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, g->colsum, N, C);
     }
     PROFILE_MARK("back: embedding");
@@ -1853,7 +1913,9 @@ __global__ void sum_partials_kernel(double *out, const double *partial, int n) {
 
 static double sum_of_squares(Model *model, const float *x, size_t n) {
     int blocks = (int)((n + NORM_BLOCK - 1) / NORM_BLOCK);
-    if (model->ws->norm_partial == NULL) { model->ws->norm_partial = (double *)cuda_malloc((blocks + 1) * sizeof(double)); }
+    if (model->ws->norm_partial == NULL) {
+        model->ws->norm_partial = (double *)cuda_malloc((blocks + 1) * sizeof(double));
+    }
     double *partial = model->ws->norm_partial;
     sum_of_squares_kernel<<<blocks, 256, 0, gpu.stream>>>(partial, x, n);
     launchCheck();
@@ -1865,8 +1927,8 @@ static double sum_of_squares(Model *model, const float *x, size_t n) {
 }
 
 // One thread per parameter: the AdamW rule of the shared part (adamw_update).
-__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n, AdamWStep s,
-                             float wd) {
+__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n,
+                             AdamWStep s, float wd) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) { adamw_update(&params[i], &m_memory[i], &v_memory[i], grads[i], s, wd); }
 }
@@ -1886,9 +1948,9 @@ float model_update(Model *model, float lr, float weight_decay) {
     for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
         float wd = param_is_matrix[k] ? weight_decay : 0.0f;
         size_t n = model->param_sizes[k];
-        adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->params_memory + offset, model->m_memory + offset,
-                                                                 model->v_memory + offset, model->grads_memory + offset,
-                                                                 n, s, wd);
+        adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(
+            model->params_memory + offset, model->m_memory + offset, model->v_memory + offset,
+            model->grads_memory + offset, n, s, wd);
         launchCheck();
         offset += n;
     }
@@ -1939,7 +2001,8 @@ Decoder *decoder_create(const Model *model) {
     const ModelConfig *c = &model->config;
     Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
     activations_alloc(&d->acts, c, 1, 1, 0);
-    d->kv_cache = (float *)cuda_calloc((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
+    d->kv_cache =
+        (float *)cuda_calloc((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
     d->logits = (float *)malloc_check((size_t)c->padded_vocab_size * sizeof(float));
     return d;
 }
@@ -1953,7 +2016,8 @@ void decoder_free(Decoder *d) {
 
 // One query against n_keys cached keys and values (rows `stride` floats apart), one block per
 // head: scores, softmax and the weighted sum of values, as attend() in train_dtopp.c.
-__global__ void attend_kernel(float *out, const float *q, const float *k, const float *v, size_t stride, int n_keys, int hd) {
+__global__ void attend_kernel(float *out, const float *q, const float *k, const float *v, size_t stride,
+                              int n_keys, int hd) {
     extern __shared__ float probs[];  // (n_keys)
     int h = blockIdx.x;
     const float *qh = q + (size_t)h * hd;
@@ -1985,8 +2049,11 @@ __global__ void attend_kernel(float *out, const float *q, const float *k, const 
 // logits (V) for the next token, in host memory owned by the decoder.
 const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     const ModelConfig *c = &model->config;
-    int C = c->channels, L = c->num_layers, NH = c->num_heads, hd = C / NH, V = c->vocab_size, Vp = c->padded_vocab_size;
-    if (pos >= c->max_seq_len) { fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len); }
+    int C = c->channels, L = c->num_layers, NH = c->num_heads, hd = C / NH, V = c->vocab_size,
+        Vp = c->padded_vocab_size;
+    if (pos >= c->max_seq_len) {
+        fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len);
+    }
     if (token < 0 || token >= V) { fail("token id %d is outside the vocabulary (%d)", token, V); }
     ActivationTensors *t = &d->acts.acts;
     copy_to_device(d->acts.inputs, &token, sizeof(int));
@@ -2002,8 +2069,8 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
         matmul_forward(qkv, ln1, w.wqkv, 1, C, 3 * C);
         rope_apply(qkv, model->ws->rope_cos, model->ws->rope_sin, 1, 1, C, NH, pos, 1.0f);
-        attend_kernel<<<NH, 128, (size_t)(pos + 1) * sizeof(float), gpu.stream>>>(atty, qkv, cache + C, cache + 2 * C,
-                                                                                   3 * (size_t)C, pos + 1, hd);
+        attend_kernel<<<NH, 128, (size_t)(pos + 1) * sizeof(float), gpu.stream>>>(
+            atty, qkv, cache + C, cache + 2 * C, 3 * (size_t)C, pos + 1, hd);
         launchCheck();
         matmul_forward(res1, atty, w.wo, 1, C, C);
         residual_forward(res1, x, res1, C);
@@ -2023,8 +2090,9 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
 void model_get_logits(const Model *model, float *out) {  // (N, V) from the (N, Vp) rows
     const ModelConfig *c = &model->config;
     size_t N = (size_t)model->ws->acts.B * model->ws->acts.T;
-    cudaCheck(cudaMemcpy2DAsync(out, c->vocab_size * sizeof(float), model->ws->acts.acts.logits, c->padded_vocab_size * sizeof(float),
-                                c->vocab_size * sizeof(float), N, cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaMemcpy2DAsync(out, c->vocab_size * sizeof(float), model->ws->acts.acts.logits,
+                                c->padded_vocab_size * sizeof(float), c->vocab_size * sizeof(float), N,
+                                cudaMemcpyDeviceToHost, gpu.stream));
     cudaCheck(cudaStreamSynchronize(gpu.stream));
 }
 
