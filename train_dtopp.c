@@ -1092,7 +1092,8 @@ void drn_forward(float *scaled, float *u, float *rstd, const float *z, const flo
 
 // In place: d (N, E) holds dẑ on entry and dz on exit; each token's share of dθ = <dẑ, u> goes to
 // dtheta_token (N), for the caller to sum in order. du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
-void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N, int E) {
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N,
+                  int E) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float *dn = d + (size_t)n * E;
@@ -1134,8 +1135,8 @@ static int select_experts(int *selected, const float *P, int E, const RouterConf
 
 // z = Wr m; DRN (if on); P = softmax; S = selection with this layer's threshold; gates over S
 // (renormalised to sum 1, or the raw probabilities).
-void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold, const RouterConfig *rc,
-                    int N, int C, int E) {
+void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold,
+                    const RouterConfig *rc, int N, int C, int E) {
     matmul_forward(r.logits, m, NULL, w->wr, N, C, E);
     if (rc->drn) {
         drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, w->theta, N, E);
@@ -1271,21 +1272,24 @@ void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeig
     for (int e = 0; e < E; e++) {
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
-        matmul_forward(x.h1 + (size_t)first * H, m, x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H);
-        matmul_forward(x.h3 + (size_t)first * H, m, x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H);
+        matmul_forward(x.h1 + (size_t)first * H, m, x.row_token + first, w->w1 + (size_t)e * H * C, count, C,
+                       H);
+        matmul_forward(x.h3 + (size_t)first * H, m, x.row_token + first, w->w3 + (size_t)e * H * C, count, C,
+                       H);
     }
     swiglu_forward(x.hact, x.h1, x.h3, (size_t)start[E] * H);
     for (int e = 0; e < E; e++) {
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
-        matmul_forward(x.out + (size_t)first * C, x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C);
+        matmul_forward(x.out + (size_t)first * C, x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H,
+                       count, H, C);
     }
 }
 
 // From x.dout (R, C) to x.din (R, C), the gradient of the gathered inputs, one row per (token,
 // expert) pair (moe_gather_rows then sums each token's rows); accumulates into dw's W1, W3, W2.
-void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw, const LayerWeights *w,
-                      int E, int C, int H) {
+void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw,
+                      const LayerWeights *w, int E, int C, int H) {
     const int *start = r.expert_start;
     size_t rows = start[E];
     memset(x.dh1, 0, rows * H * sizeof(float));
@@ -1553,7 +1557,8 @@ void model_backward(Model *model) {
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
     matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V);
     memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
-    rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, t->lnf_rstd, N, C);
+    rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
+                     t->lnf_rstd, N, C);
     for (int l = L - 1; l >= 0; l--) {
         LayerWeights w = layer_weights(&model->params, c, l);
         LayerWeights dw = layer_weights(dp, c, l);
@@ -1561,7 +1566,8 @@ void model_backward(Model *model) {
         // dresidual holds d res2; the MoE branch adds its share of d res1
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
-        rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2, t->ln2_rstd + (size_t)l * N, N, C);
+        rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2,
+                         t->ln2_rstd + (size_t)l * N, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
         memset(g->datty, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C);
@@ -1612,7 +1618,8 @@ float model_update(Model *model, float lr, float weight_decay) {
         size_t end = offset + model->param_sizes[k];
         #pragma omp parallel for
         for (size_t i = offset; i < end; i++) {
-            adamw_update(&model->params_memory[i], &model->m_memory[i], &model->v_memory[i], model->grads_memory[i], s, wd);
+            adamw_update(&model->params_memory[i], &model->m_memory[i], &model->v_memory[i],
+                         model->grads_memory[i], s, wd);
         }
         offset = end;
     }
@@ -1655,7 +1662,8 @@ Decoder *decoder_create(const Model *model) {
     const ModelConfig *c = &model->config;
     Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
     activations_alloc(&d->acts, c, 1, 1, 0);
-    d->kv_cache = (float *)malloc_check((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
+    d->kv_cache =
+        (float *)malloc_check((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
     d->scores = (float *)malloc_check((size_t)c->max_seq_len * sizeof(float));
     return d;
 }
@@ -1672,7 +1680,9 @@ void decoder_free(Decoder *d) {
 const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     const ModelConfig *c = &model->config;
     int C = c->channels, L = c->num_layers, NH = c->num_heads, hd = C / NH, V = c->vocab_size;
-    if (pos >= c->max_seq_len) { fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len); }
+    if (pos >= c->max_seq_len) {
+        fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len);
+    }
     ActivationTensors *t = &d->acts.acts;
     encoder_forward(t->encoded, &token, model->params.wte, 1, C);
     d->acts.routing.row_offset[0] = 0;
@@ -1685,9 +1695,12 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         float *qkv = cache + (size_t)pos * 3 * C;
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, 1, C, 3 * C);
-        for (int h = 0; h < 2 * NH; h++) { rope_rotate(qkv + h * hd, model->ws->rope_cos, model->ws->rope_sin, pos, hd, 1.0f); }
+        for (int h = 0; h < 2 * NH; h++) {
+            rope_rotate(qkv + h * hd, model->ws->rope_cos, model->ws->rope_sin, pos, hd, 1.0f);
+        }
         for (int h = 0; h < NH; h++) {
-            attend(atty + h * hd, d->scores, qkv + h * hd, cache + C + h * hd, cache + 2 * C + h * hd, 3 * (size_t)C, pos + 1, hd);
+            attend(atty + h * hd, d->scores, qkv + h * hd, cache + C + h * hd, cache + 2 * C + h * hd,
+                   3 * (size_t)C, pos + 1, hd);
         }
         matmul_forward(res1, atty, NULL, w.wo, 1, C, C);
         residual_forward(res1, x, res1, C);
@@ -1705,7 +1718,8 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
 // device): what tests and tools read
 
 void model_get_logits(const Model *model, float *out) {  // (N, V)
-    memcpy(out, model->ws->acts.acts.logits, (size_t)model->ws->acts.B * model->ws->acts.T * model->config.vocab_size * sizeof(float));
+    memcpy(out, model->ws->acts.acts.logits,
+           (size_t)model->ws->acts.B * model->ws->acts.T * model->config.vocab_size * sizeof(float));
 }
 
 void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for each l, H_l for each l
@@ -1718,7 +1732,8 @@ void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for 
 
 // n_selected (L, N), selected (L, N, E), gates (L, N, E), as in the reference fixtures.
 void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates) {
-    size_t LN = (size_t)model->config.num_layers * model->ws->acts.B * model->ws->acts.T, E = model->config.num_experts;
+    size_t LN = (size_t)model->config.num_layers * model->ws->acts.B * model->ws->acts.T,
+           E = model->config.num_experts;
     memcpy(n_selected, model->ws->acts.routing.n_selected, LN * sizeof(int));
     memcpy(selected, model->ws->acts.routing.selected, LN * E * sizeof(int));
     memcpy(gates, model->ws->acts.acts.gates, LN * E * sizeof(float));
