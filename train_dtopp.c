@@ -233,6 +233,131 @@ typedef struct {
 } ExpertView;
 
 // ----------------------------------------------------------------------------
+// activations: what the forward pass keeps for the backward pass. Both builds keep the same
+// tensors (host memory here, GPU memory in train_dtopp.cu), each allocated in one buffer per kind;
+// N = B*T token positions.
+
+typedef struct {
+    float *encoded;        // (N, C) token embeddings
+    float *ln1;            // (L, N, C)
+    float *ln1_rstd;       // (L, N)
+    float *qkv;            // (L, N, 3C) with RoPE applied to q and k
+    float *att;            // (L, B, NH, T, T) attention probabilities
+    float *atty;           // (L, N, C) attention output, before Wo
+    float *res1;           // (L, N, C) residual stream after attention
+    float *ln2;            // (L, N, C) MoE input m
+    float *ln2_rstd;       // (L, N)
+    float *router_logits;  // (L, N, E) z = Wr m
+    float *drn_u;          // (L, N, E) standardized logits u (DRN)
+    float *drn_rstd;       // (L, N) 1 / sqrt(var(z) + eps)
+    float *probs;          // (L, N, E) router probabilities P
+    float *gates;          // (L, N, E) gates of the selected experts, in selection order
+    float *res2;           // (L, N, C) residual stream after the MoE layer
+    float *lnf;            // (N, C)
+    float *lnf_rstd;       // (N)
+    float *logits;         // (N, V); the GPU pads each row to Vp, so rows stay aligned
+    float *token_loss;     // (N) cross-entropy of each position
+    float *aux_lb;         // (L) load-balance term LB_l
+    float *aux_ent;        // (L) entropy term H_l
+} ActivationTensors;
+#define NUM_ACTIVATION_TENSORS 21
+
+// The routing decisions, as integers.
+typedef struct {
+    int *n_selected;    // (L, N) |S| of every token
+    int *selected;      // (L, N, E) the experts of S in selection order, -1 after the last
+    int *expert_start;  // (L, E + 1) the rows of expert e are expert_start[e] .. expert_start[e+1]-1
+    int *token_row;     // (L, N, E) the expert row (within its layer) of choice j of token n, -1 if none
+} RoutingTensors;
+#define NUM_ROUTING_TENSORS 4
+
+// Dropless routing makes the number of (token, expert) pairs vary from step to step, so the
+// per-pair activations live in arrays that grow when a step routes more pairs than any before.
+typedef struct {
+    int capacity;     // rows allocated
+    int *row_token;   // (R) the token each row was gathered from
+    float *h1;        // (R, H) W1 m
+    float *h3;        // (R, H) W3 m (on the GPU, capacity rows after h1 in one allocation)
+    float *hact;      // (R, H) silu(h1) * h3
+    float *out;       // (R, C) Expert_e(m)
+} ExpertRows;
+
+// Gradient scratch: one layer at a time, so no (L, ...) dimension.
+typedef struct {
+    float *dresidual;  // (N, C) gradient along the residual stream
+    float *dln;        // (N, C) gradient at a norm's output
+    float *datty;      // (N, C)
+    float *dqkv;       // (N, 3C)
+    float *dscores;    // attention scratch: (B, NH, T), a row per (b, h); the GPU keeps (B, NH, T, T)
+    float *dlogits;    // (N, V), padded to Vp on the GPU
+    float *dgates;     // (N, E) gradient of each selected gate
+    float *drouter;    // (N, E) gradient of the router logits z
+    float *dtheta;     // (N) each token's share of dθ, summed in order afterwards
+} GradActivations;
+#define NUM_GRAD_ACTIVATION_TENSORS 9
+
+typedef struct {
+    int capacity;
+    float *dout;   // (R, C) gradient of Expert_e(m)
+    float *dh1;    // (R, H) gradient of h1 (first holds the gradient of hact)
+    float *dh3;    // (R, H) (on the GPU, capacity rows after dh1 in one allocation)
+    float *din;    // (R, C) gradient of the gathered input m
+} ExpertRowGrads;
+
+typedef struct DeviceScratch DeviceScratch;  // what only train_dtopp.cu needs: it defines it
+
+typedef struct {
+    int B, T;
+    ActivationTensors acts;
+    float *acts_memory;
+    RoutingTensors routing;
+    int *routing_memory;
+    int *row_offset;      // (L + 1) host: layer l owns the expert rows row_offset[l] .. row_offset[l+1]-1
+    ExpertRows rows;
+    ExpertRowGrads row_grads;
+    GradActivations grads;
+    float *grads_memory;  // NULL when only the forward pass is needed
+    DeviceScratch *device;  // GPU: streams' scratch, host copies, the batch on the device (NULL here)
+} Activations;
+
+// The views of layer l for the MoE functions (the fields both builds fill).
+static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
+    size_t N = (size_t)a->B * a->T, E = c->num_experts;
+    RouterView v = {0};
+    v.logits = a->acts.router_logits + l * N * E;
+    v.drn_u = a->acts.drn_u + l * N * E;
+    v.drn_rstd = a->acts.drn_rstd + l * N;
+    v.probs = a->acts.probs + l * N * E;
+    v.gates = a->acts.gates + l * N * E;
+    v.n_selected = a->routing.n_selected + l * N;
+    v.selected = a->routing.selected + l * N * E;
+    v.expert_start = a->routing.expert_start + l * (E + 1);
+    v.token_row = a->routing.token_row + l * N * E;
+    v.row_begin = a->row_offset[l];
+    v.dgates = a->grads.dgates;
+    v.drouter = a->grads.drouter;
+    v.dtheta_token = a->grads.dtheta;
+    return v;
+}
+
+// This layer's rows: they follow the previous layer's in a->rows; the gradient scratch holds one
+// layer at a time.
+static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r) {
+    size_t first_row = r.row_begin, C = c->channels, H = c->expert_hidden;
+    ExpertView x = {0};
+    x.row_token = a->rows.row_token + first_row;
+    x.h1 = a->rows.h1 + first_row * H;
+    x.h3 = a->rows.h3 + first_row * H;
+    x.hact = a->rows.hact + first_row * H;
+    x.out = a->rows.out + first_row * C;
+    x.dout = a->row_grads.dout;
+    x.dh1 = a->row_grads.dh1;
+    x.dh3 = a->row_grads.dh3;
+    x.din = a->row_grads.din;
+    return x;
+}
+
+// ----------------------------------------------------------------------------
 // the model: its state, and the functions every implementation provides (the CPU section of this
 // file, and train_dtopp.cu on the GPU). The training program at the end uses nothing else.
 
@@ -597,87 +722,7 @@ int sample_token(const float *logits, int V, float temperature, int top_k, uint6
 #ifndef DTOPP_CUDA  // the CPU implementation; train_dtopp.cu provides the same functions on the GPU
 
 // ----------------------------------------------------------------------------
-// activations: what the forward pass keeps for the backward pass
-
-typedef struct {
-    float *encoded;        // (N, C) token embeddings
-    float *ln1;            // (L, N, C)
-    float *ln1_rstd;       // (L, N)
-    float *qkv;            // (L, N, 3C) with RoPE applied to q and k
-    float *att;            // (L, B, NH, T, T) attention probabilities
-    float *atty;           // (L, N, C) attention output, before Wo
-    float *res1;           // (L, N, C) residual stream after attention
-    float *ln2;            // (L, N, C) MoE input m
-    float *ln2_rstd;       // (L, N)
-    float *router_logits;  // (L, N, E) z = Wr m
-    float *drn_u;          // (L, N, E) standardized logits u (DRN)
-    float *drn_rstd;       // (L, N) 1 / sqrt(var(z) + eps)
-    float *probs;          // (L, N, E) router probabilities P
-    float *gates;          // (L, N, E) gates of the selected experts, in selection order
-    float *res2;           // (L, N, C) residual stream after the MoE layer
-    float *lnf;            // (N, C)
-    float *lnf_rstd;       // (N)
-    float *logits;         // (N, V)
-    float *token_loss;     // (N) cross-entropy of each position
-    float *aux_lb;         // (L) load-balance term LB_l
-    float *aux_ent;        // (L) entropy term H_l
-} ActivationTensors;
-#define NUM_ACTIVATION_TENSORS 21
-
-// The routing decisions, as integers.
-typedef struct {
-    int *n_selected;    // (L, N) |S| of every token
-    int *selected;      // (L, N, E) the experts of S in selection order, -1 after the last
-    int *expert_start;  // (L, E + 1) the rows of expert e are expert_start[e] .. expert_start[e+1]-1
-    int *token_row;     // (L, N, E) the expert row (within its layer) of choice j of token n, -1 if none
-    int *row_offset;    // (L + 1) layer l owns the expert rows row_offset[l] .. row_offset[l+1]-1
-} RoutingTensors;
-#define NUM_ROUTING_TENSORS 5
-
-// Dropless routing makes the number of (token, expert) pairs vary from step to step, so the
-// per-pair activations live in arrays that grow when a step routes more pairs than any before.
-typedef struct {
-    int capacity;     // rows allocated
-    int *row_token;   // (R) the token each row was gathered from
-    float *h1;        // (R, H) W1 m
-    float *h3;        // (R, H) W3 m
-    float *hact;      // (R, H) silu(h1) * h3
-    float *out;       // (R, C) Expert_e(m)
-} ExpertRows;
-
-// Gradient scratch: one layer at a time, so no (L, ...) dimension.
-typedef struct {
-    float *dresidual;  // (N, C) gradient along the residual stream
-    float *dln;        // (N, C) gradient at a norm's output
-    float *datty;      // (N, C)
-    float *dqkv;       // (N, 3C)
-    float *dscores;    // (B, NH, T) attention scratch, one row per (b, h)
-    float *dlogits;    // (N, V)
-    float *dgates;     // (N, E) gradient of each selected gate
-    float *drouter;    // (N, E) gradient of the router logits z
-    float *dtheta;     // (N) each token's share of dθ, summed in order afterwards
-} GradActivations;
-#define NUM_GRAD_ACTIVATION_TENSORS 9
-
-typedef struct {
-    int capacity;
-    float *dout;   // (R, C) gradient of Expert_e(m)
-    float *dh1;    // (R, H) gradient of h1 (first holds the gradient of hact)
-    float *dh3;    // (R, H)
-    float *din;    // (R, C) gradient of the gathered input m
-} ExpertRowGrads;
-
-typedef struct {
-    int B, T;
-    ActivationTensors acts;
-    float *acts_memory;
-    RoutingTensors routing;
-    int *routing_memory;
-    ExpertRows rows;
-    GradActivations grads;
-    float *grads_memory;  // NULL when only the forward pass is needed
-    ExpertRowGrads row_grads;
-} Activations;
+// activations (their structs are in the shared part)
 
 static void carve_floats(float **ptrs[], const size_t *sizes, int n, float **memory) {
     size_t total = 0;
@@ -707,9 +752,8 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
     carve_floats(ptrs, sizes, NUM_ACTIVATION_TENSORS, &a->acts_memory);
 
     RoutingTensors *r = &a->routing;
-    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start,
-                                        &r->token_row, &r->row_offset};
-    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E, L + 1};
+    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start, &r->token_row};
+    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E};
     size_t itotal = 0;
     for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { itotal += isizes[i]; }
     int *ip = a->routing_memory = (int *)calloc_check(itotal, sizeof(int));
@@ -717,6 +761,7 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
         *iptrs[i] = ip;
         ip += isizes[i];
     }
+    a->row_offset = (int *)calloc_check(L + 1, sizeof(int));
 
     if (with_grads) {
         GradActivations *g = &a->grads;
@@ -758,6 +803,7 @@ static void expert_row_grads_reserve(ExpertRowGrads *g, int rows, int C, int H) 
 static void activations_free(Activations *a) {
     free(a->acts_memory);
     free(a->routing_memory);
+    free(a->row_offset);
     free(a->grads_memory);
     free(a->rows.row_token);
     free(a->rows.h1);
@@ -1406,42 +1452,6 @@ void model_free(Model *model) {
     free(model->ws);
 }
 
-static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
-    size_t N = (size_t)a->B * a->T, E = c->num_experts;
-    RouterView v = {0};
-    v.logits = a->acts.router_logits + l * N * E;
-    v.drn_u = a->acts.drn_u + l * N * E;
-    v.drn_rstd = a->acts.drn_rstd + l * N;
-    v.probs = a->acts.probs + l * N * E;
-    v.gates = a->acts.gates + l * N * E;
-    v.n_selected = a->routing.n_selected + l * N;
-    v.selected = a->routing.selected + l * N * E;
-    v.expert_start = a->routing.expert_start + l * (E + 1);
-    v.token_row = a->routing.token_row + l * N * E;
-    v.row_begin = a->routing.row_offset[l];
-    v.dgates = a->grads.dgates;
-    v.drouter = a->grads.drouter;
-    v.dtheta_token = a->grads.dtheta;
-    return v;
-}
-
-// This layer's rows: they follow the previous layer's in a->rows; the gradient scratch holds one
-// layer at a time.
-static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r) {
-    size_t first_row = r.row_begin, C = c->channels, H = c->expert_hidden;
-    ExpertView x = {0};
-    x.row_token = a->rows.row_token + first_row;
-    x.h1 = a->rows.h1 + first_row * H;
-    x.h3 = a->rows.h3 + first_row * H;
-    x.hact = a->rows.hact + first_row * H;
-    x.out = a->rows.out + first_row * C;
-    x.dout = a->row_grads.dout;
-    x.dh1 = a->row_grads.dh1;
-    x.dh3 = a->row_grads.dh3;
-    x.din = a->row_grads.din;
-    return x;
-}
-
 // The MoE half of layer l: router, auxiliary terms, dispatch, experts, combine.
 // Writes MoE(m) to out (N, C).
 static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
@@ -1453,7 +1463,7 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     int rows = moe_dispatch_count(r, N, E);
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
     expert_rows_reserve(&a->rows, r.row_begin + rows, C, H);
-    a->routing.row_offset[l + 1] = r.row_begin + rows;
+    a->row_offset[l + 1] = r.row_begin + rows;
     ExpertView x = expert_view(a, c, r);
     moe_dispatch(r, x, N, E);
     experts_forward(x, r, m, &w, E, C, H);
@@ -1499,7 +1509,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     model->B = B;
     model->T = T;
     encoder_forward(t->encoded, inputs, model->params.wte, N, C);
-    a->routing.row_offset[0] = 0;
+    a->row_offset[0] = 0;
     for (int l = 0; l < L; l++) {
         LayerWeights w = layer_weights(&model->params, c, l);
         const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * N * C;
@@ -1685,7 +1695,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     }
     ActivationTensors *t = &d->acts.acts;
     encoder_forward(t->encoded, &token, model->params.wte, 1, C);
-    d->acts.routing.row_offset[0] = 0;
+    d->acts.row_offset[0] = 0;
     for (int l = 0; l < L; l++) {
         LayerWeights w = layer_weights(&model->params, c, l);
         const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * C;
