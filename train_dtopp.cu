@@ -169,6 +169,9 @@ static void copy_to_device(void *dst, const void *src, size_t bytes) {
     cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, gpu.stream));
     cudaCheck(cudaStreamSynchronize(gpu.stream));  // src may be freed by the caller right after
 }
+static void copy_on_device(void *dst, const void *src, size_t bytes) {
+    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, gpu.stream));
+}
 static void zero_async(void *ptr, size_t bytes) { cudaCheck(cudaMemsetAsync(ptr, 0, bytes, gpu.stream)); }
 
 // Optional timing of the phases of a step, for bench/bench_cuda.c: built with -DDTOPP_PROFILE,
@@ -261,47 +264,9 @@ __device__ float block_max(float x) {
 }
 
 // ----------------------------------------------------------------------------
-// activations: what the forward pass keeps for the backward pass (as in train_dtopp.c, on the GPU)
+// activations: the structs of train_dtopp.c's shared part, in GPU memory, and what only the GPU
+// needs besides them (DeviceScratch)
 
-typedef struct {
-    float *encoded;        // (N, C) token embeddings
-    float *ln1;            // (L, N, C)
-    float *ln1_rstd;       // (L, N)
-    float *qkv;            // (L, N, 3C) with RoPE applied to q and k
-    float *att;            // (L, B, NH, T, T) attention probabilities (0 above the diagonal)
-    float *atty;           // (L, N, C) attention output, before Wo
-    float *res1;           // (L, N, C) residual stream after attention
-    float *ln2;            // (L, N, C) MoE input m
-    float *ln2_rstd;       // (L, N)
-    float *router_logits;  // (L, N, E) z = Wr m
-    float *drn_u;          // (L, N, E) standardized logits u (DRN)
-    float *drn_rstd;       // (L, N) 1 / sqrt(var(z) + eps)
-    float *probs;          // (L, N, E) router probabilities P
-    float *gates;          // (L, N, E) gates of the selected experts, in selection order
-    float *res2;           // (L, N, C) residual stream after the MoE layer
-    float *lnf;            // (N, C)
-    float *lnf_rstd;       // (N)
-    float *logits;         // (N, Vp): padded to Vp so that rows stay aligned; columns >= V are 0
-    float *token_loss;     // (N) cross-entropy of each position
-    float *token_lse;      // (N) log-sum-exp of each row of logits, reused by the backward pass
-    float *aux_lb;         // (L) load-balance term LB_l
-    float *aux_ent;        // (L) entropy term H_l
-    float *attn_q;         // (B, NH, T, hd) scratch: q, k, v and the attention output, head-major
-    float *attn_k;
-    float *attn_v;
-    float *attn_y;
-} ActivationTensors;
-#define NUM_ACTIVATION_TENSORS 26
-
-typedef struct {
-    int *n_selected;    // (L, N) |S| of every token
-    int *selected;      // (L, N, E) the experts of S in selection order, -1 after the last
-    int *expert_start;  // (L, E + 1) the rows of expert e are expert_start[e] .. expert_start[e+1]-1
-    int *token_row;     // (L, N, E) the expert row (within its layer) of choice j of token n, -1 if none
-    int *choice;        // (N, E) scratch of the dispatch: which choice j of token n is expert e, -1 if none
-    int *chunk_count;   // (chunks, E) scratch of the dispatch: tokens of each chunk that chose e
-} RoutingTensors;
-#define NUM_ROUTING_TENSORS 6
 #define DISPATCH_CHUNK 256  // tokens per chunk of the counting sort
 // Grouped products: each of the GROUPED_SITES products of a layer (2 forward, 5 backward) has its
 // own slot of A, B and C pointers for up to 2 problems per expert, so that no slot is rewritten
@@ -309,59 +274,27 @@ typedef struct {
 #define GROUPED_SITES 7
 #define GROUPED_SLOT(E) (3 * 2 * (size_t)(E))
 
-// Rows of the experts, all layers one after the other (layer l from row_offset[l]); they grow
-// when a step routes more (token, expert) pairs than any before, keeping the rows already written.
-typedef struct {
-    int capacity;     // rows allocated
-    int *row_token;   // (R) the token each row was gathered from
-    float *h13;       // (2, R, H): h1 = W1 m in the first R rows, h3 = W3 m in the next R (one
-                      // allocation, so one strided-batched product computes both)
-    float *hact;      // (R, H) silu(h1) * h3
-    float *out;       // (R, C) Expert_e(m)
-} ExpertRows;
-
-// Scratch for the rows of one layer at a time.
-typedef struct {
-    int capacity, grad_capacity;
-    float *xg;        // (R, C) the gathered inputs m of every row
-    float *dout;      // (R, C) gradient of Expert_e(m)
-    float *dh13;      // (2, R, H) gradients of h1 (first holds that of hact) and h3
-    float *din;       // (R, C) gradient of the gathered inputs
-} ExpertScratch;
-
-// Gradient scratch: one layer at a time, so no (L, ...) dimension.
-typedef struct {
-    float *dresidual;  // (N, C) gradient along the residual stream
-    float *dln;        // (N, C) gradient at a norm's output
-    float *datty;      // (N, C)
-    float *dqkv;       // (N, 3C)
-    float *dlogits;    // (N, Vp)
-    float *dgates;     // (N, E) gradient of each selected gate
-    float *drouter;    // (N, E) gradient of the router logits z
-    float *dtheta;     // (N) each token's share of dθ, summed in order afterwards
-    float *datt;       // (B, NH, T, T) gradient of the attention probabilities, then of the scores
-    float *dq;         // (B, NH, T, hd)
-    float *dk;
-    float *dv;
-    float *dy;         // (B, NH, T, hd) gradient of the attention output, head-major
-    float *colsum;     // (ceil(N / COLSUM_ROWS), C) partial column sums (RMSNorm gains)
-} GradActivations;
-#define NUM_GRAD_ACTIVATION_TENSORS 14
 #define COLSUM_ROWS 256
 
-typedef struct {
-    int B, T;
-    ActivationTensors acts;
-    float *acts_memory;
-    RoutingTensors routing;
-    int *routing_memory;
-    int *expert_start_host;  // (L, E + 1) copy of routing.expert_start: the sizes of the expert products
-    int *row_offset;         // (L + 1) host: layer l owns the expert rows row_offset[l] .. row_offset[l+1]-1
-    float *aux_lb_host, *aux_ent_host;  // (L) copies of acts.aux_lb, aux_ent
-    ExpertRows rows;
-    ExpertScratch scratch;
-    GradActivations grads;
-    float *grads_memory;  // NULL when only the forward pass is needed
+struct DeviceScratch {
+    float *float_memory;     // one allocation for the five tensors below
+    float *token_lse;        // (N) log-sum-exp of each row of logits, reused by the backward pass
+    float *attn_q;           // (B, NH, T, hd) q, k, v and the attention output, head-major, for the
+    float *attn_k;           // batched products of attention
+    float *attn_v;
+    float *attn_y;
+    float *grad_memory;      // one allocation for the five gradient tensors below (backward only)
+    float *dq;               // (B, NH, T, hd)
+    float *dk;
+    float *dv;
+    float *dy;               // (B, NH, T, hd) gradient of the attention output, head-major
+    float *colsum;           // (ceil(N / COLSUM_ROWS), C) partial column sums (RMSNorm gains)
+    int *int_memory;         // one allocation for the dispatch scratch
+    int *dispatch_choice;    // (N, E): which choice j of token n is expert e, -1 if none
+    int *dispatch_counts;    // (chunks, E): tokens of each chunk that chose e, then its first row
+    int *expert_start_host;  // (L, E + 1) host copy of routing.expert_start: the products' sizes
+    float *aux_lb_host;      // (L) host copies of acts.aux_lb and aux_ent
+    float *aux_ent_host;
     // the tokens of the batch on the device, and for the embedding's backward pass the positions
     // of every distinct token: token_ids[u] occurs at positions
     // token_pos[token_first[u] .. token_first[u+1]-1]
@@ -369,13 +302,25 @@ typedef struct {
     int *token_ids, *token_first, *token_pos;
     int n_distinct;
     void **gemm_host, **gemm_dev;  // pointer arrays of the grouped products: GROUPED_SITES slots per layer
-    double *sums;  // (L + E + 1) device scratch for reductions (loss, activated counts, LB per expert)
-} Activations;
+    double *sums;                  // (L + E + 1) reduction scratch (loss, activated counts, LB per expert)
+    int xg_capacity;
+    float *xg;                     // (R, C) the gathered inputs of one layer's rows
+};
 
 static void carve_floats(float **ptrs[], const size_t *sizes, int n, float **memory) {
     size_t total = 0;
     for (int i = 0; i < n; i++) { total += sizes[i]; }
     float *p = *memory = (float *)cuda_calloc(total * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        *ptrs[i] = p;
+        p += sizes[i];
+    }
+}
+
+static void carve_ints(int **ptrs[], const size_t *sizes, int n, int **memory) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) { total += sizes[i]; }
+    int *p = *memory = (int *)cuda_calloc(total * sizeof(int));
     for (int i = 0; i < n; i++) {
         *ptrs[i] = p;
         p += sizes[i];
@@ -392,53 +337,57 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
     float **ptrs[NUM_ACTIVATION_TENSORS] = {
         &t->encoded, &t->ln1, &t->ln1_rstd, &t->qkv, &t->att, &t->atty, &t->res1, &t->ln2,
         &t->ln2_rstd, &t->router_logits, &t->drn_u, &t->drn_rstd, &t->probs, &t->gates, &t->res2,
-        &t->lnf, &t->lnf_rstd, &t->logits, &t->token_loss, &t->token_lse, &t->aux_lb, &t->aux_ent,
-        &t->attn_q, &t->attn_k, &t->attn_v, &t->attn_y};
+        &t->lnf, &t->lnf_rstd, &t->logits, &t->token_loss, &t->aux_lb, &t->aux_ent};
     size_t sizes[NUM_ACTIVATION_TENSORS] = {
         N * C, L * N * C, L * N, L * N * 3 * C, L * B * NH * T * T, L * N * C, L * N * C, L * N * C,
         L * N, L * N * E, L * N * E, L * N, L * N * E, L * N * E, L * N * C,
-        N * C, N, N * Vp, N, N, L, L, N * C, N * C, N * C, N * C};
+        N * C, N, N * Vp, N, L, L};
     carve_floats(ptrs, sizes, NUM_ACTIVATION_TENSORS, &a->acts_memory);
 
     RoutingTensors *r = &a->routing;
-    size_t chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
-    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start, &r->token_row,
-                                        &r->choice, &r->chunk_count};
-    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E, N * E, chunks * E};
-    size_t itotal = 0;
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) { itotal += isizes[i]; }
-    int *ip = a->routing_memory = (int *)cuda_calloc(itotal * sizeof(int));
-    for (int i = 0; i < NUM_ROUTING_TENSORS; i++) {
-        *iptrs[i] = ip;
-        ip += isizes[i];
-    }
-    a->expert_start_host = (int *)calloc_check(L * (E + 1), sizeof(int));
+    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start, &r->token_row};
+    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E};
+    carve_ints(iptrs, isizes, NUM_ROUTING_TENSORS, &a->routing_memory);
     a->row_offset = (int *)calloc_check(L + 1, sizeof(int));
-    a->aux_lb_host = (float *)calloc_check(L, sizeof(float));
-    a->aux_ent_host = (float *)calloc_check(L, sizeof(float));
-    a->inputs = (int *)cuda_calloc(N * sizeof(int));
-    a->targets = (int *)cuda_calloc(N * sizeof(int));
-    a->token_ids = (int *)cuda_calloc(N * sizeof(int));
-    a->token_first = (int *)cuda_calloc((N + 1) * sizeof(int));
-    a->token_pos = (int *)cuda_calloc(N * sizeof(int));
-    a->sums = (double *)cuda_calloc((L + E + 1) * sizeof(double));
+
+    DeviceScratch *s = a->device = (DeviceScratch *)calloc_check(1, sizeof(DeviceScratch));
+    float **sptrs[5] = {&s->token_lse, &s->attn_q, &s->attn_k, &s->attn_v, &s->attn_y};
+    size_t ssizes[5] = {N, N * C, N * C, N * C, N * C};
+    carve_floats(sptrs, ssizes, 5, &s->float_memory);
+    size_t chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    int **dptrs[2] = {&s->dispatch_choice, &s->dispatch_counts};
+    size_t dsizes[2] = {N * E, chunks * E};
+    carve_ints(dptrs, dsizes, 2, &s->int_memory);
+    s->expert_start_host = (int *)calloc_check(L * (E + 1), sizeof(int));
+    s->aux_lb_host = (float *)calloc_check(L, sizeof(float));
+    s->aux_ent_host = (float *)calloc_check(L, sizeof(float));
+    s->inputs = (int *)cuda_calloc(N * sizeof(int));
+    s->targets = (int *)cuda_calloc(N * sizeof(int));
+    s->token_ids = (int *)cuda_calloc(N * sizeof(int));
+    s->token_first = (int *)cuda_calloc((N + 1) * sizeof(int));
+    s->token_pos = (int *)cuda_calloc(N * sizeof(int));
+    s->sums = (double *)cuda_calloc((L + E + 1) * sizeof(double));
     size_t gemm_pointers = L * GROUPED_SITES * GROUPED_SLOT(E);
-    cudaCheck(cudaMallocHost((void **)&a->gemm_host, gemm_pointers * sizeof(void *)));
-    a->gemm_dev = (void **)cuda_calloc(gemm_pointers * sizeof(void *));
+    cudaCheck(cudaMallocHost((void **)&s->gemm_host, gemm_pointers * sizeof(void *)));
+    s->gemm_dev = (void **)cuda_calloc(gemm_pointers * sizeof(void *));
 
     if (with_grads) {
         GradActivations *g = &a->grads;
-        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {
-            &g->dresidual, &g->dln,  &g->datty, &g->dqkv, &g->dlogits, &g->dgates, &g->drouter,
-            &g->dtheta,    &g->datt, &g->dq,    &g->dk,   &g->dv,      &g->dy,     &g->colsum};
-        size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, N * Vp, N * E, N * E, N,
-                                                      B * NH * T * T, N * C, N * C, N * C, N * C,
-                                                      ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
+        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln,     &g->datty,
+                                                      &g->dqkv,      &g->dscores, &g->dlogits,
+                                                      &g->dgates,    &g->drouter, &g->dtheta};
+        size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, B * NH * T * T,
+                                                      N * Vp, N * E, N * E, N};
         carve_floats(gptrs, gsizes, NUM_GRAD_ACTIVATION_TENSORS, &a->grads_memory);
+        float **hptrs[5] = {&s->dq, &s->dk, &s->dv, &s->dy, &s->colsum};
+        size_t hsizes[5] = {N * C, N * C, N * C, N * C, ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
+        carve_floats(hptrs, hsizes, 5, &s->grad_memory);
     }
 }
 
-// Makes room for `rows` expert rows, keeping the first `keep` rows (those of earlier layers).
+// Makes room for `rows` expert rows, keeping the first `keep` rows (those of earlier layers). h1
+// and h3 share one allocation (h3 `capacity` rows after h1), so that one strided-batched product
+// computes both.
 static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H) {
     if (rows <= r->capacity) { return; }
     int capacity = rows + rows / 4;
@@ -448,43 +397,46 @@ static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H)
     float *out = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
     if (keep > 0) {
         size_t k = keep;
-        cudaCheck(
-            cudaMemcpyAsync(row_token, r->row_token, k * sizeof(int), cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(h13, r->h13, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(h13 + (size_t)capacity * H, r->h13 + (size_t)r->capacity * H,
-                                  k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(
-            cudaMemcpyAsync(hact, r->hact, k * H * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
-        cudaCheck(cudaMemcpyAsync(out, r->out, k * C * sizeof(float), cudaMemcpyDeviceToDevice, gpu.stream));
+        copy_on_device(row_token, r->row_token, k * sizeof(int));
+        copy_on_device(h13, r->h1, k * H * sizeof(float));
+        copy_on_device(h13 + (size_t)capacity * H, r->h3, k * H * sizeof(float));
+        copy_on_device(hact, r->hact, k * H * sizeof(float));
+        copy_on_device(out, r->out, k * C * sizeof(float));
         cudaCheck(cudaStreamSynchronize(gpu.stream));  // before the old buffers go
     }
     cuda_free(r->row_token);
-    cuda_free(r->h13);
+    cuda_free(r->h1);  // h3 is part of the same allocation
     cuda_free(r->hact);
     cuda_free(r->out);
     r->row_token = row_token;
-    r->h13 = h13;
+    r->h1 = h13;
+    r->h3 = h13 + (size_t)capacity * H;
     r->hact = hact;
     r->out = out;
     r->capacity = capacity;
 }
 
-static void expert_scratch_reserve(ExpertScratch *s, int rows, int C, int H, int with_grads) {
-    if (rows > s->capacity) {
+// The gathered inputs (forward and backward) and, with grads, the rows' gradients (dh1 and dh3
+// in one allocation, like h1 and h3): one layer at a time.
+static void expert_scratch_reserve(Activations *a, int rows, int C, int H, int with_grads) {
+    DeviceScratch *s = a->device;
+    if (rows > s->xg_capacity) {
         cudaCheck(cudaStreamSynchronize(gpu.stream));  // the old buffer may still be in use
-        s->capacity = rows + rows / 4;
+        s->xg_capacity = rows + rows / 4;
         cuda_free(s->xg);
-        s->xg = (float *)cuda_malloc((size_t)s->capacity * C * sizeof(float));
+        s->xg = (float *)cuda_malloc((size_t)s->xg_capacity * C * sizeof(float));
     }
-    if (with_grads && rows > s->grad_capacity) {
+    ExpertRowGrads *g = &a->row_grads;
+    if (with_grads && rows > g->capacity) {
         cudaCheck(cudaStreamSynchronize(gpu.stream));
-        int capacity = s->grad_capacity = rows + rows / 4;
-        cuda_free(s->dout);
-        cuda_free(s->dh13);
-        cuda_free(s->din);
-        s->dout = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
-        s->dh13 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
-        s->din = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+        int capacity = g->capacity = rows + rows / 4;
+        cuda_free(g->dout);
+        cuda_free(g->dh1);
+        cuda_free(g->din);
+        g->dout = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+        g->dh1 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
+        g->dh3 = g->dh1 + (size_t)capacity * H;
+        g->din = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
     }
 }
 
@@ -493,26 +445,33 @@ static void activations_free(Activations *a) {
     cuda_free(a->acts_memory);
     cuda_free(a->routing_memory);
     cuda_free(a->grads_memory);
-    free(a->expert_start_host);
     free(a->row_offset);
-    free(a->aux_lb_host);
-    free(a->aux_ent_host);
-    cuda_free(a->inputs);
-    cuda_free(a->targets);
-    cuda_free(a->token_ids);
-    cuda_free(a->token_first);
-    cuda_free(a->token_pos);
-    cuda_free(a->sums);
-    if (a->gemm_host != NULL) { cudaCheck(cudaFreeHost(a->gemm_host)); }
-    cuda_free(a->gemm_dev);
     cuda_free(a->rows.row_token);
-    cuda_free(a->rows.h13);
+    cuda_free(a->rows.h1);
     cuda_free(a->rows.hact);
     cuda_free(a->rows.out);
-    cuda_free(a->scratch.xg);
-    cuda_free(a->scratch.dout);
-    cuda_free(a->scratch.dh13);
-    cuda_free(a->scratch.din);
+    cuda_free(a->row_grads.dout);
+    cuda_free(a->row_grads.dh1);
+    cuda_free(a->row_grads.din);
+    DeviceScratch *s = a->device;
+    if (s != NULL) {
+        cuda_free(s->float_memory);
+        cuda_free(s->grad_memory);
+        cuda_free(s->int_memory);
+        free(s->expert_start_host);
+        free(s->aux_lb_host);
+        free(s->aux_ent_host);
+        cuda_free(s->inputs);
+        cuda_free(s->targets);
+        cuda_free(s->token_ids);
+        cuda_free(s->token_first);
+        cuda_free(s->token_pos);
+        cuda_free(s->sums);
+        if (s->gemm_host != NULL) { cudaCheck(cudaFreeHost(s->gemm_host)); }
+        cuda_free(s->gemm_dev);
+        cuda_free(s->xg);
+        free(s);
+    }
     memset(a, 0, sizeof(*a));
 }
 
@@ -549,9 +508,10 @@ __global__ void encoder_backward_kernel(float *dwte, const float *dout, const in
 }
 
 void encoder_backward(float *dwte, const float *dout, const Activations *a, int C) {
-    if (a->n_distinct == 0) { return; }
-    encoder_backward_kernel<<<a->n_distinct, 256, 0, gpu.stream>>>(dwte, dout, a->token_ids, a->token_first,
-                                                                   a->token_pos, C);
+    const DeviceScratch *s = a->device;
+    if (s->n_distinct == 0) { return; }
+    encoder_backward_kernel<<<s->n_distinct, 256, 0, gpu.stream>>>(dwte, dout, s->token_ids, s->token_first,
+                                                                   s->token_pos, C);
     launchCheck();
 }
 
@@ -579,10 +539,11 @@ static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
     }
     first[distinct] = offset;
     for (int n = 0; n < N; n++) { pos[count[inputs[n]]++] = n; }  // in position order
-    copy_to_device(a->token_ids, ids, (size_t)distinct * sizeof(int));
-    copy_to_device(a->token_first, first, ((size_t)distinct + 1) * sizeof(int));
-    copy_to_device(a->token_pos, pos, (size_t)N * sizeof(int));
-    a->n_distinct = distinct;
+    DeviceScratch *s = a->device;
+    copy_to_device(s->token_ids, ids, (size_t)distinct * sizeof(int));
+    copy_to_device(s->token_first, first, ((size_t)distinct + 1) * sizeof(int));
+    copy_to_device(s->token_pos, pos, (size_t)N * sizeof(int));
+    s->n_distinct = distinct;
     free(count);
     free(ids);
     free(first);
@@ -1653,54 +1614,29 @@ void model_free(Model *model) {
 }
 
 static AttentionScratch attention_scratch(Activations *a) {
-    AttentionScratch s = {a->acts.attn_q, a->acts.attn_k, a->acts.attn_v, a->acts.attn_y,
-                          a->grads.dq, a->grads.dk, a->grads.dv, a->grads.dy, a->grads.datt};
+    AttentionScratch s = {a->device->attn_q, a->device->attn_k, a->device->attn_v, a->device->attn_y,
+                          a->device->dq, a->device->dk, a->device->dv, a->device->dy, a->grads.dscores};
     return s;
 }
 
-static RouterView router_view(Activations *a, const ModelConfig *c, int l) {
-    size_t N = (size_t)a->B * a->T, E = c->num_experts;
-    RouterView v = {0};
-    v.logits = a->acts.router_logits + l * N * E;
-    v.drn_u = a->acts.drn_u + l * N * E;
-    v.drn_rstd = a->acts.drn_rstd + l * N;
-    v.probs = a->acts.probs + l * N * E;
-    v.gates = a->acts.gates + l * N * E;
-    v.n_selected = a->routing.n_selected + l * N;
-    v.selected = a->routing.selected + l * N * E;
-    v.expert_start = a->routing.expert_start + l * (E + 1);
-    v.token_row = a->routing.token_row + l * N * E;
-    v.row_begin = a->row_offset[l];
-    v.dgates = a->grads.dgates;
-    v.drouter = a->grads.drouter;
-    v.dtheta_token = a->grads.dtheta;
-    v.expert_start_host = a->expert_start_host + l * (E + 1);
-    v.dispatch_choice = a->routing.choice;
-    v.dispatch_counts = a->routing.chunk_count;
-    v.sums = a->sums;
+// The shared views (router_view, expert_view) plus the GPU's scratch.
+static RouterView device_router_view(Activations *a, const ModelConfig *c, int l) {
+    RouterView v = router_view(a, c, l);
+    DeviceScratch *s = a->device;
+    v.expert_start_host = s->expert_start_host + l * (c->num_experts + 1);
+    v.dispatch_choice = s->dispatch_choice;
+    v.dispatch_counts = s->dispatch_counts;
+    v.sums = s->sums;
     return v;
 }
 
-// This layer's rows: they follow the previous layer's in a->rows (h3 a fixed offset after h1);
-// the scratch (gathered inputs, gradients) holds one layer at a time.
-static ExpertView expert_view(Activations *a, const ModelConfig *c, RouterView r, int l) {
-    size_t first_row = r.row_begin, C = c->channels, H = c->expert_hidden, E = c->num_experts;
-    ExpertRows *rows = &a->rows;
-    ExpertScratch *s = &a->scratch;
-    ExpertView x = {0};
-    x.row_token = rows->row_token + first_row;
-    x.h1 = rows->h13 + first_row * H;
-    x.h3 = x.h1 + (size_t)rows->capacity * H;
-    x.hact = rows->hact + first_row * H;
-    x.out = rows->out + first_row * C;
-    x.dout = s->dout;
-    x.dh1 = s->dh13;
-    x.dh3 = s->dh13 == NULL ? NULL : s->dh13 + (size_t)s->grad_capacity * H;
-    x.din = s->din;
+static ExpertView device_expert_view(Activations *a, const ModelConfig *c, RouterView r, int l) {
+    ExpertView x = expert_view(a, c, r);
+    DeviceScratch *s = a->device;
     x.xg = s->xg;
-    size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(E);
-    x.gemm_host = a->gemm_host + slots;
-    x.gemm_dev = a->gemm_dev + slots;
+    size_t slots = (size_t)l * GROUPED_SITES * GROUPED_SLOT(c->num_experts);
+    x.gemm_host = s->gemm_host + slots;
+    x.gemm_dev = s->gemm_dev + slots;
     return x;
 }
 
@@ -1710,7 +1646,7 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
     LayerWeights w = layer_weights(&model->params, c, l);
-    RouterView r = router_view(a, c, l);
+    RouterView r = device_router_view(a, c, l);
     PROFILE_MARK("moe: router");
     router_forward(r, m, &w, model->threshold[l], &model->router, N, C, E);
     PROFILE_MARK("moe: dispatch");
@@ -1718,9 +1654,9 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
     expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C,
                         H);  // this layer's rows follow the previous layer's
-    expert_scratch_reserve(&a->scratch, rows, C, H, 0);
+    expert_scratch_reserve(a, rows, C, H, 0);
     a->row_offset[l + 1] = r.row_begin + rows;
-    ExpertView x = expert_view(a, c, r, l);
+    ExpertView x = device_expert_view(a, c, r, l);
     moe_dispatch(r, x, N, E);
     PROFILE_MARK("moe: experts");
     experts_forward(x, r, m, &w, E, C, H);
@@ -1736,9 +1672,9 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     const RouterConfig *rc = &model->router;
     LayerWeights w = layer_weights(&model->params, c, l);
     LayerWeights dw = layer_weights(&model->grads, c, l);
-    RouterView r = router_view(a, c, l);
-    expert_scratch_reserve(&a->scratch, r.expert_start_host[E], C, H, 1);
-    ExpertView x = expert_view(a, c, r, l);
+    RouterView r = device_router_view(a, c, l);
+    expert_scratch_reserve(a, r.expert_start_host[E], C, H, 1);
+    ExpertView x = device_expert_view(a, c, r, l);
     PROFILE_MARK("moe back: combine");
     moe_combine_backward(x, r, dout, N, C, E);
     PROFILE_MARK("moe back: experts");
@@ -1777,10 +1713,10 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     model->T = T;
     PROFILE_MARK("embedding");
     encoder_prepare(a, inputs, N, V);
-    copy_to_device(a->inputs, inputs, (size_t)N * sizeof(int));
+    copy_to_device(a->device->inputs, inputs, (size_t)N * sizeof(int));
     model->ws->has_targets = targets != NULL;
-    if (targets != NULL) { copy_to_device(a->targets, targets, (size_t)N * sizeof(int)); }
-    encoder_forward(t->encoded, a->inputs, model->params.wte, N, C);
+    if (targets != NULL) { copy_to_device(a->device->targets, targets, (size_t)N * sizeof(int)); }
+    encoder_forward(t->encoded, a->device->inputs, model->params.wte, N, C);
     a->row_offset[0] = 0;
     AttentionScratch s = attention_scratch(a);
     for (int l = 0; l < L; l++) {
@@ -1809,17 +1745,17 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     PROFILE_MARK("crossentropy");
     // the auxiliary terms come back to the host in every pass (model_get_losses reads them)
     if (targets != NULL) {
-        crossentropy_forward(t->token_loss, t->token_lse, t->logits, a->targets, N, V, Vp);
-        loss_sum_kernel<<<1, 1024, 0, gpu.stream>>>(a->sums, t->token_loss, N);
+        crossentropy_forward(t->token_loss, a->device->token_lse, t->logits, a->device->targets, N, V, Vp);
+        loss_sum_kernel<<<1, 1024, 0, gpu.stream>>>(a->device->sums, t->token_loss, N);
         launchCheck();
     }
     double ce = 0.0;
-    cudaCheck(
-        cudaMemcpyAsync(a->aux_lb_host, t->aux_lb, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
-    cudaCheck(
-        cudaMemcpyAsync(a->aux_ent_host, t->aux_ent, L * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+    cudaCheck(cudaMemcpyAsync(a->device->aux_lb_host, t->aux_lb, L * sizeof(float), cudaMemcpyDeviceToHost,
+                              gpu.stream));
+    cudaCheck(cudaMemcpyAsync(a->device->aux_ent_host, t->aux_ent, L * sizeof(float), cudaMemcpyDeviceToHost,
+                              gpu.stream));
     if (targets != NULL) {
-        cudaCheck(cudaMemcpyAsync(&ce, a->sums, sizeof(double), cudaMemcpyDeviceToHost, gpu.stream));
+        cudaCheck(cudaMemcpyAsync(&ce, a->device->sums, sizeof(double), cudaMemcpyDeviceToHost, gpu.stream));
     }
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     if (targets == NULL) {
@@ -1828,8 +1764,8 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
     }
     double lb = 0.0, ent = 0.0;
     for (int l = 0; l < L; l++) {
-        lb += a->aux_lb_host[l];
-        ent += a->aux_ent_host[l];
+        lb += a->device->aux_lb_host[l];
+        ent += a->device->aux_ent_host[l];
     }
     model->ce_loss = (float)(ce / N);
     model->loss = (float)(ce / N + model->router.lb_coef * lb / L + model->router.ent_coef * ent / L);
@@ -1857,13 +1793,14 @@ void model_backward(Model *model) {
     AttentionScratch s = attention_scratch(a);
 
     PROFILE_MARK("back: crossentropy");
-    crossentropy_backward(g->dlogits, t->logits, t->token_lse, a->targets, N, V, Vp, 1.0f / N);
+    crossentropy_backward(g->dlogits, t->logits, a->device->token_lse, a->device->targets, N, V, Vp,
+                          1.0f / N);
     PROFILE_MARK("back: lm head");
     matmul_backward_on(gpu.blas, g->dln, dp->wte, g->dlogits, t->lnf, model->params.wte, N, C, Vp,
                        0.0f);  // dln = (overwrite)
     zero_async(g->dresidual, (size_t)N * C * sizeof(float));
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
-                     t->lnf_rstd, g->colsum, N, C);
+                     t->lnf_rstd, a->device->colsum, N, C);
     for (int l = L - 1; l >= 0; l--) {
         LayerWeights w = layer_weights(&model->params, c, l);
         LayerWeights dw = layer_weights(dp, c, l);
@@ -1873,7 +1810,7 @@ void model_backward(Model *model) {
         moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
         PROFILE_MARK("attn back: norm+proj");
         rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2,
-                         t->ln2_rstd + (size_t)l * N, g->colsum, N, C);
+                         t->ln2_rstd + (size_t)l * N, a->device->colsum, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
         matmul_backward_on(gpu.blas, g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, w.wo, N, C,
                            C, 0.0f);
@@ -1884,7 +1821,8 @@ void model_backward(Model *model) {
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C,
                            3 * C, 0.0f);
-        rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, g->colsum, N, C);
+        rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, a->device->colsum,
+                         N, C);
     }
     PROFILE_MARK("back: embedding");
     encoder_backward(dp->wte, g->dresidual, a, C);
@@ -1972,9 +1910,9 @@ __global__ void count_selected_kernel(double *out, const int *n_selected, int N)
 void model_activated_per_layer(const Model *model, double *activated) {
     const Activations *a = &model->ws->acts;
     int N = a->B * a->T, L = model->config.num_layers;
-    count_selected_kernel<<<L, 1024, 0, gpu.stream>>>(a->sums, a->routing.n_selected, N);
+    count_selected_kernel<<<L, 1024, 0, gpu.stream>>>(a->device->sums, a->routing.n_selected, N);
     launchCheck();
-    copy_to_host(activated, a->sums, L * sizeof(double));
+    copy_to_host(activated, a->device->sums, L * sizeof(double));
     for (int l = 0; l < L; l++) { activated[l] /= N; }
 }
 
@@ -1983,7 +1921,7 @@ void model_routing_counts(const Model *model, int *n_selected, int *expert_load)
     int N = a->B * a->T, L = model->config.num_layers, E = model->config.num_experts;
     copy_to_host(n_selected, a->routing.n_selected, (size_t)L * N * sizeof(int));
     for (int l = 0; l < L; l++) {
-        const int *start = a->expert_start_host + (size_t)l * (E + 1);
+        const int *start = a->device->expert_start_host + (size_t)l * (E + 1);
         for (int e = 0; e < E; e++) { expert_load[(size_t)l * E + e] = start[e + 1] - start[e]; }
     }
 }
@@ -2056,8 +1994,8 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     }
     if (token < 0 || token >= V) { fail("token id %d is outside the vocabulary (%d)", token, V); }
     ActivationTensors *t = &d->acts.acts;
-    copy_to_device(d->acts.inputs, &token, sizeof(int));
-    encoder_forward(t->encoded, d->acts.inputs, model->params.wte, 1, C);
+    copy_to_device(d->acts.device->inputs, &token, sizeof(int));
+    encoder_forward(t->encoded, d->acts.device->inputs, model->params.wte, 1, C);
     d->acts.row_offset[0] = 0;
     for (int l = 0; l < L; l++) {
         LayerWeights w = layer_weights(&model->params, c, l);
@@ -2100,8 +2038,8 @@ void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for 
     int L = model->config.num_layers;
     out[0] = model->loss;
     out[1] = model->ce_loss;
-    memcpy(out + 2, model->ws->acts.aux_lb_host, L * sizeof(float));
-    memcpy(out + 2 + L, model->ws->acts.aux_ent_host, L * sizeof(float));
+    memcpy(out + 2, model->ws->acts.device->aux_lb_host, L * sizeof(float));
+    memcpy(out + 2 + L, model->ws->acts.device->aux_ent_host, L * sizeof(float));
 }
 
 // n_selected (L, N), selected (L, N, E), gates (L, N, E), as in the reference fixtures.
