@@ -19,16 +19,9 @@ every id it lists has exactly the bytes we derived, so a wrong input file cannot
 #include <stdlib.h>
 #include <string.h>
 
-#include "../utils.h"  // TOKENIZER_MAGIC
+#include "../utils.h"
 #define TOKENIZER_VERSION 1
 #define MAX_VOCAB 65536
-
-static const char *prog = "make_tokenizer";
-
-static void die(const char *file, const char *msg) {
-    fprintf(stderr, "%s: %s: %s\n", prog, file, msg);
-    exit(1);
-}
 
 // the bytes of every token, concatenated; token i is tok_bytes[tok_off[i] .. tok_off[i+1])
 static unsigned char *tok_bytes;
@@ -37,11 +30,11 @@ static size_t tok_off[MAX_VOCAB + 1];
 static int ntok;
 
 static void add_token(const unsigned char *b, size_t n) {
-    if (ntok >= MAX_VOCAB) die("vocab.bpe", "too many tokens");
+    if (ntok >= MAX_VOCAB) fail("%s: too many tokens", "vocab.bpe");
     if (tok_used + n > tok_cap) {
         tok_cap = 2 * (tok_used + n) + 4096;
         tok_bytes = realloc(tok_bytes, tok_cap);
-        if (!tok_bytes) die("memory", "out of memory");
+        if (!tok_bytes) fail("%s: out of memory", "memory");
     }
     memcpy(tok_bytes + tok_used, b, n);
     tok_off[ntok] = tok_used;
@@ -105,13 +98,13 @@ static int printable_to_bytes(const unsigned char *s, size_t n, unsigned char *o
 
 static char *read_file(const char *path, size_t *n) {
     FILE *f = fopen(path, "rb");
-    if (!f) die(path, "cannot open");
+    if (!f) fail("%s: cannot open", path);
     fseek(f, 0, SEEK_END);
     long size = ftell(f);
     fseek(f, 0, SEEK_SET);
-    if (size <= 0) die(path, "empty file");
+    if (size <= 0) fail("%s: empty file", path);
     char *buf = malloc((size_t)size + 1);
-    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size) die(path, "cannot read");
+    if (!buf || fread(buf, 1, (size_t)size, f) != (size_t)size) fail("%s: cannot read", path);
     buf[size] = 0;
     fclose(f);
     *n = (size_t)size;
@@ -142,7 +135,7 @@ static void check_encoder_json(const char *path) {
         // read one JSON string key, undoing its escapes
         size_t len = 0;
         for (p++; *p != '"'; p++) {
-            if (!*p || len + 4 > sizeof str) die(path, "malformed JSON string");
+            if (!*p || len + 4 > sizeof str) fail("%s: malformed JSON string", path);
             if (*p != '\\') { str[len++] = (unsigned char)*p; continue; }
             p++;
             if (*p == 'u') {
@@ -157,7 +150,7 @@ static void check_encoder_json(const char *path) {
             } else {
                 const char *from = "\"\\/bfnrt", *to = "\"\\/\b\f\n\r\t";
                 const char *e = strchr(from, *p);
-                if (!*p || !e) die(path, "bad escape in JSON string");
+                if (!*p || !e) fail("%s: bad escape in JSON string", path);
                 str[len++] = (unsigned char)to[e - from];
             }
         }
@@ -165,7 +158,7 @@ static void check_encoder_json(const char *path) {
         while (*p == ' ' || *p == ':') p++;
         char *end;
         long id = strtol(p, &end, 10);
-        if (end == p || id < 0 || id >= ntok) die(path, "token id missing or out of range");
+        if (end == p || id < 0 || id >= ntok) fail("%s: token id missing or out of range", path);
         p = end;
         int rawlen;
         if (id == ntok - 1) {  // <|endoftext|> is stored as plain text
@@ -176,21 +169,19 @@ static void check_encoder_json(const char *path) {
         }
         size_t tlen = tok_off[id + 1] - tok_off[id];
         if (rawlen < 0 || (size_t)rawlen != tlen || memcmp(raw, tok_bytes + tok_off[id], tlen) != 0) {
-            fprintf(stderr, "%s: %s: token %ld differs from the one built from vocab.bpe\n", prog, path, id);
-            exit(1);
+            fail("%s: token %ld differs from the one built from vocab.bpe", path, id);
         }
         count++;
     }
     if (count != ntok) {
-        fprintf(stderr, "%s: %s: lists %d tokens, vocab.bpe makes %d\n", prog, path, count, ntok);
-        exit(1);
+        fail("%s: lists %d tokens, vocab.bpe makes %d", path, count, ntok);
     }
     free(js);
 }
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: %s vocab.bpe encoder.json tokenizer.bin\n", prog);
+        fprintf(stderr, "usage: make_tokenizer vocab.bpe encoder.json tokenizer.bin\n");
         return 1;
     }
     const char *bpe_path = argv[1], *json_path = argv[2], *out_path = argv[3];
@@ -203,7 +194,7 @@ int main(int argc, char **argv) {
 
     size_t n;
     char *bpe = read_file(bpe_path, &n);
-    if (strncmp(bpe, "#version", 8) != 0) die(bpe_path, "does not start with a #version line");
+    if (strncmp(bpe, "#version", 8) != 0) fail("%s: does not start with a #version line", bpe_path);
     char *line = strchr(bpe, '\n');
     int nmerges = 0;
     static int32_t merges[2 * MAX_VOCAB];
@@ -214,23 +205,20 @@ int main(int argc, char **argv) {
         if (eol && eol > line && eol[-1] == '\r') eol[-1] = 0;
         char *sp = strchr(line, ' ');
         if (!sp || strchr(sp + 1, ' ') || strlen(line) >= sizeof a) {
-            fprintf(stderr, "%s: %s: line %d is not a merge \"A B\"\n", prog, bpe_path, nmerges + 2);
-            return 1;
+            fail("%s: line %d is not a merge \"A B\"", bpe_path, nmerges + 2);
         }
         int na = printable_to_bytes((unsigned char *)line, (size_t)(sp - line), a);
         int nb = printable_to_bytes((unsigned char *)sp + 1, strlen(sp + 1), b);
         int ia = na > 0 ? lookup(a, (size_t)na, -1) : -1;
         int ib = nb > 0 ? lookup(b, (size_t)nb, -1) : -1;
         if (ia < 0 || ib < 0) {
-            fprintf(stderr, "%s: %s: line %d merges a token that does not exist yet\n", prog, bpe_path, nmerges + 2);
-            return 1;
+            fail("%s: line %d merges a token that does not exist yet", bpe_path, nmerges + 2);
         }
         memcpy(a + na, b, (size_t)nb);
         if (lookup(a, (size_t)(na + nb), ntok) >= 0) {
-            fprintf(stderr, "%s: %s: line %d makes a token that already exists\n", prog, bpe_path, nmerges + 2);
-            return 1;
+            fail("%s: line %d makes a token that already exists", bpe_path, nmerges + 2);
         }
-        if (na + nb > 255) die(bpe_path, "a token is longer than 255 bytes");
+        if (na + nb > 255) fail("%s: a token is longer than 255 bytes", bpe_path);
         add_token(a, (size_t)(na + nb));
         merges[2 * nmerges] = ia;
         merges[2 * nmerges + 1] = ib;
@@ -252,13 +240,13 @@ int main(int argc, char **argv) {
     unsigned char lens[MAX_VOCAB];
     for (int i = 0; i < ntok; i++) lens[i] = (unsigned char)(tok_off[i + 1] - tok_off[i]);
     FILE *f = fopen(out_path, "wb");
-    if (!f) die(out_path, "cannot open for writing");
+    if (!f) fail("%s: cannot open for writing", out_path);
     int ok = fwrite(header, sizeof header, 1, f) == 1
           && fwrite(merges, sizeof(int32_t), 2 * (size_t)nmerges, f) == 2 * (size_t)nmerges
           && fwrite(lens, 1, (size_t)ntok, f) == (size_t)ntok
           && fwrite(tok_bytes, 1, tok_used, f) == tok_used;
-    if (fclose(f) != 0 || !ok) die(out_path, "write failed");
-    printf("%s: wrote %s: %d tokens (%d merges, end-of-text %d), %zu token bytes\n",
-           prog, out_path, ntok, nmerges, ntok - 1, tok_used);
+    if (fclose(f) != 0 || !ok) fail("%s: write failed", out_path);
+    printf("make_tokenizer: wrote %s: %d tokens (%d merges, end-of-text %d), %zu token bytes\n",
+           out_path, ntok, nmerges, ntok - 1, tok_used);
     return 0;
 }
