@@ -194,22 +194,22 @@ int main(int argc, char **argv) {
     size_t flen;
     char *file = read_file(path, &flen);
     snprintf(bad, sizeof bad, "%s/missing.bin", dirbuf);
-    check_refuses("a missing file", load, bad, "missing.bin: cannot open");
+    check_refuses("a missing file", load, bad, "missing.bin: No such file");
     snprintf(bad, sizeof bad, "%s/empty.bin", dirbuf);
     write_file(bad, file, 0);
-    check_refuses("an empty file", load, bad, "empty.bin: file too short");
+    check_refuses("an empty file", load, bad, "empty.bin is too short");
     snprintf(bad, sizeof bad, "%s/truncated.bin", dirbuf);
     write_file(bad, file, flen - 1000);
-    check_refuses("a truncated file", load, bad, "truncated.bin: file size does not match");
+    check_refuses("a truncated file", load, bad, "truncated.bin is truncated");
     snprintf(bad, sizeof bad, "%s/magic.bin", dirbuf);
     file[0] ^= 1;
     write_file(bad, file, flen);
-    check_refuses("a wrong magic number", load, bad, "magic.bin: bad magic");
+    check_refuses("a wrong magic number", load, bad, "magic.bin is not a tokenizer file");
     file[0] ^= 1;
     snprintf(bad, sizeof bad, "%s/version.bin", dirbuf);
     file[4] = 2;
     write_file(bad, file, flen);
-    check_refuses("a wrong version", load, bad, "version.bin: unsupported version");
+    check_refuses("a wrong version", load, bad, "version.bin: unsupported tokenizer file");
     file[4] = 1;
     snprintf(bad, sizeof bad, "%s/corrupt.bin", dirbuf);
     file[flen - 100] ^= 0x20;  // one byte of a token's text
