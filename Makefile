@@ -26,9 +26,10 @@ DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheade
 CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
 NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native
 
-# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens
+# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens; OUT: its output
 VOCAB ?= bytes
 DATA = data
+OUT = out
 TRAIN_FLAGS ?=
 ifeq ($(VOCAB),gpt2)
   SHARDS = $(DATA)/train_gpt2
@@ -108,10 +109,15 @@ $(DATA)/input.txt:
 $(SHARDS)_train.bin: $(DATA)/input.txt prepro
 	./prepro --vocab $(VOCAB) -o $(SHARDS) $(DATA)/input.txt
 
+# Without TEXT, a text that an earlier `make train TEXT=file` copied is replaced by TinyShakespeare.
 train: train_dtopp tools/make_offline_text
-	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; fi
+	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; \
+	 elif grep -qs '^a copy of' $(DATA)/input.source; then \
+	     echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source), and TEXT is not set: preparing TinyShakespeare"; \
+	     rm -f $(DATA)/input.txt $(SHARDS)_train.bin; fi
 	$(MAKE) --no-print-directory $(SHARDS)_train.bin TEXT=$(TEXT)
-	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out out $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
+	@echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source 2>/dev/null || echo 'a text of unknown origin')"
+	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out $(OUT) $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
 
 # the experiments of doc/results.md: byte-level TinyShakespeare, logs in out/tune and out/repro
 repro: train_dtopp tools/make_offline_text

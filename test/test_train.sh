@@ -213,5 +213,15 @@ check "... and resumes from the checkpoint before to the same result" cmp "$TMP/
 "$TRAIN" --init "$TMP/short/model.bin" --generate 100 > /dev/null 2> "$TMP/short.log"
 check "sampling stopped by the maximum sequence length says so" grep -q "^15 tokens in .*maximum sequence length is 16" "$TMP/short.log"
 
+# make train: a text given with TEXT= once is not silently reused by a later make train without
+# it; a second make train into the same output refuses instead of overwriting it
+tr 'a-z' 'A-Z' < "$TMP/text.txt" > "$TMP/other.txt"
+MAKE_TRAIN=("${MAKE:-make}" --no-print-directory train DATA="$TMP/data" TRAIN_FLAGS="${TINY[*]} --steps 2 --eval-every 0")
+GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make1" TEXT="$TMP/other.txt" > "$TMP/make1.log" 2>&1
+check "make train TEXT=other.txt trains on it" cmp "$TMP/data/input.txt" "$TMP/other.txt"
+GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2" > "$TMP/make2.log" 2>&1
+check "a later make train without TEXT does not use it" bash -c "! cmp -s '$TMP/data/input.txt' '$TMP/other.txt'"
+refuses "a second make train into the same output" "already holds a run" env GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2"
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
