@@ -18,6 +18,18 @@ else
   $(info OpenMP: not found, building single-threaded)
 endif
 
+# Sanitizers: `make test SANITIZE=1` builds the programs with AddressSanitizer and
+# UndefinedBehaviorSanitizer into build/sanitize/ (the normal build stays as it is) and runs every
+# test with them; any report stops the program with a non-zero exit, which fails the test.
+SANITIZE_DIR = build/sanitize
+SANITIZE_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SANITIZE_OK := $(shell echo 'int main(void){return 0;}' | $(CC) $(SANITIZE_FLAGS) -x c - -o /dev/null 2>/dev/null && echo yes)
+ifeq ($(SANITIZE),1)
+  BIN = $(SANITIZE_DIR)/
+  export ASAN_OPTIONS = halt_on_error=1:detect_leaks=1
+  export UBSAN_OPTIONS = halt_on_error=1:print_stacktrace=1
+endif
+
 # CUDA: built when nvcc is present, for the architecture of the GPU found here, or CUDA_ARCH
 # (e.g. make cuda CUDA_ARCH=90) when building on a machine without a GPU.
 NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
@@ -135,20 +147,30 @@ plots:
 test: test-model test-tokenizer test-data test-train
 	@echo "all tests passed"
 
-test-model: test_gpt
-	./test_gpt
+test-model: $(BIN)test_gpt
+	./$(BIN)test_gpt
 
-test-tokenizer: test/test_tokenizer test/tiktoken_compare prepro tools/make_offline_text
+# The tokenizer's test also runs under the sanitizers in every `make test`: its integer
+# arithmetic (hashes, packed merge keys) is where undefined behaviour would hide.
+test-tokenizer: $(BIN)test/test_tokenizer $(BIN)test/tiktoken_compare $(BIN)prepro tools/make_offline_text \
+                $(if $(SANITIZE_OK),$(SANITIZE_DIR)/test/test_tokenizer)
 	@if [ -z "$(DATA_DIR)" ]; then echo "note: DATA_DIR is not set: the golden token counts on TinyShakespeare and KJV are skipped"; fi
-	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) test/test_tokenizer
-	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) test/tiktoken_compare.sh
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) $(BIN)test/test_tokenizer
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) ENCODER=$(BIN)test/tiktoken_compare test/tiktoken_compare.sh
+	$(if $(SANITIZE_OK),UBSAN_OPTIONS=halt_on_error=1 SKIP_DATA_TESTS=1 $(SANITIZE_DIR)/test/test_tokenizer > /dev/null \
+	  && echo "test_tokenizer under ASan and UBSan: no report",@echo "note: no sanitizers with $(CC): skipped test_tokenizer under them")
 
-test-data: test/test_dataloader prepro tools/make_offline_text
-	test/test_dataloader
-	test/test_prepro.sh
+test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
+	$(BIN)test/test_dataloader
+	PREPRO=$(BIN)prepro ENCODER=$(BIN)test/tiktoken_compare test/test_prepro.sh
 
-test-train: train_dtopp prepro tools/make_offline_text
-	test/test_train.sh
+test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
+	TRAIN=$(BIN)train_dtopp PREPRO=$(BIN)prepro test/test_train.sh
+
+# every program of the project, built with the sanitizers (SANITIZE=1 above)
+$(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
 reference:
 	$(PYTHON) reference/make_fixtures.py --out test/fixtures
@@ -189,3 +211,4 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
 
 clean:
 	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda
+	rm -rf build
