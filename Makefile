@@ -55,7 +55,7 @@ BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader 
            tools/make_offline_text
 
 .PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
-        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
+        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help fuzz
 
 all: $(BINARIES)
 
@@ -71,6 +71,8 @@ help:
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
 	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
 	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
+	@echo "make test SANITIZE=1  every test with AddressSanitizer and UndefinedBehaviorSanitizer builds"
+	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 60) each (clang, libFuzzer)"
 	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; C vs PyTorch on the CPU; CUDA vs PyTorch with a GPU)"
 
 # ----------------------------------------------------------------------------
@@ -199,6 +201,24 @@ else
 cuda test-cuda compare-cuda:
 	@echo "CUDA: nvcc not found, skipping the CUDA targets"
 endif
+
+# ----------------------------------------------------------------------------
+# fuzzing: a libFuzzer target for every reader of outside data (fuzz/README.md), built with clang
+# and ASan + UBSan into build/fuzz/; `make fuzz` runs each for FUZZ_SECONDS from the seeds in
+# fuzz/corpus/ and fails on any crash, sanitizer report or broken round trip.
+
+FUZZ_CC ?= clang
+FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+             -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
+FUZZ_TARGETS = shard model state tokenizer encoder prepro options
+FUZZ_SECONDS ?= 60
+
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
+
+fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZ_TARGETS))
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 # ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run

@@ -152,14 +152,17 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     l->num_shards = (int)g.gl_pathc;
     l->shard_path = (char **)malloc_check(sizeof(char *) * g.gl_pathc);
     l->shard_tokens = (size_t *)malloc_check(sizeof(size_t) * g.gl_pathc);
+    for (int i = 0; i < l->num_shards; i++) {
+        l->shard_path[i] = (char *)malloc_check(strlen(g.gl_pathv[i]) + 1);
+        strcpy(l->shard_path[i], g.gl_pathv[i]);
+    }
+    globfree(&g);
     // the fingerprint mixes everything a position depends on (FNV-1a over 64-bit words)
     unsigned long long fp = 14695981039346656037ULL;
     unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0, (unsigned long long)B, (unsigned long long)T};
     for (int i = 0; i < 4; i++) fp = (fp ^ words[i]) * 1099511628211ULL;
     for (int i = 0; i < l->num_shards; i++) {
-        const char *path = g.gl_pathv[i];
-        l->shard_path[i] = (char *)malloc_check(strlen(path) + 1);
-        strcpy(l->shard_path[i], path);
+        const char *path = l->shard_path[i];
         static const int versions[] = {1, SHARD_VERSION};
         int32_t h[HEADER_WORDS];
         long size;
@@ -184,7 +187,6 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
         l->num_tokens += (size_t)h[2];
         fp = (fp ^ (unsigned long long)h[2]) * 1099511628211ULL;
     }
-    globfree(&g);
     l->fingerprint = fp >> 1;  // stored in a long long: keep it non-negative
     for (int i = 0; i < l->num_shards; i++) l->num_batches += (size_t)dataloader_batches_(l, i);
     l->inputs = (int *)malloc_check(sizeof(int) * (size_t)B * (size_t)T);
