@@ -119,7 +119,8 @@ static void check_parameter_count(const ModelConfig *c, const char *where) {
     unsigned long long L = c->num_layers, C = c->channels, E = c->num_experts, H = c->expert_hidden;
     unsigned long long experts = bounded_product(bounded_product(3 * E, H, where), C, where);
     unsigned long long per_layer = bounded_product(4 * C, C, where) + 2 * C + E * C + 1 + experts;
-    unsigned long long total = bounded_product(L, per_layer, where) + bounded_product(c->padded_vocab_size, C, where) + C;
+    unsigned long long embedding = bounded_product(c->padded_vocab_size, C, where);
+    unsigned long long total = bounded_product(L, per_layer, where) + embedding + C;
     if (total > MAX_PARAMETERS) { fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS); }
 }
 
@@ -140,7 +141,9 @@ static void validate_sizes(const ModelConfig *c, const char *where) {
     if (c->channels % c->num_heads != 0 || (c->channels / c->num_heads) % 2 != 0) {
         fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels, c->num_heads);
     }
-    if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BYTES)) { fail("%s: unknown vocabulary kind %d", where, c->vocab_kind); }
+    if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BYTES)) {
+        fail("%s: unknown vocabulary kind %d", where, c->vocab_kind);
+    }
     check_parameter_count(c, where);
 }
 
@@ -148,7 +151,9 @@ static void validate_sizes(const ModelConfig *c, const char *where) {
 static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
     validate_sizes(c, where);
     if (!in_range(rc->routing, 0, 2)) { fail("%s: unknown routing mode %d", where, rc->routing); }
-    if (!in_range(rc->controller, CONTROLLER_GLOBAL, CONTROLLER_LAYER)) { fail("%s: unknown controller %d", where, rc->controller); }
+    if (!in_range(rc->controller, CONTROLLER_GLOBAL, CONTROLLER_LAYER)) {
+        fail("%s: unknown controller %d", where, rc->controller);
+    }
     if (!in_range(rc->drn, 0, 1) || !in_range(rc->renorm, 0, 1)) {
         fail("%s: drn and renorm must be 0 or 1 (got %d, %d)", where, rc->drn, rc->renorm);
     }
@@ -2155,11 +2160,11 @@ static void checkpoint_path(char *out, size_t size, const char *dir, const char 
 
 // The step of a checkpoint file's name (model_STEP.bin, state_STEP.bin), or -1.
 static int checkpoint_step(const char *path, const char *kind) {
-    const char *slash = strrchr(path, '/');
+    const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
     char format[64];
     int step, end = 0;
     snprintf(format, sizeof(format), "%s_%%d.bin%%n", kind);
-    if (sscanf(slash ? slash + 1 : path, format, &step, &end) != 1 || (slash ? slash + 1 : path)[end] != '\0') { return -1; }
+    if (sscanf(name, format, &step, &end) != 1 || name[end] != '\0') { return -1; }
     return step >= 0 ? step : -1;
 }
 
@@ -2442,7 +2447,9 @@ static int generate_only(const Options *o, uint64_t rng) {
     double t0 = wall_seconds();
     int sampled = generate_text(&model, &codec, o->prompt, o->generate, o->temperature, o->top_k, &rng);
     fprintf(stderr, "%d tokens in %.2f s", sampled, wall_seconds() - t0);
-    if (sampled < o->generate) { fprintf(stderr, " (the model's maximum sequence length is %d)", model.config.max_seq_len); }
+    if (sampled < o->generate) {
+        fprintf(stderr, " (the model's maximum sequence length is %d)", model.config.max_seq_len);
+    }
     fprintf(stderr, "\n");
     if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
     model_free(&model);
@@ -2456,7 +2463,9 @@ static void check_same_run(const TrainingState *s, const Options *o, const char 
         printf("note: %s does not record --steps, --warmup, --lr, --weight-decay: they are not checked\n", path);
         return;
     }
-    const char *which = s->steps != o->steps ? "--steps" : s->warmup != o->warmup ? "--warmup" : s->lr != o->lr ? "--lr"
+    const char *which = s->steps != o->steps ? "--steps"
+                        : s->warmup != o->warmup ? "--warmup"
+                        : s->lr != o->lr ? "--lr"
                         : s->weight_decay != o->weight_decay ? "--weight-decay" : NULL;
     if (which != NULL) {
         fail("%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's %s "
@@ -2508,14 +2517,14 @@ static void load_or_init_model(Run *run) {
 }
 
 // A loader's tokens must fit the model (its vocabulary is the training data's when it is new).
-static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c, const char *model_source) {
+static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c, const char *source) {
     if (d->vocab_size > c->vocab_size) {
-        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)", d->shard_path[0], what,
-             d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size, vocab_kind_name(c->vocab_kind), model_source);
+        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)", d->shard_path[0],
+             what, d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size, vocab_kind_name(c->vocab_kind), source);
     }
     if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
         fail("%s (%s) holds %s tokens but the model uses %s tokens (%s)", d->shard_path[0], what,
-             vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind), model_source);
+             vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind), source);
     }
 }
 
@@ -2660,7 +2669,8 @@ int main(int argc, char **argv) {
         int last = step == o->steps - 1, stop = step + 1 == o->stop_at;
         float val_loss = -1.0f;
         if (run.have_val && o->eval_batches > 0 && (last || is_due(step, o->eval_every))) {
-            val_loss = evaluate(&run.model, &run.val, o->eval_batches, last ? run.routing_dump : NULL, o->routing_dump);
+            FILE *dump = last ? run.routing_dump : NULL;
+            val_loss = evaluate(&run.model, &run.val, o->eval_batches, dump, o->routing_dump);
             printf("step %5d | validation loss %.4f\n", step, val_loss);
         }
         if (o->sample_tokens > 0 && step > run.start_step && (last || is_due(step, o->sample_every))) {
