@@ -2328,7 +2328,8 @@ static void for_each_file(const char *dir, const char *pattern, const char *kind
 }
 
 // Checkpoint files of steps other than *keep (all of them for -1) are removed: older pairs a
-// crash left before removing them, newer ones it left incomplete. So are unfinished ".tmp" files.
+// crash left before removing them, newer ones it left incomplete. So are the run's unfinished
+// ".tmp" files.
 static void remove_leftover(const char *path, int step, void *keep) {
     if (step == *(int *)keep) { return; }
     if (remove(path) != 0) { fail("cannot remove %s: %s", path, strerror(errno)); }
@@ -2338,8 +2339,10 @@ static void remove_leftover(const char *path, int step, void *keep) {
 static void remove_leftovers(const char *dir, int keep_step) {
     for_each_file(dir, "model_*.bin", "model", remove_leftover, &keep_step);
     for_each_file(dir, "state_*.bin", "state", remove_leftover, &keep_step);
-    int any = -2;  // .tmp files have no step: all go
-    for_each_file(dir, "*.tmp", NULL, remove_leftover, &any);
+    int any = -2;  // .tmp files have no step: all of the run's go, and nothing else
+    for_each_file(dir, "model*.bin.tmp", NULL, remove_leftover, &any);
+    for_each_file(dir, "state_*.bin.tmp", NULL, remove_leftover, &any);
+    for_each_file(dir, "log.csv.tmp", NULL, remove_leftover, &any);
 }
 
 static void note_run_file(const char *path, int step, void *found) {
