@@ -1,12 +1,15 @@
 // fuzz_prepro: prepro's path from text to shards. The first byte picks the options (vocabulary,
 // --eot, --split, --val), the rest is the text. Without --split the shards must hold the text
-// exactly: their tokens, decoded, give back every byte (end-of-text tokens aside).
+// exactly: their tokens, decoded, give back every byte (end-of-text tokens aside). BPE uses the
+// small tokenizer of the seeds (GPT-2's first 40 merges): loading all of tokenizer.bin for every
+// input would leave little time for anything else, and fuzz_encoder covers it.
 #include "fuzz.h"
 #define main prepro_main
 #include "../prepro.c"
 #undef main
 #include "../dataloader.h"
 
+#define SMALL_TOKENIZER "fuzz/corpus/tokenizer/small.bin"
 static Tokenizer gpt2;
 
 // Appends the decoded tokens of the shard at path to out; returns the new length.
@@ -41,8 +44,9 @@ static void text_to_shards(const uint8_t *data, size_t size) {
     remove(train);
     remove(val);
     fuzz_write_file(input, data + 1, size - 1);
-    char *argv[16] = {"prepro", "--vocab", bytes ? "bytes" : "gpt2", "-o", prefix, "--val", (flags & 8) ? "0" : "0.1"};
-    int argc = 7;
+    char *argv[16] = {"prepro", "--vocab", bytes ? "bytes" : "gpt2", "-o", prefix, "--val", (flags & 8) ? "0" : "0.1",
+                      "--tokenizer", SMALL_TOKENIZER};
+    int argc = 9;
     if ((flags & 2) && !bytes) { argv[argc++] = "--eot"; }
     if (split) {
         argv[argc++] = "--split";
@@ -60,7 +64,7 @@ static void text_to_shards(const uint8_t *data, size_t size) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (gpt2.vocab_size == 0) {  // for decoding, loaded once
-        tokenizer_init(&gpt2, "tokenizer.bin");
+        tokenizer_init(&gpt2, SMALL_TOKENIZER);
         fuzz_keep_all();
     }
     fuzz_run(text_to_shards, data, size);
