@@ -164,10 +164,10 @@ test-tokenizer: $(BIN)test/test_tokenizer $(BIN)test/tiktoken_compare $(BIN)prep
 
 test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
 	$(BIN)test/test_dataloader
-	PREPRO=$(BIN)prepro ENCODER=$(BIN)test/tiktoken_compare test/test_prepro.sh
+	PREPRO=./$(BIN)prepro ENCODER=$(BIN)test/tiktoken_compare test/test_prepro.sh
 
 test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
-	TRAIN=$(BIN)train_dtopp PREPRO=$(BIN)prepro test/test_train.sh
+	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_train.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
 $(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h
