@@ -18,6 +18,18 @@ else
   $(info OpenMP: not found, building single-threaded)
 endif
 
+# Sanitizers: `make test SANITIZE=1` builds the programs with AddressSanitizer and
+# UndefinedBehaviorSanitizer into build/sanitize/ (the normal build stays as it is) and runs every
+# test with them; any report stops the program with a non-zero exit, which fails the test.
+SANITIZE_DIR = build/sanitize
+SANITIZE_FLAGS = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SANITIZE_OK := $(shell echo 'int main(void){return 0;}' | $(CC) $(SANITIZE_FLAGS) -x c - -o /dev/null 2>/dev/null && echo yes)
+ifeq ($(SANITIZE),1)
+  BIN = $(SANITIZE_DIR)/
+  export ASAN_OPTIONS = halt_on_error=1:detect_leaks=1
+  export UBSAN_OPTIONS = halt_on_error=1:print_stacktrace=1
+endif
+
 # CUDA: built when nvcc is present, for the architecture of the GPU found here, or CUDA_ARCH
 # (e.g. make cuda CUDA_ARCH=90) when building on a machine without a GPU.
 NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
@@ -26,9 +38,10 @@ DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheade
 CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
 NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native
 
-# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens
+# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens; OUT: its output
 VOCAB ?= bytes
 DATA = data
+OUT = out
 TRAIN_FLAGS ?=
 ifeq ($(VOCAB),gpt2)
   SHARDS = $(DATA)/train_gpt2
@@ -42,7 +55,7 @@ BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader 
            tools/make_offline_text
 
 .PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
-        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
+        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help fuzz
 
 all: $(BINARIES)
 
@@ -58,6 +71,8 @@ help:
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
 	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
 	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
+	@echo "make test SANITIZE=1  every test with AddressSanitizer and UndefinedBehaviorSanitizer builds"
+	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 60) each (clang, libFuzzer)"
 	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; C vs PyTorch on the CPU; CUDA vs PyTorch with a GPU)"
 
 # ----------------------------------------------------------------------------
@@ -108,10 +123,15 @@ $(DATA)/input.txt:
 $(SHARDS)_train.bin: $(DATA)/input.txt prepro
 	./prepro --vocab $(VOCAB) -o $(SHARDS) $(DATA)/input.txt
 
+# Without TEXT, a text that an earlier `make train TEXT=file` copied is replaced by TinyShakespeare.
 train: train_dtopp tools/make_offline_text
-	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; fi
+	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; \
+	 elif grep -qs '^a copy of' $(DATA)/input.source; then \
+	     echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source), and TEXT is not set: preparing TinyShakespeare"; \
+	     rm -f $(DATA)/input.txt $(SHARDS)_train.bin; fi
 	$(MAKE) --no-print-directory $(SHARDS)_train.bin TEXT=$(TEXT)
-	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out out $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
+	@echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source 2>/dev/null || echo 'a text of unknown origin')"
+	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out $(OUT) $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
 
 # the experiments of doc/results.md: byte-level TinyShakespeare, logs in out/tune and out/repro
 repro: train_dtopp tools/make_offline_text
@@ -129,20 +149,30 @@ plots:
 test: test-model test-tokenizer test-data test-train
 	@echo "all tests passed"
 
-test-model: test_gpt
-	./test_gpt
+test-model: $(BIN)test_gpt
+	./$(BIN)test_gpt
 
-test-tokenizer: test/test_tokenizer test/tiktoken_compare prepro tools/make_offline_text
+# The tokenizer's test also runs under the sanitizers in every `make test`: its integer
+# arithmetic (hashes, packed merge keys) is where undefined behaviour would hide.
+test-tokenizer: $(BIN)test/test_tokenizer $(BIN)test/tiktoken_compare $(BIN)prepro tools/make_offline_text \
+                $(if $(SANITIZE_OK),$(SANITIZE_DIR)/test/test_tokenizer)
 	@if [ -z "$(DATA_DIR)" ]; then echo "note: DATA_DIR is not set: the golden token counts on TinyShakespeare and KJV are skipped"; fi
-	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) test/test_tokenizer
-	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) test/tiktoken_compare.sh
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) $(BIN)test/test_tokenizer
+	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) ENCODER=$(BIN)test/tiktoken_compare test/tiktoken_compare.sh
+	$(if $(SANITIZE_OK),UBSAN_OPTIONS=halt_on_error=1 SKIP_DATA_TESTS=1 $(SANITIZE_DIR)/test/test_tokenizer > /dev/null \
+	  && echo "test_tokenizer under ASan and UBSan: no report",@echo "note: no sanitizers with $(CC): skipped test_tokenizer under them")
 
-test-data: test/test_dataloader prepro tools/make_offline_text
-	test/test_dataloader
-	test/test_prepro.sh
+test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
+	$(BIN)test/test_dataloader
+	PREPRO=./$(BIN)prepro ENCODER=$(BIN)test/tiktoken_compare test/test_prepro.sh
 
-test-train: train_dtopp prepro tools/make_offline_text
-	test/test_train.sh
+test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
+	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_train.sh
+
+# every program of the project, built with the sanitizers (SANITIZE=1 above)
+$(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
 reference:
 	$(PYTHON) reference/make_fixtures.py --out test/fixtures
@@ -173,6 +203,24 @@ cuda test-cuda compare-cuda:
 endif
 
 # ----------------------------------------------------------------------------
+# fuzzing: a libFuzzer target for every reader of outside data (fuzz/README.md), built with clang
+# and ASan + UBSan into build/fuzz/; `make fuzz` runs each for FUZZ_SECONDS from the seeds in
+# fuzz/corpus/ and fails on any crash, sanitizer report or broken round trip.
+
+FUZZ_CC ?= clang
+FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+             -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
+FUZZ_TARGETS = shard model state tokenizer encoder prepro options
+FUZZ_SECONDS ?= 60
+
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
+
+fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZ_TARGETS))
+	fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run
 
 bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
@@ -183,3 +231,4 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
 
 clean:
 	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda
+	rm -rf build

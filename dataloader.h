@@ -10,8 +10,8 @@ A shard (llm.c's format, see doc/formats.md) is a header of 256 int32: magic 202
 number of tokens, vocabulary size (0 means GPT-2's 50257), vocabulary kind (VOCAB_* of utils.h),
 then the tokens as uint16. Version 1 shards (no kind; llm.c's own) are still read, their kind
 inferred from the vocabulary size.
-Every shard matching the pattern is checked when the loader starts, so that a bad file is found
-at once and not hours into training.
+Every shard matching the pattern is checked when the loader starts, header and every token, so
+that a bad file is found at once and not hours into training.
 
 Each shard of n tokens is cut into (n - 1) / T windows of T + 1 tokens; window w starts at token
 w*T, so consecutive windows overlap by one token and every token is a target once. The input of a
@@ -78,6 +78,27 @@ static uint64_t dataloader_stream_(uint64_t seed, long long epoch, long long sha
 static size_t dataloader_windows_(const DataLoader *l, int shard) { return (l->shard_tokens[shard] - 1) / (size_t)l->T; }
 static long long dataloader_batches_(const DataLoader *l, int shard) { return (long long)(dataloader_windows_(l, shard) / (size_t)l->B); }
 
+// every token of the shard must be below the vocabulary size: checked once, at the start
+static void dataloader_check_tokens_(const char *path, size_t num_tokens, int vocab) {
+    FILE *f = fopen_check(path, "rb");
+    if (fseek(f, (long)HEADER_BYTES, SEEK_SET) != 0) fail("cannot seek in %s", path);
+    enum { CHUNK = 1 << 16 };
+    uint16_t *chunk = (uint16_t *)malloc_check(CHUNK * sizeof(uint16_t));
+    for (size_t done = 0; done < num_tokens;) {
+        size_t n = num_tokens - done < CHUNK ? num_tokens - done : CHUNK;
+        fread_check(chunk, sizeof(uint16_t), n, f, path);
+        for (size_t i = 0; i < n; i++) {
+            if (chunk[i] >= vocab) {
+                fail("%s: token %d at offset %zu (in tokens after the header) is >= the vocabulary size %d",
+                     path, chunk[i], done + i, vocab);
+            }
+        }
+        done += n;
+    }
+    free(chunk);
+    fclose(f);
+}
+
 // makes sure shard_order is this epoch's and window_order that of the current shard
 static void dataloader_prepare_(DataLoader *l) {
     if (l->order_epoch != l->epoch) {
@@ -131,14 +152,17 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     l->num_shards = (int)g.gl_pathc;
     l->shard_path = (char **)malloc_check(sizeof(char *) * g.gl_pathc);
     l->shard_tokens = (size_t *)malloc_check(sizeof(size_t) * g.gl_pathc);
+    for (int i = 0; i < l->num_shards; i++) {
+        l->shard_path[i] = (char *)malloc_check(strlen(g.gl_pathv[i]) + 1);
+        strcpy(l->shard_path[i], g.gl_pathv[i]);
+    }
+    globfree(&g);
     // the fingerprint mixes everything a position depends on (FNV-1a over 64-bit words)
     unsigned long long fp = 14695981039346656037ULL;
     unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0, (unsigned long long)B, (unsigned long long)T};
     for (int i = 0; i < 4; i++) fp = (fp ^ words[i]) * 1099511628211ULL;
     for (int i = 0; i < l->num_shards; i++) {
-        const char *path = g.gl_pathv[i];
-        l->shard_path[i] = (char *)malloc_check(strlen(path) + 1);
-        strcpy(l->shard_path[i], path);
+        const char *path = l->shard_path[i];
         static const int versions[] = {1, SHARD_VERSION};
         int32_t h[HEADER_WORDS];
         long size;
@@ -149,6 +173,7 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
         int kind = h[1] == 1 ? (vocab == 256 ? VOCAB_BYTES : vocab == SHARD_GPT2_VOCAB ? VOCAB_GPT2 : VOCAB_UNKNOWN) : h[4];
         if (kind < VOCAB_UNKNOWN || kind > VOCAB_BYTES) fail("%s: header holds an unknown vocabulary kind %d", path, kind);
         check_payload_size(path, size, 2 * (size_t)h[2]);
+        dataloader_check_tokens_(path, (size_t)h[2], vocab);
         if ((long long)h[2] < (long long)B * T + 1) {
             fail("%s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs", path, h[2], (long long)B * T + 1);
         }
@@ -162,7 +187,6 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
         l->num_tokens += (size_t)h[2];
         fp = (fp ^ (unsigned long long)h[2]) * 1099511628211ULL;
     }
-    globfree(&g);
     l->fingerprint = fp >> 1;  // stored in a long long: keep it non-negative
     for (int i = 0; i < l->num_shards; i++) l->num_batches += (size_t)dataloader_batches_(l, i);
     l->inputs = (int *)malloc_check(sizeof(int) * (size_t)B * (size_t)T);
@@ -187,9 +211,9 @@ void dataloader_next_batch(DataLoader *l) {
         if (fseek(l->file, 1024L + 2L * (long)start, SEEK_SET) != 0 ||
             fread(l->buffer, sizeof(uint16_t), (size_t)T + 1, l->file) != (size_t)T + 1)
             fail("%s: read error (was the file changed?)", path);
-        for (int t = 0; t <= T; t++) {
+        for (int t = 0; t <= T; t++) {  // checked at the start; the file may have changed since
             if (l->buffer[t] >= l->vocab_size) {
-                fail("%s: token %d at offset %zu (in tokens after the header) is >= the vocabulary size %d",
+                fail("%s: token %d at offset %zu is >= the vocabulary size %d (was the file changed?)",
                      path, l->buffer[t], start + (size_t)t, l->vocab_size);
             }
         }
@@ -217,20 +241,21 @@ void dataloader_get_position(const DataLoader *l, long long pos[4]) {
     pos[3] = (long long)l->fingerprint;
 }
 
-void dataloader_set_position(DataLoader *l, const long long pos[4]) {
+// source: where the position comes from (a state file), for messages
+void dataloader_set_position(DataLoader *l, const long long pos[4], const char *source) {
     if (pos[3] != (long long)l->fingerprint) {
-        fail("cannot restore the data position: it was saved over other shards or with other B, T, "
-             "shuffle or seed (first shard %s)", l->shard_path[0]);
+        fail("%s: cannot restore the data position: it was saved over other shards or with other B, T, "
+             "shuffle or seed (first shard now: %s)", source, l->shard_path[0]);
     }
     if (pos[0] < 0 || pos[1] < 0 || pos[1] >= l->num_shards) {
-        fail("invalid data position (epoch %lld, shard %lld of %d)", pos[0], pos[1], l->num_shards);
+        fail("%s: invalid data position (epoch %lld, shard %lld of %d)", source, pos[0], pos[1], l->num_shards);
     }
     l->epoch = pos[0];
     l->shard_pos = (int)pos[1];
     dataloader_prepare_(l);  // to know which shard that is in this epoch
     long long nb = dataloader_batches_(l, l->shard_order[l->shard_pos]);
     if (pos[2] < 0 || pos[2] >= nb) {
-        fail("invalid data position: batch %lld of a shard with %lld batches", pos[2], nb);
+        fail("%s: invalid data position: batch %lld of a shard with %lld batches", source, pos[2], nb);
     }
     l->batch = pos[2];
 }

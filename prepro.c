@@ -16,7 +16,7 @@ pattern "PREFIX_train*.bin".
 A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 2, number of tokens,
 vocabulary size, vocabulary kind), then the tokens as uint16. See doc/formats.md.
 */
-#define _POSIX_C_SOURCE 199309L
+#define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -107,6 +107,8 @@ static void write_split(const char *prefix, const char *name, size_t begin, size
 }
 
 int main(int argc, char **argv) {
+    toks = NULL;  // main may run more than once in a process (the fuzz target does)
+    ntoks = toks_cap = 0;
     const char *prefix = NULL, *split_line = NULL, *vocab = "gpt2", *tokenizer_path = "tokenizer.bin";
     double val_frac = 0.1;
     int eot = 0;

@@ -41,7 +41,7 @@ tokens one after the other.
 #define TOKENIZER_VERSION 1
 
 typedef struct {
-    int32_t key;  // left id * 65536 + right id, -1 if the slot is empty
+    uint32_t key;  // tokenizer_pair_key_(left, right), TOKENIZER_EMPTY if the slot is empty
     int32_t id;   // the token the merge makes; its rank is id - 256
 } TokenizerMerge;
 
@@ -56,16 +56,22 @@ typedef struct {
     uint32_t merge_mask;
 } Tokenizer;
 
-static uint32_t tokenizer_hash_pair_(int32_t key) {
-    return (uint32_t)key * 2654435761u;  // Knuth's multiplicative hash
+// Token ids are below 65535 in a merge (the last id of a vocabulary of at most 65536 is the
+// end-of-text token), so a pair packs into 32 bits without overflow and never equals the empty
+// marker. Unsigned: left * 65536 overflows an int32 for left >= 32768.
+#define TOKENIZER_EMPTY 0xFFFFFFFFu
+static uint32_t tokenizer_pair_key_(int left, int right) { return (uint32_t)left << 16 | (uint32_t)right; }
+
+static uint32_t tokenizer_hash_pair_(uint32_t key) {
+    return key * 2654435761u;  // Knuth's multiplicative hash
 }
 
 // the token made by merging left and right, or -1 if they do not merge
 static int tokenizer_merge_(const Tokenizer *t, int left, int right) {
-    int32_t key = left * 65536 + right;
+    uint32_t key = tokenizer_pair_key_(left, right);
     for (uint32_t h = tokenizer_hash_pair_(key) & t->merge_mask;; h = (h + 1) & t->merge_mask) {
         if (t->merges[h].key == key) return t->merges[h].id;
-        if (t->merges[h].key == -1) return -1;
+        if (t->merges[h].key == TOKENIZER_EMPTY) return -1;
     }
 }
 
@@ -111,7 +117,7 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     t->merge_mask = size - 1;
     t->merges = (TokenizerMerge *)malloc(sizeof(TokenizerMerge) * size);
     if (!t->merges) fail("%s: out of memory", path);
-    for (uint32_t i = 0; i < size; i++) t->merges[i].key = -1;
+    for (uint32_t i = 0; i < size; i++) t->merges[i].key = TOKENIZER_EMPTY;
     for (int i = 0; i < M; i++) {
         int a = pairs[2 * i], b = pairs[2 * i + 1], id = 256 + i;
         if (a < 0 || b < 0 || a >= id || b >= id) fail("%s: a merge refers to a later token", path);
@@ -120,9 +126,9 @@ void tokenizer_init(Tokenizer *t, const char *path) {
         if (lens[id] != la + lb || memcmp(tb + t->token_offset[id], tb + t->token_offset[a], la) != 0 ||
             memcmp(tb + t->token_offset[id] + la, tb + t->token_offset[b], lb) != 0)
             fail("%s: a merged token's bytes are not those of its two halves", path);
-        int32_t key = a * 65536 + b;
+        uint32_t key = tokenizer_pair_key_(a, b);
         uint32_t h = tokenizer_hash_pair_(key) & t->merge_mask;
-        while (t->merges[h].key != -1) {
+        while (t->merges[h].key != TOKENIZER_EMPTY) {
             if (t->merges[h].key == key) fail("%s: the same merge appears twice", path);
             h = (h + 1) & t->merge_mask;
         }

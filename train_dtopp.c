@@ -30,7 +30,9 @@ order, so results are bitwise identical for any number of threads.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <float.h>
 #include <glob.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -108,19 +110,65 @@ static inline int padded_vocab(int V) { return (V + 127) / 128 * 128; }
 // For files written before the vocabulary kind was stored: the two vocabularies the project had.
 static int vocab_kind_of_size(int V) { return V == 256 ? VOCAB_BYTES : V == 50257 ? VOCAB_GPT2 : VOCAB_UNKNOWN; }
 
-// Checks a configuration against what the code supports; `where` names its source in messages.
-static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
-    if (c->vocab_size < 2 || c->padded_vocab_size < c->vocab_size) { fail("%s: bad vocabulary size %d (padded %d)", where, c->vocab_size, c->padded_vocab_size); }
-    if (c->num_layers < 1 || c->channels < 2 || c->num_heads < 1 || c->num_experts < 1 || c->expert_hidden < 1 || c->max_seq_len < 1) {
-        fail("%s: sizes must be positive (L=%d C=%d NH=%d E=%d H=%d maxT=%d)", where, c->num_layers,
-             c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->max_seq_len);
+// Bounds on the sizes of a configuration. A checkpoint's header could declare anything; with every
+// size bounded and the parameter count computed in checked arithmetic, no product of sizes
+// overflows (e.g. a header whose parameter count wraps around 2^64 to a small number).
+#define MAX_SIZE (1 << 20)            // L, C, NH, H, V, max_seq_len
+#define MAX_EXPERTS 4096
+#define MAX_PARAMETERS (1ull << 36)   // 256 GiB of float32
+
+// a * b, or fail when it exceeds MAX_PARAMETERS (a, b <= MAX_PARAMETERS, so a * b fits 64 bits)
+static unsigned long long bounded_product(unsigned long long a, unsigned long long b, const char *where) {
+    if (a > MAX_PARAMETERS || b > MAX_PARAMETERS || (b != 0 && a > MAX_PARAMETERS / b)) {
+        fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS);
+    }
+    return a * b;
+}
+
+// The parameter count of a configuration whose sizes are within bounds, checked against
+// MAX_PARAMETERS: L (3C^2 + C^2 + 2C + EC + 1 + 3EHC) + Vp C + C.
+static void check_parameter_count(const ModelConfig *c, const char *where) {
+    unsigned long long L = c->num_layers, C = c->channels, E = c->num_experts, H = c->expert_hidden;
+    unsigned long long experts = bounded_product(bounded_product(3 * E, H, where), C, where);
+    unsigned long long per_layer = bounded_product(4 * C, C, where) + 2 * C + E * C + 1 + experts;
+    unsigned long long embedding = bounded_product(c->padded_vocab_size, C, where);
+    unsigned long long total = bounded_product(L, per_layer, where) + embedding + C;
+    if (total > MAX_PARAMETERS) { fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS); }
+}
+
+static int in_range(int value, int lo, int hi) { return value >= lo && value <= hi; }
+
+static void validate_sizes(const ModelConfig *c, const char *where) {
+    if (!in_range(c->vocab_size, 2, MAX_SIZE) || c->padded_vocab_size != padded_vocab(c->vocab_size)) {
+        fail("%s: bad vocabulary size %d (padded %d; must be in [2, %d], padded to a multiple of 128)", where,
+             c->vocab_size, c->padded_vocab_size, MAX_SIZE);
+    }
+    if (!in_range(c->num_layers, 1, MAX_SIZE) || !in_range(c->channels, 2, MAX_SIZE) ||
+        !in_range(c->num_heads, 1, MAX_SIZE) || !in_range(c->num_experts, 1, MAX_EXPERTS) ||
+        !in_range(c->expert_hidden, 1, MAX_SIZE) || !in_range(c->max_seq_len, 1, MAX_SIZE)) {
+        fail("%s: sizes must be positive, at most %d experts and %d otherwise (L=%d C=%d NH=%d E=%d H=%d maxT=%d)",
+             where, MAX_EXPERTS, MAX_SIZE, c->num_layers, c->channels, c->num_heads, c->num_experts,
+             c->expert_hidden, c->max_seq_len);
     }
     if (c->channels % c->num_heads != 0 || (c->channels / c->num_heads) % 2 != 0) {
         fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels, c->num_heads);
     }
-    if (c->num_experts > 4096) { fail("%s: at most 4096 experts (got %d)", where, c->num_experts); }
-    if (rc->routing < 0 || rc->routing > 2) { fail("%s: unknown routing mode %d", where, rc->routing); }
-    if (rc->controller != CONTROLLER_GLOBAL && rc->controller != CONTROLLER_LAYER) { fail("%s: unknown controller %d", where, rc->controller); }
+    if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BYTES)) {
+        fail("%s: unknown vocabulary kind %d", where, c->vocab_kind);
+    }
+    check_parameter_count(c, where);
+}
+
+// Checks a configuration against what the code supports; `where` names its source in messages.
+static void validate_config(const ModelConfig *c, const RouterConfig *rc, const char *where) {
+    validate_sizes(c, where);
+    if (!in_range(rc->routing, 0, 2)) { fail("%s: unknown routing mode %d", where, rc->routing); }
+    if (!in_range(rc->controller, CONTROLLER_GLOBAL, CONTROLLER_LAYER)) {
+        fail("%s: unknown controller %d", where, rc->controller);
+    }
+    if (!in_range(rc->drn, 0, 1) || !in_range(rc->renorm, 0, 1)) {
+        fail("%s: drn and renorm must be 0 or 1 (got %d, %d)", where, rc->drn, rc->renorm);
+    }
     if (rc->routing == ROUTING_TOPK && (rc->k < 1 || rc->k > c->num_experts)) {
         fail("%s: top-k needs 1 <= k <= E (k=%d, E=%d)", where, rc->k, c->num_experts);
     }
@@ -131,7 +179,10 @@ static void validate_config(const ModelConfig *c, const RouterConfig *rc, const 
         if (!(rc->p0 >= rc->pmin && rc->p0 <= rc->pmax)) { fail("%s: p0 must be in [pmin, pmax] (got %g)", where, rc->p0); }
         if (!isfinite(rc->Kp) || !isfinite(rc->Ki)) { fail("%s: controller gains must be finite", where); }
     }
-    if (!(rc->lb_coef >= 0.0f) || !(rc->ent_coef >= 0.0f)) { fail("%s: auxiliary loss coefficients must be >= 0", where); }
+    if (!isfinite(rc->theta_init)) { fail("%s: the initial DRN scale must be finite (got %g)", where, rc->theta_init); }
+    if (!(rc->lb_coef >= 0.0f && isfinite(rc->lb_coef)) || !(rc->ent_coef >= 0.0f && isfinite(rc->ent_coef))) {
+        fail("%s: auxiliary loss coefficients must be finite and >= 0 (got %g, %g)", where, rc->lb_coef, rc->ent_coef);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -637,6 +688,35 @@ static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfi
     for (int i = 0; i < 10; i++) { fields[14 + i] = (HeaderField){32 + i, 4, floats[i]}; }
 }
 
+// Fails naming the first of n values that is NaN or infinite.
+static void check_finite(const float *values, size_t n, const char *path, const char *what) {
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(values[i])) { fail("%s: %s %zu of %zu is %g, not a finite number", path, what, i, n, values[i]); }
+    }
+}
+
+// The controller state must be one the controller could have reached: under dtopp every p_l in
+// [pmin, pmax] with a finite integral, under top-p the fixed p, and under the global controller
+// the same values in every layer. Anything else would route with a threshold the header does not
+// describe (p <= 0 selects no expert at all).
+static void validate_controller_state(const Model *model, const char *path) {
+    const RouterConfig *rc = &model->router;
+    for (int l = 0; l < model->config.num_layers; l++) {
+        float p = model->threshold[l], integral = model->integral[l];
+        if (!isfinite(p) || !isfinite(integral)) { fail("%s: the controller state of layer %d is not finite", path, l); }
+        if (rc->routing == ROUTING_DTOPP && !(p >= rc->pmin && p <= rc->pmax)) {
+            fail("%s: layer %d has threshold p = %g, outside [pmin, pmax] = [%g, %g]", path, l, p, rc->pmin, rc->pmax);
+        }
+        if (rc->routing == ROUTING_TOPP && (p != rc->p || integral != 0.0f)) {
+            fail("%s: layer %d has threshold p = %g and integral %g; fixed top-p needs p = %g and 0", path, l, p,
+                 integral, rc->p);
+        }
+        if (rc->controller == CONTROLLER_GLOBAL && (p != model->threshold[0] || integral != model->integral[0])) {
+            fail("%s: layer %d's controller state differs from layer 0's under the global controller", path, l);
+        }
+    }
+}
+
 // params: the parameters in host memory.
 static void checkpoint_save(const Model *model, const float *params, const char *path) {
     const ModelConfig *c = &model->config;
@@ -674,9 +754,8 @@ static float *checkpoint_load(Model *model, const char *path) {
     fread_check(model->threshold, sizeof(float), c->num_layers, f, path);
     fread_check(model->integral, sizeof(float), c->num_layers, f, path);
     fclose(f);
-    for (size_t i = 0; i < model->num_parameters; i++) {
-        if (!isfinite(params[i])) { fail("%s: parameter %zu is not finite", path, i); }
-    }
+    check_finite(params, model->num_parameters, path, "parameter");
+    validate_controller_state(model, path);
     return params;
 }
 
@@ -1830,60 +1909,67 @@ typedef struct {
     const char *name;  // long option name, without "--"
     char type;         // 's' string, 'i' int, 'f' float, 'l' long long
     void *value;
+    double min, max;   // the range of a number (strings: unused)
     const char *help;
     int describes_model;  // architecture or routing: comes from the checkpoint with --init or --resume
 } OptionSpec;
 
+#define MAX_THREADS 1024  // far more is no use, and libgomp crashes (stack overflow) on 100,000
+#define ANY_INT INT_MIN, INT_MAX
+#define ANY_FLOAT -FLT_MAX, FLT_MAX
+#define NOT_NEGATIVE_INT 0, INT_MAX
+#define NOT_NEGATIVE_FLOAT 0, FLT_MAX
+
 static int option_specs(Options *o, OptionSpec *specs) {
     OptionSpec list[] = {
-        {"train", 's', &o->train_pattern, "training shards (glob pattern)", 0},
-        {"val", 's', &o->val_pattern, "validation shards (glob pattern; empty: none)", 0},
-        {"tokenizer", 's', &o->tokenizer_path, "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
-        {"out", 's', &o->out_dir, "output directory: log.csv, model.bin, checkpoints", 0},
-        {"init", 's', &o->init_path, "start from this model checkpoint (architecture and routing from the file)", 0},
-        {"resume", 's', &o->resume_dir, "continue the run whose checkpoints are in this directory", 0},
-        {"model", 's', &o->preset, "size preset: tiny, small, medium, gpt2-moe", 1},
-        {"layers", 'i', &o->layers, "L, transformer blocks", 1},
-        {"channels", 'i', &o->channels, "C, model width", 1},
-        {"heads", 'i', &o->heads, "NH, attention heads", 1},
-        {"experts", 'i', &o->experts, "E, experts per layer", 1},
-        {"expert-hidden", 'i', &o->expert_hidden, "H, hidden width of one expert", 1},
-        {"max-seq-len", 'i', &o->max_seq_len, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)", 1},
-        {"routing", 's', &o->routing, "topk, topp or dtopp", 1},
-        {"controller", 's', &o->controller, "dtopp: global (one p) or layer (one p per layer)", 1},
-        {"drn", 'i', &o->drn, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
-        {"renorm", 'i', &o->renorm, "renormalise the gates over the selected experts 1/0", 1},
-        {"k", 'i', &o->k, "topk: experts per token", 1},
-        {"p", 'f', &o->p, "topp: the fixed threshold", 1},
-        {"tgt", 'f', &o->tgt, "dtopp: target average number of activated experts", 1},
-        {"kp", 'f', &o->Kp, "dtopp: proportional gain", 1},
-        {"ki", 'f', &o->Ki, "dtopp: integral gain", 1},
-        {"p0", 'f', &o->p0, "dtopp: starting and central threshold", 1},
-        {"pmin", 'f', &o->pmin, "dtopp: lowest threshold", 1},
-        {"pmax", 'f', &o->pmax, "dtopp: highest threshold", 1},
-        {"theta-init", 'f', &o->theta_init, "initial DRN scale", 1},
-        {"lb-coef", 'f', &o->lb_coef, "load-balance loss coefficient", 1},
-        {"ent-coef", 'f', &o->ent_coef, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
-        {"batch", 'i', &o->batch, "B, sequences per step", 0},
-        {"seq-len", 'i', &o->seq_len, "T, tokens per sequence", 0},
-        {"steps", 'i', &o->steps, "optimizer steps", 0},
-        {"lr", 'f', &o->lr, "peak learning rate", 0},
-        {"warmup", 'i', &o->warmup, "learning-rate warm-up steps", 0},
-        {"weight-decay", 'f', &o->weight_decay, "AdamW weight decay of the matrices", 0},
-        {"shuffle", 'i', &o->shuffle, "shuffle the training windows 1/0", 0},
-        {"seed", 'l', &o->seed, "seed of the initialisation, the shuffle and the sampler", 0},
-        {"threads", 'i', &o->threads, "OpenMP threads (0: all)", 0},
-        {"eval-every", 'i', &o->eval_every, "steps between validations (0: only at the end)", 0},
-        {"eval-batches", 'i', &o->eval_batches, "validation batches", 0},
-        {"sample-every", 'i', &o->sample_every, "steps between samples (0: only at the end)", 0},
-        {"sample-tokens", 'i', &o->sample_tokens, "tokens per sample (0: no samples)", 0},
-        {"prompt", 's', &o->prompt, "text the samples start from (default: none)", 0},
-        {"temperature", 'f', &o->temperature, "sampling temperature (0: most likely token)", 0},
-        {"top-k", 'i', &o->top_k, "sample from the top k tokens (0: all)", 0},
-        {"checkpoint-every", 'i', &o->checkpoint_every, "steps between checkpoints (0: only at the end)", 0},
-        {"routing-dump", 's', &o->routing_dump, "at the last validation, write every token's |S| per layer and loss to this CSV", 0},
-        {"stop-at", 'i', &o->stop_at, "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
-        {"generate", 'i', &o->generate, "with --init: print this many tokens after --prompt and exit", 0},
+        {"train", 's', &o->train_pattern, 0, 0, "training shards (glob pattern)", 0},
+        {"val", 's', &o->val_pattern, 0, 0, "validation shards (glob pattern; empty: none)", 0},
+        {"tokenizer", 's', &o->tokenizer_path, 0, 0, "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
+        {"out", 's', &o->out_dir, 0, 0, "output directory: log.csv, model.bin, checkpoints", 0},
+        {"init", 's', &o->init_path, 0, 0, "start from this model checkpoint (architecture and routing from the file)", 0},
+        {"resume", 's', &o->resume_dir, 0, 0, "continue the run whose checkpoints are in this directory", 0},
+        {"model", 's', &o->preset, 0, 0, "size preset: tiny, small, medium, gpt2-moe", 1},
+        {"layers", 'i', &o->layers, 1, MAX_SIZE, "L, transformer blocks", 1},
+        {"channels", 'i', &o->channels, 2, MAX_SIZE, "C, model width", 1},
+        {"heads", 'i', &o->heads, 1, MAX_SIZE, "NH, attention heads", 1},
+        {"experts", 'i', &o->experts, 1, MAX_EXPERTS, "E, experts per layer", 1},
+        {"expert-hidden", 'i', &o->expert_hidden, 1, MAX_SIZE, "H, hidden width of one expert", 1},
+        {"max-seq-len", 'i', &o->max_seq_len, 1, MAX_SIZE, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)", 1},
+        {"routing", 's', &o->routing, 0, 0, "topk, topp or dtopp", 1},
+        {"controller", 's', &o->controller, 0, 0, "dtopp: global (one p) or layer (one p per layer)", 1},
+        {"drn", 'i', &o->drn, 0, 1, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
+        {"renorm", 'i', &o->renorm, 0, 1, "renormalise the gates over the selected experts 1/0", 1},
+        {"k", 'i', &o->k, 1, MAX_EXPERTS, "topk: experts per token", 1},
+        {"p", 'f', &o->p, 0, 1, "topp: the fixed threshold", 1},
+        {"tgt", 'f', &o->tgt, 1, MAX_EXPERTS, "dtopp: target average number of activated experts", 1},
+        {"kp", 'f', &o->Kp, ANY_FLOAT, "dtopp: proportional gain", 1},
+        {"ki", 'f', &o->Ki, ANY_FLOAT, "dtopp: integral gain", 1},
+        {"p0", 'f', &o->p0, 0, 1, "dtopp: starting and central threshold", 1},
+        {"pmin", 'f', &o->pmin, 0, 1, "dtopp: lowest threshold", 1},
+        {"pmax", 'f', &o->pmax, 0, 1, "dtopp: highest threshold", 1},
+        {"theta-init", 'f', &o->theta_init, ANY_FLOAT, "initial DRN scale", 1},
+        {"lb-coef", 'f', &o->lb_coef, NOT_NEGATIVE_FLOAT, "load-balance loss coefficient", 1},
+        {"ent-coef", 'f', &o->ent_coef, NOT_NEGATIVE_FLOAT, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
+        {"batch", 'i', &o->batch, 1, MAX_SIZE, "B, sequences per step", 0},
+        {"seq-len", 'i', &o->seq_len, 1, MAX_SIZE, "T, tokens per sequence", 0},
+        {"steps", 'i', &o->steps, 1, INT_MAX, "optimizer steps", 0},
+        {"lr", 'f', &o->lr, NOT_NEGATIVE_FLOAT, "peak learning rate", 0},
+        {"warmup", 'i', &o->warmup, 1, INT_MAX, "learning-rate warm-up steps", 0},
+        {"weight-decay", 'f', &o->weight_decay, NOT_NEGATIVE_FLOAT, "AdamW weight decay of the matrices", 0},
+        {"shuffle", 'i', &o->shuffle, 0, 1, "shuffle the training windows 1/0", 0},
+        {"seed", 'l', &o->seed, 0, 0, "seed of the initialisation, the shuffle and the sampler", 0},
+        {"threads", 'i', &o->threads, 0, MAX_THREADS, "OpenMP threads (0: all)", 0},
+        {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT, "steps between validations (0: only at the end)", 0},
+        {"eval-batches", 'i', &o->eval_batches, NOT_NEGATIVE_INT, "validation batches", 0},
+        {"sample-every", 'i', &o->sample_every, NOT_NEGATIVE_INT, "steps between samples (0: only at the end)", 0},
+        {"sample-tokens", 'i', &o->sample_tokens, 0, MAX_SIZE, "tokens per sample (0: no samples)", 0},
+        {"prompt", 's', &o->prompt, 0, 0, "text the samples start from (default: none)", 0},
+        {"temperature", 'f', &o->temperature, NOT_NEGATIVE_FLOAT, "sampling temperature (0: most likely token)", 0},
+        {"top-k", 'i', &o->top_k, NOT_NEGATIVE_INT, "sample from the top k tokens (0: all)", 0},
+        {"checkpoint-every", 'i', &o->checkpoint_every, NOT_NEGATIVE_INT, "steps between checkpoints (0: only at the end)", 0},
+        {"routing-dump", 's', &o->routing_dump, 0, 0, "at the last validation, write every token's |S| per layer and loss to this CSV", 0},
+        {"stop-at", 'i', &o->stop_at, NOT_NEGATIVE_INT, "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
+        {"generate", 'i', &o->generate, 0, MAX_SIZE, "with --init: print this many tokens after --prompt and exit", 0},
     };
     int n = (int)(sizeof(list) / sizeof(list[0]));
     if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
@@ -1956,6 +2042,28 @@ static void print_usage(void) {
     }
 }
 
+// Reads a number option's value, which must be a whole number (floats: a finite number) in the
+// option's range: "--steps 4294967297" or "--lr inf" is an error, not a wrapped or infinite value.
+static void parse_number(const OptionSpec *spec, const char *value) {
+    char *end = NULL;
+    errno = 0;
+    long long whole = 0;
+    double real = 0.0;
+    if (spec->type == 'f') { real = strtod(value, &end); } else { whole = strtoll(value, &end, 10); }
+    if (errno == ERANGE || end == value || *end != '\0' || isnan(real)) {
+        fail("option --%s: cannot read '%s' as a number", spec->name, value);
+    }
+    double number = spec->type == 'f' ? real : (double)whole;
+    if (spec->type != 'l' && !(number >= spec->min && number <= spec->max)) {
+        fail("option --%s: %s is outside [%.9g, %.9g]", spec->name, value, spec->min, spec->max);
+    }
+    switch (spec->type) {
+        case 'i': *(int *)spec->value = (int)whole; break;
+        case 'f': *(float *)spec->value = (float)real; break;
+        case 'l': *(long long *)spec->value = whole; break;
+    }
+}
+
 static void parse_options(Options *o, int argc, char **argv) {
     OptionSpec specs[64];
     int n = option_specs(o, specs);
@@ -1972,15 +2080,11 @@ static void parse_options(Options *o, int argc, char **argv) {
         o->model_options_given += spec->describes_model;
         if (a + 1 >= argc) { fail("option %s needs a value", argv[a]); }
         const char *value = argv[++a];
-        char *end = NULL;
-        errno = 0;
-        switch (spec->type) {
-            case 's': *(const char **)spec->value = value; break;
-            case 'i': *(int *)spec->value = (int)strtol(value, &end, 10); break;
-            case 'f': *(float *)spec->value = strtof(value, &end); break;
-            case 'l': *(long long *)spec->value = strtoll(value, &end, 10); break;
+        if (spec->type == 's') {
+            *(const char **)spec->value = value;
+        } else {
+            parse_number(spec, value);
         }
-        if (spec->type != 's' && (errno != 0 || end == value || *end != '\0')) { fail("option --%s: cannot read '%s' as a number", spec->name, value); }
     }
 }
 
@@ -2026,19 +2130,14 @@ static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig
     rc->ent_coef = o->ent_coef >= 0.0f ? o->ent_coef : (rc->routing == ROUTING_TOPK ? 0.0f : 1e-3f);
 }
 
+// What the ranges of the options table cannot say.
 static void check_options(const Options *o) {
-    if (o->batch < 1 || o->seq_len < 1) { fail("--batch and --seq-len must be >= 1 (got %d, %d)", o->batch, o->seq_len); }
-    if (o->steps < 1 && o->generate <= 0) { fail("--steps must be >= 1 (got %d)", o->steps); }
-    if (o->warmup < 1) { fail("--warmup must be >= 1 (got %d)", o->warmup); }
-    if (!(o->lr > 0.0f) || !(o->weight_decay >= 0.0f)) { fail("--lr must be > 0 and --weight-decay >= 0"); }
-    if (o->drn < -1 || o->drn > 1 || o->renorm < 0 || o->renorm > 1 || o->shuffle < 0 || o->shuffle > 1) { fail("--drn, --renorm and --shuffle take 0 or 1"); }
-    if (o->eval_every < 0 || o->sample_every < 0 || o->checkpoint_every < 0 || o->eval_batches < 0 || o->sample_tokens < 0) {
-        fail("intervals and counts must be >= 0");
+    if (!(o->lr > 0.0f)) { fail("--lr must be > 0"); }
+    if ((long long)o->batch * o->seq_len > MAX_SIZE) {
+        fail("--batch x --seq-len is %lld tokens per step, more than %d", (long long)o->batch * o->seq_len, MAX_SIZE);
     }
-    if (o->temperature < 0.0f) { fail("--temperature must be >= 0"); }
-    if (o->stop_at < 0) { fail("--stop-at must be >= 0"); }
-    if (o->ent_coef < 0.0f && o->ent_coef != -1.0f) { fail("--ent-coef must be >= 0 (or -1 for the mode's default)"); }
     if (o->init_path != NULL && o->resume_dir != NULL) { fail("--init and --resume exclude each other"); }
+    if (o->generate > 0 && o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
 }
 
 // ----------------------------------------------------------------------------
@@ -2083,9 +2182,10 @@ static void codec_print(const TextCodec *codec, int token) {
     }
 }
 
-// Prints the prompt and then n_tokens sampled tokens. Starts from end-of-text (or a newline for
-// bytes) when the prompt is empty.
-static void generate_text(Model *model, const TextCodec *codec, const char *prompt, int n_tokens,
+// Prints the prompt and then up to n_tokens sampled tokens: fewer when the model's maximum
+// sequence length comes first. Starts from end-of-text (or a newline for bytes) when the prompt is
+// empty. Returns the number of tokens sampled.
+static int generate_text(Model *model, const TextCodec *codec, const char *prompt, int n_tokens,
                           float temperature, int top_k, uint64_t *rng) {
     size_t n_prompt;
     int *ids = codec_encode(codec, prompt, &n_prompt);
@@ -2101,8 +2201,8 @@ static void generate_text(Model *model, const TextCodec *codec, const char *prom
     Decoder *decoder = decoder_create(model);
     const float *logits = NULL;
     for (size_t i = 0; i < n_prompt; i++) { logits = decoder_step(model, decoder, ids[i], (int)i); }
-    int pos = (int)n_prompt;
-    for (int i = 0; i < n_tokens && pos < max_len; i++, pos++) {
+    int pos = (int)n_prompt, sampled = 0;
+    for (; sampled < n_tokens && pos < max_len; sampled++, pos++) {
         int token = sample_token(logits, model->config.vocab_size, temperature, top_k, rng);
         codec_print(codec, token);
         if (pos + 1 < max_len) { logits = decoder_step(model, decoder, token, pos); }
@@ -2111,15 +2211,18 @@ static void generate_text(Model *model, const TextCodec *codec, const char *prom
     fflush(stdout);
     decoder_free(decoder);
     free(ids);
+    return sampled;
 }
 
 // ----------------------------------------------------------------------------
-// training state files (doc/formats.md): optimizer moments, step, data position, sampler state.
-// A checkpoint is the pair model_STEP.bin + state_STEP.bin; the newer pair is complete before the
-// older one is removed, so a crash never leaves the run without a checkpoint.
+// training state files (doc/formats.md): optimizer moments, step, data position, sampler state,
+// and the settings of the run. A checkpoint is the pair model_STEP.bin + state_STEP.bin; the newer
+// pair is complete before the older one is removed, so a crash never leaves the run without a
+// checkpoint.
 
-#define STATE_VERSION 1
-static const int state_versions[] = {STATE_VERSION};
+// Version 2 added the run's settings (words 15-18); version 1 files are still read.
+#define STATE_VERSION 2
+static const int state_versions[] = {1, STATE_VERSION};
 
 // What a state file holds besides the moments.
 typedef struct {
@@ -2128,13 +2231,18 @@ typedef struct {
     long long position[4];  // the training data loader's position (dataloader_get_position)
     uint64_t rng;           // the sampler's random state
     int32_t param_check;    // the model's parameter count, low 31 bits: the pair must match
+    // the settings that shape the rest of the run besides the data (whose fingerprint is in
+    // position[3]): a resumed run must have the same, or it is another run (0 in version 1)
+    int steps, warmup;
+    float lr, weight_decay;
 } TrainingState;
 
 // The header of a state file (doc/formats.md); saving and loading both walk this table.
-#define STATE_HEADER_FIELDS 5
+#define STATE_HEADER_FIELDS 9
 static void state_header_fields(HeaderField *fields, TrainingState *s) {
     HeaderField list[STATE_HEADER_FIELDS] = {{2, 4, &s->step}, {3, 4, &s->adam_step}, {4, 32, s->position},
-                                             {12, 8, &s->rng}, {14, 4, &s->param_check}};
+                                             {12, 8, &s->rng}, {14, 4, &s->param_check}, {15, 4, &s->steps},
+                                             {16, 4, &s->warmup}, {17, 4, &s->lr}, {18, 4, &s->weight_decay}};
     memcpy(fields, list, sizeof(list));
 }
 
@@ -2162,12 +2270,17 @@ static void state_save(const Model *model, const char *path, TrainingState s) {
 static TrainingState state_load(Model *model, const char *path) {
     int32_t header[HEADER_WORDS];
     long size;
-    FILE *f = open_with_header(path, header, STATE_MAGIC, state_versions, 1, "training state", &size);
+    FILE *f = open_with_header(path, header, STATE_MAGIC, state_versions, 2, "training state", &size);
     TrainingState s;
+    memset(&s, 0, sizeof(s));
     HeaderField fields[STATE_HEADER_FIELDS];
     state_header_fields(fields, &s);
-    header_unpack(header, fields, STATE_HEADER_FIELDS);
+    header_unpack(header, fields, header[1] == 1 ? 5 : STATE_HEADER_FIELDS);  // the fields of its version
     if (s.param_check != (int32_t)(model->num_parameters & 0x7fffffff)) { fail("%s belongs to a model of a different size", path); }
+    // AdamW counts one step per optimizer step, so 1 <= adam_step <= step (and never overflows)
+    if (s.step < 1 || s.adam_step < 1 || s.adam_step > s.step) {
+        fail("%s: invalid step %d or AdamW step %d", path, s.step, s.adam_step);
+    }
     check_payload_size(path, size, 2 * model->num_parameters * sizeof(float));
     model->adam_step = s.adam_step;
     float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
@@ -2175,6 +2288,11 @@ static TrainingState state_load(Model *model, const char *path) {
     fread_check(m, sizeof(float), model->num_parameters, f, path);
     fread_check(v, sizeof(float), model->num_parameters, f, path);
     fclose(f);
+    check_finite(m, model->num_parameters, path, "first moment");
+    check_finite(v, model->num_parameters, path, "second moment");
+    for (size_t i = 0; i < model->num_parameters; i++) {
+        if (v[i] < 0.0f) { fail("%s: second moment %zu is negative (%g)", path, i, v[i]); }
+    }
     model_set_moments(model, m, v);
     free(m);
     free(v);
@@ -2185,6 +2303,16 @@ static void checkpoint_path(char *out, size_t size, const char *dir, const char 
     snprintf(out, size, "%s/%s_%08d.bin", dir, kind, step);
 }
 
+// The step of a checkpoint file's name (model_STEP.bin, state_STEP.bin), or -1.
+static int checkpoint_step(const char *path, const char *kind) {
+    const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
+    char format[64];
+    int step, end = 0;
+    snprintf(format, sizeof(format), "%s_%%d.bin%%n", kind);
+    if (sscanf(name, format, &step, &end) != 1 || name[end] != '\0') { return -1; }
+    return step >= 0 ? step : -1;
+}
+
 // The highest step with both files present, or -1.
 static int latest_checkpoint(const char *dir) {
     char pattern[4096];
@@ -2193,43 +2321,22 @@ static int latest_checkpoint(const char *dir) {
     int best = -1;
     if (glob(pattern, 0, NULL, &found) == 0) {
         for (size_t i = 0; i < found.gl_pathc; i++) {
-            const char *name = strrchr(found.gl_pathv[i], '/') + 1;
-            int step;
+            int step = checkpoint_step(found.gl_pathv[i], "state");
             char model_path[4096];
-            if (sscanf(name, "state_%d.bin", &step) != 1) { continue; }
             checkpoint_path(model_path, sizeof(model_path), dir, "model", step);
-            if (access(model_path, R_OK) == 0 && step > best) { best = step; }
+            if (step >= 0 && access(model_path, R_OK) == 0 && step > best) { best = step; }
         }
         globfree(&found);
     }
     return best;
 }
 
-static void write_checkpoint(const Model *model, const char *dir, int step, int previous_step,
-                             const DataLoader *loader, uint64_t rng) {
-    char model_path[4096], state_path[4096], latest[4096];
-    TrainingState state = {.step = step, .rng = rng};
-    dataloader_get_position(loader, state.position);
-    checkpoint_path(model_path, sizeof(model_path), dir, "model", step);
-    checkpoint_path(state_path, sizeof(state_path), dir, "state", step);
-    model_save(model, model_path);
-    state_save(model, state_path, state);
-    snprintf(latest, sizeof(latest), "%s/model.bin", dir);  // the latest model under a fixed name, for sampling
-    model_save(model, latest);
-    if (previous_step >= 0 && previous_step != step) {
-        checkpoint_path(model_path, sizeof(model_path), dir, "model", previous_step);
-        checkpoint_path(state_path, sizeof(state_path), dir, "state", previous_step);
-        remove(state_path);
-        remove(model_path);
-    }
-}
-
 // ----------------------------------------------------------------------------
 // logging
 
-static FILE *open_log(const char *dir, const Model *model, int append) {
-    char path[4096];
-    snprintf(path, sizeof(path), "%s/log.csv", dir);
+// Appends to the log of a resumed run, if there is one; otherwise starts one with its header.
+static FILE *open_log(const char *path, const Model *model, int append) {
+    append = append && access(path, F_OK) == 0;
     FILE *f = fopen(path, append ? "a" : "w");
     if (f == NULL) { fail("cannot write %s: %s", path, strerror(errno)); }
     if (!append) {
@@ -2290,14 +2397,9 @@ static void dump_routing(FILE *f, const Model *model, const int *inputs, int wri
 
 // Mean cross-entropy over eval_batches validation batches, and the per-layer table of activated
 // experts (mean ± σ over all validation tokens) with a histogram of |S|. With dump_path, also
-// every token's routing (dump_routing).
-static float evaluate(Model *model, DataLoader *val, int batches, const char *dump_path) {
+// every token's routing (dump_routing) to dump.
+static float evaluate(Model *model, DataLoader *val, int batches, FILE *dump, const char *dump_path) {
     int L = model->config.num_layers, E = model->config.num_experts;
-    FILE *dump = NULL;
-    if (dump_path != NULL) {
-        dump = fopen(dump_path, "w");
-        if (dump == NULL) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
-    }
     RoutingStats stats;
     routing_stats_alloc(&stats, &model->config);
     long long *hist = (long long *)calloc_check((size_t)L * (E + 1), sizeof(long long));
@@ -2312,7 +2414,7 @@ static float evaluate(Model *model, DataLoader *val, int batches, const char *du
         for (size_t i = 0; i < (size_t)L * (E + 1); i++) { hist[i] += stats.histogram[i]; }
         if (dump != NULL) { dump_routing(dump, model, val->inputs, b == 0); }
     }
-    if (dump != NULL && fclose(dump) != 0) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
+    if (dump != NULL && fflush(dump) != 0) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
     printf("  layer  activated experts    |S| = 1 .. %d\n", E);
     for (int l = 0; l < L; l++) {
         double n = 0, sum = 0, sumsq = 0;
@@ -2350,6 +2452,80 @@ static void ensure_directory(const char *dir) {
     remove(cmd);
 }
 
+// Whether two paths name the same directory ("out", "out/", "./out"): compared by identity.
+static int same_directory(const char *a, const char *b) {
+    struct stat sa, sb;
+    return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// Calls visit(path, step, context) for every file of dir matching pattern (e.g. "model_*.bin");
+// step is that of a checkpoint file's name (-1 for other files).
+static void for_each_file(const char *dir, const char *pattern, const char *kind,
+                          void (*visit)(const char *, int, void *), void *context) {
+    char full[4200];
+    snprintf(full, sizeof(full), "%s/%s", dir, pattern);
+    glob_t found;
+    if (glob(full, 0, NULL, &found) != 0) { return; }
+    for (size_t i = 0; i < found.gl_pathc; i++) {
+        visit(found.gl_pathv[i], kind ? checkpoint_step(found.gl_pathv[i], kind) : -1, context);
+    }
+    globfree(&found);
+}
+
+// Checkpoint files of steps other than *keep (all of them for -1) are removed: older pairs a
+// crash left before removing them, newer ones it left incomplete. So are the run's unfinished
+// ".tmp" files.
+static void remove_leftover(const char *path, int step, void *keep) {
+    if (step == *(int *)keep) { return; }
+    if (remove(path) != 0) { fail("cannot remove %s: %s", path, strerror(errno)); }
+    printf("removed %s, left by an interrupted run\n", path);
+}
+
+static void remove_leftovers(const char *dir, int keep_step) {
+    for_each_file(dir, "model_*.bin", "model", remove_leftover, &keep_step);
+    for_each_file(dir, "state_*.bin", "state", remove_leftover, &keep_step);
+    int any = -2;  // .tmp files have no step: all of the run's go, and nothing else
+    for_each_file(dir, "model*.bin.tmp", NULL, remove_leftover, &any);
+    for_each_file(dir, "state_*.bin.tmp", NULL, remove_leftover, &any);
+    for_each_file(dir, "log.csv.tmp", NULL, remove_leftover, &any);
+}
+
+static void note_run_file(const char *path, int step, void *found) {
+    (void)step;
+    if (((char *)found)[0] == '\0') { snprintf((char *)found, 4096, "%s", path); }
+}
+
+// A new run never overwrites another run's model or checkpoints: it starts in a directory without
+// them, or continues the run they belong to (--resume).
+static void refuse_other_run(const char *dir) {
+    char found[4096] = "";
+    for_each_file(dir, "model.bin", NULL, note_run_file, found);
+    for_each_file(dir, "model_*.bin", NULL, note_run_file, found);
+    for_each_file(dir, "state_*.bin", NULL, note_run_file, found);
+    if (found[0] != '\0') {
+        fail("%s already holds a run (%s): continue it with --resume %s, or move it away, or choose another --out",
+             dir, found, dir);
+    }
+}
+
+// On resume, log.csv may hold rows of steps after the checkpoint (the run went on before it was
+// stopped, and a row may be cut off); they are dropped, since the resumed run writes them again.
+static void truncate_log(const char *path, int last_step) {
+    FILE *in = fopen(path, "rb");
+    if (in == NULL) { return; }  // open_log starts a new one
+    char tmp[4200], *line = NULL;
+    size_t capacity = 0;
+    ssize_t len;
+    FILE *out = open_for_atomic_write(path, tmp, sizeof(tmp));
+    for (int row = 0; (len = getline(&line, &capacity, in)) > 0 && line[len - 1] == '\n'; row++) {
+        if (row > 0 && atoi(line) > last_step) { break; }
+        fwrite_check(line, 1, (size_t)len, out, tmp);
+    }
+    free(line);
+    fclose(in);
+    finish_atomic_write(out, tmp, path);
+}
+
 // ----------------------------------------------------------------------------
 // the training program: setup, then a loop of training steps with evaluation, samples and
 // checkpoints
@@ -2362,25 +2538,108 @@ typedef struct {
     TextCodec codec;
     uint64_t rng;         // the sampler's stream
     int start_step;       // the first step this process runs
+    int resumed_here;     // --resume names the output directory
     int last_checkpoint;  // the step of the newest checkpoint in o.out_dir (-1: none yet)
     FILE *log;
+    FILE *routing_dump;   // --routing-dump, opened at the start so that a bad path fails at once
     RoutingStats stats;
     float *p_used;        // (L) the thresholds the current step routed with
 } Run;
 
+// Stops a run whose numbers are no longer finite, saying which checkpoint survives.
+static void fail_diverged(const Run *run, const char *what, double value, int step) {
+    if (run->last_checkpoint >= 0) {
+        fail("%s is %g at step %d: training diverged (try a lower --lr); the last checkpoint, step %d in %s, is kept",
+             what, value, step, run->last_checkpoint, run->o.out_dir);
+    }
+    fail("%s is %g at step %d: training diverged (try a lower --lr); no checkpoint was written to %s", what, value,
+         step, run->o.out_dir);
+}
+
+// Writes the pair of step `step` (and model.bin), then removes the previous pair. Parameters that
+// are not finite are never written: the previous checkpoint stays the last good one.
+static void write_checkpoint(Run *run, int step) {
+    const Model *model = &run->model;
+    const Options *o = &run->o;
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    for (size_t i = 0; i < model->num_parameters; i++) {
+        if (!isfinite(params[i])) { fail_diverged(run, "a parameter", params[i], step); }
+    }
+    char model_path[4096], state_path[4096], latest[4096];
+    TrainingState state = {.step = step, .rng = run->rng, .steps = o->steps, .warmup = o->warmup, .lr = o->lr,
+                           .weight_decay = o->weight_decay};
+    dataloader_get_position(&run->train, state.position);
+    checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", step);
+    checkpoint_save(model, params, model_path);
+    state_save(model, state_path, state);
+    snprintf(latest, sizeof(latest), "%s/model.bin", o->out_dir);  // the latest model under a fixed name, for sampling
+    checkpoint_save(model, params, latest);
+    free(params);
+    if (run->last_checkpoint >= 0 && run->last_checkpoint != step) {
+        checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", run->last_checkpoint);
+        checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", run->last_checkpoint);
+        remove(state_path);
+        remove(model_path);
+    }
+    run->last_checkpoint = step;
+}
+
 // --generate: print a sample from a checkpoint and exit.
 static int generate_only(const Options *o, uint64_t rng) {
-    if (o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
     Model model;
     model_load(&model, o->init_path);
     TextCodec codec;
     codec_init(&codec, o->tokenizer_path, &model.config);
     double t0 = wall_seconds();
-    generate_text(&model, &codec, o->prompt, o->generate, o->temperature, o->top_k, &rng);
-    fprintf(stderr, "%d tokens in %.2f s\n", o->generate, wall_seconds() - t0);
+    int sampled = generate_text(&model, &codec, o->prompt, o->generate, o->temperature, o->top_k, &rng);
+    fprintf(stderr, "%d tokens in %.2f s", sampled, wall_seconds() - t0);
+    if (sampled < o->generate) {
+        fprintf(stderr, " (the model's maximum sequence length is %d)", model.config.max_seq_len);
+    }
+    fprintf(stderr, "\n");
     if (codec.loaded) { tokenizer_free(&codec.tokenizer); }
     model_free(&model);
     return EXIT_SUCCESS;
+}
+
+// A resumed run must be the run that wrote the checkpoint: the data and its order are checked by
+// the loader's fingerprint, the schedule and the optimizer here.
+static void check_same_run(const TrainingState *s, const Options *o, const char *path) {
+    if (s->steps == 0) {  // version 1 files do not record them
+        printf("note: %s does not record --steps, --warmup, --lr, --weight-decay: they are not checked\n", path);
+        return;
+    }
+    const char *which = s->steps != o->steps ? "--steps"
+                        : s->warmup != o->warmup ? "--warmup"
+                        : s->lr != o->lr ? "--lr"
+                        : s->weight_decay != o->weight_decay ? "--weight-decay" : NULL;
+    if (which != NULL) {
+        fail("%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's %s "
+             "differs: resume with the run's settings, or start a new run from it with --init", path, s->steps,
+             s->warmup, s->lr, s->weight_decay, which);
+    }
+}
+
+// --resume: the newest complete checkpoint of the directory, which must belong to this run.
+static void resume_run(Run *run) {
+    const Options *o = &run->o;
+    int step = latest_checkpoint(o->resume_dir);
+    if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir); }
+    char model_path[4096], state_path[4096];
+    checkpoint_path(model_path, sizeof(model_path), o->resume_dir, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), o->resume_dir, "state", step);
+    model_load(&run->model, model_path);
+    TrainingState state = state_load(&run->model, state_path);
+    if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
+    check_same_run(&state, o, state_path);
+    dataloader_set_position(&run->train, state.position, state_path);
+    run->rng = state.rng;
+    run->start_step = step;
+    run->resumed_here = same_directory(o->resume_dir, o->out_dir);
+    run->last_checkpoint = run->resumed_here ? step : -1;
+    printf("resuming from %s and %s: step %d of %d\n", model_path, state_path, step, o->steps);
 }
 
 // The model of the run: the newest checkpoint of --resume, the file of --init, or a fresh model
@@ -2388,21 +2647,10 @@ static int generate_only(const Options *o, uint64_t rng) {
 static void load_or_init_model(Run *run) {
     const Options *o = &run->o;
     run->start_step = 0;
+    run->resumed_here = 0;
     run->last_checkpoint = -1;
     if (o->resume_dir != NULL) {
-        int step = latest_checkpoint(o->resume_dir);
-        if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir); }
-        char model_path[4096], state_path[4096];
-        checkpoint_path(model_path, sizeof(model_path), o->resume_dir, "model", step);
-        checkpoint_path(state_path, sizeof(state_path), o->resume_dir, "state", step);
-        model_load(&run->model, model_path);
-        TrainingState state = state_load(&run->model, state_path);
-        if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
-        dataloader_set_position(&run->train, state.position);
-        run->rng = state.rng;
-        run->start_step = step;
-        run->last_checkpoint = strcmp(o->resume_dir, o->out_dir) == 0 ? step : -1;
-        printf("resuming %s at step %d\n", o->resume_dir, step);
+        resume_run(run);
     } else if (o->init_path != NULL) {
         model_load(&run->model, o->init_path);
     } else {
@@ -2416,21 +2664,25 @@ static void load_or_init_model(Run *run) {
     }
 }
 
+// A loader's tokens must fit the model (its vocabulary is the training data's when it is new).
+static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c, const char *source) {
+    if (d->vocab_size > c->vocab_size) {
+        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)", d->shard_path[0],
+             what, d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size, vocab_kind_name(c->vocab_kind), source);
+    }
+    if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
+        fail("%s (%s) holds %s tokens but the model uses %s tokens (%s)", d->shard_path[0], what,
+             vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind), source);
+    }
+}
+
 // The data must fit the model: vocabulary, sequence length, steps left.
 static void check_data_fits_model(const Run *run) {
     const ModelConfig *c = &run->model.config;
     const Options *o = &run->o;
-    const DataLoader *loaders[2] = {&run->train, run->have_val ? &run->val : NULL};
-    for (int i = 0; i < 2 && loaders[i] != NULL; i++) {
-        const DataLoader *d = loaders[i];
-        if (d->vocab_size > c->vocab_size) {
-            fail("%s: the data's vocabulary (%d tokens) does not fit the model's (%d)", d->shard_path[0], d->vocab_size, c->vocab_size);
-        }
-        if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
-            fail("%s holds %s tokens but the model was trained on %s tokens", d->shard_path[0],
-                 vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind));
-        }
-    }
+    const char *source = o->resume_dir ? o->resume_dir : o->init_path ? o->init_path : "made for the training data";
+    check_vocabulary(&run->train, "training data", c, source);
+    if (run->have_val) { check_vocabulary(&run->val, "validation data", c, source); }
     if (o->seq_len > c->max_seq_len) { fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len); }
     if (run->start_step >= o->steps) { fail("the run is already at step %d of --steps %d", run->start_step, o->steps); }
 }
@@ -2458,6 +2710,29 @@ static void print_configuration(const Run *run) {
     printf("threads: %d\n\n", omp_threads());
 }
 
+// The output directory: a new run starts in one without another run's model or checkpoints; a run
+// resumed there drops what the interruption left behind. Then every output file is opened, so
+// that a bad path fails now and not after the run.
+static void prepare_output(Run *run) {
+    const Options *o = &run->o;
+    char log_path[4200];
+    snprintf(log_path, sizeof(log_path), "%s/log.csv", o->out_dir);
+    if (run->resumed_here) {
+        remove_leftovers(o->out_dir, run->start_step);
+        truncate_log(log_path, run->start_step);
+    } else {
+        refuse_other_run(o->out_dir);
+        remove_leftovers(o->out_dir, -1);
+        if (access(log_path, F_OK) == 0) { printf("note: replacing %s of a run that left no checkpoint\n", log_path); }
+    }
+    run->routing_dump = NULL;
+    if (o->routing_dump != NULL) {
+        run->routing_dump = fopen(o->routing_dump, "w");
+        if (run->routing_dump == NULL) { fail("cannot write %s: %s", o->routing_dump, strerror(errno)); }
+    }
+    run->log = open_log(log_path, &run->model, run->resumed_here);
+}
+
 // Everything before the first step: data, model, output directory, log, sampler.
 static void run_setup(Run *run) {
     const Options *o = &run->o;
@@ -2470,15 +2745,17 @@ static void run_setup(Run *run) {
     check_data_fits_model(run);
     memset(&run->codec, 0, sizeof(run->codec));
     if (o->sample_tokens > 0) { codec_init(&run->codec, o->tokenizer_path, &run->model.config); }
+    prepare_output(run);
     print_configuration(run);
-    int resumed_here = o->resume_dir != NULL && strcmp(o->resume_dir, o->out_dir) == 0;
-    run->log = open_log(o->out_dir, &run->model, resumed_here);
     routing_stats_alloc(&run->stats, &run->model.config);
     run->p_used = (float *)malloc_check(run->model.config.num_layers * sizeof(float));
 }
 
 static void run_free(Run *run) {
     fclose(run->log);
+    if (run->routing_dump != NULL && fclose(run->routing_dump) != 0) {
+        fail("cannot write %s: %s", run->o.routing_dump, strerror(errno));
+    }
     free(run->p_used);
     routing_stats_free(&run->stats);
     if (run->codec.loaded) { tokenizer_free(&run->codec.tokenizer); }
@@ -2494,11 +2771,11 @@ static float train_step(Run *run, int step, float lr) {
     dataloader_next_batch(&run->train);
     memcpy(run->p_used, model->threshold, model->config.num_layers * sizeof(float));
     model_forward(model, run->train.inputs, run->train.targets, run->o.batch, run->o.seq_len);
-    if (!isfinite(model->loss)) { fail("the loss is %g at step %d: training diverged (try a lower --lr); the last checkpoint is kept", model->loss, step); }
+    if (!isfinite(model->loss)) { fail_diverged(run, "the loss", model->loss, step); }
     model_zero_grad(model);
     model_backward(model);
     float grad_norm = model_update(model, lr, run->o.weight_decay);
-    if (!isfinite(grad_norm)) { fail("the gradient norm is %g at step %d: training diverged; the last checkpoint is kept", grad_norm, step); }
+    if (!isfinite(grad_norm)) { fail_diverged(run, "the gradient norm", grad_norm, step); }
     controller_update(model);
     return grad_norm;
 }
@@ -2540,7 +2817,8 @@ int main(int argc, char **argv) {
         int last = step == o->steps - 1, stop = step + 1 == o->stop_at;
         float val_loss = -1.0f;
         if (run.have_val && o->eval_batches > 0 && (last || is_due(step, o->eval_every))) {
-            val_loss = evaluate(&run.model, &run.val, o->eval_batches, last ? o->routing_dump : NULL);
+            FILE *dump = last ? run.routing_dump : NULL;
+            val_loss = evaluate(&run.model, &run.val, o->eval_batches, dump, o->routing_dump);
             printf("step %5d | validation loss %.4f\n", step, val_loss);
         }
         if (o->sample_tokens > 0 && step > run.start_step && (last || is_due(step, o->sample_every))) {
@@ -2558,8 +2836,7 @@ int main(int argc, char **argv) {
         report_step(&run, step, val_loss, lr, grad_norm, dt, mean_dt * (o->steps - step - 1));
 
         if (last || stop || is_due(step + 1, o->checkpoint_every)) {
-            write_checkpoint(&run.model, o->out_dir, step + 1, run.last_checkpoint, &run.train, run.rng);
-            run.last_checkpoint = step + 1;
+            write_checkpoint(&run, step + 1);
         }
         if (stop) {
             printf("stopped at step %d: continue with --resume %s\n", step + 1, o->out_dir);

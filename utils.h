@@ -2,7 +2,9 @@
 utils.h: what every program of the project shares about errors and files.
 
 - fail(): the one way to stop on bad input or a failed system call. It prints "error: " and the
-  message (which names the file and the problem) to stderr and exits with status 1.
+  message (which names the file and the problem) to stderr and exits with status 1. Before that
+  it removes the temporary file of an unfinished atomic write, so no ".tmp" file is left behind.
+  Fuzz targets set fail_hook to catch failures instead (fuzz/fuzz.h); programs never set it.
 - checked memory and file calls (malloc_check, fopen_check, fread_check, ...) that fail() with the
   file's name instead of returning an error code the caller could forget.
 - the 256-word header that starts every binary file (doc/formats.md): the magic numbers of every
@@ -25,13 +27,25 @@ utils.h: what every program of the project shares about errors and files.
 // ----------------------------------------------------------------------------
 // fatal errors
 
+// The temporary file of the atomic write in progress (see open_for_atomic_write), "" if none.
+static char pending_tmp_path[4096];
+
+// When set, fail() calls it instead of printing and exiting; it must not return (a fuzz target
+// jumps back to its harness). The message is in `message`.
+static void (*fail_hook)(const char *message);
+
 static inline void fail(const char *fmt, ...) {
+    char message[8192];
     va_list args;
     va_start(args, fmt);
-    fprintf(stderr, "error: ");
-    vfprintf(stderr, fmt, args);
-    fprintf(stderr, "\n");
+    vsnprintf(message, sizeof(message), fmt, args);
     va_end(args);
+    if (pending_tmp_path[0] != '\0') {
+        remove(pending_tmp_path);
+        pending_tmp_path[0] = '\0';
+    }
+    if (fail_hook != NULL) { fail_hook(message); }
+    fprintf(stderr, "error: %s\n", message);
     exit(EXIT_FAILURE);
 }
 
@@ -78,22 +92,24 @@ static inline void fwrite_check(const void *ptr, size_t size, size_t count, FILE
 }
 
 // Writes go to "path.tmp" first and are renamed over the target only once complete, so a crash
-// or a full disk never destroys the previous file.
+// or a full disk never destroys the previous file; a failed write removes its ".tmp" (fail()).
+// One atomic write at a time.
 static inline FILE *open_for_atomic_write(const char *path, char *tmp_path, size_t tmp_size) {
-    if (strlen(path) + 5 > tmp_size) { fail("path too long: %s", path); }
-    memcpy(tmp_path, path, strlen(path));
-    memcpy(tmp_path + strlen(path), ".tmp", 5);
+    size_t len = strlen(path);
+    if (len + 5 > tmp_size || len + 5 > sizeof(pending_tmp_path)) { fail("path too long: %s", path); }
+    memcpy(tmp_path, path, len);
+    memcpy(tmp_path + len, ".tmp", 5);
     FILE *f = fopen(tmp_path, "wb");
     if (f == NULL) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
+    memcpy(pending_tmp_path, tmp_path, len + 5);
     return f;
 }
 
 static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char *path) {
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0 || fclose(f) != 0) {
-        remove(tmp_path);
-        fail("cannot write %s: %s", tmp_path, strerror(errno));
-    }
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
+    if (fclose(f) != 0) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
     if (rename(tmp_path, path) != 0) { fail("cannot rename %s to %s: %s", tmp_path, path, strerror(errno)); }
+    pending_tmp_path[0] = '\0';
 }
 
 // ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# get_data.sh OUTDIR [TEXT]: puts a training text at OUTDIR/input.txt and says where it came from.
+# get_data.sh OUTDIR [TEXT]: puts a training text at OUTDIR/input.txt and says where it came from,
+# on the terminal and in OUTDIR/input.source (so that `make train` knows what input.txt is).
 #
 #   - TEXT given (a local file): a copy of it;
 #   - else TinyShakespeare, downloaded from its canonical address if the network allows
@@ -21,12 +22,14 @@ fi
 OUTDIR=$1
 OUT=$OUTDIR/input.txt
 mkdir -p "$OUTDIR" || { echo "get_data: cannot create $OUTDIR" >&2; exit 1; }
+rm -f "$OUTDIR/input.source"
 
 if [ $# -eq 2 ]; then
     TEXT=$2
     if [ ! -f "$TEXT" ] || [ ! -r "$TEXT" ]; then echo "get_data: $TEXT: no such readable file" >&2; exit 1; fi
     if [ ! -s "$TEXT" ]; then echo "get_data: $TEXT is empty" >&2; exit 1; fi
     cp "$TEXT" "$OUT"
+    echo "a copy of $TEXT" > "$OUTDIR/input.source"
     echo "get_data: $OUT: a copy of $TEXT ($(wc -c < "$OUT") bytes)"
     exit 0
 fi
@@ -44,6 +47,7 @@ if [ "${GET_DATA_OFFLINE:-0}" != 1 ]; then
     if [ $downloaded = 1 ]; then
         if [ "$(sha256sum "$TMP" | cut -d' ' -f1)" = "$SHA256" ]; then
             mv "$TMP" "$OUT"
+            echo "TinyShakespeare" > "$OUTDIR/input.source"
             echo "get_data: $OUT: TinyShakespeare, downloaded from $URL (sha256 checked)"
             exit 0
         fi
@@ -58,5 +62,6 @@ if [ ! -x "$GEN" ]; then
     "${CC:-cc}" -O2 -std=c11 -o "$GEN" "$ROOT/tools/make_offline_text.c"
 fi
 "$GEN" > "$OUT"
+echo "the project's own generated text" > "$OUTDIR/input.source"
 if [ "${GET_DATA_OFFLINE:-0}" = 1 ]; then why="GET_DATA_OFFLINE=1"; else why="TinyShakespeare could not be downloaded"; fi
 echo "get_data: $why: $OUT is the project's own generated text instead (tools/make_offline_text, $(wc -c < "$OUT") bytes), not TinyShakespeare"

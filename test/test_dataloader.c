@@ -62,7 +62,7 @@ static void restore_into_other(const void *arg) {
     (void)arg;
     DataLoader l;
     dataloader_init(&l, path_of("good_*.bin"), 2, 5, 1, 43);  // other T and seed
-    dataloader_set_position(&l, saved_pos);
+    dataloader_set_position(&l, saved_pos, "test");
 }
 static void restore_bad_batch(const void *arg) {
     (void)arg;
@@ -71,7 +71,7 @@ static void restore_bad_batch(const void *arg) {
     long long pos[4];
     dataloader_get_position(&l, pos);
     pos[2] = 1000000;
-    dataloader_set_position(&l, pos);
+    dataloader_set_position(&l, pos, "test");
 }
 
 // a batch as a hash, to compare sequences of batches
@@ -160,7 +160,7 @@ int main(void) {
             dataloader_get_position(&x, pos);
             dataloader_init(&y, path_of("good_*.bin"), B, T, shuffle, 7);
             dataloader_next_batch(&y);  // y is somewhere else before restoring
-            dataloader_set_position(&y, pos);
+            dataloader_set_position(&y, pos, "test");
             int same_after = 1;
             for (int i = 0; i < 30; i++) {
                 dataloader_next_batch(&x);

@@ -30,6 +30,13 @@ refuses() {  # refuses DESCRIPTION EXPECTED-TEXT COMMAND...: the command must fa
     if grep -qF -- "$expected" <<< "$out"; then pass "$what: $(grep -F -- "$expected" <<< "$out" | head -1 | cut -c1-110)"
     else fail "$what (no '$expected' in: $(tail -1 <<< "$out"))"; fi
 }
+set_word() {  # set_word FILE WORD VALUE: overwrites 4-byte word WORD of FILE with the int32 (or hex bit pattern) VALUE
+    local v=$(($3 & 0xffffffff))
+    # shellcheck disable=SC2059
+    printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x' $((v & 255)) $((v >> 8 & 255)) $((v >> 16 & 255)) $((v >> 24 & 255)))" |
+        dd of="$1" bs=4 seek="$2" conv=notrunc status=none
+}
+words() { echo $(($(stat -c %s "$1") / 4)); }  # words FILE: its length in 4-byte words
 column() {  # column FILE NAME: the values of a column of log.csv, one per line
     awk -F, -v name="$2" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == name) c = i; next } { print $c }' "$1"
 }
@@ -50,9 +57,11 @@ check "log.csv has a row per step" test "$(column "$TMP/learn/log.csv" step | ta
 check "checkpoint written" test -s "$TMP/learn/model.bin" -a -s "$TMP/learn/model_00000040.bin" -a -s "$TMP/learn/state_00000040.bin"
 
 # every routing mode trains
+n=0
 for mode in "--routing topk --k 2" "--routing topp --p 0.6" "--routing dtopp --controller layer" "--routing dtopp --drn 0 --renorm 0"; do
+    n=$((n + 1))
     # shellcheck disable=SC2086
-    check "train 3 steps: $mode" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 3 --out "$TMP/mode" $mode
+    check "train 3 steps: $mode" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 3 --out "$TMP/mode$n" $mode
 done
 
 # sampling from a checkpoint, with a prompt, for bytes and for GPT-2 tokens
@@ -65,13 +74,24 @@ echo "     ($(tail -1 "$TMP/last.log"), tiny byte model)"
 check "greedy sampling is deterministic" bash -c "cmp <('$TRAIN' --init '$TMP/learn/model.bin' --generate 32 --temperature 0 2>/dev/null) \
     <('$TRAIN' --init '$TMP/learn/model.bin' --generate 32 --temperature 0 --seed 7 2>/dev/null)"
 
-# resume: 12 steps straight equal 6 steps + resume + 6 steps, bit for bit
+# resume: 12 steps straight equal 6 steps + resume + 6 steps, bit for bit, even after a crash left
+# log rows of later steps (one cut off), an incomplete newer checkpoint, an older pair and .tmp files
 RUN=("${BYTES[@]}" "${TINY[@]}" --steps 12 --eval-every 0 --checkpoint-every 6 --routing dtopp --controller layer --lr 1e-2)
 "$TRAIN" "${RUN[@]}" --out "$TMP/straight" > /dev/null 2>&1
 "$TRAIN" "${RUN[@]}" --out "$TMP/split" --stop-at 6 > /dev/null 2>&1
 check "stopped at step 6 with a checkpoint" test -s "$TMP/split/state_00000006.bin"
-"$TRAIN" "${RUN[@]}" --out "$TMP/split" --resume "$TMP/split" > /dev/null 2>&1
+cp -r "$TMP/split" "$TMP/split_copy"  # for the tests of bad state files below
+sed -n 8,10p "$TMP/straight/log.csv" >> "$TMP/split/log.csv"
+sed -n 11p "$TMP/straight/log.csv" | head -c 40 >> "$TMP/split/log.csv"
+cp "$TMP/split/model_00000006.bin" "$TMP/split/model_00000009.bin"
+cp "$TMP/split/model_00000006.bin" "$TMP/split/model_00000003.bin"
+cp "$TMP/split/state_00000006.bin" "$TMP/split/state_00000003.bin"
+: > "$TMP/split/state_00000009.bin.tmp"
+: > "$TMP/split/model.bin.tmp"
+"$TRAIN" "${RUN[@]}" --out "$TMP/split" --resume "$TMP/split/" > "$TMP/resume.log" 2>&1
+check "resume says what it resumes" grep -qF "resuming from $TMP/split//model_00000006.bin and $TMP/split//state_00000006.bin: step 6 of 12" "$TMP/resume.log"
 check "resumed run reaches step 12" test -s "$TMP/split/model_00000012.bin"
+check "resume removes what a crash left behind" test "$(cd "$TMP/split" && echo *)" = "log.csv model.bin model_00000012.bin state_00000012.bin"
 check "resume: identical losses and p at every step" cmp <(cut -d, -f1-3,7-8 "$TMP/straight/log.csv") <(cut -d, -f1-3,7-8 "$TMP/split/log.csv")
 check "resume: identical parameters and controller state" cmp "$TMP/straight/model.bin" "$TMP/split/model.bin"
 check "resume: identical optimizer state" cmp "$TMP/straight/state_00000012.bin" "$TMP/split/state_00000012.bin"
@@ -92,7 +112,8 @@ refuses "missing tokenizer" "cannot open" "$TRAIN" --init "$TMP/gpt2/model.bin" 
 refuses "GPT-2 tokens into a byte model" "does not fit" "$TRAIN" --init "$TMP/learn/model.bin" --train "$TMP/gpt2_train.bin" --val "" --out "$TMP/bad"
 refuses "k > E" "1 <= k <= E" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --routing topk --k 9 --out "$TMP/bad"
 refuses "target > E" "target must be in" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --tgt 9 --out "$TMP/bad"
-refuses "p outside (0, 1]" "p must be in (0, 1]" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --routing topp --p 1.5 --out "$TMP/bad"
+refuses "p outside (0, 1]" "1.5 is outside [0, 1]" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --routing topp --p 1.5 --out "$TMP/bad"
+refuses "p = 0 for topp" "p must be in (0, 1]" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --routing topp --p 0 --out "$TMP/bad"
 refuses "p0 outside [pmin, pmax]" "p0 must be in" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --p0 0.001 --out "$TMP/bad"
 refuses "T > max sequence length" "exceeds the model's maximum" "$TRAIN" "${BYTES[@]}" --init "$TMP/learn/model.bin" --seq-len 2048 --out "$TMP/bad"
 refuses "unknown option" "unknown option" "$TRAIN" --stepz 3
@@ -106,6 +127,101 @@ status=$?
 if [ $status -ne 0 ] && grep -q "diverged" "$TMP/diverge.log"; then pass "NaN/infinite loss stops training: $(grep diverged "$TMP/diverge.log" | cut -c1-100)"
 else fail "NaN/infinite loss stops training (exit $status)"; fi
 check "the last checkpoint before divergence still loads" "$TRAIN" --init "$TMP/diverge/model.bin" --generate 4
+
+# a checkpoint's sizes are bounded: the first header declares 2^64 + 1 parameters (in 64-bit
+# arithmetic: 1, and the file holds 1), the second 3.3e14 within the bounds of every size
+head -c 1036 /dev/zero > "$TMP/wrapped.bin"
+for w in "0 20251213" "1 2" "2 16" "3 1035200" "4 1035264" "5 1" "6 524288" "7 1048576" "8 4095" "9 1432004950" \
+         "13 1" "14 1" "15 2"; do
+    set_word "$TMP/wrapped.bin" $w
+done
+refuses "a header whose parameter count wraps around" "at most 4096 experts and 1048576 otherwise" "$TRAIN" --init "$TMP/wrapped.bin" --generate 4
+cp "$TMP/wrapped.bin" "$TMP/huge.bin"
+for w in "3 256" "4 256" "6 1" "7 65536" "8 4096" "9 65536"; do set_word "$TMP/huge.bin" $w; done
+refuses "a header declaring too many parameters" "more than 68719476736 parameters" "$TRAIN" --init "$TMP/huge.bin" --generate 4
+
+# the controller state and routing flags of a checkpoint are validated (tiny model: L = 2, so
+# the last 4 words are p_0, p_1, I_0, I_1)
+"$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 1 --routing topp --p 0.5 --out "$TMP/topp" > /dev/null 2>&1
+cp "$TMP/topp/model.bin" "$TMP/p_zero.bin"
+set_word "$TMP/p_zero.bin" $(($(words "$TMP/p_zero.bin") - 4)) 0
+set_word "$TMP/p_zero.bin" $(($(words "$TMP/p_zero.bin") - 3)) 0
+refuses "top-p checkpoint with p = 0 in its controller state" "threshold p = 0" "$TRAIN" --init "$TMP/p_zero.bin" --generate 4
+cp "$TMP/learn/model.bin" "$TMP/integral_inf.bin"
+set_word "$TMP/integral_inf.bin" $(($(words "$TMP/integral_inf.bin") - 2)) 0x7f800000
+set_word "$TMP/integral_inf.bin" $(($(words "$TMP/integral_inf.bin") - 1)) 0x7f800000
+refuses "dtopp checkpoint with an infinite integral" "controller state of layer 0 is not finite" "$TRAIN" --init "$TMP/integral_inf.bin" --generate 4
+cp "$TMP/learn/model.bin" "$TMP/drn5.bin" && set_word "$TMP/drn5.bin" 12 5
+refuses "checkpoint with drn = 5" "drn and renorm must be 0 or 1" "$TRAIN" --init "$TMP/drn5.bin" --generate 4
+cp "$TMP/learn/model.bin" "$TMP/renorm.bin" && set_word "$TMP/renorm.bin" 13 -3
+refuses "checkpoint with renorm = -3" "drn and renorm must be 0 or 1" "$TRAIN" --init "$TMP/renorm.bin" --generate 4
+
+# options: every number in its range, read whole
+refuses "--threads 100000" "outside [0, 1024]" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --threads 100000 --out "$TMP/bad"
+refuses "--lr inf" "outside" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --lr inf --out "$TMP/bad"
+refuses "--steps 4294967297" "outside" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 4294967297 --out "$TMP/bad"
+refuses "--layers -5" "outside" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --layers -5 --out "$TMP/bad"
+refuses "--experts -1" "outside" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --experts -1 --out "$TMP/bad"
+refuses "--temperature nan" "cannot read" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --temperature nan --out "$TMP/bad"
+refuses "--generate -5 --init M" "outside" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --generate -5 --init "$TMP/learn/model.bin" --out "$TMP/bad"
+refuses "a validation shard of another vocabulary" "(validation data): its vocabulary (50257 gpt2 tokens)" \
+    "$TRAIN" --train "$TMP/bytes_train.bin" --val "$TMP/gpt2_val.bin" "${TINY[@]}" --out "$TMP/bad"
+
+# every output path is checked before the run: a bad --routing-dump fails at once
+refuses "unwritable --routing-dump" "cannot write $TMP/a_file/dump.csv" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 3 \
+    --routing-dump "$TMP/a_file/dump.csv" --out "$TMP/dump"
+check "... before training" test ! -e "$TMP/dump/log.csv"
+
+# token ids beyond the vocabulary are found at the start, wherever they are (here the last token)
+cp "$TMP/bytes_train.bin" "$TMP/bad_token.bin"
+printf '\x2c\x01' | dd of="$TMP/bad_token.bin" bs=1 seek=$(($(stat -c %s "$TMP/bad_token.bin") - 2)) conv=notrunc status=none
+refuses "a token beyond the vocabulary, at the start" "token 300 at offset" "$TRAIN" --train "$TMP/bad_token.bin" --val "" \
+    "${TINY[@]}" --steps 1 --out "$TMP/bad_token"
+
+# a run never takes over another run's checkpoints
+refuses "a new run into a directory holding another run" "already holds a run" "$TRAIN" "${RUN[@]}" --out "$TMP/straight"
+refuses "resuming with other settings" "state_00000006.bin was written by a run with --steps 12" \
+    "$TRAIN" "${RUN[@]}" --steps 20 --resume "$TMP/split_copy" --out "$TMP/other_settings"
+refuses "resuming over other data: the message names the checkpoint" "state_00000006.bin: cannot restore the data position" \
+    "$TRAIN" "${RUN[@]}" --batch 2 --resume "$TMP/split_copy" --out "$TMP/other_data"
+
+# bad training state: a negative AdamW step, or moments that make the update overflow; the last
+# good checkpoint must survive and load
+cp -r "$TMP/split_copy" "$TMP/adam"
+set_word "$TMP/adam/state_00000006.bin" 3 -1
+refuses "a state file with AdamW step -1" "invalid step 6 or AdamW step -1" "$TRAIN" "${RUN[@]}" --resume "$TMP/adam" --out "$TMP/adam"
+check "... its checkpoint is still there" test -s "$TMP/adam/model_00000006.bin"
+cp -r "$TMP/split_copy" "$TMP/overflow"
+set_word "$TMP/overflow/state_00000006.bin" 256 0x7f7fffff  # the first moment of parameter 0: FLT_MAX
+refuses "an update to non-finite parameters is not saved" "the last checkpoint, step 6 in $TMP/overflow, is kept" \
+    "$TRAIN" "${RUN[@]}" --checkpoint-every 1 --resume "$TMP/overflow" --out "$TMP/overflow"
+check "... and that checkpoint loads" "$TRAIN" --init "$TMP/overflow/model.bin" --generate 4
+refuses "divergence before any checkpoint says so" "no checkpoint was written" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" \
+    --steps 30 --checkpoint-every 0 --lr 1e6 --warmup 1 --eval-every 0 --out "$TMP/diverge_early"
+
+# a full disk (here: a file size limit) while writing a checkpoint: no .tmp file is left, the previous
+# checkpoint is kept, and the run resumes from it to the same result
+cp -r "$TMP/split_copy" "$TMP/full"
+(trap '' XFSZ; ulimit -f 1500; "$TRAIN" "${RUN[@]}" --resume "$TMP/full" --out "$TMP/full" > "$TMP/full.log" 2>&1)
+check "a full disk stops the run with a message" grep -q "cannot write $TMP/full/state_00000012.bin.tmp" "$TMP/full.log"
+check "... leaves no .tmp file" test -z "$(find "$TMP/full" -name '*.tmp')"
+"$TRAIN" "${RUN[@]}" --resume "$TMP/full" --out "$TMP/full" > /dev/null 2>&1
+check "... and resumes from the checkpoint before to the same result" cmp "$TMP/straight/model.bin" "$TMP/full/model.bin"
+
+# sampling says how many tokens it printed when the model's maximum sequence length stops it
+"$TRAIN" "${BYTES[@]}" "${TINY[@]}" --seq-len 16 --max-seq-len 16 --steps 1 --out "$TMP/short" > /dev/null 2>&1
+"$TRAIN" --init "$TMP/short/model.bin" --generate 100 > /dev/null 2> "$TMP/short.log"
+check "sampling stopped by the maximum sequence length says so" grep -q "^15 tokens in .*maximum sequence length is 16" "$TMP/short.log"
+
+# make train: a text given with TEXT= once is not silently reused by a later make train without
+# it; a second make train into the same output refuses instead of overwriting it
+tr 'a-z' 'A-Z' < "$TMP/text.txt" > "$TMP/other.txt"
+MAKE_TRAIN=("${MAKE:-make}" --no-print-directory train DATA="$TMP/data" TRAIN_FLAGS="${TINY[*]} --steps 2 --eval-every 0")
+GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make1" TEXT="$TMP/other.txt" > "$TMP/make1.log" 2>&1
+check "make train TEXT=other.txt trains on it" cmp "$TMP/data/input.txt" "$TMP/other.txt"
+GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2" > "$TMP/make2.log" 2>&1
+check "a later make train without TEXT does not use it" bash -c "! cmp -s '$TMP/data/input.txt' '$TMP/other.txt'"
+refuses "a second make train into the same output" "already holds a run" env GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
