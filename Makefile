@@ -26,6 +26,11 @@ DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheade
 CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
 NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native
 
+# MPI (data-parallel training on several processes): built when mpicc is present (Debian:
+# libopenmpi-dev openmpi-bin); `make` alone builds the single-process program without it.
+MPICC ?= mpicc
+MPI_OK := $(shell command -v $(MPICC) 2>/dev/null)
+
 # data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens
 VOCAB ?= bytes
 DATA = data
@@ -41,8 +46,8 @@ endif
 BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
-        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
+.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train test-mpi reference \
+        check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help
 
 all: $(BINARIES)
 
@@ -54,6 +59,8 @@ help:
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
+	@echo "make train_dtopp_mpi  the data-parallel CPU build (MPI; run with mpirun, see doc/parallel.md)"
+	@echo "make cuda-mpi      the data-parallel CUDA build (NCCL between GPUs, MPI to start them)"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
 	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
@@ -65,6 +72,10 @@ help:
 
 train_dtopp: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
 	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
+
+# the same program with MPI: several processes train one model (doc/parallel.md)
+train_dtopp_mpi: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
 test_gpt: test_gpt.c train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
@@ -126,7 +137,7 @@ plots:
 # ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-tokenizer test-data test-train
+test: test-model test-tokenizer test-data test-train test-mpi
 	@echo "all tests passed"
 
 test-model: test_gpt
@@ -143,6 +154,14 @@ test-data: test/test_dataloader prepro tools/make_offline_text
 
 test-train: train_dtopp prepro tools/make_offline_text
 	test/test_train.sh
+
+ifneq ($(MPI_OK),)
+test-mpi: train_dtopp train_dtopp_mpi prepro tools/make_offline_text
+	test/test_mpi.sh
+else
+test-mpi:
+	@echo "test-mpi: skipped, mpicc not found (Debian: apt-get install libopenmpi-dev openmpi-bin)"
+endif
 
 reference:
 	$(PYTHON) reference/make_fixtures.py --out test/fixtures
@@ -182,4 +201,5 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 
 clean:
-	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda
+	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
+	      train_dtopp_cuda_mpi
