@@ -30,6 +30,9 @@ NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler 
 # libopenmpi-dev openmpi-bin); `make` alone builds the single-process program without it.
 MPICC ?= mpicc
 MPI_OK := $(shell command -v $(MPICC) 2>/dev/null)
+# for nvcc, which does not wrap MPI: mpicc's include and library folders
+MPI_NVCC_FLAGS = $(addprefix -I,$(shell $(MPICC) --showme:incdirs 2>/dev/null)) \
+                 $(addprefix -L,$(shell $(MPICC) --showme:libdirs 2>/dev/null)) -lmpi
 
 # data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens
 VOCAB ?= bytes
@@ -182,12 +185,16 @@ train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
 test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
+# data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
+cuda-mpi: train_dtopp_cuda_mpi
+train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(NVCC) $(NVCCFLAGS) -DUSE_MPI -o $@ train_dtopp.cu -lcublas -lnccl $(MPI_NVCC_FLAGS)
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
 compare-cuda: train_dtopp train_dtopp_cuda prepro tools/make_offline_text
 	test/compare_cpu_gpu.sh
 else
-cuda test-cuda compare-cuda:
+cuda cuda-mpi test-cuda compare-cuda:
 	@echo "CUDA: nvcc not found, skipping the CUDA targets"
 endif
 
