@@ -1963,7 +1963,8 @@ void model_allreduce_grads(Model *model, float scale) {
 #ifdef USE_MPI
     if (dp_ranks > 1) {
         float *grads = model->grads_memory;
-        nccl_check(ncclAllReduce(grads, grads, n, ncclFloat, ncclSum, nccl_comm, gpu.stream), "ncclAllReduce");
+        ncclResult_t result = ncclAllReduce(grads, grads, n, ncclFloat, ncclSum, nccl_comm, gpu.stream);
+        nccl_check(result, "ncclAllReduce");
     }
 #endif
     scale_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->grads_memory, scale, n);
