@@ -38,6 +38,14 @@ DETECTED_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheade
 CUDA_ARCH ?= $(if $(DETECTED_ARCH),$(DETECTED_ARCH),90)
 NVCCFLAGS = -O3 -std=c++17 -arch=sm_$(CUDA_ARCH) -Xcompiler -fopenmp -Xcompiler -march=native
 
+# MPI (data-parallel training on several processes): built when mpicc is present (Debian:
+# libopenmpi-dev openmpi-bin); `make` alone builds the single-process program without it.
+MPICC ?= mpicc
+MPI_OK := $(shell command -v $(MPICC) 2>/dev/null)
+# for nvcc, which does not wrap MPI: mpicc's include and library folders
+MPI_NVCC_FLAGS = $(addprefix -I,$(shell $(MPICC) --showme:incdirs 2>/dev/null)) \
+                 $(addprefix -L,$(shell $(MPICC) --showme:libdirs 2>/dev/null)) -lmpi
+
 # data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens; OUT: its output
 VOCAB ?= bytes
 DATA = data
@@ -54,8 +62,8 @@ endif
 BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
-        selfcheck cuda test-cuda bench tokenizer unicode_tables clean help fuzz
+.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train test-mpi reference \
+        check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help fuzz
 
 all: $(BINARIES)
 
@@ -67,6 +75,8 @@ help:
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
+	@echo "make train_dtopp_mpi  the data-parallel CPU build (MPI; run with mpirun, see doc/parallel.md)"
+	@echo "make cuda-mpi      the data-parallel CUDA build (NCCL between GPUs, MPI to start them)"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
 	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
@@ -80,6 +90,10 @@ help:
 
 train_dtopp: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
 	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
+
+# the same program with MPI: several processes train one model (doc/parallel.md)
+train_dtopp_mpi: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
 test_gpt: test_gpt.c train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
@@ -146,7 +160,7 @@ plots:
 # ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-tokenizer test-data test-train
+test: test-model test-tokenizer test-data test-train test-mpi
 	@echo "all tests passed"
 
 test-model: $(BIN)test_gpt
@@ -174,6 +188,14 @@ $(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h u
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
+ifneq ($(MPI_OK),)
+test-mpi: train_dtopp train_dtopp_mpi prepro tools/make_offline_text
+	test/test_mpi.sh
+else
+test-mpi:
+	@echo "test-mpi: skipped, mpicc not found (Debian: apt-get install libopenmpi-dev openmpi-bin)"
+endif
+
 reference:
 	$(PYTHON) reference/make_fixtures.py --out test/fixtures
 
@@ -193,12 +215,16 @@ train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
 test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
+# data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
+cuda-mpi: train_dtopp_cuda_mpi
+train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+	$(NVCC) $(NVCCFLAGS) -DUSE_MPI -o $@ train_dtopp.cu -lcublas -lnccl $(MPI_NVCC_FLAGS)
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
 compare-cuda: train_dtopp train_dtopp_cuda prepro tools/make_offline_text
 	test/compare_cpu_gpu.sh
 else
-cuda test-cuda compare-cuda:
+cuda cuda-mpi test-cuda compare-cuda:
 	@echo "CUDA: nvcc not found, skipping the CUDA targets"
 endif
 
@@ -230,5 +256,6 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 
 clean:
-	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda
+	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
+	      train_dtopp_cuda_mpi
 	rm -rf build

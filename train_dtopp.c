@@ -423,6 +423,7 @@ typedef struct {
     ParameterTensors params;
     float *grads_memory;   // same device; allocated by the first model_zero_grad
     ParameterTensors grads;
+    float *grads_sum_memory;  // same device: gradient accumulation's running sum (NULL until used)
     float *m_memory;       // AdamW first moment, same device
     float *v_memory;       // AdamW second moment
     int adam_step;         // optimizer steps taken
@@ -455,6 +456,12 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
 void model_zero_grad(Model *model);
 void model_backward(Model *model);
 float model_update(Model *model, float lr, float weight_decay);  // clip + AdamW; returns the gradient norm
+// Gradient accumulation, after the backward pass of micro-batch `micro` of `count` (each backward
+// from zeroed gradients): the micro-batches' gradients are added in order, g0 + g1 + ..., and after
+// the last one model->grads holds the sum.
+void model_accumulate_grads(Model *model, int micro, int count);
+// model->grads = scale * (the sum of model->grads over every rank); the same on every rank.
+void model_allreduce_grads(Model *model, float scale);
 void model_activated_per_layer(const Model *model, double *activated);  // (L) mean |S| of the last forward
 void model_routing_counts(const Model *model, int *n_selected, int *expert_load);  // (L, N), (L, E)
 void model_get_logits(const Model *model, float *out);        // (N, V)
@@ -575,12 +582,19 @@ int omp_threads(void) {
 #endif
 }
 
+// a_t from the per-layer means of |S|: their mean over the layers.
+static double mean_over_layers(const double *activated, int L) {
+    double mean = 0.0;
+    for (int l = 0; l < L; l++) { mean += activated[l] / L; }
+    return mean;
+}
+
 // a_t of the last forward pass: mean |S| over its tokens and layers.
 double model_activated(const Model *model) {
     int L = model->config.num_layers;
-    double *activated = (double *)malloc_check(L * sizeof(double)), mean = 0.0;
+    double *activated = (double *)malloc_check(L * sizeof(double));
     model_activated_per_layer(model, activated);
-    for (int l = 0; l < L; l++) { mean += activated[l] / L; }
+    double mean = mean_over_layers(activated, L);
     free(activated);
     return mean;
 }
@@ -589,12 +603,13 @@ double model_activated(const Model *model) {
 // tgt experts per token on average. e = (tgt − a)/E; I' = I + e; p' = p0 + Kp e + Ki I'; while p'
 // is outside [pmin, pmax] p is clamped and I is left as it was (no wind-up while saturated).
 // The global controller feeds every layer the same a, so every layer keeps the same p and I.
-void controller_update(Model *model) {
+// activated: (L) the mean |S| of each layer over every token of the optimizer step, which with
+// gradient accumulation or several ranks is more than the last forward pass (doc/spec.md, section 3).
+void controller_update_from(Model *model, const double *activated) {
     const RouterConfig *rc = &model->router;
     if (rc->routing != ROUTING_DTOPP) { return; }
     int L = model->config.num_layers;
-    double *activated = (double *)malloc_check(L * sizeof(double)), global = model_activated(model);
-    model_activated_per_layer(model, activated);
+    double global = mean_over_layers(activated, L);
     for (int l = 0; l < L; l++) {
         double a = rc->controller == CONTROLLER_GLOBAL ? global : activated[l];
         double error = (rc->tgt - a) / model->config.num_experts;
@@ -607,6 +622,13 @@ void controller_update(Model *model) {
             model->threshold[l] = threshold < rc->pmin ? rc->pmin : rc->pmax;
         }
     }
+}
+
+// The controller after a step of one forward pass, whose counts are the whole step's.
+void controller_update(Model *model) {
+    double *activated = (double *)malloc_check(model->config.num_layers * sizeof(double));
+    model_activated_per_layer(model, activated);
+    controller_update_from(model, activated);
     free(activated);
 }
 
@@ -630,41 +652,65 @@ void routing_stats_free(RoutingStats *s) {
     free(s->load_cv);
 }
 
-void routing_stats_compute(RoutingStats *s, const Model *model) {
+// Routing counts, summed over any number of forward passes (and ranks) before the statistics are
+// taken: per layer the histogram of |S| (E + 1 bins), then per layer the tokens of each expert (E).
+// They are doubles so that one sum across ranks carries them with the losses; as integers below
+// 2^53 they add exactly in any order.
+static size_t routing_counts_size(const ModelConfig *c) {
+    return (size_t)c->num_layers * (2 * c->num_experts + 1);
+}
+
+// counts += the routing counts of the last forward pass.
+static void routing_counts_add(double *counts, const Model *model) {
     int N = model->B * model->T, L = model->config.num_layers, E = model->config.num_experts;
     int *n_selected = (int *)malloc_check((size_t)L * N * sizeof(int));
     int *expert_load = (int *)malloc_check((size_t)L * E * sizeof(int));
     model_routing_counts(model, n_selected, expert_load);
-    s->activated = 0.0;
+    double *histogram = counts, *load = counts + (size_t)L * (E + 1);
     for (int l = 0; l < L; l++) {
-        const int *count = n_selected + (size_t)l * N;
-        int *hist = s->histogram + (size_t)l * (E + 1);
-        memset(hist, 0, (E + 1) * sizeof(int));
-        double sum = 0.0, sumsq = 0.0;
-        for (int n = 0; n < N; n++) {
-            sum += count[n];
-            sumsq += (double)count[n] * count[n];
-            hist[count[n]]++;
+        for (int n = 0; n < N; n++) { histogram[(size_t)l * (E + 1) + n_selected[(size_t)l * N + n]] += 1.0; }
+        for (int e = 0; e < E; e++) { load[(size_t)l * E + e] += expert_load[(size_t)l * E + e]; }
+    }
+    free(n_selected);
+    free(expert_load);
+}
+
+static void routing_stats_from_counts(RoutingStats *s, const double *counts, const ModelConfig *c) {
+    int L = c->num_layers, E = c->num_experts;
+    for (int l = 0; l < L; l++) {
+        const double *hist = counts + (size_t)l * (E + 1);
+        const double *load = counts + (size_t)L * (E + 1) + (size_t)l * E;
+        double n = 0.0, sum = 0.0, sumsq = 0.0;
+        for (int k = 0; k <= E; k++) {
+            s->histogram[(size_t)l * (E + 1) + k] = (int)hist[k];
+            n += hist[k];
+            sum += k * hist[k];
+            sumsq += (double)k * k * hist[k];
         }
-        s->layer_mean[l] = sum / N;
-        double var = sumsq / N - s->layer_mean[l] * s->layer_mean[l];
+        s->layer_mean[l] = sum / n;
+        double var = sumsq / n - s->layer_mean[l] * s->layer_mean[l];
         s->layer_std[l] = var > 0.0 ? sqrt(var) : 0.0;
-        s->activated += s->layer_mean[l] / L;
         double lsum = 0.0, lsumsq = 0.0;
-        s->load_min[l] = N;
-        s->load_max[l] = 0;
+        s->load_min[l] = s->load_max[l] = (int)load[0];
         for (int e = 0; e < E; e++) {
-            int load = expert_load[(size_t)l * E + e];
-            s->load_min[l] = load < s->load_min[l] ? load : s->load_min[l];
-            s->load_max[l] = load > s->load_max[l] ? load : s->load_max[l];
-            lsum += load;
-            lsumsq += (double)load * load;
+            int tokens = (int)load[e];
+            s->load_min[l] = tokens < s->load_min[l] ? tokens : s->load_min[l];
+            s->load_max[l] = tokens > s->load_max[l] ? tokens : s->load_max[l];
+            lsum += tokens;
+            lsumsq += (double)tokens * tokens;
         }
         double lmean = lsum / E, lvar = lsumsq / E - lmean * lmean;
         s->load_cv[l] = lmean > 0.0 && lvar > 0.0 ? sqrt(lvar) / lmean : 0.0;
     }
-    free(n_selected);
-    free(expert_load);
+    s->activated = mean_over_layers(s->layer_mean, L);
+}
+
+// The statistics of the last forward pass.
+void routing_stats_compute(RoutingStats *s, const Model *model) {
+    double *counts = (double *)calloc_check(routing_counts_size(&model->config), sizeof(double));
+    routing_counts_add(counts, model);
+    routing_stats_from_counts(s, counts, &model->config);
+    free(counts);
 }
 
 // ----------------------------------------------------------------------------
@@ -796,6 +842,120 @@ int sample_token(const float *logits, int V, float temperature, int top_k, uint6
         if (acc > r) { return i; }
     }
     return last;
+}
+
+// ----------------------------------------------------------------------------
+// data parallel: ranks, all-reduce
+//
+// Built with USE_MPI (make train_dtopp_mpi), R processes ("ranks") train one model. Every rank
+// reads the whole batch of each step and computes on its own rows of it; the gradients and the
+// step's totals (losses, routing counts) are summed over the ranks; then every rank takes the same
+// optimizer step and the same controller step, so all of them hold the same parameters and p.
+// Every sum runs in rank order, so a run is bitwise reproducible for a given number of ranks.
+// Without USE_MPI there is one rank and nothing here communicates. doc/parallel.md has the details.
+#ifdef USE_MPI
+#include <limits.h>
+#include <mpi.h>
+#endif
+
+int dp_rank = 0, dp_ranks = 1;  // this process, and how many train together
+
+#if defined(USE_MPI) && defined(DTOPP_CUDA)
+void cuda_parallel_init(int rank, int ranks);  // train_dtopp.cu: the GPU of this rank, NCCL's communicator
+#endif
+
+// Starts MPI when built with it. Only rank 0 prints: the others' stdout goes to /dev/null (their
+// errors still reach stderr).
+void dp_init(int *argc, char ***argv) {
+#ifdef USE_MPI
+    MPI_Init(argc, argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &dp_rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &dp_ranks);
+    if (dp_rank > 0 && freopen("/dev/null", "w", stdout) == NULL) { fail("rank %d: no /dev/null", dp_rank); }
+#ifdef DTOPP_CUDA
+    cuda_parallel_init(dp_rank, dp_ranks);
+#endif
+#else
+    (void)argc;
+    (void)argv;
+#endif
+}
+
+void dp_finish(void) {
+#ifdef USE_MPI
+    MPI_Finalize();
+#endif
+}
+
+// x (n) = the sum of x over the ranks, added in rank order, on every rank.
+void dp_sum_doubles(double *x, int n) {
+#ifdef USE_MPI
+    if (dp_ranks == 1) { return; }
+    double *all = (double *)malloc_check((size_t)n * dp_ranks * sizeof(double));
+    MPI_Allgather(x, n, MPI_DOUBLE, all, n, MPI_DOUBLE, MPI_COMM_WORLD);
+    for (int i = 0; i < n; i++) {
+        x[i] = all[i];
+        for (int r = 1; r < dp_ranks; r++) { x[i] += all[(size_t)r * n + i]; }
+    }
+    free(all);
+#else
+    (void)x;
+    (void)n;
+#endif
+}
+
+// x (n) = scale * (the sum of x over the ranks), the same bits on every rank. Rank r owns chunk r of
+// the vector: an all-to-all brings it every rank's copy of its chunk, it adds them in rank order,
+// and an all-gather hands the summed chunks to everyone. Each rank sends about 2 (R-1)/R of the
+// vector, as a ring all-reduce does, but the order of the additions is ours, not MPI's.
+void dp_sum_floats(float *x, size_t n, float scale) {
+#ifdef USE_MPI
+    if (dp_ranks > 1) {
+        size_t chunk = (n + dp_ranks - 1) / dp_ranks;
+        if (chunk > INT_MAX) { fail("data parallel: %zu values per rank do not fit one MPI message", chunk); }
+        int *counts = (int *)malloc_check(2 * dp_ranks * sizeof(int)), *offsets = counts + dp_ranks;
+        for (int r = 0; r < dp_ranks; r++) {
+            size_t begin = r * chunk < n ? r * chunk : n, end = (r + 1) * chunk < n ? (r + 1) * chunk : n;
+            offsets[r] = (int)begin;  // below n, which MPI's int counts cover here
+            counts[r] = (int)(end - begin);
+        }
+        int mine = counts[dp_rank];
+        float *copies = (float *)malloc_check((size_t)dp_ranks * chunk * sizeof(float));
+        int *same = (int *)malloc_check(2 * dp_ranks * sizeof(int)), *strided = same + dp_ranks;
+        for (int r = 0; r < dp_ranks; r++) { same[r] = mine, strided[r] = r * mine; }
+        MPI_Alltoallv(x, counts, offsets, MPI_FLOAT, copies, same, strided, MPI_FLOAT, MPI_COMM_WORLD);
+        float *own = x + offsets[dp_rank];
+        #pragma omp parallel for
+        for (int i = 0; i < mine; i++) {
+            float sum = copies[i];
+            for (int r = 1; r < dp_ranks; r++) { sum += copies[(size_t)r * mine + i]; }
+            own[i] = sum * scale;
+        }
+        MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, x, counts, offsets, MPI_FLOAT, MPI_COMM_WORLD);
+        free(copies);
+        free(same);
+        free(counts);
+        return;
+    }
+#endif
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { x[i] *= scale; }
+}
+
+// Fails unless every rank passes the same value (a hash of what must be identical everywhere).
+void dp_check_same(uint64_t value, const char *what, int step) {
+#ifdef USE_MPI
+    uint64_t *all = (uint64_t *)malloc_check(dp_ranks * sizeof(uint64_t));
+    MPI_Allgather(&value, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_WORLD);
+    for (int r = 1; r < dp_ranks; r++) {
+        if (all[r] != all[0]) { fail("after step %d rank %d holds other %s than rank 0", step, r, what); }
+    }
+    free(all);
+#else
+    (void)value;
+    (void)what;
+    (void)step;
+#endif
 }
 
 #ifndef DTOPP_CUDA  // the CPU implementation; train_dtopp.cu provides the same functions on the GPU
@@ -1521,6 +1681,7 @@ void model_save(const Model *model, const char *path) { checkpoint_save(model, m
 void model_free(Model *model) {
     free(model->params_memory);
     free(model->grads_memory);
+    free(model->grads_sum_memory);
     free(model->m_memory);
     free(model->v_memory);
     free(model->threshold);
@@ -1715,6 +1876,28 @@ float model_update(Model *model, float lr, float weight_decay) {
     return norm;
 }
 
+// Gradient accumulation: micro-batch 0 starts the sum, the last adds it into model->grads (float
+// addition commutes, so sum + g and g + sum are the same bits).
+void model_accumulate_grads(Model *model, int micro, int count) {
+    if (count == 1) { return; }
+    size_t n = model->num_parameters;
+    if (model->grads_sum_memory == NULL) {
+        model->grads_sum_memory = (float *)malloc_check(n * sizeof(float));
+    }
+    float *sum = model->grads_sum_memory, *grads = model->grads_memory;
+    if (micro == 0) {
+        memcpy(sum, grads, n * sizeof(float));
+        return;
+    }
+    float *into = micro == count - 1 ? grads : sum;
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { into[i] = sum[i] + grads[i]; }
+}
+
+void model_allreduce_grads(Model *model, float scale) {
+    dp_sum_floats(model->grads_memory, model->num_parameters, scale);
+}
+
 // ----------------------------------------------------------------------------
 // routing counts, for the controller and the statistics
 
@@ -1895,6 +2078,7 @@ typedef struct {
     float p, tgt, Kp, Ki, p0, pmin, pmax, theta_init, lb_coef, ent_coef;  // ent_coef < 0: the mode's default
     // training
     int batch, seq_len, steps, warmup, shuffle, threads;
+    int grad_accum, check_ranks;  // micro-batches per step and rank; steps between replica checks
     float lr, weight_decay;
     long long seed;
     // evaluation, sampling, checkpoints
@@ -1959,6 +2143,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"shuffle", 'i', &o->shuffle, 0, 1, "shuffle the training windows 1/0", 0},
         {"seed", 'l', &o->seed, 0, 0, "seed of the initialisation, the shuffle and the sampler", 0},
         {"threads", 'i', &o->threads, 0, MAX_THREADS, "OpenMP threads (0: all)", 0},
+        {"grad-accum", 'i', &o->grad_accum, 1, MAX_SIZE, "micro-batches per step and rank (--batch is split over all)", 0},
+        {"check-ranks", 'i', &o->check_ranks, NOT_NEGATIVE_INT, "steps between checks that ranks hold one model (0: never)", 0},
         {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT, "steps between validations (0: only at the end)", 0},
         {"eval-batches", 'i', &o->eval_batches, NOT_NEGATIVE_INT, "validation batches", 0},
         {"sample-every", 'i', &o->sample_every, NOT_NEGATIVE_INT, "steps between samples (0: only at the end)", 0},
@@ -2009,6 +2195,8 @@ static void default_options(Options *o) {
     o->shuffle = 1;
     o->seed = 1337;
     o->threads = 0;
+    o->grad_accum = 1;
+    o->check_ranks = 0;
     o->eval_every = 100;
     o->eval_batches = 10;
     o->sample_every = 200;
@@ -2235,20 +2423,23 @@ typedef struct {
     // position[3]): a resumed run must have the same, or it is another run (0 in version 1)
     int steps, warmup;
     float lr, weight_decay;
+    int ranks;              // the processes that trained the run (0 in older files: one)
 } TrainingState;
 
 // The header of a state file (doc/formats.md); saving and loading both walk this table.
-#define STATE_HEADER_FIELDS 9
+#define STATE_HEADER_FIELDS 10
 static void state_header_fields(HeaderField *fields, TrainingState *s) {
     HeaderField list[STATE_HEADER_FIELDS] = {{2, 4, &s->step}, {3, 4, &s->adam_step}, {4, 32, s->position},
                                              {12, 8, &s->rng}, {14, 4, &s->param_check}, {15, 4, &s->steps},
-                                             {16, 4, &s->warmup}, {17, 4, &s->lr}, {18, 4, &s->weight_decay}};
+                                             {16, 4, &s->warmup}, {17, 4, &s->lr}, {18, 4, &s->weight_decay},
+                                             {19, 4, &s->ranks}};
     memcpy(fields, list, sizeof(list));
 }
 
 static void state_save(const Model *model, const char *path, TrainingState s) {
     s.adam_step = model->adam_step;
     s.param_check = (int32_t)(model->num_parameters & 0x7fffffff);
+    s.ranks = dp_ranks;
     HeaderField fields[STATE_HEADER_FIELDS];
     state_header_fields(fields, &s);
     int32_t header[HEADER_WORDS] = {STATE_MAGIC, STATE_VERSION};
@@ -2350,12 +2541,12 @@ static FILE *open_log(const char *path, const Model *model, int append) {
     return f;
 }
 
-static void log_step(FILE *f, const Model *model, const RoutingStats *stats, const float *p_used, int step,
-                     float val_loss, float lr, float grad_norm, double tokens_per_s) {
+// losses: the step's (total, CE, LB_l for each l, H_l for each l), over all its micro-batches and ranks.
+static void log_step(FILE *f, const Model *model, const RoutingStats *stats, const float *losses,
+                     const float *p_used, int step, float val_loss, float lr, float grad_norm,
+                     double tokens_per_s) {
     int L = model->config.num_layers, E = model->config.num_experts;
-    float *losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
     float *theta = (float *)malloc_check(L * sizeof(float));
-    model_get_losses(model, losses);
     model_get_theta(model, theta);  // after this step's update
     fprintf(f, "%d,%.6f,%.6f,", step, losses[0], losses[1]);
     if (val_loss >= 0.0f) { fprintf(f, "%.6f", val_loss); }
@@ -2367,7 +2558,6 @@ static void log_step(FILE *f, const Model *model, const RoutingStats *stats, con
     }
     fprintf(f, "\n");
     fflush(f);
-    free(losses);
     free(theta);
 }
 
@@ -2540,10 +2730,12 @@ typedef struct {
     int start_step;       // the first step this process runs
     int resumed_here;     // --resume names the output directory
     int last_checkpoint;  // the step of the newest checkpoint in o.out_dir (-1: none yet)
-    FILE *log;
+    FILE *log;            // rank 0 only (NULL on the others)
     FILE *routing_dump;   // --routing-dump, opened at the start so that a bad path fails at once
-    RoutingStats stats;
+    RoutingStats stats;   // of the current step, over all its micro-batches and ranks
     float *p_used;        // (L) the thresholds the current step routed with
+    double *totals;       // the step's sums: losses (2 + 2L), then the routing counts
+    float *losses;        // (2 + 2L) the step's losses: total, CE, LB_l, H_l
 } Run;
 
 // Stops a run whose numbers are no longer finite, saying which checkpoint survives.
@@ -2604,6 +2796,16 @@ static int generate_only(const Options *o, uint64_t rng) {
     return EXIT_SUCCESS;
 }
 
+// Resuming on another number of ranks works (every rank reads the same global batches and holds the
+// whole state), but the gradients are then summed in another order: the run goes on correctly, not
+// bit for bit as it would have on the same number of ranks.
+static void note_rank_change(int saved_ranks) {
+    if (saved_ranks == dp_ranks || dp_rank > 0) { return; }
+    fprintf(stderr, "note: the checkpoint was written by a run on %d rank(s) and continues on %d: allowed, "
+            "but the gradient sums are added in another order, so the run is not bitwise the one %d "
+            "rank(s) would give\n", saved_ranks, dp_ranks, saved_ranks);
+}
+
 // A resumed run must be the run that wrote the checkpoint: the data and its order are checked by
 // the loader's fingerprint, the schedule and the optimizer here.
 static void check_same_run(const TrainingState *s, const Options *o, const char *path) {
@@ -2634,6 +2836,7 @@ static void resume_run(Run *run) {
     TrainingState state = state_load(&run->model, state_path);
     if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
     check_same_run(&state, o, state_path);
+    note_rank_change(state.ranks > 0 ? state.ranks : 1);
     dataloader_set_position(&run->train, state.position, state_path);
     run->rng = state.rng;
     run->start_step = step;
@@ -2707,7 +2910,12 @@ static void print_configuration(const Run *run) {
            rc->lb_coef, rc->ent_coef);
     printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", run->train.num_tokens,
            run->train.num_batches, run->o.batch, run->o.seq_len, run->have_val ? run->val.num_tokens : (size_t)0);
-    printf("threads: %d\n\n", omp_threads());
+    printf("threads: %d", omp_threads());
+    if (dp_ranks > 1 || run->o.grad_accum > 1) {  // the split of each step's batch
+        printf(" per rank; %d rank(s) x %d micro-batch(es) of %d sequences", dp_ranks, run->o.grad_accum,
+               run->o.batch / (dp_ranks * run->o.grad_accum));
+    }
+    printf("\n\n");
 }
 
 // The output directory: a new run starts in one without another run's model or checkpoints; a run
@@ -2733,30 +2941,52 @@ static void prepare_output(Run *run) {
     run->log = open_log(log_path, &run->model, run->resumed_here);
 }
 
-// Everything before the first step: data, model, output directory, log, sampler.
+// --batch is split into --grad-accum micro-batches on each rank: they must divide it.
+static void check_parallel_options(Options *o) {
+    if (o->grad_accum < 1 || o->check_ranks < 0) { fail("--grad-accum must be >= 1 and --check-ranks >= 0"); }
+    if (o->batch % (o->grad_accum * dp_ranks) != 0) {
+        fail("--batch %d does not split into --grad-accum %d micro-batches on each of %d rank(s)", o->batch,
+             o->grad_accum, dp_ranks);
+    }
+    if (dp_rank > 0) {  // rank 0 alone samples and writes the routing dump
+        o->sample_tokens = 0;
+        o->routing_dump = NULL;
+    }
+}
+
+// Everything before the first step: data, model, output directory, log, sampler. Rank 0 alone
+// writes to the output directory.
 static void run_setup(Run *run) {
+    check_parallel_options(&run->o);
     const Options *o = &run->o;
     run->rng = (uint64_t)o->seed ^ 0x5DEECE66Dull;  // the sampler's stream
     dataloader_init(&run->train, o->train_pattern, o->batch, o->seq_len, o->shuffle, (unsigned long long)o->seed);
     run->have_val = o->val_pattern != NULL && o->val_pattern[0] != '\0';
     if (run->have_val) { dataloader_init(&run->val, o->val_pattern, o->batch, o->seq_len, 0, 0); }
-    ensure_directory(o->out_dir);
+    if (dp_rank == 0) { ensure_directory(o->out_dir); }
     load_or_init_model(run);
     check_data_fits_model(run);
     memset(&run->codec, 0, sizeof(run->codec));
     if (o->sample_tokens > 0) { codec_init(&run->codec, o->tokenizer_path, &run->model.config); }
-    prepare_output(run);
+    run->log = run->routing_dump = NULL;
+    if (dp_rank == 0) { prepare_output(run); }
     print_configuration(run);
     routing_stats_alloc(&run->stats, &run->model.config);
-    run->p_used = (float *)malloc_check(run->model.config.num_layers * sizeof(float));
+    int L = run->model.config.num_layers;
+    run->p_used = (float *)malloc_check(L * sizeof(float));
+    size_t totals = 2 + 2 * L + routing_counts_size(&run->model.config);
+    run->totals = (double *)malloc_check(totals * sizeof(double));
+    run->losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
 }
 
 static void run_free(Run *run) {
-    fclose(run->log);
+    if (run->log != NULL) { fclose(run->log); }
     if (run->routing_dump != NULL && fclose(run->routing_dump) != 0) {
         fail("cannot write %s: %s", run->o.routing_dump, strerror(errno));
     }
     free(run->p_used);
+    free(run->totals);
+    free(run->losses);
     routing_stats_free(&run->stats);
     if (run->codec.loaded) { tokenizer_free(&run->codec.tokenizer); }
     dataloader_free(&run->train);
@@ -2764,33 +2994,85 @@ static void run_free(Run *run) {
     model_free(&run->model);
 }
 
-// One optimizer step: forward, backward, clipped AdamW update, then the controller moves p for
-// the next step. Returns the gradient norm; the thresholds this step used are kept in p_used.
+static int is_due(int step, int every) { return every > 0 && step % every == 0; }
+
+// --check-ranks: a hash of the parameters and the controller state, compared across the ranks.
+static void check_ranks_agree(const Model *model, int step) {
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    const void *parts[] = {params, model->threshold, model->integral};
+    size_t bytes[] = {model->num_parameters * sizeof(float), model->config.num_layers * sizeof(float),
+                      model->config.num_layers * sizeof(float)};
+    uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a
+    for (int i = 0; i < 3; i++) {
+        const unsigned char *byte = (const unsigned char *)parts[i];
+        for (size_t j = 0; j < bytes[i]; j++) { hash = (hash ^ byte[j]) * 0x100000001b3ull; }
+    }
+    dp_check_same(hash, "parameters or controller state", step);
+    free(params);
+}
+
+// The step's sums over the micro-batches of this rank: add the last forward pass.
+static void step_totals_add(Run *run) {
+    int n_losses = 2 + 2 * run->model.config.num_layers;
+    model_get_losses(&run->model, run->losses);
+    for (int i = 0; i < n_losses; i++) { run->totals[i] += run->losses[i]; }
+    routing_counts_add(run->totals + n_losses, &run->model);
+}
+
+// The step's sums over every rank, then its losses (the mean over all micro-batches, doc/spec.md
+// section 4) and its routing statistics (over all its tokens).
+static void step_totals_finish(Run *run, int micro_batches) {
+    int n_losses = 2 + 2 * run->model.config.num_layers;
+    dp_sum_doubles(run->totals, n_losses + (int)routing_counts_size(&run->model.config));
+    for (int i = 0; i < n_losses; i++) { run->losses[i] = (float)(run->totals[i] / micro_batches); }
+    routing_stats_from_counts(&run->stats, run->totals + n_losses, &run->model.config);
+}
+
+// One optimizer step. The batch of --batch rows is cut into grad-accum x ranks micro-batches: rank r
+// runs micro-batches r*K .. r*K+K-1, each forward and backward, and adds up their gradients; the
+// sum over every rank, divided by the number of micro-batches, is the step's gradient (the mean
+// over its tokens), the same on every rank. Then the clipped AdamW update, and the controller moves
+// p from the routing of the whole step. Returns the gradient norm; p_used keeps the thresholds this
+// step used, losses and stats what it measured.
 static float train_step(Run *run, int step, float lr) {
     Model *model = &run->model;
+    int L = model->config.num_layers, K = run->o.grad_accum, micro_batches = K * dp_ranks;
+    int rows = run->o.batch / micro_batches, T = run->o.seq_len;
     dataloader_next_batch(&run->train);
-    memcpy(run->p_used, model->threshold, model->config.num_layers * sizeof(float));
-    model_forward(model, run->train.inputs, run->train.targets, run->o.batch, run->o.seq_len);
-    if (!isfinite(model->loss)) { fail_diverged(run, "the loss", model->loss, step); }
-    model_zero_grad(model);
-    model_backward(model);
+    memcpy(run->p_used, model->threshold, L * sizeof(float));
+    memset(run->totals, 0, (2 + 2 * L + routing_counts_size(&model->config)) * sizeof(double));
+    for (int k = 0; k < K; k++) {
+        size_t first = (size_t)(dp_rank * K + k) * rows * T;
+        model_forward(model, run->train.inputs + first, run->train.targets + first, rows, T);
+        model_zero_grad(model);
+        model_backward(model);
+        model_accumulate_grads(model, k, K);
+        step_totals_add(run);
+    }
+    if (micro_batches > 1) { model_allreduce_grads(model, 1.0f / micro_batches); }
+    step_totals_finish(run, micro_batches);
+    if (!isfinite(run->losses[0])) { fail_diverged(run, "the loss", run->losses[0], step); }
     float grad_norm = model_update(model, lr, run->o.weight_decay);
     if (!isfinite(grad_norm)) { fail_diverged(run, "the gradient norm", grad_norm, step); }
-    controller_update(model);
+    controller_update_from(model, run->stats.layer_mean);
+    if (is_due(step + 1, run->o.check_ranks)) { check_ranks_agree(model, step + 1); }
     return grad_norm;
 }
 
 // The progress line of a step, and its row of log.csv.
 static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt, double eta) {
     const Model *model = &run->model;
-    routing_stats_compute(&run->stats, model);
     double tokens_per_s = run->o.batch * run->o.seq_len / dt;
-    printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps, model->loss, lr,
-           run->p_used[0], run->stats.activated);
+    printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps,
+           run->losses[0], lr, run->p_used[0], run->stats.activated);
     if (model->router.routing == ROUTING_DTOPP) { printf(" (target %.2f)", model->router.tgt); }
     printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
     fflush(stdout);
-    log_step(run->log, model, &run->stats, run->p_used, step + 1, val_loss, lr, grad_norm, tokens_per_s);
+    if (run->log != NULL) {
+        log_step(run->log, model, &run->stats, run->losses, run->p_used, step + 1, val_loss, lr, grad_norm,
+                 tokens_per_s);
+    }
 }
 
 static void print_sample(Run *run, const char *title) {
@@ -2800,8 +3082,6 @@ static void print_sample(Run *run, const char *title) {
     printf("---\n");
 }
 
-static int is_due(int step, int every) { return every > 0 && step % every == 0; }
-
 int main(int argc, char **argv) {
     Run run;
     Options *o = &run.o;
@@ -2810,6 +3090,7 @@ int main(int argc, char **argv) {
     check_options(o);
     set_num_threads(o->threads);
     if (o->generate > 0) { return generate_only(o, (uint64_t)o->seed ^ 0x5DEECE66Dull); }
+    dp_init(&argc, &argv);
     run_setup(&run);
 
     double train_seconds = 0.0;  // of the steps after the first, which pays for allocations
@@ -2835,7 +3116,7 @@ int main(int argc, char **argv) {
         double mean_dt = step > run.start_step ? train_seconds / (step - run.start_step) : dt;
         report_step(&run, step, val_loss, lr, grad_norm, dt, mean_dt * (o->steps - step - 1));
 
-        if (last || stop || is_due(step + 1, o->checkpoint_every)) {
+        if ((last || stop || is_due(step + 1, o->checkpoint_every)) && dp_rank == 0) {
             write_checkpoint(&run, step + 1);
         }
         if (stop) {
@@ -2846,6 +3127,7 @@ int main(int argc, char **argv) {
     if (o->sample_tokens > 0 && run.last_checkpoint == o->steps) { print_sample(&run, "after training"); }
     printf("done: %s/model.bin, %s/log.csv\n", o->out_dir, o->out_dir);
     run_free(&run);
+    dp_finish();
     return EXIT_SUCCESS;
 }
 #endif  // TESTING

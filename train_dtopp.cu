@@ -1602,6 +1602,7 @@ void model_free(Model *model) {
     cudaCheck(cudaStreamSynchronize(gpu.stream));
     cuda_free(model->params_memory);
     cuda_free(model->grads_memory);
+    cuda_free(model->grads_sum_memory);
     cuda_free(model->m_memory);
     cuda_free(model->v_memory);
     free(model->threshold);
@@ -1893,6 +1894,81 @@ float model_update(Model *model, float lr, float weight_decay) {
         offset += n;
     }
     return norm;
+}
+
+// ----------------------------------------------------------------------------
+// data parallel: gradient accumulation, and the sum over ranks with NCCL
+//
+// Built with USE_MPI (make cuda-mpi), each rank drives one GPU: the rank's index among the ranks
+// of its machine picks the GPU, MPI carries NCCL's id from rank 0 to the others, and the gradient
+// sum is one NCCL all-reduce on the device. The step's small totals (losses, routing counts) go
+// through MPI on the host, as in the CPU build (dp_sum_doubles), so the controller sees the whole
+// step. NCCL's sum is not the CPU build's rank-order sum: its order depends on NCCL's algorithm for
+// the number of ranks and the topology, and is the same from run to run on the same machines. For
+// two ranks any order gives the same bits (a + b = b + a).
+
+__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = a[i] + b[i]; }
+}
+
+__global__ void scale_kernel(float *x, float scale, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { x[i] *= scale; }
+}
+
+// As on the CPU: micro-batch 0 starts the sum, the last adds it into model->grads.
+void model_accumulate_grads(Model *model, int micro, int count) {
+    if (count == 1) { return; }
+    size_t n = model->num_parameters;
+    if (model->grads_sum_memory == NULL) {
+        model->grads_sum_memory = (float *)cuda_malloc(n * sizeof(float));
+    }
+    float *sum = model->grads_sum_memory, *grads = model->grads_memory;
+    if (micro == 0) {
+        copy_on_device(sum, grads, n * sizeof(float));
+        return;
+    }
+    add_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(micro == count - 1 ? grads : sum, sum, grads, n);
+    launchCheck();
+}
+
+#ifdef USE_MPI
+#include <nccl.h>
+static ncclComm_t nccl_comm;
+
+static void nccl_check(ncclResult_t result, const char *what) {
+    if (result != ncclSuccess) { fail("NCCL error in %s: %s", what, ncclGetErrorString(result)); }
+}
+
+// Called by dp_init before anything touches the GPU.
+void cuda_parallel_init(int rank, int ranks) {
+    MPI_Comm machine;  // the ranks that share this machine, and so its GPUs
+    int local_rank, devices = 0;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &machine);
+    MPI_Comm_rank(machine, &local_rank);
+    MPI_Comm_free(&machine);
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (devices < 1) { fail("rank %d: no CUDA device found", rank); }
+    cudaCheck(cudaSetDevice(local_rank % devices));
+    ncclUniqueId id;
+    if (rank == 0) { nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId"); }
+    MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+    nccl_check(ncclCommInitRank(&nccl_comm, ranks, id, rank), "ncclCommInitRank");
+}
+#endif
+
+void model_allreduce_grads(Model *model, float scale) {
+    size_t n = model->num_parameters;
+#ifdef USE_MPI
+    if (dp_ranks > 1) {
+        float *grads = model->grads_memory;
+        ncclResult_t result = ncclAllReduce(grads, grads, n, ncclFloat, ncclSum, nccl_comm, gpu.stream);
+        nccl_check(result, "ncclAllReduce");
+    }
+#endif
+    scale_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->grads_memory, scale, n);
+    launchCheck();
 }
 
 // ----------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# test_mpi.sh: data-parallel training (MPI) and gradient accumulation on a tiny model: ranks and
+# micro-batches give the same run as one process, every rank holds the same model, resume is
+# exact, and a rank that dies ends the job without a half-written file.
+#
+#   test/test_mpi.sh            (run from the repository root, after `make train_dtopp_mpi`)
+#
+# Prints one line per check and ends with "N passed, M failed"; exits 1 if any check failed.
+set -uo pipefail
+
+TRAIN=${TRAIN:-./train_dtopp}
+TRAIN_MPI=${TRAIN_MPI:-./train_dtopp_mpi}
+PREPRO=${PREPRO:-./prepro}
+MAKE_OFFLINE_TEXT=${MAKE_OFFLINE_TEXT:-tools/make_offline_text}
+# Open MPI refuses to start as root unless told, and by default starts no more ranks than cores.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN=(mpirun --oversubscribe)
+passed=0
+failed=0
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+pass() { echo "ok   $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+check() {  # check DESCRIPTION COMMAND...: passes if the command succeeds
+    local what=$1
+    shift
+    if "$@" > "$TMP/last.log" 2>&1; then pass "$what"
+    else fail "$what"; sed 's/^/     /' "$TMP/last.log" | tail -5; fi
+}
+refuses() {  # refuses DESCRIPTION EXPECTED-TEXT COMMAND...: the command must fail, saying EXPECTED-TEXT
+    local what=$1 expected=$2
+    shift 2
+    local out
+    if out=$("$@" 2>&1); then fail "$what (exit 0)"; return; fi
+    local said
+    said=$(grep -F -- "$expected" <<< "$out" | head -1 | cut -c1-90)
+    if [[ -n $said ]]; then pass "$what: $said"
+    else fail "$what (no '$expected' in: $(tail -1 <<< "$out"))"; fi
+}
+# log.csv without the tokens_per_s column (timing): what must be identical between two runs
+measured() {
+    awk -F, -v OFS=, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "tokens_per_s") c = i }
+                      { $c = ""; print }' "$1"
+}
+payload() { tail -c +1025 "$1"; }  # a state file without its header (which records the number of ranks)
+
+"$MAKE_OFFLINE_TEXT" > "$TMP/text.txt"
+"$PREPRO" --vocab bytes -o "$TMP/bytes" "$TMP/text.txt" > /dev/null || { echo "prepro failed"; exit 1; }
+RUN=(--train "$TMP/bytes_train.bin" --val "$TMP/bytes_val.bin" --model tiny --batch 4 --seq-len 32
+     --eval-batches 2 --eval-every 10 --sample-tokens 0 --lr 1e-2)
+
+# 2 ranks with 2 sequences each = 1 process with 4 sequences in 2 micro-batches, bit for bit: the
+# same micro-batches, their gradients added in the same order (rank order = micro-batch order).
+# The ranks run 1 thread each, the single process 2: thread counts change nothing either.
+check "2 ranks, 20 steps, every rank checked after every step (--check-ranks 1)" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 20 --threads 1 --check-ranks 1 --out "$TMP/ranks2"
+check "1 process, --grad-accum 2, 20 steps" \
+    "$TRAIN" "${RUN[@]}" --steps 20 --threads 2 --grad-accum 2 --out "$TMP/accum2"
+check "2 ranks = --grad-accum 2: losses, grad norm, a_t, p, per-layer statistics at every step" \
+    cmp <(measured "$TMP/ranks2/log.csv") <(measured "$TMP/accum2/log.csv")
+check "2 ranks = --grad-accum 2: parameters and controller state after 20 steps" \
+    cmp "$TMP/ranks2/model.bin" "$TMP/accum2/model.bin"
+check "2 ranks = --grad-accum 2: optimizer moments after 20 steps" \
+    cmp <(payload "$TMP/ranks2/state_00000020.bin") <(payload "$TMP/accum2/state_00000020.bin")
+check "the controller moved p (the comparison covers a working controller)" \
+    test "$(measured "$TMP/ranks2/log.csv" | awk -F, 'NR > 1 { print $8 }' | sort -u | wc -l)" -gt 10
+
+# 4 ranks of 1 sequence = 4 micro-batches: the rank-order sum adds ((g0 + g1) + g2) + g3 as
+# accumulation does.
+"${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --check-ranks 1 --out "$TMP/ranks4" \
+    > /dev/null 2>&1
+"$TRAIN" "${RUN[@]}" --steps 6 --threads 2 --grad-accum 4 --out "$TMP/accum4" > /dev/null 2>&1
+check "4 ranks = --grad-accum 4: every step's log" \
+    cmp <(measured "$TMP/ranks4/log.csv") <(measured "$TMP/accum4/log.csv")
+check "4 ranks = --grad-accum 4: parameters and controller state" \
+    cmp "$TMP/ranks4/model.bin" "$TMP/accum4/model.bin"
+
+# micro-batches against one batch of 4: the same tokens, but the sums over them are added in
+# another order, so equal up to float32 rounding. The forward pass of each token is the same
+# computation, so a_t and p agree exactly while no routing decision flips (none does in these 3
+# steps); the losses and the gradient norm are sums over 128 tokens and ~250k parameters, which
+# float32 rounds at about 1e-7 relative per addition: 1e-5 relative leaves room for that, far
+# below the step-to-step change of the loss (~1e-2).
+SHORT=("${RUN[@]}" --steps 3 --threads 2 --eval-every 0)
+"$TRAIN" "${SHORT[@]}" --grad-accum 2 --out "$TMP/short_accum" > /dev/null 2>&1
+"$TRAIN" "${SHORT[@]}" --out "$TMP/short_batch" > /dev/null 2>&1
+# columns 2, 3, 6: loss, ce_loss, grad_norm (relative difference); 7, 8: activated, p (equal)
+close=$(paste -d, <(measured "$TMP/short_accum/log.csv") <(measured "$TMP/short_batch/log.csv") | awk -F, '
+    NR == 1 { half = NF / 2; next }
+    { split("2 3 6", cols, " ")
+      for (i = 1; i <= 3; i++) { c = cols[i]; r = ($c - $(c + half)) / $(c + half); if (r < 0) r = -r
+                                 if (r > worst) worst = r }
+      if ($7 != $(7 + half) || $8 != $(8 + half)) same = "no" }
+    END { printf "%s %.1e\n", same == "" ? "yes" : "no", worst }')
+what="--grad-accum 2 vs one batch of 4, 3 steps"
+if [[ ${close%% *} == yes ]] && awk -v w="${close##* }" 'BEGIN { exit !(w <= 1e-5) }'; then
+    pass "$what: same a_t and p, losses and grad norm within ${close##* } relative"
+else fail "$what: a_t and p equal: ${close%% *}, worst relative difference ${close##* }"; fi
+
+# resume: 2 ranks for 12 steps = 2 ranks for 6, stop, resume on 2 ranks for 6 more
+SPLIT=("${RUN[@]}" --steps 12 --eval-every 0 --checkpoint-every 6 --threads 1)
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${SPLIT[@]}" --out "$TMP/straight" > /dev/null 2>&1
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${SPLIT[@]}" --out "$TMP/split" --stop-at 6 > /dev/null 2>&1
+check "2 ranks: stopped at step 6 with a checkpoint" test -s "$TMP/split/state_00000006.bin"
+cp -r "$TMP/split" "$TMP/split_one"
+check "2 ranks: resumed on 2 ranks to step 12" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${SPLIT[@]}" --out "$TMP/split" --resume "$TMP/split"
+check "resume on 2 ranks: identical log" \
+    cmp <(measured "$TMP/straight/log.csv") <(measured "$TMP/split/log.csv")
+check "resume on 2 ranks: identical parameters and controller state" \
+    cmp "$TMP/straight/model.bin" "$TMP/split/model.bin"
+check "resume on 2 ranks: identical training state" \
+    cmp "$TMP/straight/state_00000012.bin" "$TMP/split/state_00000012.bin"
+out=$("$TRAIN" "${SPLIT[@]}" --out "$TMP/split_one" --resume "$TMP/split_one" 2>&1)
+if [[ $? -eq 0 ]] && grep -q "written by a run on 2 rank(s) and continues on 1" <<< "$out"; then
+    pass "resume of a 2-rank run in 1 process: allowed, with a note"
+else fail "resume of a 2-rank run in 1 process: allowed, with a note ($(tail -1 <<< "$out"))"; fi
+
+refuses "a batch that does not split over the ranks" "--grad-accum 1 micro-batches on each of 2 rank(s)" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --batch 3 --steps 1 --out "$TMP/odd"
+refuses "a batch that does not split into micro-batches" "does not split into --grad-accum 3" \
+    "$TRAIN" "${RUN[@]}" --grad-accum 3 --steps 1 --out "$TMP/odd"
+
+# a rank that dies: the job ends with mpirun's message naming it, and what is on disk is complete
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 100000 --eval-every 0 --checkpoint-every 1 --threads 1 \
+    --out "$TMP/killed" > "$TMP/killed.log" 2>&1 &
+launcher=$!
+for _ in $(seq 100); do  # until 3 steps are logged
+    [[ -e $TMP/killed/log.csv && $(wc -l < "$TMP/killed/log.csv") -gt 3 ]] && break
+    sleep 0.1
+done
+for pid in $(pgrep -P "$launcher"); do  # the rank-1 process among mpirun's children
+    if tr '\0' '\n' < "/proc/$pid/environ" 2> /dev/null | grep -qx "OMPI_COMM_WORLD_RANK=1"; then
+        kill -9 "$pid"
+    fi
+done
+wait "$launcher"
+status=$?
+check "killed rank: the job ends with a non-zero status ($status)" test "$status" -ne 0
+check "killed rank: the message names the rank and the signal" grep -q "rank 1 .*signal 9" "$TMP/killed.log"
+last=$(ls "$TMP/killed"/state_*.bin 2> /dev/null | tail -1)
+step=$(basename "$last" .bin | sed 's/state_0*//')
+size_ok=1
+for f in "$TMP/killed"/model_*.bin "$TMP/killed/model.bin"; do
+    [[ $(stat -c %s "$f") -eq $(stat -c %s "$TMP/ranks2/model.bin") ]] || size_ok=0
+done
+for f in "$TMP/killed"/state_*.bin; do
+    [[ $(stat -c %s "$f") -eq $(stat -c %s "$TMP/ranks2/state_00000020.bin") ]] || size_ok=0
+done
+check "killed rank: every checkpoint under its real name is complete (step $step)" test "$size_ok" -eq 1
+check "killed rank: every row of log.csv is complete" \
+    awk -F, 'NR == 1 { n = NF } NF != n { exit 1 }' "$TMP/killed/log.csv"
+check "killed rank: the run resumes from its last checkpoint on 2 ranks" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps $((step + 2)) --eval-every 0 --threads 1 \
+    --out "$TMP/killed" --resume "$TMP/killed"
+
+echo "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
