@@ -152,8 +152,8 @@ check "killed rank: every checkpoint under its real name is complete (step $step
 check "killed rank: every row of log.csv is complete" \
     awk -F, 'NR == 1 { n = NF } NF != n { exit 1 }' "$TMP/killed/log.csv"
 check "killed rank: the run resumes from its last checkpoint on 2 ranks" \
-    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps $((step + 2)) --eval-every 0 --threads 1 \
-    --out "$TMP/killed" --resume "$TMP/killed"
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 100000 --stop-at $((step + 2)) --eval-every 0 \
+    --checkpoint-every 1 --threads 1 --out "$TMP/killed" --resume "$TMP/killed"
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]
