@@ -38,10 +38,10 @@ else
   TRAIN_DEFAULTS = --batch 16 --seq-len 128 --steps 1500 --lr 3e-3 --warmup 50 --eval-every 250 --sample-every 500 --sample-tokens 256
 endif
 
-BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
+BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train reference check-fixtures \
+.PHONY: repro plots compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train reference check-fixtures \
         selfcheck cuda test-cuda bench tokenizer unicode_tables clean help
 
 all: $(BINARIES)
@@ -126,11 +126,18 @@ plots:
 # ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-tokenizer test-data test-train
+test: test-model test-matmul test-tokenizer test-data test-train
 	@echo "all tests passed"
 
 test-model: test_gpt
 	./test_gpt
+
+# test_matmul includes the whole program and the shared checks, and uses only some of them
+test/test_matmul: test/test_matmul.c test/check.h train_dtopp.c
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ test/test_matmul.c $(LDLIBS)
+
+test-matmul: test/test_matmul
+	test/test_matmul
 
 test-tokenizer: test/test_tokenizer test/tiktoken_compare prepro tools/make_offline_text
 	@if [ -z "$(DATA_DIR)" ]; then echo "note: DATA_DIR is not set: the golden token counts on TinyShakespeare and KJV are skipped"; fi

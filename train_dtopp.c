@@ -847,13 +847,6 @@ void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *in
     }
 }
 
-// out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T. Input row r is inp_rows[r] when inp_rows
-// is given (the gathered tokens of one expert), else r. Tiled so that a block of weight rows and
-// a block of input rows stay in cache while every output of the tile is computed; each output is
-// one dot product in a fixed order, whatever thread computes it.
-#define TILE_ROWS 16
-#define TILE_OUT 64
-
 static inline float dot_product(const float *a, const float *b, int n) {
     float sum = 0.0f;
     #pragma omp simd reduction(+ : sum)
@@ -865,8 +858,17 @@ static inline const float *input_row(const float *inp, const int *inp_rows, int 
     return inp + (size_t)(inp_rows ? inp_rows[r] : r) * IC;
 }
 
-void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
-                    int rows, int IC, int OC) {
+// The matrix products of a linear layer: out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T and
+// its backward pass. Input row r is inp_rows[r] when inp_rows is given (the gathered tokens of one
+// expert), else r. First the reference: the simple loops, kept for reading and for testing the
+// fast products below against (test/test_matmul.c). Each output is one dot product, or one sum
+// over rows, in a fixed order whatever thread computes it.
+#define TILE_ROWS 16
+#define TILE_OUT 64
+
+void matmul_forward_reference(float *out, const float *inp, const int *inp_rows, const float *weight,
+                              int rows, int IC, int OC) {
+    // tiles of weight rows and input rows that stay in cache while every output of the tile is computed
     int row_tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, out_tiles = (OC + TILE_OUT - 1) / TILE_OUT;
     #pragma omp parallel for collapse(2) schedule(static)
     for (int rt = 0; rt < row_tiles; rt++) {
@@ -882,8 +884,8 @@ void matmul_forward(float *out, const float *inp, const int *inp_rows, const flo
     }
 }
 
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const int *inp_rows, const float *weight, int rows, int IC, int OC) {
+void matmul_backward_reference(float *dinp, float *dweight, const float *dout, const float *inp,
+                               const int *inp_rows, const float *weight, int rows, int IC, int OC) {
     // dinp (rows, IC) += dout · weight: each thread owns whole rows of dinp
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
@@ -907,6 +909,160 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
             for (int i = 0; i < IC; i++) { dw[i] += s * x[i]; }
         }
     }
+}
+
+// The fast products. All three are one operation, C (M, N) = or += A (M, K) · B (K, N), on
+// different views of the same arrays:
+//   forward   out     (rows, OC) =  inp (rows, IC) · weight^T    A: inp, gathered rows    B: weight^T
+//   backward  dinp    (rows, IC) += dout · weight                A: dout                  B: weight
+//             dweight (OC, IC)   += dout^T · inp                 A: dout^T   B: inp, gathered rows (K = rows)
+// sgemm computes it the way optimized BLAS libraries do (K. Goto and R. van de Geijn, "Anatomy of
+// high-performance matrix multiplication", 2008). A micro-kernel keeps a GEMM_MR x GEMM_NR block
+// of C in vector registers (12 x 32 floats: 24 of the 32 AVX-512 registers) and adds one outer
+// product per k: 24 fused multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
+// speed of the FMA units rather than of memory. It reads A and B from packed copies laid out in
+// the order it uses them: GEMM_KC values of k at a time, a GEMM_MC x GEMM_KC block of A that
+// stays in the L2 cache and a GEMM_KC x GEMM_NC block of B whose GEMM_NR-wide panels stay in L1.
+// Packing also gathers rows, transposes, and pads the edges with zeros, so the kernel has a
+// single shape; the padded results are never stored.
+//
+// Determinism: C[m][n] is summed over k in order within each block of GEMM_KC (one register,
+// one FMA per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
+// the same for any number of threads. Threads take disjoint tiles of C.
+#define GEMM_MR 12
+#define GEMM_NR 32
+#define GEMM_KC 256
+#define GEMM_MC 144
+#define GEMM_NC 256
+
+// One operand: element (i, j) is data[row(i) * ld + j], or data[row(j) * ld + i] if transposed;
+// row(x) = rows[x] when a gather index is given, else x.
+typedef struct {
+    const float *data;
+    const int *rows;
+    size_t ld;
+    int transposed;
+} MatrixView;
+
+static inline const float *view_row(MatrixView v, int r) {
+    return v.data + (size_t)(v.rows ? v.rows[r] : r) * v.ld;
+}
+
+// Packs A (m0 .. m0+mr-1, k0 .. k0+kc-1) as packed[k * GEMM_MR + i], zeros for i >= mr.
+static void pack_a_panel(float *restrict packed, MatrixView a, int m0, int mr, int k0, int kc) {
+    if (!a.transposed) {
+        for (int i = 0; i < GEMM_MR; i++) {
+            const float *src = i < mr ? view_row(a, m0 + i) + k0 : NULL;
+            for (int k = 0; k < kc; k++) { packed[k * GEMM_MR + i] = src ? src[k] : 0.0f; }
+        }
+    } else {
+        for (int k = 0; k < kc; k++) {
+            const float *src = view_row(a, k0 + k) + m0;
+            for (int i = 0; i < GEMM_MR; i++) { packed[k * GEMM_MR + i] = i < mr ? src[i] : 0.0f; }
+        }
+    }
+}
+
+// Packs B (k0 .. k0+kc-1, n0 .. n0+nr-1) as packed[k * GEMM_NR + j], zeros for j >= nr.
+static void pack_b_panel(float *restrict packed, MatrixView b, int n0, int nr, int k0, int kc) {
+    if (!b.transposed) {
+        for (int k = 0; k < kc; k++) {
+            const float *src = view_row(b, k0 + k) + n0;
+            for (int j = 0; j < GEMM_NR; j++) { packed[k * GEMM_NR + j] = j < nr ? src[j] : 0.0f; }
+        }
+    } else {
+        for (int j = 0; j < GEMM_NR; j++) {
+            const float *src = j < nr ? view_row(b, n0 + j) + k0 : NULL;
+            for (int k = 0; k < kc; k++) { packed[k * GEMM_NR + j] = src ? src[k] : 0.0f; }
+        }
+    }
+}
+
+// tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
+// -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j.
+static void micro_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict tile) {
+    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    for (int k = 0; k < kc; k++) {
+        for (int i = 0; i < GEMM_MR; i++) {
+            for (int j = 0; j < GEMM_NR; j++) { acc[i][j] += a[k * GEMM_MR + i] * b[k * GEMM_NR + j]; }
+        }
+    }
+    memcpy(tile, acc, sizeof(acc));
+}
+
+// C (M, N) (row-major, ldc floats between rows) = A · B, or += when accumulate is set.
+static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate) {
+    if (M <= 0 || N <= 0) { return; }
+    if (K <= 0) {
+        for (int m = 0; !accumulate && m < M; m++) { memset(c + m * ldc, 0, N * sizeof(float)); }
+        return;
+    }
+    // Tiles of C: columns in blocks of GEMM_NC, rows split so that there are about four tiles per
+    // thread (dynamic scheduling then evens out uneven tiles and a thread slowed by a busy core).
+    // The tiling decides who computes an element, never how, so it may depend on the threads.
+    int n_tiles = (N + GEMM_NC - 1) / GEMM_NC, m_panels = (M + GEMM_MR - 1) / GEMM_MR;
+    int m_tiles = (4 * omp_threads() + n_tiles - 1) / n_tiles;
+    m_tiles = m_tiles < m_panels ? m_tiles : m_panels;
+    int tile_rows = (m_panels + m_tiles - 1) / m_tiles * GEMM_MR;
+    m_tiles = (M + tile_rows - 1) / tile_rows;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int t = 0; t < m_tiles * n_tiles; t++) {
+        // ~400 KB on each thread's stack: allocated once per call, and never shared
+        _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
+        _Alignas(64) float packed_b[GEMM_KC * GEMM_NC];
+        _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+        int m_begin = t / n_tiles * tile_rows, m_end = m_begin + tile_rows < M ? m_begin + tile_rows : M;
+        int n_begin = t % n_tiles * GEMM_NC, n_end = n_begin + GEMM_NC < N ? n_begin + GEMM_NC : N;
+        for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+            int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+            int add = accumulate || k0 > 0;
+            for (int n0 = n_begin; n0 < n_end; n0 += GEMM_NR) {
+                pack_b_panel(packed_b + (n0 - n_begin) * kc, b, n0, n_end - n0, k0, kc);
+            }
+            for (int mb = m_begin; mb < m_end; mb += GEMM_MC) {
+                int mb_end = mb + GEMM_MC < m_end ? mb + GEMM_MC : m_end;
+                for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
+                    pack_a_panel(packed_a + (m0 - mb) * kc, a, m0, mb_end - m0, k0, kc);
+                }
+                for (int n0 = n_begin; n0 < n_end; n0 += GEMM_NR) {
+                    int nr = n_end - n0 < GEMM_NR ? n_end - n0 : GEMM_NR;
+                    for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
+                        int mr = mb_end - m0 < GEMM_MR ? mb_end - m0 : GEMM_MR;
+                        micro_kernel(kc, packed_a + (m0 - mb) * kc, packed_b + (n0 - n_begin) * kc, tile);
+                        for (int i = 0; i < mr; i++) {
+                            float *dst = c + (size_t)(m0 + i) * ldc + n0;
+                            const float *src = tile + i * GEMM_NR;
+                            if (add) {
+                                for (int j = 0; j < nr; j++) { dst[j] += src[j]; }
+                            } else {
+                                for (int j = 0; j < nr; j++) { dst[j] = src[j]; }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
+                    int rows, int IC, int OC) {
+    // With fewer rows than the micro-kernel's, packing the weights would cost more than the
+    // products (sampling computes one row at a time): one dot product per output, weights read once.
+    if (rows < GEMM_MR) {
+        matmul_forward_reference(out, inp, inp_rows, weight, rows, IC, OC);
+        return;
+    }
+    MatrixView a = {inp, inp_rows, IC, 0}, b = {weight, NULL, IC, 1};
+    sgemm(rows, OC, IC, a, b, out, OC, 0);
+}
+
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                     const int *inp_rows, const float *weight, int rows, int IC, int OC) {
+    MatrixView d = {dout, NULL, OC, 0}, w = {weight, NULL, IC, 0};
+    sgemm(rows, IC, OC, d, w, dinp, IC, 1);
+    MatrixView dt = {dout, NULL, OC, 1}, x = {inp, inp_rows, IC, 0};
+    sgemm(OC, IC, rows, dt, x, dweight, IC, 1);
 }
 
 // RoPE, rotate-half pairing: element i of a head turns with element i + hd/2 by pos·f_i.
