@@ -182,11 +182,14 @@ endif
 # ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run
 
-bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
+bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/bench_matmul
 	bench/bench_prepro.sh
 	bench/bench_cpu.sh
 	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 
+bench/bench_matmul: bench/bench_matmul.c train_dtopp.c
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ bench/bench_matmul.c $(LDLIBS)
+
 clean:
-	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda
+	rm -f $(BINARIES) bench/bench_matmul tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda

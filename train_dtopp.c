@@ -796,9 +796,14 @@ static void activations_free(Activations *a) {
 // the layers, each a forward/backward pair
 // N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and,
 // unless their comment says otherwise, into the input gradient they are given.
+//
+// Below PARALLEL_MIN_WORK elements or multiply-adds, starting the threads costs more than the work
+// (sampling runs every layer on one position): such loops run on the calling thread. On a busy
+// machine this also saves waiting for a thread that shares its core with another program.
+#define PARALLEL_MIN_WORK 32768
 
 void encoder_forward(float *out, const int *inp, const float *wte, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         memcpy(out + (size_t)n * C, wte + (size_t)inp[n] * C, C * sizeof(float));
     }
@@ -814,9 +819,10 @@ void encoder_backward(float *dwte, const float *dout, const int *inp, int N, int
 }
 
 #define RMSNORM_EPS 1e-5f
+#define RMSNORM_COLUMNS 32
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float ss = 0.0f;
@@ -830,7 +836,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, 
 
 void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *inp, const float *g,
                       const float *rstd, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
         float r = rstd[n];
@@ -839,11 +845,17 @@ void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *in
         float *dx = dinp + (size_t)n * C;
         for (int i = 0; i < C; i++) { dx[i] += r * g[i] * d[i] - x[i] * (r * r * r / C) * dot; }
     }
-    #pragma omp parallel for
-    for (int i = 0; i < C; i++) {
-        float sum = 0.0f;
-        for (int n = 0; n < N; n++) { sum += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n]; }
-        dg[i] += sum;
+    // dg: each thread owns a block of columns and walks the rows in order, reading each row's
+    // block contiguously (one column at a time would read one float per cache line)
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
+    for (int i0 = 0; i0 < C; i0 += RMSNORM_COLUMNS) {
+        int width = C - i0 < RMSNORM_COLUMNS ? C - i0 : RMSNORM_COLUMNS;
+        float sum[RMSNORM_COLUMNS] = {0.0f};
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * C + i0, *x = inp + (size_t)n * C + i0;
+            for (int i = 0; i < width; i++) { sum[i] += d[i] * x[i] * rstd[n]; }
+        }
+        for (int i = 0; i < width; i++) { dg[i0 + i] += sum[i]; }
     }
 }
 
@@ -870,7 +882,7 @@ void matmul_forward_reference(float *out, const float *inp, const int *inp_rows,
                               int rows, int IC, int OC) {
     // tiles of weight rows and input rows that stay in cache while every output of the tile is computed
     int row_tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, out_tiles = (OC + TILE_OUT - 1) / TILE_OUT;
-    #pragma omp parallel for collapse(2) schedule(static)
+    #pragma omp parallel for collapse(2) schedule(static) if ((size_t)rows * IC * OC >= PARALLEL_MIN_WORK)
     for (int rt = 0; rt < row_tiles; rt++) {
         for (int ot = 0; ot < out_tiles; ot++) {
             int r_end = rt * TILE_ROWS + TILE_ROWS < rows ? rt * TILE_ROWS + TILE_ROWS : rows;
@@ -1054,7 +1066,7 @@ static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, siz
     m_tiles = m_tiles < m_panels ? m_tiles : m_panels;
     int tile_rows = (m_panels + m_tiles - 1) / m_tiles * GEMM_MR;
     m_tiles = (M + tile_rows - 1) / tile_rows;
-    #pragma omp parallel for schedule(dynamic, 1)
+    #pragma omp parallel for schedule(dynamic, 1) if ((size_t)M * N * K >= PARALLEL_MIN_WORK)
     for (int t = 0; t < m_tiles * n_tiles; t++) {
         int m0 = t / n_tiles * tile_rows, n0 = t % n_tiles * GEMM_NC;
         int m = M - m0 < tile_rows ? M - m0 : tile_rows, n = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
@@ -1108,7 +1120,7 @@ static void rope_rotate(float *v, const float *cos_table, const float *sin_table
 // Rotates q and k of every head of every position (in place in qkv (N, 3C)).
 void rope_forward(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
     int hd = C / NH;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)B * T * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < B * T; n++) {
         for (int h = 0; h < 2 * NH; h++) {  // NH heads of q, then NH of k
             rope_rotate(qkv + (size_t)n * 3 * C + h * hd, cos_table, sin_table, n % T, hd, 1.0f);
@@ -1118,7 +1130,7 @@ void rope_forward(float *qkv, const float *cos_table, const float *sin_table, in
 
 void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
     int hd = C / NH;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)B * T * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < B * T; n++) {
         for (int h = 0; h < 2 * NH; h++) {
             rope_rotate(dqkv + (size_t)n * 3 * C + h * hd, cos_table, sin_table, n % T, hd, -1.0f);
@@ -1279,20 +1291,20 @@ void attention_backward(float *dqkv, float *rowsums, const float *dout, const fl
 }
 
 void residual_forward(float *out, const float *inp1, const float *inp2, int n) {
-    #pragma omp parallel for
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (int i = 0; i < n; i++) { out[i] = inp1[i] + inp2[i]; }
 }
 
 static inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
 
 void swiglu_forward(float *out, const float *h1, const float *h3, size_t n) {
-    #pragma omp parallel for simd
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) { out[i] = silu(h1[i]) * h3[i]; }
 }
 
 // On entry dh1 holds the gradient of out; on exit the gradients of h1 and h3.
 void swiglu_backward(float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
-    #pragma omp parallel for simd
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
         float sig = 1.0f / (1.0f + exp_fast(-h1[i]));
         float dout = dh1[i];
@@ -1314,7 +1326,7 @@ static double log_sum_exp(const float *z, int V) {
 
 // Mean cross-entropy over the first V logits; per-position losses go to token_loss.
 void crossentropy_forward(float *token_loss, const float *logits, const int *targets, int N, int V) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
         token_loss[n] = (float)(log_sum_exp(z, V) - z[targets[n]]);
@@ -1323,7 +1335,7 @@ void crossentropy_forward(float *token_loss, const float *logits, const int *tar
 
 // Writes (not accumulates) dlogits: scale · (softmax − onehot).
 void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V, float scale) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
         float *dz = dlogits + (size_t)n * V, lse = (float)log_sum_exp(z, V);
