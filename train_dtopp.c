@@ -882,7 +882,8 @@ void matmul_forward_reference(float *out, const float *inp, const int *inp_rows,
                               int rows, int IC, int OC) {
     // tiles of weight rows and input rows that stay in cache while every output of the tile is computed
     int row_tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, out_tiles = (OC + TILE_OUT - 1) / TILE_OUT;
-    #pragma omp parallel for collapse(2) schedule(static) if ((size_t)rows * IC * OC >= PARALLEL_MIN_WORK)
+    size_t work = (size_t)rows * IC * OC;
+    #pragma omp parallel for collapse(2) schedule(static) if (work >= PARALLEL_MIN_WORK)
     for (int rt = 0; rt < row_tiles; rt++) {
         for (int ot = 0; ot < out_tiles; ot++) {
             int r_end = rt * TILE_ROWS + TILE_ROWS < rows ? rt * TILE_ROWS + TILE_ROWS : rows;
@@ -925,9 +926,9 @@ void matmul_backward_reference(float *dinp, float *dweight, const float *dout, c
 
 // The fast products. All three are one operation, C (M, N) = or += A (M, K) · B (K, N), on
 // different views of the same arrays:
-//   forward   out     (rows, OC) =  inp (rows, IC) · weight^T    A: inp, gathered rows    B: weight^T
-//   backward  dinp    (rows, IC) += dout · weight                A: dout                  B: weight
-//             dweight (OC, IC)   += dout^T · inp                 A: dout^T   B: inp, gathered rows (K = rows)
+//   forward   out     (rows, OC) =  inp (rows, IC) · weight^T   A: inp, gathered rows   B: weight^T
+//   backward  dinp    (rows, IC) += dout · weight               A: dout                 B: weight
+//             dweight (OC, IC)   += dout^T · inp                A: dout^T   B: inp, gathered rows; K = rows
 // sgemm computes it the way optimized BLAS libraries do (K. Goto and R. van de Geijn, "Anatomy of
 // high-performance matrix multiplication", 2008). A micro-kernel keeps a GEMM_MR x GEMM_NR block
 // of C in vector registers (12 x 32 floats: 24 of the 32 AVX-512 registers) and adds one outer
@@ -1012,7 +1013,8 @@ static MatrixView view_offset(MatrixView v, int i0, int j0) {
 
 // C (M, N) (row-major, ldc floats between rows) = A · B, or += when accumulate is set; on the
 // calling thread. The packed blocks live on its stack (about 400 KB).
-static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate) {
+static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc,
+                         int accumulate) {
     if (M <= 0 || N <= 0) { return; }
     if (K <= 0) {
         for (int m = 0; !accumulate && m < M; m++) { memset(c + m * ldc, 0, N * sizeof(float)); }
@@ -1070,7 +1072,8 @@ static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, siz
     for (int t = 0; t < m_tiles * n_tiles; t++) {
         int m0 = t / n_tiles * tile_rows, n0 = t % n_tiles * GEMM_NC;
         int m = M - m0 < tile_rows ? M - m0 : tile_rows, n = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
-        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c + m0 * ldc + n0, ldc, accumulate);
+        float *c_tile = c + m0 * ldc + n0;
+        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c_tile, ldc, accumulate);
     }
 }
 
@@ -1334,7 +1337,8 @@ void crossentropy_forward(float *token_loss, const float *logits, const int *tar
 }
 
 // Writes (not accumulates) dlogits: scale · (softmax − onehot).
-void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V, float scale) {
+void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V,
+                           float scale) {
     #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;

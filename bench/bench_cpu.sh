@@ -11,9 +11,12 @@
 # whatever the data (the C program trains on the project's generated text, PyTorch on random
 # tokens). C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over
 # the steps after the first 3 (allocation and warm-up), and the table gives the median of the runs.
+# Both run with OMP_WAIT_POLICY=passive unless it is set (the README's advice: with the default,
+# threads that wait spin, and on a machine doing anything else the products slow down many times).
 # Environment: THREADS (default 2), STEPS (default 10), RUNS (default 3), CONFIGS (names to run,
 # default all).
 set -euo pipefail
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 THREADS=${THREADS:-2}
 STEPS=${STEPS:-10}
 RUNS=${RUNS:-3}
@@ -51,7 +54,7 @@ torch_run() {  # torch_run NH C E H V B T k: mean tokens/s of the steps after th
         | sed -n 's/.* \([0-9.]*\) tokens\/s$/\1/p'
 }
 
-echo "training speed, $THREADS threads, median of $RUNS runs of $STEPS steps (L=4, top-k routing)"
+echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, median of $RUNS runs of $STEPS steps"
 printf '%-11s %-44s %9s %9s %7s\n' config "NH C E H V B T k" "C tok/s" "PyTorch" ratio
 results=""
 for name in $CONFIGS; do

@@ -75,7 +75,8 @@ int main(int argc, char **argv) {
         buffers[j] = (float *)malloc_check(most * sizeof(float));
         for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
     }
-    printf("C products, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n", omp_threads());
+    printf("C products, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
+           omp_threads());
     double step_flops = 0.0, step_seconds = 0.0;
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];

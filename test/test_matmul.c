@@ -64,7 +64,8 @@ static void check_shape(Shape s, uint64_t *rng) {
     float *out = random_floats((size_t)rows * OC, rng), *out_ref = copy_floats(out, (size_t)rows * OC);
     // the backward products accumulate: start from nonzero values
     float *dinp = random_floats((size_t)rows * IC, rng), *dweight = random_floats((size_t)OC * IC, rng);
-    float *dinp_ref = copy_floats(dinp, (size_t)rows * IC), *dweight_ref = copy_floats(dweight, (size_t)OC * IC);
+    float *dinp_ref = copy_floats(dinp, (size_t)rows * IC);
+    float *dweight_ref = copy_floats(dweight, (size_t)OC * IC);
     double *mag_out = (double *)calloc_check((size_t)rows * OC + 1, sizeof(double));
     double *mag_dinp = (double *)calloc_check((size_t)rows * IC + 1, sizeof(double));
     double *mag_dweight = (double *)calloc_check((size_t)OC * IC + 1, sizeof(double));
@@ -113,8 +114,9 @@ static void check_shape(Shape s, uint64_t *rng) {
 }
 
 // Forward and backward of one shape with the given number of threads, into out/dinp/dweight.
-static void products_with_threads(int threads, Shape s, const float *inp, const int *inp_rows, const float *weight,
-                                  const float *dout, float *out, float *dinp, float *dweight) {
+static void products_with_threads(int threads, Shape s, const float *inp, const int *inp_rows,
+                                  const float *weight, const float *dout, float *out, float *dinp,
+                                  float *dweight) {
     set_num_threads(threads);
     memset(dinp, 0, (size_t)s.rows * s.IC * sizeof(float));
     memset(dweight, 0, (size_t)s.OC * s.IC * sizeof(float));
@@ -162,8 +164,10 @@ static void attention_float64(double *out, double *att, double *dqkv, const floa
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             for (int t = 0; t < T; t++) {
-                const float *q = qkv + ((size_t)b * T + t) * 3 * C + h * hd, *dy = dout + ((size_t)b * T + t) * C + h * hd;
-                double *p = att + (((size_t)b * NH + h) * T + t) * T, *o = out + ((size_t)b * T + t) * C + h * hd;
+                const float *q = qkv + ((size_t)b * T + t) * 3 * C + h * hd;
+                const float *dy = dout + ((size_t)b * T + t) * C + h * hd;
+                double *p = att + (((size_t)b * NH + h) * T + t) * T;
+                double *o = out + ((size_t)b * T + t) * C + h * hd;
                 double maxval = -INFINITY, sum = 0.0, pdp = 0.0;
                 for (int j = 0; j <= t; j++) {
                     const float *k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hd;
@@ -236,7 +240,7 @@ static void check_attention(int B, int T, int C, int NH, uint64_t *rng) {
     double e_att = relative_error64(att[0], att64, (size_t)B * NH * T * T, T);
     double e_dqkv = relative_error64(dqkv[0], dqkv64, N * 3 * C, 0);
     check(e_out <= TOL_ATTENTION && e_att <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
-          "attention B %d T %3d C %d NH %d vs float64: out %.1e, probabilities %.1e, dqkv %.1e (tolerance %.0e)",
+          "attention B %d T %3d C %d NH %d vs float64: out %.1e, probabilities %.1e, dqkv %.1e (tol. %.0e)",
           B, T, C, NH, e_out, e_att, e_dqkv, TOL_ATTENTION);
     int same = memcmp(out[0], out[1], N * C * sizeof(float)) == 0
             && memcmp(att[0], att[1], (size_t)B * NH * T * T * sizeof(float)) == 0
