@@ -59,11 +59,11 @@ else
   TRAIN_DEFAULTS = --batch 16 --seq-len 128 --steps 1500 --lr 3e-3 --warmup 50 --eval-every 250 --sample-every 500 --sample-tokens 256
 endif
 
-BINARIES = train_dtopp prepro test_gpt test/test_tokenizer test/test_dataloader test/tiktoken_compare \
+BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: repro plots compare-cuda all train test test-model test-tokenizer test-data test-train test-mpi reference \
-        check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help fuzz
+.PHONY: repro plots compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train test-mpi \
+        reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help fuzz
 
 all: $(BINARIES)
 
@@ -160,11 +160,18 @@ plots:
 # ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-tokenizer test-data test-train test-mpi
+test: test-model test-matmul test-tokenizer test-data test-train test-mpi
 	@echo "all tests passed"
 
 test-model: $(BIN)test_gpt
 	./$(BIN)test_gpt
+
+# test_matmul includes the whole program and the shared checks, and uses only some of them
+test/test_matmul: test/test_matmul.c test/check.h train_dtopp.c
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ test/test_matmul.c $(LDLIBS)
+
+test-matmul: $(BIN)test/test_matmul
+	./$(BIN)test/test_matmul
 
 # The tokenizer's test also runs under the sanitizers in every `make test`: its integer
 # arithmetic (hashes, packed merge keys) is where undefined behaviour would hide.
@@ -249,13 +256,16 @@ fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZ_TARGETS))
 # ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run
 
-bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text
+bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/bench_matmul
 	bench/bench_prepro.sh
 	bench/bench_cpu.sh
 	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 
+bench/bench_matmul: bench/bench_matmul.c train_dtopp.c
+	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ bench/bench_matmul.c $(LDLIBS)
+
 clean:
-	rm -f $(BINARIES) tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
+	rm -f $(BINARIES) bench/bench_matmul tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
 	      train_dtopp_cuda_mpi
 	rm -rf build

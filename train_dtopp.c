@@ -1060,9 +1060,14 @@ static void activations_free(Activations *a) {
 // the layers, each a forward/backward pair
 // N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and,
 // unless their comment says otherwise, into the input gradient they are given.
+//
+// Below PARALLEL_MIN_WORK elements or multiply-adds, starting the threads costs more than the work
+// (sampling runs every layer on one position): such loops run on the calling thread. On a busy
+// machine this also saves waiting for a thread that shares its core with another program.
+#define PARALLEL_MIN_WORK 32768
 
 void encoder_forward(float *out, const int *inp, const float *wte, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         memcpy(out + (size_t)n * C, wte + (size_t)inp[n] * C, C * sizeof(float));
     }
@@ -1077,8 +1082,10 @@ void encoder_backward(float *dwte, const float *dout, const int *inp, int N, int
     }
 }
 
+#define RMSNORM_COLUMNS 32
+
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float ss = 0.0f;
@@ -1092,7 +1099,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *g, 
 
 void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *inp, const float *g,
                       const float *rstd, int N, int C) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *d = dout + (size_t)n * C;
         float r = rstd[n];
@@ -1101,20 +1108,19 @@ void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *in
         float *dx = dinp + (size_t)n * C;
         for (int i = 0; i < C; i++) { dx[i] += r * g[i] * d[i] - x[i] * (r * r * r / C) * dot; }
     }
-    #pragma omp parallel for
-    for (int i = 0; i < C; i++) {
-        float sum = 0.0f;
-        for (int n = 0; n < N; n++) { sum += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n]; }
-        dg[i] += sum;
+    // dg: each thread owns a block of columns and walks the rows in order, reading each row's
+    // block contiguously (one column at a time would read one float per cache line)
+    #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
+    for (int i0 = 0; i0 < C; i0 += RMSNORM_COLUMNS) {
+        int width = C - i0 < RMSNORM_COLUMNS ? C - i0 : RMSNORM_COLUMNS;
+        float sum[RMSNORM_COLUMNS] = {0.0f};
+        for (int n = 0; n < N; n++) {
+            const float *d = dout + (size_t)n * C + i0, *x = inp + (size_t)n * C + i0;
+            for (int i = 0; i < width; i++) { sum[i] += d[i] * x[i] * rstd[n]; }
+        }
+        for (int i = 0; i < width; i++) { dg[i0 + i] += sum[i]; }
     }
 }
-
-// out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T. Input row r is inp_rows[r] when inp_rows
-// is given (the gathered tokens of one expert), else r. Tiled so that a block of weight rows and
-// a block of input rows stay in cache while every output of the tile is computed; each output is
-// one dot product in a fixed order, whatever thread computes it.
-#define TILE_ROWS 16
-#define TILE_OUT 64
 
 static inline float dot_product(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -1127,10 +1133,20 @@ static inline const float *input_row(const float *inp, const int *inp_rows, int 
     return inp + (size_t)(inp_rows ? inp_rows[r] : r) * IC;
 }
 
-void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
-                    int rows, int IC, int OC) {
+// The matrix products of a linear layer: out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T and
+// its backward pass. Input row r is inp_rows[r] when inp_rows is given (the gathered tokens of one
+// expert), else r. First the reference: the simple loops, kept for reading and for testing the
+// fast products below against (test/test_matmul.c). Each output is one dot product, or one sum
+// over rows, in a fixed order whatever thread computes it.
+#define TILE_ROWS 16
+#define TILE_OUT 64
+
+void matmul_forward_reference(float *out, const float *inp, const int *inp_rows, const float *weight,
+                              int rows, int IC, int OC) {
+    // tiles of weight rows and input rows that stay in cache while every output of the tile is computed
     int row_tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, out_tiles = (OC + TILE_OUT - 1) / TILE_OUT;
-    #pragma omp parallel for collapse(2) schedule(static)
+    size_t work = (size_t)rows * IC * OC;
+    #pragma omp parallel for collapse(2) schedule(static) if (work >= PARALLEL_MIN_WORK)
     for (int rt = 0; rt < row_tiles; rt++) {
         for (int ot = 0; ot < out_tiles; ot++) {
             int r_end = rt * TILE_ROWS + TILE_ROWS < rows ? rt * TILE_ROWS + TILE_ROWS : rows;
@@ -1144,8 +1160,8 @@ void matmul_forward(float *out, const float *inp, const int *inp_rows, const flo
     }
 }
 
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const int *inp_rows, const float *weight, int rows, int IC, int OC) {
+void matmul_backward_reference(float *dinp, float *dweight, const float *dout, const float *inp,
+                               const int *inp_rows, const float *weight, int rows, int IC, int OC) {
     // dinp (rows, IC) += dout · weight: each thread owns whole rows of dinp
     #pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
@@ -1169,6 +1185,179 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
             for (int i = 0; i < IC; i++) { dw[i] += s * x[i]; }
         }
     }
+}
+
+// The fast products. All three are one operation, C (M, N) = or += A (M, K) · B (K, N), on
+// different views of the same arrays:
+//   forward   out     (rows, OC) =  inp (rows, IC) · weight^T   A: inp, gathered rows   B: weight^T
+//   backward  dinp    (rows, IC) += dout · weight               A: dout                 B: weight
+//             dweight (OC, IC)   += dout^T · inp                A: dout^T   B: inp, gathered rows; K = rows
+// sgemm computes it the way optimized BLAS libraries do (K. Goto and R. van de Geijn, "Anatomy of
+// high-performance matrix multiplication", 2008). A micro-kernel keeps a GEMM_MR x GEMM_NR block
+// of C in vector registers (12 x 32 floats: 24 of the 32 AVX-512 registers) and adds one outer
+// product per k: 24 fused multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
+// speed of the FMA units rather than of memory. It reads A and B from packed copies laid out in
+// the order it uses them: GEMM_KC values of k at a time, a GEMM_MC x GEMM_KC block of A that
+// stays in the L2 cache and a GEMM_KC x GEMM_NC block of B whose GEMM_NR-wide panels stay in L1.
+// Packing also gathers rows, transposes, and pads the edges with zeros, so the kernel has a
+// single shape; the padded results are never stored.
+//
+// Determinism: C[m][n] is summed over k in order within each block of GEMM_KC (one register,
+// one FMA per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
+// the same for any number of threads. Threads take disjoint tiles of C.
+#define GEMM_MR 12
+#define GEMM_NR 32
+#define GEMM_KC 256
+#define GEMM_MC 144
+#define GEMM_NC 256
+
+// One operand: element (i, j) is data[row(i) * ld + j], or data[row(j) * ld + i] if transposed;
+// row(x) = rows[x] when a gather index is given, else x.
+typedef struct {
+    const float *data;
+    const int *rows;
+    size_t ld;
+    int transposed;
+} MatrixView;
+
+static inline const float *view_row(MatrixView v, int r) {
+    return v.data + (size_t)(v.rows ? v.rows[r] : r) * v.ld;
+}
+
+// Packs A (m0 .. m0+mr-1, k0 .. k0+kc-1) as packed[k * GEMM_MR + i], zeros for i >= mr.
+static void pack_a_panel(float *restrict packed, MatrixView a, int m0, int mr, int k0, int kc) {
+    if (!a.transposed) {
+        for (int i = 0; i < GEMM_MR; i++) {
+            const float *src = i < mr ? view_row(a, m0 + i) + k0 : NULL;
+            for (int k = 0; k < kc; k++) { packed[k * GEMM_MR + i] = src ? src[k] : 0.0f; }
+        }
+    } else {
+        for (int k = 0; k < kc; k++) {
+            const float *src = view_row(a, k0 + k) + m0;
+            for (int i = 0; i < GEMM_MR; i++) { packed[k * GEMM_MR + i] = i < mr ? src[i] : 0.0f; }
+        }
+    }
+}
+
+// Packs B (k0 .. k0+kc-1, n0 .. n0+nr-1) as packed[k * GEMM_NR + j], zeros for j >= nr.
+static void pack_b_panel(float *restrict packed, MatrixView b, int n0, int nr, int k0, int kc) {
+    if (!b.transposed) {
+        for (int k = 0; k < kc; k++) {
+            const float *src = view_row(b, k0 + k) + n0;
+            for (int j = 0; j < GEMM_NR; j++) { packed[k * GEMM_NR + j] = j < nr ? src[j] : 0.0f; }
+        }
+    } else {
+        for (int j = 0; j < GEMM_NR; j++) {
+            const float *src = j < nr ? view_row(b, n0 + j) + k0 : NULL;
+            for (int k = 0; k < kc; k++) { packed[k * GEMM_NR + j] = src ? src[k] : 0.0f; }
+        }
+    }
+}
+
+// tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
+// -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j.
+static void micro_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict tile) {
+    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    for (int k = 0; k < kc; k++) {
+        for (int i = 0; i < GEMM_MR; i++) {
+            for (int j = 0; j < GEMM_NR; j++) { acc[i][j] += a[k * GEMM_MR + i] * b[k * GEMM_NR + j]; }
+        }
+    }
+    memcpy(tile, acc, sizeof(acc));
+}
+
+// The view of the block of v that starts at element (i0, j0).
+static MatrixView view_offset(MatrixView v, int i0, int j0) {
+    int row0 = v.transposed ? j0 : i0, col0 = v.transposed ? i0 : j0;
+    if (v.rows) { v.rows += row0; } else { v.data += (size_t)row0 * v.ld; }
+    v.data += col0;
+    return v;
+}
+
+// C (M, N) (row-major, ldc floats between rows) = A · B, or += when accumulate is set; on the
+// calling thread. The packed blocks live on its stack (about 400 KB).
+static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc,
+                         int accumulate) {
+    if (M <= 0 || N <= 0) { return; }
+    if (K <= 0) {
+        for (int m = 0; !accumulate && m < M; m++) { memset(c + m * ldc, 0, N * sizeof(float)); }
+        return;
+    }
+    _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
+    _Alignas(64) float packed_b[GEMM_KC * GEMM_NC];
+    _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+    for (int nb = 0; nb < N; nb += GEMM_NC) {
+        int nb_end = nb + GEMM_NC < N ? nb + GEMM_NC : N;
+        for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+            int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+            int add = accumulate || k0 > 0;
+            for (int n0 = nb; n0 < nb_end; n0 += GEMM_NR) {
+                pack_b_panel(packed_b + (n0 - nb) * kc, b, n0, nb_end - n0, k0, kc);
+            }
+            for (int mb = 0; mb < M; mb += GEMM_MC) {
+                int mb_end = mb + GEMM_MC < M ? mb + GEMM_MC : M;
+                for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
+                    pack_a_panel(packed_a + (m0 - mb) * kc, a, m0, mb_end - m0, k0, kc);
+                }
+                for (int n0 = nb; n0 < nb_end; n0 += GEMM_NR) {  // the B panel stays in L1 across the A panels
+                    int nr = nb_end - n0 < GEMM_NR ? nb_end - n0 : GEMM_NR;
+                    for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
+                        int mr = mb_end - m0 < GEMM_MR ? mb_end - m0 : GEMM_MR;
+                        micro_kernel(kc, packed_a + (m0 - mb) * kc, packed_b + (n0 - nb) * kc, tile);
+                        for (int i = 0; i < mr; i++) {
+                            float *dst = c + (size_t)(m0 + i) * ldc + n0;
+                            const float *src = tile + i * GEMM_NR;
+                            if (add) {
+                                for (int j = 0; j < nr; j++) { dst[j] += src[j]; }
+                            } else {
+                                for (int j = 0; j < nr; j++) { dst[j] = src[j]; }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The same on all threads: each computes whole tiles of C with sgemm_serial. Tiles are
+// GEMM_NC columns wide, and rows are split so that there are about four tiles per thread
+// (dynamic scheduling then evens out uneven tiles and a thread slowed by a busy core). The tiling
+// decides who computes an element, never how, so it may depend on the number of threads.
+static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate) {
+    if (M <= 0 || N <= 0) { return; }
+    int n_tiles = (N + GEMM_NC - 1) / GEMM_NC, m_panels = (M + GEMM_MR - 1) / GEMM_MR;
+    int m_tiles = (4 * omp_threads() + n_tiles - 1) / n_tiles;
+    m_tiles = m_tiles < m_panels ? m_tiles : m_panels;
+    int tile_rows = (m_panels + m_tiles - 1) / m_tiles * GEMM_MR;
+    m_tiles = (M + tile_rows - 1) / tile_rows;
+    #pragma omp parallel for schedule(dynamic, 1) if ((size_t)M * N * K >= PARALLEL_MIN_WORK)
+    for (int t = 0; t < m_tiles * n_tiles; t++) {
+        int m0 = t / n_tiles * tile_rows, n0 = t % n_tiles * GEMM_NC;
+        int m = M - m0 < tile_rows ? M - m0 : tile_rows, n = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
+        float *c_tile = c + m0 * ldc + n0;
+        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c_tile, ldc, accumulate);
+    }
+}
+
+void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
+                    int rows, int IC, int OC) {
+    // With fewer rows than the micro-kernel's, packing the weights would cost more than the
+    // products (sampling computes one row at a time): one dot product per output, weights read once.
+    if (rows < GEMM_MR) {
+        matmul_forward_reference(out, inp, inp_rows, weight, rows, IC, OC);
+        return;
+    }
+    MatrixView a = {inp, inp_rows, IC, 0}, b = {weight, NULL, IC, 1};
+    sgemm(rows, OC, IC, a, b, out, OC, 0);
+}
+
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                     const int *inp_rows, const float *weight, int rows, int IC, int OC) {
+    MatrixView d = {dout, NULL, OC, 0}, w = {weight, NULL, IC, 0};
+    sgemm(rows, IC, OC, d, w, dinp, IC, 1);
+    MatrixView dt = {dout, NULL, OC, 1}, x = {inp, inp_rows, IC, 0};
+    sgemm(OC, IC, rows, dt, x, dweight, IC, 1);
 }
 
 // RoPE, rotate-half pairing: element i of a head turns with element i + hd/2 by pos·f_i.
@@ -1197,7 +1386,7 @@ static void rope_rotate(float *v, const float *cos_table, const float *sin_table
 // Rotates q and k of every head of every position (in place in qkv (N, 3C)).
 void rope_forward(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
     int hd = C / NH;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)B * T * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < B * T; n++) {
         for (int h = 0; h < 2 * NH; h++) {  // NH heads of q, then NH of k
             rope_rotate(qkv + (size_t)n * 3 * C + h * hd, cos_table, sin_table, n % T, hd, 1.0f);
@@ -1207,7 +1396,7 @@ void rope_forward(float *qkv, const float *cos_table, const float *sin_table, in
 
 void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
     int hd = C / NH;
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)B * T * C >= PARALLEL_MIN_WORK)
     for (int n = 0; n < B * T; n++) {
         for (int h = 0; h < 2 * NH; h++) {
             rope_rotate(dqkv + (size_t)n * 3 * C + h * hd, cos_table, sin_table, n % T, hd, -1.0f);
@@ -1215,8 +1404,36 @@ void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, 
     }
 }
 
+// e^x in plain C that the compiler vectorizes (the C library's expf is a call per element): the
+// softmax over a 50,257-word vocabulary and the attention softmax spend their time here.
+// x = n ln2 + r with |r| <= ln2/2; e^r by its degree-6 Taylor-like polynomial (the coefficients of
+// the Cephes expf); 2^n written into the exponent bits. Within 1.5 units in the last place of
+// e^x; 0 below -87.3 where e^x would be subnormal, inf above 88 and NaN for NaN.
+static inline float exp_fast(float x) {
+    float xc = x > -87.3f ? x : -87.3f;  // also maps NaN to a finite value for the integer conversion
+    xc = xc < 88.0f ? xc : 88.0f;
+    float n = nearbyintf(xc * 1.44269504088896341f);
+    float r = fmaf(n, -0.693145751953125f, xc);  // ln 2 in two parts: n ln2 exactly, then the rest
+    r = fmaf(n, -1.428606765330187e-6f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof(two_n));
+    float y = p * two_n;
+    y = x < -87.3f ? 0.0f : y;
+    y = x > 88.0f ? INFINITY : y;
+    return x == x ? y : x;
+}
+
 // One query against n_keys keys and values (rows `stride` floats apart): writes the attention
-// probabilities to probs and their weighted sum of values to out. Shared by training and sampling.
+// probabilities to probs and their weighted sum of values to out. Sampling attends one query at a
+// time this way; training does whole blocks of queries with matrix products (attention_forward).
 static void attend(float *out, float *probs, const float *q, const float *k, const float *v,
                    size_t stride, int n_keys, int hd) {
     float scale = 1.0f / sqrtf((float)hd);
@@ -1238,112 +1455,159 @@ static void attend(float *out, float *probs, const float *q, const float *k, con
     }
 }
 
-// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities.
+// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities (row t
+// holds keys 0..t; the rest of the row up to the end of its block of queries holds zeros).
+// Each thread owns whole (b, h) pairs and takes their queries in blocks of ATTENTION_BLOCK, so
+// that the scores and the weighted sums are matrix products (sgemm_serial) over keys 0 .. the
+// block's last query: the causal mask costs at most one block's worth of extra products.
+#define ATTENTION_BLOCK 64
+
+// The views of one head's q, k or v (part 0, 1, 2 of qkv) in sequence b: a (T, hd) matrix.
+static MatrixView head_view(const float *qkv, int part, int b, int h, int T, int C, int hd) {
+    MatrixView v = {qkv + (size_t)b * T * 3 * C + (size_t)part * C + h * hd, NULL, 3 * (size_t)C, 0};
+    return v;
+}
+
+static MatrixView transposed(MatrixView v) {
+    v.transposed = !v.transposed;
+    return v;
+}
+
 void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
     int hd = C / NH;
-    size_t stride = 3 * (size_t)C;
-    #pragma omp parallel for collapse(3)
+    float scale = 1.0f / sqrtf((float)hd);
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
-                const float *seq = qkv + (size_t)b * T * stride;
-                attend(out + ((size_t)b * T + t) * C + h * hd, att + (((size_t)b * NH + h) * T + t) * T,
-                       seq + t * stride + h * hd, seq + C + h * hd, seq + 2 * C + h * hd, stride, t + 1, hd);
+        for (int h = 0; h < NH; h++) {
+            MatrixView q = head_view(qkv, 0, b, h, T, C, hd), k = head_view(qkv, 1, b, h, T, C, hd);
+            MatrixView v = head_view(qkv, 2, b, h, T, C, hd);
+            float *probs = att + ((size_t)b * NH + h) * T * T;
+            for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
+                int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
+                float *block = probs + (size_t)t0 * T;  // rows t0 .. t1-1, keys 0 .. t1-1
+                // scores q·k of the block's queries against keys 0 .. t1-1
+                sgemm_serial(n_queries, t1, hd, view_offset(q, t0, 0), transposed(k), block, T, 0);
+                for (int t = t0; t < t1; t++) {
+                    float *p = probs + (size_t)t * T, maxval = -INFINITY, sum = 0.0f;
+                    #pragma omp simd reduction(max : maxval)
+                    for (int j = 0; j <= t; j++) {
+                        p[j] *= scale;
+                        maxval = p[j] > maxval ? p[j] : maxval;
+                    }
+                    #pragma omp simd reduction(+ : sum)
+                    for (int j = 0; j <= t; j++) {
+                        p[j] = exp_fast(p[j] - maxval);
+                        sum += p[j];
+                    }
+                    float inv = 1.0f / sum;
+                    for (int j = 0; j <= t; j++) { p[j] *= inv; }
+                    for (int j = t + 1; j < t1; j++) { p[j] = 0.0f; }  // the causal mask
+                }
+                MatrixView p_block = {block, NULL, T, 0};
+                sgemm_serial(n_queries, hd, t1, p_block, v, out + ((size_t)b * T + t0) * C + h * hd, C, 0);
             }
         }
     }
 }
 
-// The keys and values of one (b, h) receive gradient from every later query, so each thread owns
-// whole (b, h) pairs and walks the queries in order.
-void attention_backward(float *dqkv, float *dscores, const float *dout, const float *qkv, const float *att,
+// With P the probabilities, dP = dout · v^T; through the softmax dS = P ⊙ (dP - rowsum(P ⊙ dP))
+// · scale; then dq = dS · k, dk = dS^T · q, dv = P^T · dout. Each thread owns whole (b, h) pairs
+// (their keys and values receive gradient from every later query) and takes the queries in
+// blocks in order, so every sum runs in the same order for any number of threads. rowsums (B, NH,
+// T) receives rowsum(P ⊙ dP) of every query.
+void attention_backward(float *dqkv, float *rowsums, const float *dout, const float *qkv, const float *att,
                         int B, int T, int C, int NH) {
     int hd = C / NH;
-    size_t stride = 3 * (size_t)C;
     float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *seq = qkv + (size_t)b * T * stride;
-            float *dseq = dqkv + (size_t)b * T * stride;
-            float *ds = dscores + ((size_t)b * NH + h) * T;
-            for (int t = 0; t < T; t++) {
-                const float *p = att + (((size_t)b * NH + h) * T + t) * T;
-                const float *dy = dout + ((size_t)b * T + t) * C + h * hd;
-                const float *q = seq + t * stride + h * hd;
-                float *dq = dseq + t * stride + h * hd;
-                // through the weighted sum of values
-                float pdp = 0.0f;
-                for (int j = 0; j <= t; j++) {
-                    const float *v = seq + j * stride + 2 * C + h * hd;
-                    float *dv = dseq + j * stride + 2 * C + h * hd;
-                    ds[j] = dot_product(dy, v, hd);
-                    pdp += p[j] * ds[j];
-                    for (int i = 0; i < hd; i++) { dv[i] += p[j] * dy[i]; }
-                }
-                // through the softmax and the scaled scores q·k
-                for (int j = 0; j <= t; j++) {
-                    float dscore = p[j] * (ds[j] - pdp) * scale;
-                    const float *k = seq + j * stride + C + h * hd;
-                    float *dk = dseq + j * stride + C + h * hd;
-                    for (int i = 0; i < hd; i++) {
-                        dq[i] += dscore * k[i];
-                        dk[i] += dscore * q[i];
+    #pragma omp parallel
+    {
+        float *dscores = (float *)malloc_check((size_t)ATTENTION_BLOCK * T * sizeof(float));
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                MatrixView q = head_view(qkv, 0, b, h, T, C, hd), k = head_view(qkv, 1, b, h, T, C, hd);
+                MatrixView v = head_view(qkv, 2, b, h, T, C, hd);
+                float *dq = dqkv + (size_t)b * T * 3 * C + h * hd, *dk = dq + C, *dv = dq + 2 * C;
+                const float *probs = att + ((size_t)b * NH + h) * T * T;
+                MatrixView d = {dout + (size_t)b * T * C + h * hd, NULL, (size_t)C, 0};
+                float *rowsum = rowsums + ((size_t)b * NH + h) * T;
+                for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
+                    int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
+                    MatrixView p_block = {probs + (size_t)t0 * T, NULL, T, 0};
+                    MatrixView d_block = view_offset(d, t0, 0), ds_block = {dscores, NULL, t1, 0};
+                    sgemm_serial(n_queries, t1, hd, d_block, transposed(v), dscores, t1, 0);  // dP
+                    for (int t = t0; t < t1; t++) {
+                        const float *p = probs + (size_t)t * T;
+                        float *ds = dscores + (size_t)(t - t0) * t1, pdp = 0.0f;
+                        #pragma omp simd reduction(+ : pdp)
+                        for (int j = 0; j <= t; j++) { pdp += p[j] * ds[j]; }
+                        for (int j = 0; j <= t; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
+                        for (int j = t + 1; j < t1; j++) { ds[j] = 0.0f; }
+                        rowsum[t] = pdp;
                     }
+                    sgemm_serial(n_queries, hd, t1, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C, 1);
+                    sgemm_serial(t1, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
+                                 3 * (size_t)C, 1);
+                    sgemm_serial(t1, hd, n_queries, transposed(p_block), d_block, dv, 3 * (size_t)C, 1);
                 }
             }
         }
+        free(dscores);
     }
 }
 
 void residual_forward(float *out, const float *inp1, const float *inp2, int n) {
-    #pragma omp parallel for
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (int i = 0; i < n; i++) { out[i] = inp1[i] + inp2[i]; }
 }
 
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
 
 void swiglu_forward(float *out, const float *h1, const float *h3, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) { out[i] = silu(h1[i]) * h3[i]; }
 }
 
 // On entry dh1 holds the gradient of out; on exit the gradients of h1 and h3.
 void swiglu_backward(float *dh1, float *dh3, const float *h1, const float *h3, size_t n) {
-    #pragma omp parallel for
+    #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
     for (size_t i = 0; i < n; i++) {
-        float sig = 1.0f / (1.0f + expf(-h1[i]));
+        float sig = 1.0f / (1.0f + exp_fast(-h1[i]));
         float dout = dh1[i];
         dh3[i] = dout * h1[i] * sig;
         dh1[i] = dout * h3[i] * sig * (1.0f + h1[i] * (1.0f - sig));
     }
 }
 
+// log Σ_i e^(z_i) of one row of logits, from its maximum (so no term overflows); the sum in double.
+static double log_sum_exp(const float *z, int V) {
+    float maxval = -INFINITY;
+    #pragma omp simd reduction(max : maxval)
+    for (int i = 0; i < V; i++) { maxval = z[i] > maxval ? z[i] : maxval; }
+    double sum = 0.0;
+    #pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < V; i++) { sum += exp_fast(z[i] - maxval); }
+    return log(sum) + maxval;
+}
+
 // Mean cross-entropy over the first V logits; per-position losses go to token_loss.
 void crossentropy_forward(float *token_loss, const float *logits, const int *targets, int N, int V) {
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float maxval = -INFINITY;
-        for (int i = 0; i < V; i++) { maxval = z[i] > maxval ? z[i] : maxval; }
-        double sum = 0.0;
-        for (int i = 0; i < V; i++) { sum += expf(z[i] - maxval); }
-        token_loss[n] = (float)(log(sum) + maxval - z[targets[n]]);
+        token_loss[n] = (float)(log_sum_exp(z, V) - z[targets[n]]);
     }
 }
 
 // Writes (not accumulates) dlogits: scale · (softmax − onehot).
-void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V, float scale) {
-    #pragma omp parallel for
+void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V,
+                           float scale) {
+    #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float *dz = dlogits + (size_t)n * V;
-        float maxval = -INFINITY;
-        for (int i = 0; i < V; i++) { maxval = z[i] > maxval ? z[i] : maxval; }
-        double sum = 0.0;
-        for (int i = 0; i < V; i++) { sum += expf(z[i] - maxval); }
-        float inv = (float)(1.0 / sum);
-        for (int i = 0; i < V; i++) { dz[i] = scale * expf(z[i] - maxval) * inv; }
+        float *dz = dlogits + (size_t)n * V, lse = (float)log_sum_exp(z, V);
+        #pragma omp simd
+        for (int i = 0; i < V; i++) { dz[i] = scale * exp_fast(z[i] - lse); }
         dz[targets[n]] -= scale;
     }
 }

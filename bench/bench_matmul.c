@@ -1,0 +1,95 @@
+/*
+bench_matmul: GFLOP/s of the C matrix products (matmul_forward, matmul_backward) on the shapes of
+one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
+shapes, and bench/bench_cpu.sh prints the two side by side.
+
+    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048
+
+N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing). Each
+time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
+name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
+together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls.
+*/
+#define TESTING
+#include "../train_dtopp.c"
+
+typedef struct {
+    const char *name;
+    int rows, IC, OC, calls;  // calls per training step (forward; the backward has as many)
+} ProductShape;
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+// Median seconds of one call of the forward (backward = 0) or backward (backward = 1) product.
+static double median_seconds(ProductShape s, int backward, float *inp, float *weight, float *out, float *dinp,
+                             float *dweight) {
+    double times[1000];
+    int n = 0;
+    double start = wall_seconds();
+    while (n < 1000 && (n < 5 || wall_seconds() - start < 0.3)) {
+        double t0 = wall_seconds();
+        if (backward) {
+            matmul_backward(dinp, dweight, out, inp, NULL, weight, s.rows, s.IC, s.OC);
+        } else {
+            matmul_forward(out, inp, NULL, weight, s.rows, s.IC, s.OC);
+        }
+        times[n++] = wall_seconds() - t0;
+    }
+    qsort(times, n, sizeof(double), compare_doubles);
+    return times[n / 2];
+}
+
+int main(int argc, char **argv) {
+    int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4;
+    for (int a = 1; a + 1 < argc; a += 2) {
+        int *target = strcmp(argv[a], "--threads") == 0 ? &threads : strcmp(argv[a], "--C") == 0 ? &C
+                    : strcmp(argv[a], "--H") == 0 ? &H : strcmp(argv[a], "--V") == 0 ? &V
+                    : strcmp(argv[a], "--E") == 0 ? &E : strcmp(argv[a], "--k") == 0 ? &k
+                    : strcmp(argv[a], "--N") == 0 ? &N : strcmp(argv[a], "--L") == 0 ? &L : NULL;
+        if (target == NULL) { fail("unknown option %s", argv[a]); }
+        *target = atoi(argv[a + 1]);
+    }
+    set_num_threads(threads);
+    int expert_rows = N * k / E;
+    ProductShape shapes[] = {
+        {"qkv", N, C, 3 * C, L},
+        {"attention_out", N, C, C, L},
+        {"expert_w1_w3", expert_rows, C, H, 2 * L * E},
+        {"expert_w2", expert_rows, H, C, L * E},
+        {"router", N, C, E, L},
+        {"output_head", N, C, V, 1},
+    };
+    int n_shapes = sizeof(shapes) / sizeof(shapes[0]);
+    size_t most = 0;
+    for (int i = 0; i < n_shapes; i++) {
+        ProductShape s = shapes[i];
+        size_t sizes[3] = {(size_t)s.rows * s.IC, (size_t)s.OC * s.IC, (size_t)s.rows * s.OC};
+        for (int j = 0; j < 3; j++) { most = sizes[j] > most ? sizes[j] : most; }
+    }
+    uint64_t rng = 1;
+    float *buffers[5];
+    for (int j = 0; j < 5; j++) {
+        buffers[j] = (float *)malloc_check(most * sizeof(float));
+        for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
+    }
+    printf("C products, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
+           omp_threads());
+    double step_flops = 0.0, step_seconds = 0.0;
+    for (int i = 0; i < n_shapes; i++) {
+        ProductShape s = shapes[i];
+        double flops = 2.0 * s.rows * s.IC * s.OC;
+        double forward = median_seconds(s, 0, buffers[0], buffers[1], buffers[2], buffers[3], buffers[4]);
+        double backward = median_seconds(s, 1, buffers[0], buffers[1], buffers[2], buffers[3], buffers[4]);
+        printf("%-14s %6d %5d %6d %4d %8.1f %8.1f\n", s.name, s.rows, s.IC, s.OC, s.calls,
+               flops / forward * 1e-9, 2 * flops / backward * 1e-9);
+        step_flops += s.calls * 3 * flops;
+        step_seconds += s.calls * (forward + backward);
+    }
+    printf("step products: %.1f GFLOP in %.1f ms: %.1f GFLOP/s\n", step_flops * 1e-9, step_seconds * 1e3,
+           step_flops / step_seconds * 1e-9);
+    for (int j = 0; j < 5; j++) { free(buffers[j]); }
+    return 0;
+}
