@@ -75,8 +75,12 @@ static uint64_t dataloader_stream_(uint64_t seed, long long epoch, long long sha
     return s;
 }
 
-static size_t dataloader_windows_(const DataLoader *l, int shard) { return (l->shard_tokens[shard] - 1) / (size_t)l->T; }
-static long long dataloader_batches_(const DataLoader *l, int shard) { return (long long)(dataloader_windows_(l, shard) / (size_t)l->B); }
+static size_t dataloader_windows_(const DataLoader *l, int shard) {
+    return (l->shard_tokens[shard] - 1) / (size_t)l->T;
+}
+static long long dataloader_batches_(const DataLoader *l, int shard) {
+    return (long long)(dataloader_windows_(l, shard) / (size_t)l->B);
+}
 
 // every token of the shard must be below the vocabulary size: checked once, at the start
 static void dataloader_check_tokens_(const char *path, size_t num_tokens, int vocab) {
@@ -122,7 +126,9 @@ static void dataloader_prepare_(DataLoader *l) {
         uint64_t s = dataloader_stream_(l->seed, l->epoch, shard);
         for (size_t i = n - 1; i > 0; i--) {
             size_t j = (size_t)(random_u64(&s) % (unsigned long long)(i + 1));
-            size_t tmp = l->window_order[i]; l->window_order[i] = l->window_order[j]; l->window_order[j] = tmp;
+            size_t tmp = l->window_order[i];
+            l->window_order[i] = l->window_order[j];
+            l->window_order[j] = tmp;
         }
         l->window_shard = shard;
     }
@@ -159,27 +165,35 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
     globfree(&g);
     // the fingerprint mixes everything a position depends on (FNV-1a over 64-bit words)
     unsigned long long fp = 14695981039346656037ULL;
-    unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0, (unsigned long long)B, (unsigned long long)T};
+    unsigned long long words[4] = {(unsigned long long)l->shuffle, l->shuffle ? seed : 0,
+                                   (unsigned long long)B, (unsigned long long)T};
     for (int i = 0; i < 4; i++) fp = (fp ^ words[i]) * 1099511628211ULL;
     for (int i = 0; i < l->num_shards; i++) {
         const char *path = l->shard_path[i];
         static const int versions[] = {1, SHARD_VERSION};
         int32_t h[HEADER_WORDS];
         long size;
-        FILE *f = open_with_header(path, h, SHARD_MAGIC, versions, 2, "token shard (make one with prepro)", &size);
+        FILE *f =
+            open_with_header(path, h, SHARD_MAGIC, versions, 2, "token shard (make one with prepro)", &size);
         fclose(f);
         int vocab = h[3] == 0 ? SHARD_GPT2_VOCAB : h[3];  // 0: a plain llm.c shard, GPT-2 tokens
-        if (h[2] < 0 || vocab < 1 || vocab > 65536) fail("%s: header holds an invalid token count or vocabulary size", path);
-        int kind = h[1] == 1 ? (vocab == 256 ? VOCAB_BYTES : vocab == SHARD_GPT2_VOCAB ? VOCAB_GPT2 : VOCAB_UNKNOWN) : h[4];
-        if (kind < VOCAB_UNKNOWN || kind > VOCAB_BYTES) fail("%s: header holds an unknown vocabulary kind %d", path, kind);
+        if (h[2] < 0 || vocab < 1 || vocab > 65536)
+            fail("%s: header holds an invalid token count or vocabulary size", path);
+        int kind = h[1] == 1 ? (vocab == 256                ? VOCAB_BYTES
+                                : vocab == SHARD_GPT2_VOCAB ? VOCAB_GPT2
+                                                            : VOCAB_UNKNOWN)
+                             : h[4];
+        if (kind < VOCAB_UNKNOWN || kind > VOCAB_BYTES)
+            fail("%s: header holds an unknown vocabulary kind %d", path, kind);
         check_payload_size(path, size, 2 * (size_t)h[2]);
         dataloader_check_tokens_(path, (size_t)h[2], vocab);
         if ((long long)h[2] < (long long)B * T + 1) {
-            fail("%s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs", path, h[2], (long long)B * T + 1);
+            fail("%s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs", path, h[2],
+                 (long long)B * T + 1);
         }
         if (i > 0 && (vocab != l->vocab_size || kind != l->vocab_kind)) {
-            fail("%s: vocabulary of %d %s tokens, but %s has %d %s tokens", path, vocab, vocab_kind_name(kind),
-                 l->shard_path[0], l->vocab_size, vocab_kind_name(l->vocab_kind));
+            fail("%s: vocabulary of %d %s tokens, but %s has %d %s tokens", path, vocab,
+                 vocab_kind_name(kind), l->shard_path[0], l->vocab_size, vocab_kind_name(l->vocab_kind));
         }
         l->vocab_size = vocab;
         l->vocab_kind = kind;
@@ -248,7 +262,8 @@ void dataloader_set_position(DataLoader *l, const long long pos[4], const char *
              "shuffle or seed (first shard now: %s)", source, l->shard_path[0]);
     }
     if (pos[0] < 0 || pos[1] < 0 || pos[1] >= l->num_shards) {
-        fail("%s: invalid data position (epoch %lld, shard %lld of %d)", source, pos[0], pos[1], l->num_shards);
+        fail("%s: invalid data position (epoch %lld, shard %lld of %d)", source, pos[0], pos[1],
+             l->num_shards);
     }
     l->epoch = pos[0];
     l->shard_pos = (int)pos[1];

@@ -79,7 +79,8 @@ static char *read_text(const char *path, size_t *len) {
 
 // writes tokens [begin, end) of the stream as one shard
 static void write_shard(const char *path, size_t begin, size_t end, int vocab_size, int vocab_kind) {
-    int32_t header[HEADER_WORDS] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)(end - begin), vocab_size, vocab_kind};
+    int32_t header[HEADER_WORDS] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)(end - begin), vocab_size,
+                                    vocab_kind};
     char tmp[4096];
     FILE *f = open_for_atomic_write(path, tmp, sizeof tmp);
     fwrite_check(header, sizeof header, 1, f, tmp);
@@ -89,8 +90,8 @@ static void write_shard(const char *path, size_t begin, size_t end, int vocab_si
 }
 
 // writes tokens [begin, end) as PREFIX_NAME.bin, or as numbered shards if they do not fit in one
-static void write_split(const char *prefix, const char *name, size_t begin, size_t end, size_t shard_tokens, int vocab_size,
-                        int vocab_kind) {
+static void write_split(const char *prefix, const char *name, size_t begin, size_t end, size_t shard_tokens,
+                        int vocab_size, int vocab_kind) {
     size_t n = end - begin;
     char path[4096];
     if (n <= shard_tokens) {
@@ -131,7 +132,8 @@ int main(int argc, char **argv) {
             char *end;
             shard_tokens = strtoll(argv[++i], &end, 10);
             // a shard's header stores its token count as an int32
-            if (*end || shard_tokens < 1 || shard_tokens > INT32_MAX) fail("--shard-tokens must be in [1, 2^31)");
+            if (*end || shard_tokens < 1 || shard_tokens > INT32_MAX)
+                fail("--shard-tokens must be in [1, 2^31)");
         } else if (a[0] == '-' && a[1] != 0) usage();
         else inputs[ninputs++] = a;
     }
@@ -197,8 +199,8 @@ int main(int argc, char **argv) {
             }
             doc = next;
         }
-        printf("%s: %zu bytes, %zu document%s, %zu tokens\n", inputs[i], len, file_docs, file_docs == 1 ? "" : "s",
-               ntoks - file_start_tokens);
+        printf("%s: %zu bytes, %zu document%s, %zu tokens\n", inputs[i], len, file_docs,
+               file_docs == 1 ? "" : "s", ntoks - file_start_tokens);
         ndocs += file_docs;
         free(text);
     }
@@ -207,8 +209,8 @@ int main(int argc, char **argv) {
     size_t nval = (size_t)(val_frac * (double)ntoks + 0.5);
     if (val_frac > 0 && nval == 0) nval = 1;
     size_t ntrain = ntoks - nval;
-    printf("%zu tokens (vocabulary %s, %d tokens) from %zu bytes in %zu document%s: %zu train, %zu val\n", ntoks, vocab,
-           vocab_size, total_bytes, ndocs, ndocs == 1 ? "" : "s", ntrain, nval);
+    printf("%zu tokens (vocabulary %s, %d tokens) from %zu bytes in %zu document%s: %zu train, %zu val\n",
+           ntoks, vocab, vocab_size, total_bytes, ndocs, ndocs == 1 ? "" : "s", ntrain, nval);
     int kind = bytes ? VOCAB_BYTES : VOCAB_GPT2;
     write_split(prefix, "train", 0, ntrain, (size_t)shard_tokens, vocab_size, kind);
     if (nval > 0) write_split(prefix, "val", ntrain, ntoks, (size_t)shard_tokens, vocab_size, kind);

@@ -45,7 +45,8 @@ static double relative_error(const float *got, const float *want, size_t n) {
     return norm > 0.0 ? sqrt(diff / norm) : sqrt(diff);
 }
 
-static void check_tensor(const char *fixture, const char *what, const float *got, const float *want, size_t n) {
+static void check_tensor(const char *fixture, const char *what, const float *got, const float *want,
+                         size_t n) {
     double error = relative_error(got, want, n);
     report(error <= TOL_TENSOR, fixture, what, error, TOL_TENSOR);
 }
@@ -76,21 +77,34 @@ static void reference_load(Reference *ref, const char *path, const Model *model)
     static const int versions[] = {FIXTURE_VERSION};
     FILE *f = open_with_header(path, header, FIXTURE_MAGIC, versions, 1, "reference fixture", &size);
     int num_params;
-    const HeaderField fields[] = {{2, 4, &ref->B}, {3, 4, &ref->T}, {4, 4, &ref->V}, {5, 4, &ref->L}, {6, 4, &ref->E},
-                                  {7, 4, &num_params}, {8, 4, &ref->n_steps}, {9, 4, &ref->warmup},
-                                  {32, 4, &ref->lr}, {33, 4, &ref->weight_decay}};
+    const HeaderField fields[] = {{2, 4, &ref->B},       {3, 4, &ref->T},
+                                  {4, 4, &ref->V},       {5, 4, &ref->L},
+                                  {6, 4, &ref->E},       {7, 4, &num_params},
+                                  {8, 4, &ref->n_steps}, {9, 4, &ref->warmup},
+                                  {32, 4, &ref->lr},     {33, 4, &ref->weight_decay}};
     header_unpack(header, fields, (int)(sizeof(fields) / sizeof(fields[0])));
     ref->num_params = (size_t)num_params;
     const ModelConfig *c = &model->config;
-    if (ref->V != c->vocab_size || ref->L != c->num_layers || ref->E != c->num_experts || ref->num_params != model->num_parameters) {
+    if (ref->V != c->vocab_size || ref->L != c->num_layers || ref->E != c->num_experts ||
+        ref->num_params != model->num_parameters) {
         fail("%s does not belong to its model (V %d/%d, L %d/%d, E %d/%d, params %zu/%zu)", path, ref->V,
-             c->vocab_size, ref->L, c->num_layers, ref->E, c->num_experts, ref->num_params, model->num_parameters);
+             c->vocab_size, ref->L, c->num_layers, ref->E, c->num_experts, ref->num_params,
+             model->num_parameters);
     }
     if (ref->B < 1 || ref->T < 1 || ref->T > c->max_seq_len || ref->n_steps < 0 || ref->warmup < 1) {
-        fail("%s: bad batch or trajectory fields (B %d, T %d, steps %d, warm-up %d)", path, ref->B, ref->T, ref->n_steps, ref->warmup);
+        fail("%s: bad batch or trajectory fields (B %d, T %d, steps %d, warm-up %d)", path, ref->B, ref->T,
+             ref->n_steps, ref->warmup);
     }
     size_t N = (size_t)ref->B * ref->T, L = ref->L, E = ref->E;
-    size_t counts[] = {N, N, N * ref->V, 2 + 2 * L, L * N, L * N * E, L * N * E, ref->num_params, (size_t)ref->n_steps * (2 + L)};
+    size_t counts[] = {N,
+                       N,
+                       N * ref->V,
+                       2 + 2 * L,
+                       L * N,
+                       L * N * E,
+                       L * N * E,
+                       ref->num_params,
+                       (size_t)ref->n_steps * (2 + L)};
     size_t total = 0;
     for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) { total += counts[i]; }
     check_payload_size(path, size, total * 4);
@@ -98,9 +112,9 @@ static void reference_load(Reference *ref, const char *path, const Model *model)
     ref->memory = p;
     fread_check(p, 4, total, f, path);
     fclose(f);
-    void **ptrs[] = {(void **)&ref->inputs, (void **)&ref->targets, (void **)&ref->logits, (void **)&ref->losses,
-                     (void **)&ref->n_selected, (void **)&ref->selected, (void **)&ref->gates, (void **)&ref->grads,
-                     (void **)&ref->trajectory};
+    void **ptrs[] = {(void **)&ref->inputs, (void **)&ref->targets,    (void **)&ref->logits,
+                     (void **)&ref->losses, (void **)&ref->n_selected, (void **)&ref->selected,
+                     (void **)&ref->gates,  (void **)&ref->grads,      (void **)&ref->trajectory};
     for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++) {
         *ptrs[i] = p;
         p += counts[i] * 4;
@@ -114,7 +128,8 @@ static void reference_load(Reference *ref, const char *path, const Model *model)
 // ----------------------------------------------------------------------------
 // the checks
 
-static const char *param_names[NUM_PARAMETER_TENSORS] = {"wte", "g1", "wqkv", "wo", "g2", "wr", "theta", "w1", "w3", "w2", "gf"};
+static const char *param_names[NUM_PARAMETER_TENSORS] = {"wte",   "g1", "wqkv", "wo", "g2", "wr",
+                                                         "theta", "w1", "w3",   "w2", "gf"};
 
 static void test_forward_backward(const char *name, Model *model, const Reference *ref) {
     int N = ref->B * ref->T, L = ref->L, E = ref->E;
@@ -219,7 +234,8 @@ static void test_threads(const char *name, const char *model_path, const Referen
     }
     set_num_threads(0);
     int same = memcmp(results[0], results[1], count * sizeof(float)) == 0;
-    printf("%-4s %-12s %-22s %s\n", same ? "ok" : "FAIL", name, "1 vs 2 threads", same ? "bitwise identical" : "results differ");
+    printf("%-4s %-12s %-22s %s\n", same ? "ok" : "FAIL", name, "1 vs 2 threads",
+           same ? "bitwise identical" : "results differ");
     if (same) { passed++; } else { failed++; }
     free(results[0]);
     free(results[1]);
@@ -252,13 +268,18 @@ static void expect_refusal(const char *what, const char *path, const char *model
     char message[1024] = {0};
     size_t len = 0;
     ssize_t got;
-    while (len < sizeof(message) - 1 && (got = read(pipefd[0], message + len, sizeof(message) - 1 - len)) > 0) { len += got; }
+    while (len < sizeof(message) - 1 &&
+           (got = read(pipefd[0], message + len, sizeof(message) - 1 - len)) > 0) {
+        len += got;
+    }
     close(pipefd[0]);
     int status;
     waitpid(pid, &status, 0);
-    int ok = WIFEXITED(status) && WEXITSTATUS(status) != 0 && strstr(message, path) && strstr(message, expected);
+    int ok =
+        WIFEXITED(status) && WEXITSTATUS(status) != 0 && strstr(message, path) && strstr(message, expected);
     message[strcspn(message, "\n")] = 0;
-    printf("%-4s %-12s %-22s %s\n", ok ? "ok" : "FAIL", "bad files", what, message[0] ? message : "(no message)");
+    printf("%-4s %-12s %-22s %s\n", ok ? "ok" : "FAIL", "bad files", what,
+           message[0] ? message : "(no message)");
     if (ok) { passed++; } else { failed++; }
 }
 
@@ -345,7 +366,8 @@ int main(int argc, char **argv) {
         reference_load(&ref, paths[i], &model);
         printf("--- %s: %s, %s controller, DRN %s, %s gates; B=%d T=%d V=%d L=%d E=%d\n", name,
                routing_names[model.router.routing], model.router.controller ? "layer" : "global",
-               model.router.drn ? "on" : "off", model.router.renorm ? "renormalised" : "raw", ref.B, ref.T, ref.V, ref.L, ref.E);
+               model.router.drn ? "on" : "off", model.router.renorm ? "renormalised" : "raw", ref.B, ref.T,
+               ref.V, ref.L, ref.E);
         test_forward_backward(name, &model, &ref);
         model_free(&model);
         model_load(&model, model_path);

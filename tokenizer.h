@@ -80,7 +80,8 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     static const int versions[] = {TOKENIZER_VERSION};
     int32_t h[HEADER_WORDS];
     long file_bytes;
-    FILE *f = open_with_header(path, h, TOKENIZER_MAGIC, versions, 1, "tokenizer file (tokenizer.bin)", &file_bytes);
+    FILE *f = open_with_header(path, h, TOKENIZER_MAGIC, versions, 1, "tokenizer file (tokenizer.bin)",
+                               &file_bytes);
     int V = h[2], eot = h[3], M = h[4], total = h[5];
     // token ids must fit the uint16 of the token shards; merges come after the 256 bytes and
     // before the special tokens, and end-of-text is a special token
@@ -93,7 +94,8 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     t->token_bytes = (unsigned char *)malloc((size_t)total);
     t->token_offset = (uint32_t *)malloc(sizeof(uint32_t) * ((size_t)V + 1));
     if (!pairs || !lens || !t->token_bytes || !t->token_offset) fail("%s: out of memory", path);
-    if (fread(pairs, sizeof(int32_t), 2 * (size_t)M, f) != 2 * (size_t)M || fread(lens, 1, (size_t)V, f) != (size_t)V ||
+    if (fread(pairs, sizeof(int32_t), 2 * (size_t)M, f) != 2 * (size_t)M ||
+        fread(lens, 1, (size_t)V, f) != (size_t)V ||
         fread(t->token_bytes, 1, (size_t)total, f) != (size_t)total)
         fail("%s: read error", path);
     fclose(f);
@@ -102,13 +104,15 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     t->num_merges = M;
     t->token_offset[0] = 0;
     for (int i = 0; i < V; i++) t->token_offset[i + 1] = t->token_offset[i] + lens[i];
-    if (t->token_offset[V] != (uint32_t)total) fail("%s: token lengths do not add up to the header's total", path);
+    if (t->token_offset[V] != (uint32_t)total)
+        fail("%s: token lengths do not add up to the header's total", path);
 
     // the first 256 tokens are the 256 byte values, each exactly once
     for (int b = 0; b < 256; b++) t->byte_to_id[b] = -1;
     for (int i = 0; i < 256; i++) {
         int b = t->token_bytes[t->token_offset[i]];
-        if (lens[i] != 1 || t->byte_to_id[b] != -1) fail("%s: tokens 0..255 are not the 256 single bytes", path);
+        if (lens[i] != 1 || t->byte_to_id[b] != -1)
+            fail("%s: tokens 0..255 are not the 256 single bytes", path);
         t->byte_to_id[b] = i;
     }
     // merge i joins two earlier tokens into token 256 + i, whose bytes must be theirs
@@ -185,7 +189,8 @@ static int tokenizer_char_(const unsigned char *s, size_t n, int *cls) {
         if ((s[i] & 0xC0) != 0x80) { *cls = TOK_OTHER; return 1; }
         cp = (cp << 6) | (s[i] & 0x3F);
     }
-    if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) {
+    if ((len == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF))) ||
+        (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) {
         *cls = TOK_OTHER;
         return 1;
     }
@@ -208,7 +213,8 @@ static size_t pretokenize_next(const unsigned char *s, size_t n) {
     if (s[0] == '\'' && n >= 2) {
         unsigned char c = s[1];
         if (c == 's' || c == 't' || c == 'm' || c == 'd') return 2;
-        if (n >= 3 && ((c == 'r' && s[2] == 'e') || (c == 'v' && s[2] == 'e') || (c == 'l' && s[2] == 'l'))) return 3;
+        if (n >= 3 && ((c == 'r' && s[2] == 'e') || (c == 'v' && s[2] == 'e') || (c == 'l' && s[2] == 'l')))
+            return 3;
     }
     int cls;
     size_t i = (size_t)tokenizer_char_(s, n, &cls);
@@ -255,7 +261,10 @@ static int tokenizer_cand_less_(TokenizerCand a, TokenizerCand b) {
 
 static void tokenizer_heap_push_(TokenizerCand *heap, int *n, TokenizerCand c) {
     int i = (*n)++;
-    while (i > 0 && tokenizer_cand_less_(c, heap[(i - 1) / 2])) { heap[i] = heap[(i - 1) / 2]; i = (i - 1) / 2; }
+    while (i > 0 && tokenizer_cand_less_(c, heap[(i - 1) / 2])) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
     heap[i] = c;
 }
 
@@ -302,8 +311,10 @@ static size_t tokenizer_bpe_(const Tokenizer *t, const unsigned char *s, size_t 
         next[c.pos] = next[r];
         if (next[r] >= 0) prev[next[r]] = c.pos;
         int p = prev[c.pos], q = next[c.pos], m;
-        if (p >= 0 && (m = tokenizer_merge_(t, id[p], c.id)) >= 0) tokenizer_heap_push_(heap, &nheap, (TokenizerCand){m, p});
-        if (q >= 0 && (m = tokenizer_merge_(t, c.id, id[q])) >= 0) tokenizer_heap_push_(heap, &nheap, (TokenizerCand){m, c.pos});
+        if (p >= 0 && (m = tokenizer_merge_(t, id[p], c.id)) >= 0)
+            tokenizer_heap_push_(heap, &nheap, (TokenizerCand){m, p});
+        if (q >= 0 && (m = tokenizer_merge_(t, c.id, id[q])) >= 0)
+            tokenizer_heap_push_(heap, &nheap, (TokenizerCand){m, c.pos});
     }
     size_t k = 0;
     for (int i = 0; i >= 0; i = next[i]) out[k++] = id[i];
@@ -337,7 +348,8 @@ int *tokenizer_encode(const Tokenizer *t, const char *text, size_t len, size_t *
     for (size_t pos = 0; pos < len;) {
         size_t plen = pretokenize_next(s + pos, len - pos);
         if (plen > INT32_MAX / 9) {  // the BPE below indexes a piece's bytes with ints
-            fail("a single piece of text (one word or run of spaces) of %zu bytes is too long to tokenize", plen);
+            fail("a single piece of text (one word or run of spaces) of %zu bytes is too long to tokenize",
+                 plen);
         }
         if (n + plen > cap) {  // a piece never has more tokens than bytes
             cap = 2 * (n + plen);

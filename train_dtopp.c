@@ -108,7 +108,9 @@ typedef struct {
 static inline int padded_vocab(int V) { return (V + 127) / 128 * 128; }
 
 // For files written before the vocabulary kind was stored: the two vocabularies the project had.
-static int vocab_kind_of_size(int V) { return V == 256 ? VOCAB_BYTES : V == 50257 ? VOCAB_GPT2 : VOCAB_UNKNOWN; }
+static int vocab_kind_of_size(int V) {
+    return V == 256 ? VOCAB_BYTES : V == 50257 ? VOCAB_GPT2 : VOCAB_UNKNOWN;
+}
 
 // Bounds on the sizes of a configuration. A checkpoint's header could declare anything; with every
 // size bounded and the parameter count computed in checked arithmetic, no product of sizes
@@ -133,7 +135,9 @@ static void check_parameter_count(const ModelConfig *c, const char *where) {
     unsigned long long per_layer = bounded_product(4 * C, C, where) + 2 * C + E * C + 1 + experts;
     unsigned long long embedding = bounded_product(c->padded_vocab_size, C, where);
     unsigned long long total = bounded_product(L, per_layer, where) + embedding + C;
-    if (total > MAX_PARAMETERS) { fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS); }
+    if (total > MAX_PARAMETERS) {
+        fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS);
+    }
 }
 
 static int in_range(int value, int lo, int hi) { return value >= lo && value <= hi; }
@@ -146,12 +150,15 @@ static void validate_sizes(const ModelConfig *c, const char *where) {
     if (!in_range(c->num_layers, 1, MAX_SIZE) || !in_range(c->channels, 2, MAX_SIZE) ||
         !in_range(c->num_heads, 1, MAX_SIZE) || !in_range(c->num_experts, 1, MAX_EXPERTS) ||
         !in_range(c->expert_hidden, 1, MAX_SIZE) || !in_range(c->max_seq_len, 1, MAX_SIZE)) {
-        fail("%s: sizes must be positive, at most %d experts and %d otherwise (L=%d C=%d NH=%d E=%d H=%d maxT=%d)",
-             where, MAX_EXPERTS, MAX_SIZE, c->num_layers, c->channels, c->num_heads, c->num_experts,
-             c->expert_hidden, c->max_seq_len);
+        fail(
+            "%s: sizes must be positive, at most %d experts and %d otherwise (L=%d C=%d NH=%d E=%d H=%d "
+            "maxT=%d)",
+            where, MAX_EXPERTS, MAX_SIZE, c->num_layers, c->channels, c->num_heads, c->num_experts,
+            c->expert_hidden, c->max_seq_len);
     }
     if (c->channels % c->num_heads != 0 || (c->channels / c->num_heads) % 2 != 0) {
-        fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels, c->num_heads);
+        fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels,
+             c->num_heads);
     }
     if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BYTES)) {
         fail("%s: unknown vocabulary kind %d", where, c->vocab_kind);
@@ -172,16 +179,28 @@ static void validate_config(const ModelConfig *c, const RouterConfig *rc, const 
     if (rc->routing == ROUTING_TOPK && (rc->k < 1 || rc->k > c->num_experts)) {
         fail("%s: top-k needs 1 <= k <= E (k=%d, E=%d)", where, rc->k, c->num_experts);
     }
-    if (rc->routing == ROUTING_TOPP && !(rc->p > 0.0f && rc->p <= 1.0f)) { fail("%s: p must be in (0, 1] (got %g)", where, rc->p); }
+    if (rc->routing == ROUTING_TOPP && !(rc->p > 0.0f && rc->p <= 1.0f)) {
+        fail("%s: p must be in (0, 1] (got %g)", where, rc->p);
+    }
     if (rc->routing == ROUTING_DTOPP) {
-        if (!(rc->tgt >= 1.0f && rc->tgt <= c->num_experts)) { fail("%s: target must be in [1, E=%d] (got %g)", where, c->num_experts, rc->tgt); }
-        if (!(rc->pmin > 0.0f && rc->pmin <= rc->pmax && rc->pmax <= 1.0f)) { fail("%s: need 0 < pmin <= pmax <= 1 (got %g, %g)", where, rc->pmin, rc->pmax); }
-        if (!(rc->p0 >= rc->pmin && rc->p0 <= rc->pmax)) { fail("%s: p0 must be in [pmin, pmax] (got %g)", where, rc->p0); }
+        if (!(rc->tgt >= 1.0f && rc->tgt <= c->num_experts)) {
+            fail("%s: target must be in [1, E=%d] (got %g)", where, c->num_experts, rc->tgt);
+        }
+        if (!(rc->pmin > 0.0f && rc->pmin <= rc->pmax && rc->pmax <= 1.0f)) {
+            fail("%s: need 0 < pmin <= pmax <= 1 (got %g, %g)", where, rc->pmin, rc->pmax);
+        }
+        if (!(rc->p0 >= rc->pmin && rc->p0 <= rc->pmax)) {
+            fail("%s: p0 must be in [pmin, pmax] (got %g)", where, rc->p0);
+        }
         if (!isfinite(rc->Kp) || !isfinite(rc->Ki)) { fail("%s: controller gains must be finite", where); }
     }
-    if (!isfinite(rc->theta_init)) { fail("%s: the initial DRN scale must be finite (got %g)", where, rc->theta_init); }
-    if (!(rc->lb_coef >= 0.0f && isfinite(rc->lb_coef)) || !(rc->ent_coef >= 0.0f && isfinite(rc->ent_coef))) {
-        fail("%s: auxiliary loss coefficients must be finite and >= 0 (got %g, %g)", where, rc->lb_coef, rc->ent_coef);
+    if (!isfinite(rc->theta_init)) {
+        fail("%s: the initial DRN scale must be finite (got %g)", where, rc->theta_init);
+    }
+    if (!(rc->lb_coef >= 0.0f && isfinite(rc->lb_coef)) ||
+        !(rc->ent_coef >= 0.0f && isfinite(rc->ent_coef))) {
+        fail("%s: auxiliary loss coefficients must be finite and >= 0 (got %g, %g)", where, rc->lb_coef,
+             rc->ent_coef);
     }
 }
 
@@ -203,7 +222,19 @@ typedef struct {
     float *gf;     // (C) final RMSNorm gain
 } ParameterTensors;
 
-enum { PARAM_WTE, PARAM_G1, PARAM_WQKV, PARAM_WO, PARAM_G2, PARAM_WR, PARAM_THETA, PARAM_W1, PARAM_W3, PARAM_W2, PARAM_GF };
+enum {
+    PARAM_WTE,
+    PARAM_G1,
+    PARAM_WQKV,
+    PARAM_WO,
+    PARAM_G2,
+    PARAM_WR,
+    PARAM_THETA,
+    PARAM_W1,
+    PARAM_W3,
+    PARAM_W2,
+    PARAM_GF
+};
 // Which tensors get weight decay (the matrices) and how they are initialised.
 static const int param_is_matrix[NUM_PARAMETER_TENSORS] = {1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0};
 
@@ -467,20 +498,23 @@ void model_routing_counts(const Model *model, int *n_selected, int *expert_load)
 void model_get_logits(const Model *model, float *out);        // (N, V)
 void model_get_token_losses(const Model *model, float *out);  // (N) cross-entropy of every position
 void model_get_losses(const Model *model, float *out);        // total, CE, LB_l for each l, H_l for each l
-void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates);  // (L,N), (L,N,E), (L,N,E)
+void model_get_routing(const Model *model, int *n_selected, int *selected,
+                       float *gates);  // (L,N), (L,N,E), (L,N,E)
 void model_get_grads(const Model *model, float *out);
 void model_get_params(const Model *model, float *out);
 void model_get_theta(const Model *model, float *out);  // (L) the DRN scales
 void model_get_moments(const Model *model, float *m, float *v);
 void model_set_moments(Model *model, const float *m, const float *v);
 Decoder *decoder_create(const Model *model);
-const float *decoder_step(Model *model, Decoder *decoder, int token, int pos);  // logits (V) of the next token
+const float *decoder_step(Model *model, Decoder *decoder, int token,
+                          int pos);  // logits (V) of the next token
 void decoder_free(Decoder *decoder);
 
 // What both implementations share: sizes, the starting state, the controller law, the checkpoint
 // file, statistics.
 
-static void model_setup(Model *model, const ModelConfig *config, const RouterConfig *router, const char *where) {
+static void model_setup(Model *model, const ModelConfig *config, const RouterConfig *router,
+                        const char *where) {
     memset(model, 0, sizeof(*model));
     model->config = *config;
     model->router = *router;
@@ -502,8 +536,9 @@ static void controller_reset(Model *model) {
     }
 }
 
-// Fresh parameters from a seed (doc/spec.md, section 5): matrices normal(0, 0.02), the output projections of each
-// block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded vocabulary rows zero.
+// Fresh parameters from a seed (doc/spec.md, section 5): matrices normal(0, 0.02), the output
+// projections of each block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded
+// vocabulary rows zero.
 static void init_params(float *params, const Model *model, uint64_t seed) {
     const ModelConfig *c = &model->config;
     uint64_t rng = seed;
@@ -512,7 +547,8 @@ static void init_params(float *params, const Model *model, uint64_t seed) {
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         float std = (i == PARAM_WO || i == PARAM_W2) ? residual_std : 0.02f;
         for (size_t j = 0; j < model->param_sizes[i]; j++) {
-            out[j] = param_is_matrix[i] ? std * random_normal(&rng) : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
+            out[j] = param_is_matrix[i] ? std * random_normal(&rng)
+                                        : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
         }
         out += model->param_sizes[i];
     }
@@ -549,7 +585,8 @@ static AdamWStep adamw_step(int step, float lr, float grad_norm) {
 }
 
 // One parameter: its moments m1, m2 and its value w move by the clipped gradient.
-static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s, float wd) {
+static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s,
+                                            float wd) {
     grad *= s.clip;
     float first = *m1 = ADAMW_BETA1 * *m1 + (1.0f - ADAMW_BETA1) * grad;
     float second = *m2 = ADAMW_BETA2 * *m2 + (1.0f - ADAMW_BETA2) * grad * grad;
@@ -737,7 +774,9 @@ static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfi
 // Fails naming the first of n values that is NaN or infinite.
 static void check_finite(const float *values, size_t n, const char *path, const char *what) {
     for (size_t i = 0; i < n; i++) {
-        if (!isfinite(values[i])) { fail("%s: %s %zu of %zu is %g, not a finite number", path, what, i, n, values[i]); }
+        if (!isfinite(values[i])) {
+            fail("%s: %s %zu of %zu is %g, not a finite number", path, what, i, n, values[i]);
+        }
     }
 }
 
@@ -749,16 +788,21 @@ static void validate_controller_state(const Model *model, const char *path) {
     const RouterConfig *rc = &model->router;
     for (int l = 0; l < model->config.num_layers; l++) {
         float p = model->threshold[l], integral = model->integral[l];
-        if (!isfinite(p) || !isfinite(integral)) { fail("%s: the controller state of layer %d is not finite", path, l); }
+        if (!isfinite(p) || !isfinite(integral)) {
+            fail("%s: the controller state of layer %d is not finite", path, l);
+        }
         if (rc->routing == ROUTING_DTOPP && !(p >= rc->pmin && p <= rc->pmax)) {
-            fail("%s: layer %d has threshold p = %g, outside [pmin, pmax] = [%g, %g]", path, l, p, rc->pmin, rc->pmax);
+            fail("%s: layer %d has threshold p = %g, outside [pmin, pmax] = [%g, %g]", path, l, p, rc->pmin,
+                 rc->pmax);
         }
         if (rc->routing == ROUTING_TOPP && (p != rc->p || integral != 0.0f)) {
-            fail("%s: layer %d has threshold p = %g and integral %g; fixed top-p needs p = %g and 0", path, l, p,
-                 integral, rc->p);
+            fail("%s: layer %d has threshold p = %g and integral %g; fixed top-p needs p = %g and 0", path, l,
+                 p, integral, rc->p);
         }
-        if (rc->controller == CONTROLLER_GLOBAL && (p != model->threshold[0] || integral != model->integral[0])) {
-            fail("%s: layer %d's controller state differs from layer 0's under the global controller", path, l);
+        if (rc->controller == CONTROLLER_GLOBAL &&
+            (p != model->threshold[0] || integral != model->integral[0])) {
+            fail("%s: layer %d's controller state differs from layer 0's under the global controller", path,
+                 l);
         }
     }
 }
@@ -1154,7 +1198,9 @@ void matmul_forward_reference(float *out, const float *inp, const int *inp_rows,
             for (int r = rt * TILE_ROWS; r < r_end; r++) {
                 const float *x = input_row(inp, inp_rows, r, IC);
                 float *y = out + (size_t)r * OC;
-                for (int o = ot * TILE_OUT; o < o_end; o++) { y[o] = dot_product(weight + (size_t)o * IC, x, IC); }
+                for (int o = ot * TILE_OUT; o < o_end; o++) {
+                    y[o] = dot_product(weight + (size_t)o * IC, x, IC);
+                }
             }
         }
     }
@@ -1299,7 +1345,8 @@ static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float 
                 for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
                     pack_a_panel(packed_a + (m0 - mb) * kc, a, m0, mb_end - m0, k0, kc);
                 }
-                for (int n0 = nb; n0 < nb_end; n0 += GEMM_NR) {  // the B panel stays in L1 across the A panels
+                for (int n0 = nb; n0 < nb_end;
+                     n0 += GEMM_NR) {  // the B panel stays in L1 across the A panels
                     int nr = nb_end - n0 < GEMM_NR ? nb_end - n0 : GEMM_NR;
                     for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
                         int mr = mb_end - m0 < GEMM_MR ? mb_end - m0 : GEMM_MR;
@@ -1374,7 +1421,8 @@ void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd
 }
 
 // Rotates one head vector by the angles of `pos`; direction -1 rotates back (the backward pass).
-static void rope_rotate(float *v, const float *cos_table, const float *sin_table, int pos, int hd, float direction) {
+static void rope_rotate(float *v, const float *cos_table, const float *sin_table, int pos, int hd,
+                        float direction) {
     const float *cs = cos_table + pos * (hd / 2), *sn = sin_table + pos * (hd / 2);
     for (int i = 0; i < hd / 2; i++) {
         float a = v[i], b = v[i + hd / 2], s = direction * sn[i];
@@ -1640,7 +1688,8 @@ void drn_forward(float *scaled, float *u, float *rstd, const float *z, const flo
 }
 
 // In place: d (N, E) holds dẑ on entry and dz on exit; each token's share of dθ = <dẑ, u> goes to
-// dtheta_token (N), for the caller to sum in order. du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
+// dtheta_token (N), for the caller to sum in order.
+// du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
 void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N,
                   int E) {
     #pragma omp parallel for
@@ -2372,9 +2421,11 @@ static int option_specs(Options *o, OptionSpec *specs) {
     OptionSpec list[] = {
         {"train", 's', &o->train_pattern, 0, 0, "training shards (glob pattern)", 0},
         {"val", 's', &o->val_pattern, 0, 0, "validation shards (glob pattern; empty: none)", 0},
-        {"tokenizer", 's', &o->tokenizer_path, 0, 0, "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
+        {"tokenizer", 's', &o->tokenizer_path, 0, 0,
+         "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
         {"out", 's', &o->out_dir, 0, 0, "output directory: log.csv, model.bin, checkpoints", 0},
-        {"init", 's', &o->init_path, 0, 0, "start from this model checkpoint (architecture and routing from the file)", 0},
+        {"init", 's', &o->init_path, 0, 0,
+         "start from this model checkpoint (architecture and routing from the file)", 0},
         {"resume", 's', &o->resume_dir, 0, 0, "continue the run whose checkpoints are in this directory", 0},
         {"model", 's', &o->preset, 0, 0, "size preset: tiny, small, medium, gpt2-moe", 1},
         {"layers", 'i', &o->layers, 1, MAX_SIZE, "L, transformer blocks", 1},
@@ -2382,7 +2433,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"heads", 'i', &o->heads, 1, MAX_SIZE, "NH, attention heads", 1},
         {"experts", 'i', &o->experts, 1, MAX_EXPERTS, "E, experts per layer", 1},
         {"expert-hidden", 'i', &o->expert_hidden, 1, MAX_SIZE, "H, hidden width of one expert", 1},
-        {"max-seq-len", 'i', &o->max_seq_len, 1, MAX_SIZE, "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)", 1},
+        {"max-seq-len", 'i', &o->max_seq_len, 1, MAX_SIZE,
+         "longest sequence the model accepts, for sampling (default: 1024, at least seq-len)", 1},
         {"routing", 's', &o->routing, 0, 0, "topk, topp or dtopp", 1},
         {"controller", 's', &o->controller, 0, 0, "dtopp: global (one p) or layer (one p per layer)", 1},
         {"drn", 'i', &o->drn, 0, 1, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
@@ -2397,7 +2449,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"pmax", 'f', &o->pmax, 0, 1, "dtopp: highest threshold", 1},
         {"theta-init", 'f', &o->theta_init, ANY_FLOAT, "initial DRN scale", 1},
         {"lb-coef", 'f', &o->lb_coef, NOT_NEGATIVE_FLOAT, "load-balance loss coefficient", 1},
-        {"ent-coef", 'f', &o->ent_coef, NOT_NEGATIVE_FLOAT, "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
+        {"ent-coef", 'f', &o->ent_coef, NOT_NEGATIVE_FLOAT,
+         "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
         {"batch", 'i', &o->batch, 1, MAX_SIZE, "B, sequences per step", 0},
         {"seq-len", 'i', &o->seq_len, 1, MAX_SIZE, "T, tokens per sequence", 0},
         {"steps", 'i', &o->steps, 1, INT_MAX, "optimizer steps", 0},
@@ -2407,19 +2460,28 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"shuffle", 'i', &o->shuffle, 0, 1, "shuffle the training windows 1/0", 0},
         {"seed", 'l', &o->seed, 0, 0, "seed of the initialisation, the shuffle and the sampler", 0},
         {"threads", 'i', &o->threads, 0, MAX_THREADS, "OpenMP threads (0: all)", 0},
-        {"grad-accum", 'i', &o->grad_accum, 1, MAX_SIZE, "micro-batches per step and rank (--batch is split over all)", 0},
-        {"check-ranks", 'i', &o->check_ranks, NOT_NEGATIVE_INT, "steps between checks that ranks hold one model (0: never)", 0},
-        {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT, "steps between validations (0: only at the end)", 0},
+        {"grad-accum", 'i', &o->grad_accum, 1, MAX_SIZE,
+         "micro-batches per step and rank (--batch is split over all)", 0},
+        {"check-ranks", 'i', &o->check_ranks, NOT_NEGATIVE_INT,
+         "steps between checks that ranks hold one model (0: never)", 0},
+        {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT,
+         "steps between validations (0: only at the end)", 0},
         {"eval-batches", 'i', &o->eval_batches, NOT_NEGATIVE_INT, "validation batches", 0},
-        {"sample-every", 'i', &o->sample_every, NOT_NEGATIVE_INT, "steps between samples (0: only at the end)", 0},
+        {"sample-every", 'i', &o->sample_every, NOT_NEGATIVE_INT,
+         "steps between samples (0: only at the end)", 0},
         {"sample-tokens", 'i', &o->sample_tokens, 0, MAX_SIZE, "tokens per sample (0: no samples)", 0},
         {"prompt", 's', &o->prompt, 0, 0, "text the samples start from (default: none)", 0},
-        {"temperature", 'f', &o->temperature, NOT_NEGATIVE_FLOAT, "sampling temperature (0: most likely token)", 0},
+        {"temperature", 'f', &o->temperature, NOT_NEGATIVE_FLOAT,
+         "sampling temperature (0: most likely token)", 0},
         {"top-k", 'i', &o->top_k, NOT_NEGATIVE_INT, "sample from the top k tokens (0: all)", 0},
-        {"checkpoint-every", 'i', &o->checkpoint_every, NOT_NEGATIVE_INT, "steps between checkpoints (0: only at the end)", 0},
-        {"routing-dump", 's', &o->routing_dump, 0, 0, "at the last validation, write every token's |S| per layer and loss to this CSV", 0},
-        {"stop-at", 'i', &o->stop_at, NOT_NEGATIVE_INT, "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
-        {"generate", 'i', &o->generate, 0, MAX_SIZE, "with --init: print this many tokens after --prompt and exit", 0},
+        {"checkpoint-every", 'i', &o->checkpoint_every, NOT_NEGATIVE_INT,
+         "steps between checkpoints (0: only at the end)", 0},
+        {"routing-dump", 's', &o->routing_dump, 0, 0,
+         "at the last validation, write every token's |S| per layer and loss to this CSV", 0},
+        {"stop-at", 'i', &o->stop_at, NOT_NEGATIVE_INT,
+         "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
+        {"generate", 'i', &o->generate, 0, MAX_SIZE,
+         "with --init: print this many tokens after --prompt and exit", 0},
     };
     int n = (int)(sizeof(list) / sizeof(list[0]));
     if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
@@ -2485,12 +2547,22 @@ static void print_usage(void) {
     for (int i = 0; i < n; i++) {
         char def[64] = "";
         switch (specs[i].type) {
-            case 's': snprintf(def, sizeof(def), "%s", *(const char **)specs[i].value ? *(const char **)specs[i].value : ""); break;
-            case 'i': if (*(int *)specs[i].value >= 0) { snprintf(def, sizeof(def), "%d", *(int *)specs[i].value); } break;
-            case 'f': if (*(float *)specs[i].value >= 0.0f) { snprintf(def, sizeof(def), "%g", *(float *)specs[i].value); } break;
+            case 's':
+                snprintf(def, sizeof(def), "%s",
+                         *(const char **)specs[i].value ? *(const char **)specs[i].value : "");
+                break;
+            case 'i':
+                if (*(int *)specs[i].value >= 0) { snprintf(def, sizeof(def), "%d", *(int *)specs[i].value); }
+                break;
+            case 'f':
+                if (*(float *)specs[i].value >= 0.0f) {
+                    snprintf(def, sizeof(def), "%g", *(float *)specs[i].value);
+                }
+                break;
             case 'l': snprintf(def, sizeof(def), "%lld", *(long long *)specs[i].value); break;
         }
-        printf("  --%-17s %s%s%s%s\n", specs[i].name, specs[i].help, def[0] ? " [" : "", def, def[0] ? "]" : "");
+        printf("  --%-17s %s%s%s%s\n", specs[i].name, specs[i].help, def[0] ? " [" : "", def,
+               def[0] ? "]" : "");
     }
 }
 
@@ -2526,7 +2598,9 @@ static void parse_options(Options *o, int argc, char **argv) {
         }
         const OptionSpec *spec = NULL;
         for (int i = 0; i < n; i++) {
-            if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, specs[i].name) == 0) { spec = &specs[i]; }
+            if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, specs[i].name) == 0) {
+                spec = &specs[i];
+            }
         }
         if (spec == NULL) { fail("unknown option %s (see --help)", argv[a]); }
         o->model_options_given += spec->describes_model;
@@ -2554,7 +2628,9 @@ static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig
     for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++) {
         if (strcmp(o->preset, presets[i].name) == 0) { preset = &presets[i]; }
     }
-    if (preset == NULL) { fail("option --model: unknown preset '%s' (tiny, small, medium, gpt2-moe)", o->preset); }
+    if (preset == NULL) {
+        fail("option --model: unknown preset '%s' (tiny, small, medium, gpt2-moe)", o->preset);
+    }
     c->vocab_size = V;
     c->vocab_kind = vocab_kind;
     c->padded_vocab_size = padded_vocab(V);
@@ -2586,7 +2662,8 @@ static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig
 static void check_options(const Options *o) {
     if (!(o->lr > 0.0f)) { fail("--lr must be > 0"); }
     if ((long long)o->batch * o->seq_len > MAX_SIZE) {
-        fail("--batch x --seq-len is %lld tokens per step, more than %d", (long long)o->batch * o->seq_len, MAX_SIZE);
+        fail("--batch x --seq-len is %lld tokens per step, more than %d", (long long)o->batch * o->seq_len,
+             MAX_SIZE);
     }
     if (o->init_path != NULL && o->resume_dir != NULL) { fail("--init and --resume exclude each other"); }
     if (o->generate > 0 && o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
@@ -2605,12 +2682,15 @@ typedef struct {
 static void codec_init(TextCodec *codec, const char *tokenizer_path, const ModelConfig *c) {
     codec->byte_level = c->vocab_kind == VOCAB_BYTES;
     codec->loaded = 0;
-    if (c->vocab_kind == VOCAB_UNKNOWN) { fail("the model's vocabulary (%d tokens) is of no known kind: cannot print text", c->vocab_size); }
+    if (c->vocab_kind == VOCAB_UNKNOWN) {
+        fail("the model's vocabulary (%d tokens) is of no known kind: cannot print text", c->vocab_size);
+    }
     if (!codec->byte_level) {
         tokenizer_init(&codec->tokenizer, tokenizer_path);
         codec->loaded = 1;
         if (tokenizer_vocab_size(&codec->tokenizer) != c->vocab_size) {
-            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path, tokenizer_vocab_size(&codec->tokenizer), c->vocab_size);
+            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path,
+                 tokenizer_vocab_size(&codec->tokenizer), c->vocab_size);
         }
     }
 }
@@ -2649,7 +2729,9 @@ static int generate_text(Model *model, const TextCodec *codec, const char *promp
         fputs(prompt, stdout);
     }
     int max_len = model->config.max_seq_len;
-    if ((int)n_prompt >= max_len) { fail("the prompt has %zu tokens; the model takes at most %d", n_prompt, max_len); }
+    if ((int)n_prompt >= max_len) {
+        fail("the prompt has %zu tokens; the model takes at most %d", n_prompt, max_len);
+    }
     Decoder *decoder = decoder_create(model);
     const float *logits = NULL;
     for (size_t i = 0; i < n_prompt; i++) { logits = decoder_step(model, decoder, ids[i], (int)i); }
@@ -2731,7 +2813,9 @@ static TrainingState state_load(Model *model, const char *path) {
     HeaderField fields[STATE_HEADER_FIELDS];
     state_header_fields(fields, &s);
     header_unpack(header, fields, header[1] == 1 ? 5 : STATE_HEADER_FIELDS);  // the fields of its version
-    if (s.param_check != (int32_t)(model->num_parameters & 0x7fffffff)) { fail("%s belongs to a model of a different size", path); }
+    if (s.param_check != (int32_t)(model->num_parameters & 0x7fffffff)) {
+        fail("%s belongs to a model of a different size", path);
+    }
     // AdamW counts one step per optimizer step, so 1 <= adam_step <= step (and never overflows)
     if (s.step < 1 || s.adam_step < 1 || s.adam_step > s.step) {
         fail("%s: invalid step %d or AdamW step %d", path, s.step, s.adam_step);
@@ -2797,7 +2881,8 @@ static FILE *open_log(const char *path, const Model *model, int append) {
     if (!append) {
         fprintf(f, "step,loss,ce_loss,val_loss,lr,grad_norm,activated,p,tokens_per_s");
         for (int l = 0; l < model->config.num_layers; l++) {
-            fprintf(f, ",p_%d,mean_%d,std_%d,theta_%d,lb_%d,ent_%d,load_min_%d,load_max_%d,load_cv_%d", l, l, l, l, l, l, l, l, l);
+            fprintf(f, ",p_%d,mean_%d,std_%d,theta_%d,lb_%d,ent_%d,load_min_%d,load_max_%d,load_cv_%d", l, l,
+                    l, l, l, l, l, l, l);
             for (int s = 0; s <= model->config.num_experts; s++) { fprintf(f, ",hist_%d_%d", l, s); }
         }
         fprintf(f, "\n");
@@ -2816,8 +2901,9 @@ static void log_step(FILE *f, const Model *model, const RoutingStats *stats, con
     if (val_loss >= 0.0f) { fprintf(f, "%.6f", val_loss); }
     fprintf(f, ",%.6e,%.6f,%.6f,%.6f,%.1f", lr, grad_norm, stats->activated, p_used[0], tokens_per_s);
     for (int l = 0; l < L; l++) {
-        fprintf(f, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%d,%d,%.6f", p_used[l], stats->layer_mean[l], stats->layer_std[l],
-                theta[l], losses[2 + l], losses[2 + L + l], stats->load_min[l], stats->load_max[l], stats->load_cv[l]);
+        fprintf(f, ",%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%d,%d,%.6f", p_used[l], stats->layer_mean[l],
+                stats->layer_std[l], theta[l], losses[2 + l], losses[2 + L + l], stats->load_min[l],
+                stats->load_max[l], stats->load_cv[l]);
         for (int s = 0; s <= E; s++) { fprintf(f, ",%d", stats->histogram[(size_t)l * (E + 1) + s]); }
     }
     fprintf(f, "\n");
@@ -2957,8 +3043,10 @@ static void refuse_other_run(const char *dir) {
     for_each_file(dir, "model_*.bin", NULL, note_run_file, found);
     for_each_file(dir, "state_*.bin", NULL, note_run_file, found);
     if (found[0] != '\0') {
-        fail("%s already holds a run (%s): continue it with --resume %s, or move it away, or choose another --out",
-             dir, found, dir);
+        fail(
+            "%s already holds a run (%s): continue it with --resume %s, or move it away, or choose another "
+            "--out",
+            dir, found, dir);
     }
 }
 
@@ -3005,11 +3093,13 @@ typedef struct {
 // Stops a run whose numbers are no longer finite, saying which checkpoint survives.
 static void fail_diverged(const Run *run, const char *what, double value, int step) {
     if (run->last_checkpoint >= 0) {
-        fail("%s is %g at step %d: training diverged (try a lower --lr); the last checkpoint, step %d in %s, is kept",
-             what, value, step, run->last_checkpoint, run->o.out_dir);
+        fail(
+            "%s is %g at step %d: training diverged (try a lower --lr); the last checkpoint, step %d in %s, "
+            "is kept",
+            what, value, step, run->last_checkpoint, run->o.out_dir);
     }
-    fail("%s is %g at step %d: training diverged (try a lower --lr); no checkpoint was written to %s", what, value,
-         step, run->o.out_dir);
+    fail("%s is %g at step %d: training diverged (try a lower --lr); no checkpoint was written to %s", what,
+         value, step, run->o.out_dir);
 }
 
 // Writes the pair of step `step` (and model.bin), then removes the previous pair. Parameters that
@@ -3030,7 +3120,8 @@ static void write_checkpoint(Run *run, int step) {
     checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", step);
     checkpoint_save(model, params, model_path);
     state_save(model, state_path, state);
-    snprintf(latest, sizeof(latest), "%s/model.bin", o->out_dir);  // the latest model under a fixed name, for sampling
+    snprintf(latest, sizeof(latest), "%s/model.bin",
+             o->out_dir);  // the latest model under a fixed name, for sampling
     checkpoint_save(model, params, latest);
     free(params);
     if (run->last_checkpoint >= 0 && run->last_checkpoint != step) {
@@ -3074,7 +3165,8 @@ static void note_rank_change(int saved_ranks) {
 // the loader's fingerprint, the schedule and the optimizer here.
 static void check_same_run(const TrainingState *s, const Options *o, const char *path) {
     if (s->steps == 0) {  // version 1 files do not record them
-        printf("note: %s does not record --steps, --warmup, --lr, --weight-decay: they are not checked\n", path);
+        printf("note: %s does not record --steps, --warmup, --lr, --weight-decay: they are not checked\n",
+               path);
         return;
     }
     const char *which = s->steps != o->steps ? "--steps"
@@ -3082,9 +3174,11 @@ static void check_same_run(const TrainingState *s, const Options *o, const char 
                         : s->lr != o->lr ? "--lr"
                         : s->weight_decay != o->weight_decay ? "--weight-decay" : NULL;
     if (which != NULL) {
-        fail("%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's %s "
-             "differs: resume with the run's settings, or start a new run from it with --init", path, s->steps,
-             s->warmup, s->lr, s->weight_decay, which);
+        fail(
+            "%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's "
+            "%s "
+            "differs: resume with the run's settings, or start a new run from it with --init",
+            path, s->steps, s->warmup, s->lr, s->weight_decay, which);
     }
 }
 
@@ -3092,7 +3186,9 @@ static void check_same_run(const TrainingState *s, const Options *o, const char 
 static void resume_run(Run *run) {
     const Options *o = &run->o;
     int step = latest_checkpoint(o->resume_dir);
-    if (step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir); }
+    if (step < 0) {
+        fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir);
+    }
     char model_path[4096], state_path[4096];
     checkpoint_path(model_path, sizeof(model_path), o->resume_dir, "model", step);
     checkpoint_path(state_path, sizeof(state_path), o->resume_dir, "state", step);
@@ -3127,15 +3223,20 @@ static void load_or_init_model(Run *run) {
         model_init(&run->model, &config, &router, (uint64_t)o->seed);
     }
     if ((o->init_path != NULL || o->resume_dir != NULL) && o->model_options_given > 0) {
-        fprintf(stderr, "note: the architecture and routing come from the checkpoint; %d model or routing option(s) ignored\n", o->model_options_given);
+        fprintf(stderr,
+                "note: the architecture and routing come from the checkpoint; %d model or routing option(s) "
+                "ignored\n",
+                o->model_options_given);
     }
 }
 
 // A loader's tokens must fit the model (its vocabulary is the training data's when it is new).
-static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c, const char *source) {
+static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c,
+                             const char *source) {
     if (d->vocab_size > c->vocab_size) {
-        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)", d->shard_path[0],
-             what, d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size, vocab_kind_name(c->vocab_kind), source);
+        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)",
+             d->shard_path[0], what, d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size,
+             vocab_kind_name(c->vocab_kind), source);
     }
     if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
         fail("%s (%s) holds %s tokens but the model uses %s tokens (%s)", d->shard_path[0], what,
@@ -3147,11 +3248,17 @@ static void check_vocabulary(const DataLoader *d, const char *what, const ModelC
 static void check_data_fits_model(const Run *run) {
     const ModelConfig *c = &run->model.config;
     const Options *o = &run->o;
-    const char *source = o->resume_dir ? o->resume_dir : o->init_path ? o->init_path : "made for the training data";
+    const char *source = o->resume_dir  ? o->resume_dir
+                         : o->init_path ? o->init_path
+                                        : "made for the training data";
     check_vocabulary(&run->train, "training data", c, source);
     if (run->have_val) { check_vocabulary(&run->val, "validation data", c, source); }
-    if (o->seq_len > c->max_seq_len) { fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len); }
-    if (run->start_step >= o->steps) { fail("the run is already at step %d of --steps %d", run->start_step, o->steps); }
+    if (o->seq_len > c->max_seq_len) {
+        fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len);
+    }
+    if (run->start_step >= o->steps) {
+        fail("the run is already at step %d of --steps %d", run->start_step, o->steps);
+    }
 }
 
 static void print_configuration(const Run *run) {
@@ -3170,10 +3277,11 @@ static void print_configuration(const Run *run) {
         printf("routing: dtopp, %s controller, target %g of %d experts, Kp=%g Ki=%g p0=%g",
                rc->controller ? "per-layer" : "global", rc->tgt, c->num_experts, rc->Kp, rc->Ki, rc->p0);
     }
-    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off", rc->renorm ? "renormalised" : "raw",
-           rc->lb_coef, rc->ent_coef);
+    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off",
+           rc->renorm ? "renormalised" : "raw", rc->lb_coef, rc->ent_coef);
     printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", run->train.num_tokens,
-           run->train.num_batches, run->o.batch, run->o.seq_len, run->have_val ? run->val.num_tokens : (size_t)0);
+           run->train.num_batches, run->o.batch, run->o.seq_len,
+           run->have_val ? run->val.num_tokens : (size_t)0);
     printf("threads: %d", omp_threads());
     if (dp_ranks > 1 || run->o.grad_accum > 1) {  // the split of each step's batch
         printf(" per rank; %d rank(s) x %d micro-batch(es) of %d sequences", dp_ranks, run->o.grad_accum,
@@ -3195,7 +3303,9 @@ static void prepare_output(Run *run) {
     } else {
         refuse_other_run(o->out_dir);
         remove_leftovers(o->out_dir, -1);
-        if (access(log_path, F_OK) == 0) { printf("note: replacing %s of a run that left no checkpoint\n", log_path); }
+        if (access(log_path, F_OK) == 0) {
+            printf("note: replacing %s of a run that left no checkpoint\n", log_path);
+        }
     }
     run->routing_dump = NULL;
     if (o->routing_dump != NULL) {
@@ -3224,7 +3334,8 @@ static void run_setup(Run *run) {
     check_parallel_options(&run->o);
     const Options *o = &run->o;
     run->rng = (uint64_t)o->seed ^ 0x5DEECE66Dull;  // the sampler's stream
-    dataloader_init(&run->train, o->train_pattern, o->batch, o->seq_len, o->shuffle, (unsigned long long)o->seed);
+    dataloader_init(&run->train, o->train_pattern, o->batch, o->seq_len, o->shuffle,
+                    (unsigned long long)o->seed);
     run->have_val = o->val_pattern != NULL && o->val_pattern[0] != '\0';
     if (run->have_val) { dataloader_init(&run->val, o->val_pattern, o->batch, o->seq_len, 0, 0); }
     if (dp_rank == 0) { ensure_directory(o->out_dir); }
@@ -3325,7 +3436,8 @@ static float train_step(Run *run, int step, float lr) {
 }
 
 // The progress line of a step, and its row of log.csv.
-static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt, double eta) {
+static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt,
+                        double eta) {
     const Model *model = &run->model;
     double tokens_per_s = run->o.batch * run->o.seq_len / dt;
     printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps,

@@ -169,7 +169,9 @@ static inline FILE *open_with_header(const char *path, int32_t *header, int32_t 
 static inline void check_payload_size(const char *path, long size, size_t payload_bytes) {
     size_t expected = HEADER_BYTES + payload_bytes;
     if ((size_t)size < expected) { fail("%s is truncated: %ld bytes, expected %zu", path, size, expected); }
-    if ((size_t)size > expected) { fail("%s has %ld bytes, expected %zu: trailing data", path, size, expected); }
+    if ((size_t)size > expected) {
+        fail("%s has %ld bytes, expected %zu: trailing data", path, size, expected);
+    }
 }
 
 // ----------------------------------------------------------------------------
