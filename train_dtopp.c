@@ -1604,9 +1604,9 @@ void attention_backward(float *dqkv, float *rowsums, const float *dout, const fl
     }
 }
 
-void residual_forward(float *out, const float *inp1, const float *inp2, int n) {
+void residual_forward(float *out, const float *inp1, const float *inp2, size_t n) {
     #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
-    for (int i = 0; i < n; i++) { out[i] = inp1[i] + inp2[i]; }
+    for (size_t i = 0; i < n; i++) { out[i] = inp1[i] + inp2[i]; }
 }
 
 static inline float silu(float x) { return x / (1.0f + exp_fast(-x)); }
@@ -2074,10 +2074,10 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C);  // res1 = x + Wo·atty
-        residual_forward(res1, x, res1, N * C);
+        residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
         moe_forward(model, a, l, res2, ln2);  // res2 = res1 + MoE(ln2)
-        residual_forward(res2, res1, res2, N * C);
+        residual_forward(res2, res1, res2, (size_t)N * C);
     }
     rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, N, C);
     matmul_forward(t->logits, t->lnf, NULL, model->params.wte, N, C, V);  // tied head, first V rows only
