@@ -15,29 +15,11 @@ MAKE_OFFLINE_TEXT=${MAKE_OFFLINE_TEXT:-tools/make_offline_text}
 # Open MPI refuses to start as root unless told, and by default starts no more ranks than cores.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 MPIRUN=(mpirun --oversubscribe)
-passed=0
-failed=0
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-pass() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
-check() {  # check DESCRIPTION COMMAND...: passes if the command succeeds
-    local what=$1
-    shift
-    if "$@" > "$TMP/last.log" 2>&1; then pass "$what"
-    else fail "$what"; sed 's/^/     /' "$TMP/last.log" | tail -5; fi
-}
-refuses() {  # refuses DESCRIPTION EXPECTED-TEXT COMMAND...: the command must fail, saying EXPECTED-TEXT
-    local what=$1 expected=$2
-    shift 2
-    local out
-    if out=$("$@" 2>&1); then fail "$what (exit 0)"; return; fi
-    local said
-    said=$(grep -F -- "$expected" <<< "$out" | head -1 | cut -c1-90)
-    if [[ -n $said ]]; then pass "$what: $said"
-    else fail "$what (no '$expected' in: $(tail -1 <<< "$out"))"; fi
-}
+# shellcheck source=test/checks.sh
+source "$(dirname "$0")/checks.sh"
 # log.csv without the tokens_per_s column (timing): what must be identical between two runs
 measured() {
     awk -F, -v OFS=, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "tokens_per_s") c = i }
@@ -155,5 +137,4 @@ check "killed rank: the run resumes from its last checkpoint on 2 ranks" \
     "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 100000 --stop-at $((step + 2)) --eval-every 0 \
     --checkpoint-every 1 --threads 1 --out "$TMP/killed" --resume "$TMP/killed"
 
-echo "$passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+finish

@@ -10,26 +10,11 @@ set -uo pipefail
 TRAIN=${TRAIN:-./train_dtopp}
 PREPRO=${PREPRO:-./prepro}
 MAKE_OFFLINE_TEXT=${MAKE_OFFLINE_TEXT:-tools/make_offline_text}
-passed=0
-failed=0
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-pass() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
-check() {  # check DESCRIPTION COMMAND...: passes if the command succeeds
-    local what=$1
-    shift
-    if "$@" > "$TMP/last.log" 2>&1; then pass "$what"; else fail "$what"; sed 's/^/     /' "$TMP/last.log" | tail -5; fi
-}
-refuses() {  # refuses DESCRIPTION EXPECTED-TEXT COMMAND...: the command must fail, saying EXPECTED-TEXT
-    local what=$1 expected=$2
-    shift 2
-    local out
-    if out=$("$@" 2>&1); then fail "$what (exit 0)"; return; fi
-    if grep -qF -- "$expected" <<< "$out"; then pass "$what: $(grep -F -- "$expected" <<< "$out" | head -1 | cut -c1-110)"
-    else fail "$what (no '$expected' in: $(tail -1 <<< "$out"))"; fi
-}
+# shellcheck source=test/checks.sh
+source "$(dirname "$0")/checks.sh"
 set_word() {  # set_word FILE WORD VALUE: overwrites 4-byte word WORD of FILE with the int32 (or hex bit pattern) VALUE
     local v=$(($3 & 0xffffffff))
     # shellcheck disable=SC2059
@@ -223,5 +208,4 @@ GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2" > "$TMP/make2.log" 2>&1
 check "a later make train without TEXT does not use it" bash -c "! cmp -s '$TMP/data/input.txt' '$TMP/other.txt'"
 refuses "a second make train into the same output" "already holds a run" env GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2"
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish
