@@ -1189,8 +1189,7 @@ void matmul_forward_reference(float *out, const float *inp, const int *inp_rows,
                               int rows, int IC, int OC) {
     // tiles of weight rows and input rows that stay in cache while every output of the tile is computed
     int row_tiles = (rows + TILE_ROWS - 1) / TILE_ROWS, out_tiles = (OC + TILE_OUT - 1) / TILE_OUT;
-    size_t work = (size_t)rows * IC * OC;
-    #pragma omp parallel for collapse(2) schedule(static) if (work >= PARALLEL_MIN_WORK)
+    #pragma omp parallel for collapse(2) schedule(static) if ((size_t)rows * IC * OC >= PARALLEL_MIN_WORK)
     for (int rt = 0; rt < row_tiles; rt++) {
         for (int ot = 0; ot < out_tiles; ot++) {
             int r_end = rt * TILE_ROWS + TILE_ROWS < rows ? rt * TILE_ROWS + TILE_ROWS : rows;

@@ -28,7 +28,7 @@ static void check(int ok, const char *fmt, ...) {
 
 // runs fn(arg) in a child process; checks that it exits with status 1 and an error message
 // containing `expect`
-static void check_refuses(const char *what, void (*fn)(const void *), const void *arg, const char *expect) {
+static inline void check_refuses(const char *what, void (*fn)(const void *), const void *arg, const char *expect) {
     int fds[2];
     fflush(stdout);
     if (pipe(fds) != 0) { perror("pipe"); exit(1); }
