@@ -370,7 +370,8 @@ typedef struct {
     float *dln;        // (N, C) gradient at a norm's output
     float *datty;      // (N, C)
     float *dqkv;       // (N, 3C)
-    float *dscores;    // attention scratch: (B, NH, T), a row per (b, h); the GPU keeps (B, NH, T, T)
+    float *dscores;    // GPU: (B, NH, T, T) gradient of the attention probabilities, then of the scores
+                       // (NULL on the CPU, whose attention_backward needs one block of it per thread)
     float *dlogits;    // (N, V), padded to Vp on the GPU
     float *dgates;     // (N, E) gradient of each selected gate
     float *drouter;    // (N, E) gradient of the router logits z
@@ -1048,12 +1049,10 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
 
     if (with_grads) {
         GradActivations *g = &a->grads;
-        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv,
-                                                      &g->dscores, &g->dlogits, &g->dgates,
-                                                      &g->drouter, &g->dtheta};
-        size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, B * NH * T,
-                                                      N * V, N * E, N * E, N};
-        carve_floats(gptrs, gsizes, NUM_GRAD_ACTIVATION_TENSORS, &a->grads_memory);
+        float **gptrs[] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv, &g->dlogits, &g->dgates,
+                           &g->drouter, &g->dtheta};
+        size_t gsizes[] = {N * C, N * C, N * C, N * 3 * C, N * V, N * E, N * E, N};
+        carve_floats(gptrs, gsizes, (int)(sizeof(gsizes) / sizeof(gsizes[0])), &a->grads_memory);
     }
 }
 
@@ -1560,10 +1559,10 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 // With P the probabilities, dP = dout · v^T; through the softmax dS = P ⊙ (dP - rowsum(P ⊙ dP))
 // · scale; then dq = dS · k, dk = dS^T · q, dv = P^T · dout. Each thread owns whole (b, h) pairs
 // (their keys and values receive gradient from every later query) and takes the queries in
-// blocks in order, so every sum runs in the same order for any number of threads. rowsums (B, NH,
-// T) receives rowsum(P ⊙ dP) of every query.
-void attention_backward(float *dqkv, float *rowsums, const float *dout, const float *qkv, const float *att,
-                        int B, int T, int C, int NH) {
+// blocks in order, so every sum runs in the same order for any number of threads. Each thread
+// keeps dS of its current block of queries in a scratch of its own.
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T, int C,
+                        int NH) {
     int hd = C / NH;
     float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel
@@ -1577,7 +1576,6 @@ void attention_backward(float *dqkv, float *rowsums, const float *dout, const fl
                 float *dq = dqkv + (size_t)b * T * 3 * C + h * hd, *dk = dq + C, *dv = dq + 2 * C;
                 const float *probs = att + ((size_t)b * NH + h) * T * T;
                 MatrixView d = {dout + (size_t)b * T * C + h * hd, NULL, (size_t)C, 0};
-                float *rowsum = rowsums + ((size_t)b * NH + h) * T;
                 for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                     int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
                     MatrixView p_block = {probs + (size_t)t0 * T, NULL, T, 0};
@@ -1590,7 +1588,6 @@ void attention_backward(float *dqkv, float *rowsums, const float *dout, const fl
                         for (int j = 0; j <= t; j++) { pdp += p[j] * ds[j]; }
                         for (int j = 0; j <= t; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
                         for (int j = t + 1; j < t1; j++) { ds[j] = 0.0f; }
-                        rowsum[t] = pdp;
                     }
                     sgemm_serial(n_queries, hd, t1, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C, 1);
                     sgemm_serial(t1, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
@@ -2134,7 +2131,7 @@ void model_backward(Model *model) {
         memset(g->datty, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
-        attention_backward(g->dqkv, g->dscores, g->datty, t->qkv + (size_t)l * N * 3 * C,
+        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
                            t->att + (size_t)l * B * NH * T * T, B, T, C, NH);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
