@@ -62,7 +62,7 @@ endif
 BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
            tools/make_offline_text
 
-.PHONY: repro plots compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train test-mpi \
+.PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train test-mpi \
         reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help fuzz
 
 all: $(BINARIES)
@@ -79,8 +79,9 @@ help:
 	@echo "make cuda-mpi      the data-parallel CUDA build (NCCL between GPUs, MPI to start them)"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
-	@echo "make repro         the controller tuning and the experiments of doc/results.md (about 50 minutes on 2 cores)"
-	@echo "make plots         the tables and plots of doc/results.md from the logs of make repro"
+	@echo "make repro         the experiment of doc/results.md (about 70 minutes on 2 cores); REPRO_TEXTS=files"
+	@echo "make plots         the decisions, tables and plots of doc/results.md from the logs of make repro"
+	@echo "make tune          the controller tuning of doc/results.md, section 1 (about 35 minutes on 2 cores)"
 	@echo "make test SANITIZE=1  every test with AddressSanitizer and UndefinedBehaviorSanitizer builds"
 	@echo "make fuzz          every fuzz target for FUZZ_SECONDS (default 60) each (clang, libFuzzer)"
 	@echo "make bench         benchmarks (tokenizer vs js-tiktoken; C vs PyTorch on the CPU; CUDA vs PyTorch with a GPU)"
@@ -98,7 +99,7 @@ train_dtopp_mpi: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
 test_gpt: test_gpt.c train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
 
-prepro: prepro.c tokenizer.h unicode_tables.h
+prepro: prepro.c bpe.h tokenizer.h unicode_tables.h utils.h
 	$(CC) $(CFLAGS) -o $@ prepro.c $(LDLIBS)
 
 tools/make_tokenizer: tools/make_tokenizer.c
@@ -147,15 +148,28 @@ train: train_dtopp tools/make_offline_text
 	@echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source 2>/dev/null || echo 'a text of unknown origin')"
 	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out $(OUT) $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
 
-# the experiments of doc/results.md: byte-level TinyShakespeare, logs in out/tune and out/repro
-repro: train_dtopp tools/make_offline_text
+# The experiment of doc/results.md: word-piece tokens of a BPE vocabulary that prepro trains on the
+# corpus, logs in out/repro. REPRO_TEXTS: local texts for the corpus (concatenated; the validation
+# split is the end of the last); empty: TinyShakespeare, downloaded, or the offline text.
+REPRO_TEXTS ?=
+repro: train_dtopp prepro tools/make_offline_text
+	scripts/get_corpus.sh $(DATA)/words $(REPRO_TEXTS)
+	$(MAKE) --no-print-directory $(DATA)/words_train.bin
+	scripts/repro.sh out/repro
+
+$(DATA)/words_train.bin: $(DATA)/words/input.txt prepro
+	./prepro --vocab bpe --bpe-tokens 4096 -o $(DATA)/words $(DATA)/words/input.txt
+
+plots:
+	$(PYTHON) scripts/decide.py out/repro $(DATA)/words_train.bin
+
+# the controller's tuning, section 1 of doc/results.md: byte-level TinyShakespeare, logs in out/tune*
+tune: train_dtopp tools/make_offline_text
 	$(MAKE) --no-print-directory $(DATA)/train_bytes_train.bin VOCAB=bytes
 	scripts/tune_controller.sh out/tune
 	STEPS=1000 GAINS_ONLY="0.1 0.3 0.8" scripts/tune_controller.sh out/tune_long
-	scripts/repro.sh out/repro
+	$(PYTHON) scripts/analyze.py out/tune out/tune_long
 
-plots:
-	$(PYTHON) scripts/analyze.py out/repro out/tune out/tune_long
 
 # ----------------------------------------------------------------------------
 # tests
@@ -246,7 +260,7 @@ FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-r
 FUZZ_TARGETS = shard model state tokenizer encoder prepro options
 FUZZ_SECONDS ?= 60
 
-build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
 

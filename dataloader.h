@@ -183,7 +183,7 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
                                 : vocab == SHARD_GPT2_VOCAB ? VOCAB_GPT2
                                                             : VOCAB_UNKNOWN)
                              : h[4];
-        if (kind < VOCAB_UNKNOWN || kind > VOCAB_BYTES)
+        if (kind < VOCAB_UNKNOWN || kind > VOCAB_BPE)
             fail("%s: header holds an unknown vocabulary kind %d", path, kind);
         check_payload_size(path, size, 2 * (size_t)h[2]);
         dataloader_check_tokens_(path, (size_t)h[2], vocab);

@@ -15,6 +15,9 @@ pattern "PREFIX_train*.bin".
 
 A shard is llm.c's format: a header of 256 int32 (magic 20240520, version 2, number of tokens,
 vocabulary size, vocabulary kind), then the tokens as uint16. See doc/formats.md.
+
+With --vocab bpe, prepro first trains a vocabulary of --bpe-tokens tokens on all the documents
+(bpe.h) and writes it as PREFIX_tokenizer.bin, the file that decodes the shards' tokens.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -26,6 +29,7 @@ vocabulary size, vocabulary kind), then the tokens as uint16. See doc/formats.md
 #include <sys/types.h>
 #include <time.h>
 
+#include "bpe.h"
 #include "tokenizer.h"
 #include "utils.h"
 
@@ -39,7 +43,10 @@ static void usage(void) {
             "  --eot                put the end-of-text token before every document\n"
             "  --split LINE         also cut every file into documents at each line equal to LINE\n"
             "                       (the separator lines are dropped)\n"
-            "  --vocab gpt2|bytes   GPT-2's BPE (50257 tokens, default) or one token per byte (256)\n"
+            "  --vocab gpt2|bytes|bpe\n"
+            "                       GPT-2's BPE (50257 tokens, default), one token per byte (256), or a\n"
+            "                       BPE vocabulary trained on the inputs, saved as PREFIX_tokenizer.bin\n"
+            "  --bpe-tokens N       size of the trained vocabulary, end-of-text included (default 4096)\n"
             "  --tokenizer PATH     GPT-2 tokenizer file (default tokenizer.bin)\n"
             "  --shard-tokens N     at most N tokens per shard (default 100000000)\n");
     exit(1);
@@ -75,6 +82,27 @@ static char *read_text(const char *path, size_t *len) {
     fclose(f);
     *len = (size_t)size;
     return text;
+}
+
+// The document that starts at text[doc]: sets *doc_end to where it ends and returns where the next
+// one starts. Without a separator line the rest of the file is one document; with one, the
+// document ends before the next line equal to it (a trailing \r is ignored), which is dropped.
+static size_t next_document(const char *text, size_t len, size_t doc, const char *split_line, size_t *doc_end) {
+    *doc_end = len;
+    if (!split_line) return len;
+    size_t seplen = strlen(split_line);
+    for (size_t line = doc; line < len;) {
+        const char *nl = memchr(text + line, '\n', len - line);
+        size_t line_end = nl ? (size_t)(nl - text) : len;
+        size_t l = line_end - line;
+        if (l > 0 && text[line_end - 1] == '\r') l--;
+        if (l == seplen && memcmp(text + line, split_line, seplen) == 0) {
+            *doc_end = line;
+            return nl ? line_end + 1 : len;
+        }
+        line = nl ? line_end + 1 : len;
+    }
+    return len;
 }
 
 // writes tokens [begin, end) of the stream as one shard
@@ -114,6 +142,7 @@ int main(int argc, char **argv) {
     double val_frac = 0.1;
     int eot = 0;
     long long shard_tokens = 100000000;
+    int bpe_tokens = 4096;
     int ninputs = 0;
     const char **inputs = malloc_check(sizeof(char *) * (size_t)argc);
     for (int i = 1; i < argc; i++) {
@@ -128,6 +157,12 @@ int main(int argc, char **argv) {
         } else if (strcmp(a, "--split") == 0 && has_value) split_line = argv[++i];
         else if (strcmp(a, "--vocab") == 0 && has_value) vocab = argv[++i];
         else if (strcmp(a, "--tokenizer") == 0 && has_value) tokenizer_path = argv[++i];
+        else if (strcmp(a, "--bpe-tokens") == 0 && has_value) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*end || n < 257 || n > 65536) fail("--bpe-tokens must be in [257, 65536]");
+            bpe_tokens = (int)n;
+        }
         else if (strcmp(a, "--shard-tokens") == 0 && has_value) {
             char *end;
             shard_tokens = strtoll(argv[++i], &end, 10);
@@ -138,9 +173,9 @@ int main(int argc, char **argv) {
         else inputs[ninputs++] = a;
     }
     if (ninputs == 0) usage();
-    int bytes = strcmp(vocab, "bytes") == 0;
-    if (!bytes && strcmp(vocab, "gpt2") != 0) fail("--vocab must be gpt2 or bytes");
-    if (bytes && eot) fail("--eot needs --vocab gpt2: the byte vocabulary has no end-of-text token");
+    int bytes = strcmp(vocab, "bytes") == 0, bpe = strcmp(vocab, "bpe") == 0;
+    if (!bytes && !bpe && strcmp(vocab, "gpt2") != 0) fail("--vocab must be gpt2, bytes or bpe");
+    if (bytes && eot) fail("--eot needs --vocab gpt2 or bpe: the byte vocabulary has no end-of-text token");
 
     // default prefix: the first input without its extension, data/input.txt -> data/input
     char default_prefix[4096];
@@ -151,11 +186,39 @@ int main(int argc, char **argv) {
         prefix = default_prefix;
     }
 
+    char tokenizer_out[4096];
+    if (bpe) {  // train the vocabulary on every document first, then encode with the file it is saved to
+        BpeTrainer trainer;
+        bpe_init(&trainer);
+        double t0 = now();
+        for (int i = 0; i < ninputs; i++) {
+            size_t len;
+            char *text = read_text(inputs[i], &len);
+            for (size_t doc = 0, doc_end, next; doc < len; doc = next) {
+                next = next_document(text, len, doc, split_line, &doc_end);
+                bpe_add_text(&trainer, text + doc, doc_end - doc);
+            }
+            free(text);
+        }
+        bpe_train(&trainer, bpe_tokens);
+        if (snprintf(tokenizer_out, sizeof tokenizer_out, "%s_tokenizer.bin", prefix) >= (int)sizeof tokenizer_out) {
+            fail("the output prefix %s is too long", prefix);
+        }
+        bpe_save(&trainer, tokenizer_out);
+        printf("bpe: %d distinct pieces, %d merges (vocabulary %d tokens), %lld tokens after training, "
+               "%.1f s -> %s\n", trainer.npieces, trainer.num_merges, trainer.num_merges + 257,
+               (long long)trainer.corpus_tokens, now() - t0, tokenizer_out);
+        bpe_free(&trainer);
+        tokenizer_path = tokenizer_out;
+    }
     Tokenizer tok;
     int vocab_size = 256;
     if (!bytes) {
         tokenizer_init(&tok, tokenizer_path);
         vocab_size = tokenizer_vocab_size(&tok);
+        if (tok.vocab_kind != (bpe ? VOCAB_BPE : VOCAB_GPT2)) {
+            fail("%s is a %s vocabulary, but --vocab is %s", tokenizer_path, vocab_kind_name(tok.vocab_kind), vocab);
+        }
     }
     size_t total_bytes = 0, ndocs = 0;
     double t_encode = 0, t_start = now();
@@ -163,41 +226,22 @@ int main(int argc, char **argv) {
         size_t len;
         char *text = read_text(inputs[i], &len);
         total_bytes += len;
-        size_t seplen = split_line ? strlen(split_line) : 0;
         size_t file_docs = 0, file_start_tokens = ntoks;
-        // walk the documents of the file: without --split the whole file is one
-        for (size_t doc = 0; doc < len;) {
-            size_t doc_end = len, next = len;
-            if (split_line) {
-                // find the next line equal to the separator (a trailing \r is ignored)
-                for (size_t line = doc; line < len;) {
-                    const char *nl = memchr(text + line, '\n', len - line);
-                    size_t line_end = nl ? (size_t)(nl - text) : len;
-                    size_t l = line_end - line;
-                    if (l > 0 && text[line_end - 1] == '\r') l--;
-                    if (l == seplen && memcmp(text + line, split_line, seplen) == 0) {
-                        doc_end = line;
-                        next = nl ? line_end + 1 : len;
-                        break;
-                    }
-                    line = nl ? line_end + 1 : len;
-                }
+        for (size_t doc = 0, doc_end, next; doc < len; doc = next) {
+            next = next_document(text, len, doc, split_line, &doc_end);
+            if (doc_end == doc) continue;  // empty documents (two separators in a row) are skipped
+            if (eot) push_token(tokenizer_eot(&tok));
+            if (bytes) {
+                for (size_t j = doc; j < doc_end; j++) push_token((unsigned char)text[j]);
+            } else {
+                double t0 = now();
+                size_t n;
+                int *ids = tokenizer_encode(&tok, text + doc, doc_end - doc, &n);
+                t_encode += now() - t0;
+                for (size_t j = 0; j < n; j++) push_token(ids[j]);
+                free(ids);
             }
-            if (doc_end > doc) {  // empty documents (two separators in a row) are skipped
-                if (eot) push_token(tokenizer_eot(&tok));
-                if (bytes) {
-                    for (size_t j = doc; j < doc_end; j++) push_token((unsigned char)text[j]);
-                } else {
-                    double t0 = now();
-                    size_t n;
-                    int *ids = tokenizer_encode(&tok, text + doc, doc_end - doc, &n);
-                    t_encode += now() - t0;
-                    for (size_t j = 0; j < n; j++) push_token(ids[j]);
-                    free(ids);
-                }
-                file_docs++;
-            }
-            doc = next;
+            file_docs++;
         }
         printf("%s: %zu bytes, %zu document%s, %zu tokens\n", inputs[i], len, file_docs,
                file_docs == 1 ? "" : "s", ntoks - file_start_tokens);
@@ -211,7 +255,7 @@ int main(int argc, char **argv) {
     size_t ntrain = ntoks - nval;
     printf("%zu tokens (vocabulary %s, %d tokens) from %zu bytes in %zu document%s: %zu train, %zu val\n",
            ntoks, vocab, vocab_size, total_bytes, ndocs, ndocs == 1 ? "" : "s", ntrain, nval);
-    int kind = bytes ? VOCAB_BYTES : VOCAB_GPT2;
+    int kind = bytes ? VOCAB_BYTES : bpe ? VOCAB_BPE : VOCAB_GPT2;
     write_split(prefix, "train", 0, ntrain, (size_t)shard_tokens, vocab_size, kind);
     if (nval > 0) write_split(prefix, "val", ntrain, ntoks, (size_t)shard_tokens, vocab_size, kind);
     double t_total = now() - t_start;

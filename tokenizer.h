@@ -38,7 +38,7 @@ tokens one after the other.
 
 #include "unicode_tables.h"
 
-#define TOKENIZER_VERSION 1
+#define TOKENIZER_VERSION 2  // version 2 added the vocabulary kind (word 6); version 1 is GPT-2's
 
 typedef struct {
     uint32_t key;  // tokenizer_pair_key_(left, right), TOKENIZER_EMPTY if the slot is empty
@@ -46,6 +46,7 @@ typedef struct {
 } TokenizerMerge;
 
 typedef struct {
+    int vocab_kind;             // VOCAB_GPT2, or VOCAB_BPE for a vocabulary trained by bpe.h
     int vocab_size;             // 50257 for GPT-2
     int eot;                    // the end-of-text token, 50256 for GPT-2
     int num_merges;             // 50000 for GPT-2
@@ -77,12 +78,13 @@ static int tokenizer_merge_(const Tokenizer *t, int left, int right) {
 
 void tokenizer_init(Tokenizer *t, const char *path) {
     memset(t, 0, sizeof *t);
-    static const int versions[] = {TOKENIZER_VERSION};
+    static const int versions[] = {1, TOKENIZER_VERSION};
     int32_t h[HEADER_WORDS];
     long file_bytes;
-    FILE *f = open_with_header(path, h, TOKENIZER_MAGIC, versions, 1, "tokenizer file (tokenizer.bin)",
+    FILE *f = open_with_header(path, h, TOKENIZER_MAGIC, versions, 2, "tokenizer file (tokenizer.bin)",
                                &file_bytes);
-    int V = h[2], eot = h[3], M = h[4], total = h[5];
+    int V = h[2], eot = h[3], M = h[4], total = h[5], kind = h[1] == 1 ? VOCAB_GPT2 : h[6];
+    if (kind != VOCAB_GPT2 && kind != VOCAB_BPE) fail("%s: unknown vocabulary kind %d", path, kind);
     // token ids must fit the uint16 of the token shards; merges come after the 256 bytes and
     // before the special tokens, and end-of-text is a special token
     if (V < 257 || V > 65536 || M < 0 || 256 + M >= V || eot < 256 + M || eot >= V || total < V)
@@ -99,6 +101,7 @@ void tokenizer_init(Tokenizer *t, const char *path) {
         fread(t->token_bytes, 1, (size_t)total, f) != (size_t)total)
         fail("%s: read error", path);
     fclose(f);
+    t->vocab_kind = kind;
     t->vocab_size = V;
     t->eot = eot;
     t->num_merges = M;

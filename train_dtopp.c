@@ -78,7 +78,7 @@ static const char *routing_names[] = {"topk", "topp", "dtopp"};
 typedef struct {
     int max_seq_len;        // longest sequence, e.g. 1024
     int vocab_size;         // V, e.g. 50257
-    int vocab_kind;         // VOCAB_*: what the tokens are (GPT-2 tokens, bytes)
+    int vocab_kind;         // VOCAB_*: what the tokens are (GPT-2 tokens, bytes, a trained BPE)
     int padded_vocab_size;  // Vp: V rounded up to a multiple of 128
     int num_layers;         // L
     int num_heads;          // NH
@@ -160,7 +160,7 @@ static void validate_sizes(const ModelConfig *c, const char *where) {
         fail("%s: channels (%d) must be a multiple of heads (%d) with an even head size", where, c->channels,
              c->num_heads);
     }
-    if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BYTES)) {
+    if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BPE)) {
         fail("%s: unknown vocabulary kind %d", where, c->vocab_kind);
     }
     check_parameter_count(c, where);
@@ -2418,7 +2418,7 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"train", 's', &o->train_pattern, 0, 0, "training shards (glob pattern)", 0},
         {"val", 's', &o->val_pattern, 0, 0, "validation shards (glob pattern; empty: none)", 0},
         {"tokenizer", 's', &o->tokenizer_path, 0, 0,
-         "tokenizer file, for prompts and samples of GPT-2 tokens", 0},
+         "tokenizer file, for prompts and samples: GPT-2's, or the one prepro --vocab bpe wrote", 0},
         {"out", 's', &o->out_dir, 0, 0, "output directory: log.csv, model.bin, checkpoints", 0},
         {"init", 's', &o->init_path, 0, 0,
          "start from this model checkpoint (architecture and routing from the file)", 0},
@@ -2666,7 +2666,8 @@ static void check_options(const Options *o) {
 }
 
 // ----------------------------------------------------------------------------
-// text in and out: GPT-2 tokens through tokenizer.bin, or bytes for a byte-level vocabulary
+// text in and out: GPT-2 tokens through tokenizer.bin, trained BPE tokens through the tokenizer
+// file prepro wrote with the shards, or bytes for a byte-level vocabulary
 
 typedef struct {
     int byte_level;  // a token is a byte
@@ -2684,6 +2685,11 @@ static void codec_init(TextCodec *codec, const char *tokenizer_path, const Model
     if (!codec->byte_level) {
         tokenizer_init(&codec->tokenizer, tokenizer_path);
         codec->loaded = 1;
+        if (codec->tokenizer.vocab_kind != c->vocab_kind) {
+            fail("%s holds a %s vocabulary but the model's is %s%s", tokenizer_path,
+                 vocab_kind_name(codec->tokenizer.vocab_kind), vocab_kind_name(c->vocab_kind),
+                 c->vocab_kind == VOCAB_BPE ? ": pass the PREFIX_tokenizer.bin prepro wrote with --tokenizer" : "");
+        }
         if (tokenizer_vocab_size(&codec->tokenizer) != c->vocab_size) {
             fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path,
                  tokenizer_vocab_size(&codec->tokenizer), c->vocab_size);

@@ -124,13 +124,15 @@ static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char
 #define MODEL_MAGIC 20251213      // model checkpoint: configuration, parameters, controller state
 #define STATE_MAGIC 20251214      // training state: AdamW moments, step, data position, sampler
 #define FIXTURE_MAGIC 20251215    // reference fixture of the tests, written by reference/
-#define TOKENIZER_MAGIC 20251216  // tokenizer.bin: GPT-2's vocabulary and merges
+#define TOKENIZER_MAGIC 20251216  // tokenizer file: a vocabulary and its merges (GPT-2's, or trained)
 
 // What a vocabulary's tokens are, stored in shard and model headers so that a program never has
 // to guess how to turn tokens back into text.
-enum { VOCAB_UNKNOWN = 0, VOCAB_GPT2 = 1, VOCAB_BYTES = 2 };
+// VOCAB_BPE is a vocabulary trained on the corpus by prepro (bpe.h), whose tokenizer file comes
+// with the shards.
+enum { VOCAB_UNKNOWN = 0, VOCAB_GPT2 = 1, VOCAB_BYTES = 2, VOCAB_BPE = 3 };
 static inline const char *vocab_kind_name(int kind) {
-    return kind == VOCAB_GPT2 ? "gpt2" : kind == VOCAB_BYTES ? "bytes" : "unknown";
+    return kind == VOCAB_GPT2 ? "gpt2" : kind == VOCAB_BYTES ? "bytes" : kind == VOCAB_BPE ? "bpe" : "unknown";
 }
 
 // One field of a header: `bytes` bytes (a multiple of 4) at word `word`, copied bit for bit from

@@ -1,44 +1,82 @@
 #!/usr/bin/env bash
-# repro.sh [OUTDIR]: the experiments of doc/results.md, then the tables and plots.
+# repro.sh [OUTDIR]: the experiment of doc/results.md, then its tables and plots.
 #
-# One model (the `small` preset: L=4, C=128, E=8 experts of width 128), one dataset (TinyShakespeare
-# as bytes, as `make train` prepares it), the same number of tokens for every method (STEPS steps
-# of 16 x 64 tokens): Top-k, fixed Top-p at two thresholds, DTop-p, the two ablations (PI without
-# DRN, DRN with a fixed p) and the layer-wise variant, with two seeds for the first three.
-# Every run is deterministic; a run whose log is complete is not run again, so an interrupted
-# repro.sh continues where it stopped. scripts/analyze.py writes doc/results_table.md and the plots.
+# Word-piece tokens (a 4,096-token BPE vocabulary that prepro trains on the corpus; shards from
+# `make repro`), an 8-layer model, the same 1,228,800 training tokens for every run (STEPS steps of
+# 16 x 64), three seeds of everything:
+#
+#   granularity, at equal activated expert width (k x H = 256):
+#       E = 8 experts of width 256, target 1;  E = 16 of width 128, target 2;  E = 32 of width 64, target 4
+#       DTop-p and Top-k at each
+#   at E = 16 (the main model), also:
+#       fixed Top-p at the threshold DTop-p settles at (its mean p over the second half, same seed),
+#       PI controller without DRN, DRN with that fixed p, and the per-layer controller
+#
+# Every run is deterministic whatever the number of threads; a run whose log is complete is not run
+# again, so an interrupted repro.sh continues where it stopped. JOBS runs go at once (default 2, one
+# thread each: small models train faster as two one-thread runs than as one two-thread run).
+# scripts/decide.py then applies the decision rules of doc/results.md and writes the tables and plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/repro}
 TRAIN=${TRAIN:-./train_dtopp}
-STEPS=${STEPS:-1000}
-TGT=${TGT:-2}
-P_LOW=${P_LOW:-0.25}   # about 2 experts per token at the start (a near-uniform router: 1/8 each)
-P_HIGH=${P_HIGH:-0.5}   # about 4 at the start
+DATA=${DATA:-data/words}
+STEPS=${STEPS:-1200}
+SEEDS=${SEEDS:-"1 2 3"}
+JOBS=${JOBS:-2}
 mkdir -p "$OUT"
-[ -f data/train_bytes_train.bin ] || { echo "repro: run 'make train' first (it prepares data/train_bytes_*.bin)" >&2; exit 1; }
+[ -f "${DATA}_train.bin" ] || { echo "repro: ${DATA}_train.bin is missing: run 'make repro' (it prepares it)" >&2; exit 1; }
 
-COMMON=(--train data/train_bytes_train.bin --val data/train_bytes_val.bin --model small --batch 16 --seq-len 64
-        --steps "$STEPS" --lr 3e-3 --warmup 50 --eval-every 100 --eval-batches 20 --sample-tokens 0
-        --checkpoint-every 0)
+COMMON=(--train "${DATA}_train.bin" --val "${DATA}_val.bin" --layers 8 --channels 128 --heads 4 --batch 16 --seq-len 64
+        --steps "$STEPS" --lr 3e-3 --warmup 50 --eval-every 200 --eval-batches 40 --sample-tokens 0
+        --checkpoint-every 0 --threads 1)
+E8=(--experts 8 --expert-hidden 256)
+E16=(--experts 16 --expert-hidden 128)
+E32=(--experts 32 --expert-hidden 64)
 
-run() {  # run NAME ARGS...
+done_already() { [ -f "$OUT/$1/log.csv" ] && [ "$(tail -1 "$OUT/$1/log.csv" | cut -d, -f1)" = "$STEPS" ]; }
+
+run() {  # run NAME ARGS...: one training run, in the background once JOBS runs are going
     local name=$1
     shift
-    if [ -f "$OUT/$name/log.csv" ] && [ "$(tail -1 "$OUT/$name/log.csv" | cut -d, -f1)" = "$STEPS" ]; then return; fi
+    done_already "$name" && return
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     echo "repro: $name: $*"
-    "$TRAIN" "${COMMON[@]}" --out "$OUT/$name" --routing-dump "$OUT/$name/routing.csv" "$@" > "$OUT/$name.txt" 2>&1 ||
-        { echo "repro: $name failed, see $OUT/$name.txt" >&2; exit 1; }
+    rm -rf "${OUT:?}/$name"  # an interrupted run starts again from step 0
+    { "$TRAIN" "${COMMON[@]}" --out "$OUT/$name" --routing-dump "$OUT/$name/routing.csv" "$@" > "$OUT/$name.txt" 2>&1 ||
+        { echo "repro: $name failed, see $OUT/$name.txt" >&2; exit 1; }; } &
 }
 
-for seed in 1 2; do
-    run "topk_s$seed" --routing topk --k "$TGT" --seed "$seed"
-    run "topp_low_s$seed" --routing topp --p "$P_LOW" --seed "$seed"
-    run "dtopp_s$seed" --routing dtopp --tgt "$TGT" --seed "$seed"
+finish_all() {  # waits for every run, and stops if one failed
+    while [ -n "$(jobs -rp)" ]; do wait -n || { wait; exit 1; }; done
+    wait
+}
+
+# the threshold DTop-p settles at: its mean p over the second half of the run
+settled_p() {
+    awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "p_0") c = i; next }
+             { p[NR] = $c } END { n = 0; s = 0; for (i = int(NR / 2) + 1; i <= NR; i++) { s += p[i]; n++ }
+             printf "%.4f", s / n }' "$OUT/$1/log.csv"
+}
+
+for seed in $SEEDS; do
+    run "e16_dtopp_s$seed" "${E16[@]}" --routing dtopp --tgt 2 --seed "$seed"
+    run "e16_topk_s$seed" "${E16[@]}" --routing topk --k 2 --seed "$seed"
 done
-run topp_high_s1 --routing topp --p "$P_HIGH" --seed 1
-run pi_only_s1 --routing dtopp --drn 0 --tgt "$TGT" --seed 1
-run drn_only_s1 --routing topp --drn 1 --p "$P_LOW" --seed 1
-run dtopp_layer_s1 --routing dtopp --controller layer --tgt "$TGT" --seed 1
+for seed in $SEEDS; do
+    run "e8_dtopp_s$seed" "${E8[@]}" --routing dtopp --tgt 1 --seed "$seed"
+    run "e8_topk_s$seed" "${E8[@]}" --routing topk --k 1 --seed "$seed"
+    run "e32_dtopp_s$seed" "${E32[@]}" --routing dtopp --tgt 4 --seed "$seed"
+    run "e32_topk_s$seed" "${E32[@]}" --routing topk --k 4 --seed "$seed"
+    run "e16_pi_only_s$seed" "${E16[@]}" --routing dtopp --drn 0 --tgt 2 --seed "$seed"
+    run "e16_dtopp_layer_s$seed" "${E16[@]}" --routing dtopp --controller layer --tgt 2 --seed "$seed"
+done
+finish_all
+for seed in $SEEDS; do
+    p=$(settled_p "e16_dtopp_s$seed")
+    run "e16_topp_s$seed" "${E16[@]}" --routing topp --p "$p" --seed "$seed"
+    run "e16_drn_only_s$seed" "${E16[@]}" --routing topp --drn 1 --p "$p" --seed "$seed"
+done
+finish_all
 echo "repro: all runs done, logs in $OUT"
-/usr/bin/python3 scripts/analyze.py "$OUT" out/tune out/tune_long
+/usr/bin/python3 scripts/decide.py "$OUT" "${DATA}_train.bin"

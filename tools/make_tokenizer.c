@@ -20,7 +20,7 @@ every id it lists has exactly the bytes we derived, so a wrong input file cannot
 #include <string.h>
 
 #include "../utils.h"
-#define TOKENIZER_VERSION 1
+#define TOKENIZER_VERSION 2
 #define MAX_VOCAB 65536
 
 // the bytes of every token, concatenated; token i is tok_bytes[tok_off[i] .. tok_off[i+1])
@@ -237,6 +237,7 @@ int main(int argc, char **argv) {
     header[3] = ntok - 1;  // end-of-text
     header[4] = nmerges;
     header[5] = (int32_t)tok_used;
+    header[6] = VOCAB_GPT2;
     unsigned char lens[MAX_VOCAB];
     for (int i = 0; i < ntok; i++) lens[i] = (unsigned char)(tok_off[i + 1] - tok_off[i]);
     FILE *f = fopen(out_path, "wb");
