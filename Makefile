@@ -111,7 +111,7 @@ tools/make_offline_text: tools/make_offline_text.c
 tools/make_unicode_tables: tools/make_unicode_tables.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-test/test_tokenizer: test/test_tokenizer.c tokenizer.h unicode_tables.h
+test/test_tokenizer: test/test_tokenizer.c bpe.h tokenizer.h unicode_tables.h utils.h
 	$(CC) $(CFLAGS) -o $@ test/test_tokenizer.c $(LDLIBS)
 
 test/test_dataloader: test/test_dataloader.c dataloader.h
@@ -168,7 +168,7 @@ tune: train_dtopp tools/make_offline_text
 	$(MAKE) --no-print-directory $(DATA)/train_bytes_train.bin VOCAB=bytes
 	scripts/tune_controller.sh out/tune
 	STEPS=1000 GAINS_ONLY="0.1 0.3 0.8" scripts/tune_controller.sh out/tune_long
-	$(PYTHON) scripts/analyze.py out/tune out/tune_long
+	$(PYTHON) scripts/analyze_tuning.py out/tune out/tune_long
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +205,7 @@ test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
 	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_train.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
-$(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h
+$(SANITIZE_DIR)/%: %.c train_dtopp.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 

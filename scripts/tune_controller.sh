@@ -3,7 +3,7 @@
 #
 # For two model sizes and two targets, trains DTop-p with several (Kp, Ki, p0) settings on the
 # byte-level TinyShakespeare shards of `make train` (data/train_bytes_*.bin) and keeps every log.
-# scripts/analyze.py then measures, for each run, how fast the average number of activated experts
+# scripts/analyze_tuning.py then measures, for each run, how fast the average number of activated experts
 # a_t reaches the target (within 5%), whether it stays there, and how much it wanders.
 # Every run is deterministic; a run whose log is complete is not run again. Environment: STEPS
 # (default 300), GAINS_ONLY="Kp Ki p0" to run one setting (make repro checks the defaults over 1,000 steps).

@@ -90,6 +90,23 @@ got=$(tokens_of "$T/split_train.bin" | tr '\n' ' ')
 check "--split cuts at separator lines (3 documents)" grep -q '3 documents' "$T/log"
 check "--split drops the separator lines and empty documents" test "$got" = "50256 505 198 50256 11545 198 50256 15542 "
 
+# a vocabulary trained on the text
+"$PREPRO" --vocab bpe --bpe-tokens 500 -o "$T/bpe" "$IN" > "$T/log" 2>&1
+trained=$(sed -n 's/.* \([0-9]*\) tokens after training.*/\1/p' "$T/log")
+nbpe=$(($(word "$T/bpe_train.bin" 2) + $(word "$T/bpe_val.bin" 2)))
+check "--vocab bpe writes PREFIX_tokenizer.bin: version 2, 500 tokens, end-of-text 499, kind bpe (3)" \
+    sh -c "test $(word "$T/bpe_tokenizer.bin" 0) = 20251216 -a $(word "$T/bpe_tokenizer.bin" 1) = 2 -a \
+           $(word "$T/bpe_tokenizer.bin" 2) = 500 -a $(word "$T/bpe_tokenizer.bin" 3) = 499 -a $(word "$T/bpe_tokenizer.bin" 6) = 3"
+check "--vocab bpe: shards of vocabulary 500 and kind bpe" shard_ok "$T/bpe_val.bin" "$(word "$T/bpe_val.bin" 2)" 500 3
+check "--vocab bpe: the shards hold as many tokens as training ended with ($nbpe)" test "$nbpe" = "${trained:-none}"
+check "--vocab bpe: fewer tokens than GPT-2's 50,257-token vocabulary would need twice over" test "$nbpe" -lt $((2 * total))
+"$PREPRO" --vocab bpe --bpe-tokens 500 -o "$T/bpe2" "$IN" > /dev/null 2>&1
+check "--vocab bpe: the same text gives the same vocabulary and tokens" \
+    sh -c "cmp '$T/bpe_tokenizer.bin' '$T/bpe2_tokenizer.bin' && cmp '$T/bpe_train.bin' '$T/bpe2_train.bin'"
+check "refuses a GPT-2 tokenizer file for --vocab bpe's kind" refuses "is a bpe vocabulary, but --vocab is gpt2" \
+    "$PREPRO" --tokenizer "$T/bpe_tokenizer.bin" -o "$T/mixed" "$IN"
+check "refuses --bpe-tokens out of range" refuses "--bpe-tokens must be in [257, 65536]" "$PREPRO" --vocab bpe --bpe-tokens 100 "$IN"
+
 # several shards
 "$PREPRO" --tokenizer "$TOKENIZER" --shard-tokens 50000 -o "$T/many" "$IN" > /dev/null 2>&1
 n=0
@@ -106,6 +123,7 @@ check "refuses an unwritable output, naming it" refuses "$T/no/such/dir_train.bi
 check "refuses a missing tokenizer, naming it" refuses "$T/none.bin" "$PREPRO" --tokenizer "$T/none.bin" "$IN"
 check "refuses --eot with the byte vocabulary" refuses "--eot needs --vocab gpt2" "$PREPRO" --vocab bytes --eot "$IN"
 check "refuses a bad --val" refuses "--val must be" "$PREPRO" --val 1.5 "$IN"
+check "refuses an unknown --vocab" refuses "--vocab must be gpt2, bytes or bpe" "$PREPRO" --vocab words "$IN"
 
 echo "$passed passed, $failed failed"
 [ $failed = 0 ]

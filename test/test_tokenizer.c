@@ -1,5 +1,5 @@
 /*
-test_tokenizer: checks tokenizer.h against GPT-2's known encodings.
+test_tokenizer: checks tokenizer.h against GPT-2's known encodings, and the vocabularies bpe.h trains.
 
     DATA_DIR=folder/with/tinyshakespeare.txt+kjv.txt test_tokenizer [tokenizer.bin]
 
@@ -16,6 +16,7 @@ Refusing a bad tokenizer.bin ends the process with exit(1), so those checks run 
 
 #include "check.h"
 
+#include "../bpe.h"
 #include "../tokenizer.h"
 
 static Tokenizer tok;
@@ -95,6 +96,80 @@ static void check_file(const char *dir, const char *name, size_t expect_tokens, 
     check(ok, "%s encodes to %zu tokens%s (got %zu)", name, expect_tokens, nfirst ? " starting 5962 22307 25 198 ..." : "", n);
     check(round_trip(text, len, NULL), "%s: decode(encode(x)) == x", name);
     free(ids);
+    free(text);
+}
+
+// a text of made-up words from a few syllables, most of them frequent, some rare, with punctuation,
+// digits and a little UTF-8: enough pairs to fill a vocabulary of a few hundred tokens
+static char *made_up_text(size_t *len) {
+    static const char *syllables[] = {"ka", "lo", "mi", "ren", "tha", "su", "vor", "é", "ing", "qu"};
+    size_t cap = 200000, n = 0;
+    char *text = malloc(cap);
+    uint64_t rng = 7;
+    while (n + 64 < cap) {
+        int nsyl = 1 + (int)(random_u64(&rng) % 3);
+        text[n++] = ' ';
+        for (int i = 0; i < nsyl; i++) {
+            uint64_t r = random_u64(&rng) % 100;
+            const char *syl = syllables[r < 60 ? r % 4 : r % 10];
+            memcpy(text + n, syl, strlen(syl));
+            n += strlen(syl);
+        }
+        uint64_t r = random_u64(&rng) % 20;
+        if (r == 0) n += (size_t)sprintf(text + n, ", %d", (int)(random_u64(&rng) % 1000));
+        if (r == 1) text[n++] = '\n';
+        if (r == 2) text[n++] = '.';
+    }
+    *len = n;
+    return text;
+}
+
+// bpe.h: the trained file loads as a BPE vocabulary, encodes the training text into exactly as many
+// tokens as training left it in, decodes back, and training is deterministic
+static void check_trained_vocabulary(const char *dir) {
+    size_t len;
+    char *text = made_up_text(&len);
+    char path_a[600], path_b[600];
+    snprintf(path_a, sizeof path_a, "%s/bpe_a.bin", dir);
+    snprintf(path_b, sizeof path_b, "%s/bpe_b.bin", dir);
+    int64_t corpus_tokens = 0;
+    int merges = 0;
+    for (int run = 0; run < 2; run++) {
+        BpeTrainer b;
+        bpe_init(&b);
+        bpe_add_text(&b, text, len / 2);  // two documents: pieces never span them
+        bpe_add_text(&b, text + len / 2, len - len / 2);
+        bpe_train(&b, 400);
+        bpe_save(&b, run == 0 ? path_a : path_b);
+        corpus_tokens = b.corpus_tokens;
+        merges = b.num_merges;
+        bpe_free(&b);
+    }
+    size_t la, lb;
+    char *a = read_file(path_a, &la), *b = read_file(path_b, &lb);
+    check(a && b && la == lb && memcmp(a, b, la) == 0, "bpe: training twice writes the same file (%zu bytes)", la);
+    free(a);
+    free(b);
+    Tokenizer trained;
+    tokenizer_init(&trained, path_a);
+    check(trained.vocab_kind == VOCAB_BPE && merges == 143 && tokenizer_vocab_size(&trained) == 400 &&
+              tokenizer_eot(&trained) == 399,
+          "bpe: a 400-token vocabulary of kind bpe: 256 bytes, %d merges, end-of-text 399", merges);
+    size_t n1, n2, n_eot;
+    int *ids1 = tokenizer_encode(&trained, text, len / 2, &n1);
+    int *ids2 = tokenizer_encode(&trained, text + len / 2, len - len / 2, &n2);
+    check((int64_t)(n1 + n2) == corpus_tokens && corpus_tokens < (int64_t)len / 2,
+          "bpe: encoding the training text gives the %lld tokens training ended with (from %zu bytes)",
+          (long long)corpus_tokens, len);
+    Tokenizer saved = tok;
+    tok = trained;
+    check(round_trip(text, len, NULL), "bpe: decode(encode(x)) == x with the trained vocabulary");
+    tok = saved;
+    const unsigned char *eot = tokenizer_decode(&trained, 399, &n_eot);
+    check(n_eot == 13 && memcmp(eot, "<|endoftext|>", 13) == 0, "bpe: end-of-text decodes to <|endoftext|>");
+    free(ids1);
+    free(ids2);
+    tokenizer_free(&trained);
     free(text);
 }
 
@@ -207,16 +282,23 @@ int main(int argc, char **argv) {
     check_refuses("a wrong magic number", load, bad, "magic.bin is not a tokenizer file");
     file[0] ^= 1;
     snprintf(bad, sizeof bad, "%s/version.bin", dirbuf);
-    file[4] = 2;
+    file[4] = 3;
     write_file(bad, file, flen);
     check_refuses("a wrong version", load, bad, "version.bin: unsupported tokenizer file");
-    file[4] = 1;
+    file[4] = 2;
+    snprintf(bad, sizeof bad, "%s/kind.bin", dirbuf);
+    file[24] = 7;  // word 6, the vocabulary kind
+    write_file(bad, file, flen);
+    check_refuses("an unknown vocabulary kind", load, bad, "kind.bin: unknown vocabulary kind 7");
+    file[24] = VOCAB_GPT2;
     snprintf(bad, sizeof bad, "%s/corrupt.bin", dirbuf);
     file[flen - 100] ^= 0x20;  // one byte of a token's text
     write_file(bad, file, flen);
     check_refuses("a corrupted token", load, bad, "corrupt.bin: a merged token");
-    const char *names[] = {"empty.bin", "truncated.bin", "magic.bin", "version.bin", "corrupt.bin"};
-    for (int i = 0; i < 5; i++) {
+    check_trained_vocabulary(dirbuf);
+    const char *names[] = {"empty.bin", "truncated.bin", "magic.bin", "version.bin", "kind.bin", "corrupt.bin",
+                           "bpe_a.bin", "bpe_b.bin"};
+    for (int i = 0; i < 8; i++) {
         snprintf(bad, sizeof bad, "%s/%s", dirbuf, names[i]);
         remove(bad);
     }

@@ -83,6 +83,13 @@ check "resume: identical optimizer state" cmp "$TMP/straight/state_00000012.bin"
 check "older checkpoint removed once the newer is complete" test ! -e "$TMP/straight/model_00000006.bin"
 
 # bad input: a clear message and a non-zero exit
+# a vocabulary prepro trained: samples need its tokenizer file, and GPT-2's is refused
+"$PREPRO" --vocab bpe --bpe-tokens 400 -o "$TMP/bpe" "$TMP/text.txt" > /dev/null || { echo "prepro failed"; exit 1; }
+check "train 3 steps on a trained BPE vocabulary and sample with its tokenizer file" "$TRAIN" \
+    --train "$TMP/bpe_train.bin" --val "$TMP/bpe_val.bin" "${TINY[@]}" --steps 3 --sample-tokens 8 \
+    --tokenizer "$TMP/bpe_tokenizer.bin" --out "$TMP/bpe_run"
+refuses "sampling a BPE model with GPT-2's tokenizer" "holds a gpt2 vocabulary but the model's is bpe" "$TRAIN" \
+    --init "$TMP/bpe_run/model.bin" --generate 4
 refuses "missing shard" "no file matches" "$TRAIN" --train "$TMP/nothing_*.bin" --out "$TMP/bad"
 printf 'not a shard at all, just some text that is long enough to hold a header of 1024 bytes %01000d' 0 > "$TMP/foreign.bin"
 refuses "foreign shard" "magic" "$TRAIN" --train "$TMP/foreign.bin" --out "$TMP/bad"

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""decide.py: applies the decision rules of doc/results.md to the logs of scripts/repro.sh, and
+writes the tables (doc/results_table.md) and plots (doc/plots/repro_*.png) of its results.
+
+    python3 scripts/decide.py [REPRO_DIR [TRAIN_SHARD]]     (defaults: out/repro, data/words_train.bin)
+
+Reads only what the training program writes (log.csv: one row per step; routing.csv: one row per
+validation token of the last evaluation, with its loss and its experts in every layer) and the
+training shard (for token frequencies). Needs numpy and matplotlib (Debian: python3-numpy,
+python3-matplotlib).
+"""
+import csv
+import math
+import os
+import sys
+
+import numpy as np
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "doc")
+PLOTS = os.path.join(DOC, "plots")
+
+# (granularity, method) -> label; the runs are named e{E}_{method}_s{seed} by repro.sh
+METHODS = {
+    "dtopp": "DTop-p (PI + DRN)",
+    "topk": "Top-k",
+    "topp": "fixed Top-p at DTop-p's settled p",
+    "pi_only": "PI controller, no DRN",
+    "drn_only": "DRN, fixed p",
+    "dtopp_layer": "DTop-p, one p per layer",
+}
+TARGET = {8: 1, 16: 2, 32: 4}
+# two-sided 95% quantiles of Student's t, by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def read_log(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    layers = 0
+    while f"p_{layers}" in rows[0]:
+        layers += 1
+    return rows, layers
+
+
+def read_run(out, name):
+    """Everything the tables use about one run, or None if it has not finished."""
+    log = os.path.join(out, name, "log.csv")
+    if not os.path.exists(log):
+        return None
+    rows, L = read_log(log)
+    half = rows[len(rows) // 2:]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"] != ""]
+    hist = []  # per layer, activated experts per token over training steps
+    for l in range(L):
+        ks = [k for k in range(0, 65) if f"hist_{l}_{k}" in rows[0]]
+        a = [sum(k * float(r[f"hist_{l}_{k}"]) for k in ks) / max(1e-9, sum(float(r[f"hist_{l}_{k}"]) for k in ks))
+             for r in rows]
+        hist.append(a)
+    routing = np.genfromtxt(os.path.join(out, name, "routing.csv"), delimiter=",", skip_header=1)
+    return {
+        "steps": [int(r["step"]) for r in rows],
+        "activated": [float(r["activated"]) for r in rows],
+        "p": [float(r["p"]) for r in rows],
+        "a_half": float(np.mean([float(r["activated"]) for r in half])),
+        "p_half": float(np.mean([float(r["p_0"]) for r in half])),
+        "p_layers_half": [float(np.mean([float(r[f"p_{l}"]) for r in half])) for l in range(L)],
+        "val": val,
+        "final": val[-1][1],
+        "layer_a_train": hist,
+        "tokens": routing[:, 0].astype(int),
+        "loss": routing[:, 2],
+        "experts": routing[:, 3:],
+    }
+
+
+def mean_sd(xs):
+    m = float(np.mean(xs))
+    return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def paired(a, b):
+    """b - a over seeds: mean, standard deviation, half-width of the 95% interval."""
+    d = [y - x for x, y in zip(a, b)]
+    m, s = mean_sd(d)
+    n = len(d)
+    return m, s, T95.get(n - 1, 1.96) * s / math.sqrt(n) if n > 1 else float("inf")
+
+
+def verdict(m, hw, above, below, neither="not decided"):
+    return above if m - hw > 0 else below if m + hw < 0 else neither
+
+
+def ranks(x):
+    """Ranks with ties averaged, as Spearman's correlation needs."""
+    order = np.argsort(x, kind="mergesort")
+    r = np.empty(len(x))
+    sx = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sx[j + 1] == sx[i]:
+            j += 1
+        r[order[i:j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return r
+
+
+def spearman(x, y):
+    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def fmt(m, s=None, digits=3):
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "out", "repro")
+    shard = sys.argv[2] if len(sys.argv) > 2 else os.path.join(ROOT, "data", "words_train.bin")
+    names = sorted(d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d)))
+    seeds = sorted({int(n.rsplit("_s", 1)[1]) for n in names})
+    runs = {}
+    for n in names:
+        e, rest = n.split("_", 1)
+        method, seed = rest.rsplit("_s", 1)
+        r = read_run(out, n)
+        if r is not None:
+            runs[(int(e[1:]), method, int(seed))] = r
+    train = np.fromfile(shard, dtype=np.uint16, offset=1024)
+    counts = np.bincount(train, minlength=65536).astype(float)
+    log_freq = np.log(counts + 1)
+    lines = ["# Tables of doc/results.md", "",
+             f"Generated by `python3 scripts/decide.py {out} {shard}` from the logs of `scripts/repro.sh`.", ""]
+    decisions = []
+
+    def seeds_of(e, method):
+        return [s for s in seeds if (e, method, s) in runs]
+
+    # every run
+    lines += ["## Every configuration", "",
+              "| E | method | seeds | final val loss (mean ± sd) | activated, 2nd half | settled p |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for e in sorted(TARGET):
+        for method in METHODS:
+            ss = seeds_of(e, method)
+            if not ss:
+                continue
+            lm, ls = mean_sd([runs[(e, method, s)]["final"] for s in ss])
+            am = np.mean([runs[(e, method, s)]["a_half"] for s in ss])
+            pm = np.mean([runs[(e, method, s)]["p_half"] for s in ss])
+            settled = "—" if method == "topk" else f"{pm:.3f}" + (" (layer 0)" if method == "dtopp_layer" else "")
+            lines.append(f"| {e} | {METHODS[method]} | {len(ss)} | {fmt(lm, ls)} | {am:.3f} | "
+                         f"{settled} |")
+    lines.append("")
+
+    def compare(e, a, b, claim_above, claim_below):
+        ss = [s for s in seeds_of(e, a) if (e, b, s) in runs]
+        if not ss:
+            return None
+        la = [runs[(e, a, s)]["final"] for s in ss]
+        lb = [runs[(e, b, s)]["final"] for s in ss]
+        m, s, hw = paired(la, lb)
+        ca = np.mean([runs[(e, a, s)]["a_half"] for s in ss])
+        cb = np.mean([runs[(e, b, s)]["a_half"] for s in ss])
+        equal = abs(ca - cb) <= 0.05 * ca and (b == "topp" or abs(cb - TARGET[e]) <= 0.05 * TARGET[e])
+        v = verdict(m, hw, claim_above, claim_below) if equal else "unequal compute"
+        return {"n": len(ss), "d": m, "sd": s, "hw": hw, "a": ca, "b": cb, "verdict": v,
+                "per_seed": [y - x for x, y in zip(la, lb)]}
+
+    # rules 1, 2, 3, 6: paired comparisons
+    lines += ["## Paired comparisons (rules 1, 2, 3, 6)", "",
+              "d = loss(other) − loss(DTop-p) per seed, in nats per token: positive favours DTop-p.", "",
+              "| E | other method | seeds | d per seed | mean d ± sd | 95% interval | activated: DTop-p, other "
+              "| verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    results = {}
+    for e, other in [(16, "topk"), (16, "topp"), (8, "topk"), (32, "topk"), (16, "pi_only"), (16, "drn_only"),
+                     (16, "dtopp_layer")]:
+        c = compare(e, "dtopp", other, "DTop-p better", f"{METHODS[other]} better")
+        if c is None:
+            continue
+        results[(e, other)] = c
+        lines.append(f"| {e} | {METHODS[other]} | {c['n']} | {', '.join(f'{x:+.4f}' for x in c['per_seed'])} | "
+                     f"{c['d']:+.4f} ± {c['sd']:.4f} | [{c['d'] - c['hw']:+.4f}, {c['d'] + c['hw']:+.4f}] | "
+                     f"{c['a']:.3f}, {c['b']:.3f} | {c['verdict']} |")
+        decisions.append((f"DTop-p vs {METHODS[other]}, E = {e}", f"{c['d']:+.4f} [{c['d'] - c['hw']:+.4f}, "
+                          f"{c['d'] + c['hw']:+.4f}]", c["verdict"]))
+    lines.append("")
+
+    # rule 3: does the advantage grow with granularity?
+    if (8, "topk") in results and (32, "topk") in results:
+        ss = [s for s in seeds if all((e, m, s) in runs for e in (8, 32) for m in ("dtopp", "topk"))]
+        g = [(runs[(32, "topk", s)]["final"] - runs[(32, "dtopp", s)]["final"]) -
+             (runs[(8, "topk", s)]["final"] - runs[(8, "dtopp", s)]["final"]) for s in ss]
+        m, sd = mean_sd(g)
+        hw = T95.get(len(g) - 1, 1.96) * sd / math.sqrt(len(g)) if len(g) > 1 else float("inf")
+        v = verdict(m, hw, "reproduced", "contradicted")
+        lines += ["## Granularity (rule 3)", "",
+                  f"d(E = 32) − d(E = 8) per seed: {', '.join(f'{x:+.4f}' for x in g)}; mean {m:+.4f} ± {sd:.4f}, "
+                  f"95% interval [{m - hw:+.4f}, {m + hw:+.4f}]: **{v}**.", ""]
+        decisions.append(("DTop-p's advantage grows from E = 8 to E = 32", f"{m:+.4f} [{m - hw:+.4f}, {m + hw:+.4f}]", v))
+
+    # rule 4: depth
+    ss = seeds_of(16, "dtopp")
+    if ss:
+        per_layer = np.array([runs[(16, "dtopp", s)]["experts"].mean(axis=0) for s in ss])
+        L = per_layer.shape[1]
+        tgt = TARGET[16]
+        shallow = per_layer[:, :2].mean(axis=1)
+        deep = per_layer[:, -2:].mean(axis=1)
+        if all((shallow < tgt) & (deep > tgt)):
+            v = "reproduced"
+        elif all((shallow > tgt) & (deep < tgt)):
+            v = "contradicted"
+        else:
+            v = "partly"
+        lines += ["## Depth (rule 4)", "",
+                  "Mean activated experts per token in each layer, DTop-p at E = 16 (target 2), validation "
+                  "tokens of the final evaluation:", "",
+                  "| seed | " + " | ".join(f"layer {l}" for l in range(L)) + " | first two | last two |",
+                  "| --- | " + " | ".join("---" for _ in range(L)) + " | --- | --- |"]
+        for i, s in enumerate(ss):
+            lines.append(f"| {s} | " + " | ".join(f"{x:.2f}" for x in per_layer[i]) +
+                         f" | {shallow[i]:.2f} | {deep[i]:.2f} |")
+        lines += ["", f"Verdict: **{v}**.", ""]
+        decisions.append(("shallow layers use fewer experts, deep layers more",
+                          f"first two {shallow.mean():.2f}, last two {deep.mean():.2f}", v))
+        ssl = seeds_of(16, "dtopp_layer")
+        if ssl:
+            pl = np.array([runs[(16, "dtopp_layer", s)]["p_layers_half"] for s in ssl])
+            al = np.array([runs[(16, "dtopp_layer", s)]["experts"].mean(axis=0) for s in ssl])
+            lines += ["One threshold per layer (mean over seeds; p over the second half, experts at the final "
+                      "evaluation):", "", "| | " + " | ".join(f"layer {l}" for l in range(L)) + " |",
+                      "| --- | " + " | ".join("---" for _ in range(L)) + " |",
+                      "| p | " + " | ".join(f"{x:.3f}" for x in pl.mean(axis=0)) + " |",
+                      "| experts | " + " | ".join(f"{x:.2f}" for x in al.mean(axis=0)) + " |", ""]
+
+    # rule 5: adaptivity
+    lines += ["## Adaptivity (rule 5)", "",
+              "Spearman correlation over the validation tokens of the final evaluation between a token's "
+              "activated experts and its loss / the log-frequency of the token in the training split.", "",
+              "| E | method | seed | vs loss, all layers | vs log-frequency, all layers | vs loss, per layer |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    adapt = {}
+    for e in sorted(TARGET):
+        for method in ("dtopp", "pi_only", "dtopp_layer"):
+            for s in seeds_of(e, method):
+                r = runs[(e, method, s)]
+                total = r["experts"].sum(axis=1)
+                rl = spearman(total, r["loss"])
+                rf = spearman(total, log_freq[r["tokens"]])
+                per = [spearman(r["experts"][:, l], r["loss"]) for l in range(r["experts"].shape[1])]
+                adapt[(e, method, s)] = (rl, rf, per)
+                lines.append(f"| {e} | {METHODS[method]} | {s} | {rl:+.3f} | {rf:+.3f} | "
+                             f"{' '.join(f'{x:+.2f}' for x in per)} |")
+    lines.append("")
+    for e in sorted(TARGET):
+        rs = [adapt[(e, "dtopp", s)] for s in seeds_of(e, "dtopp")]
+        if not rs:
+            continue
+        rl = [x[0] for x in rs]
+        rf = [x[1] for x in rs]
+        vl = "reproduced" if min(rl) >= 0.1 else "contradicted" if max(rl) <= -0.1 else "not decided"
+        vf = "reproduced" if max(rf) <= -0.1 else "contradicted" if min(rf) >= 0.1 else "not decided"
+        decisions.append((f"hard tokens recruit more experts (E = {e})", f"ρ = {', '.join(f'{x:+.3f}' for x in rl)}", vl))
+        decisions.append((f"rare tokens recruit more experts (E = {e})", f"ρ = {', '.join(f'{x:+.3f}' for x in rf)}", vf))
+
+    lines += ["## Decisions", "", "| claim | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {m} | {v} |" for c, m, v in decisions]
+    lines.append("")
+    with open(os.path.join(DOC, "results_table.md"), "w") as f:
+        f.write("\n".join(lines))
+    for c, m, v in decisions:
+        print(f"decide: {c}: {m}: {v}")
+    plots(runs, seeds, log_freq)
+
+
+def plots(runs, seeds, log_freq):
+    os.makedirs(PLOTS, exist_ok=True)
+    colours = {"dtopp": "tab:green", "topk": "tab:blue", "topp": "tab:orange", "pi_only": "tab:olive",
+               "drn_only": "tab:purple", "dtopp_layer": "tab:cyan"}
+    # validation loss over training, E = 16
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for method in METHODS:
+        for s in seeds:
+            r = runs.get((16, method, s))
+            if r is None:
+                continue
+            st, v = zip(*r["val"][1:])
+            ax[0].plot(st, v, color=colours[method], alpha=0.7, label=METHODS[method] if s == seeds[0] else None)
+            ax[1].plot(r["steps"], r["activated"], color=colours[method], alpha=0.5, lw=0.6,
+                       label=METHODS[method] if s == seeds[0] else None)
+    ax[0].set(xlabel="step", ylabel="validation loss (nats/token)", title="E = 16, target 2")
+    ax[0].legend(fontsize=7)
+    ax[1].set(xlabel="step", ylabel="activated experts per token", title="a_t, E = 16", ylim=(0, 6))
+    fig.tight_layout()
+    fig.savefig(os.path.join(PLOTS, "repro_loss.png"), dpi=110)
+    plt.close(fig)
+
+    # granularity: paired difference per E
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, e in enumerate(sorted(TARGET)):
+        d = [runs[(e, "topk", s)]["final"] - runs[(e, "dtopp", s)]["final"] for s in seeds
+             if (e, "topk", s) in runs and (e, "dtopp", s) in runs]
+        if d:
+            ax.scatter([i] * len(d), d, color="tab:green")
+            ax.errorbar([i + 0.1], [np.mean(d)], yerr=[np.std(d, ddof=1) if len(d) > 1 else 0], fmt="o", color="k")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(3), [f"E = {e}, target {TARGET[e]}" for e in sorted(TARGET)])
+    ax.set(ylabel="loss(Top-k) − loss(DTop-p), nats/token", title="granularity (dots: seeds; bar: mean ± sd)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(PLOTS, "repro_granularity.png"), dpi=110)
+    plt.close(fig)
+
+    # depth: experts per layer
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in sorted(TARGET):
+        for method, ls in (("dtopp", "-"), ("dtopp_layer", ":")):
+            ss = [s for s in seeds if (e, method, s) in runs]
+            if not ss:
+                continue
+            pl = np.array([runs[(e, method, s)]["experts"].mean(axis=0) for s in ss]) / TARGET[e]
+            ax.errorbar(range(pl.shape[1]), pl.mean(axis=0), yerr=pl.std(axis=0), ls=ls, marker="o",
+                        label=f"{METHODS[method]}, E = {e}")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(xlabel="layer", ylabel="activated experts / target", title="experts per layer (final validation)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(PLOTS, "repro_layers.png"), dpi=110)
+    plt.close(fig)
+
+    # adaptivity: mean experts against loss and against frequency, DTop-p E = 16, all seeds
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for s in seeds:
+        r = runs.get((16, "dtopp", s))
+        if r is None:
+            continue
+        total = r["experts"].sum(axis=1) / r["experts"].shape[1]
+        for k, x in enumerate((r["loss"], log_freq[r["tokens"]])):
+            edges = np.quantile(x, np.linspace(0, 1, 11))
+            idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, 9)
+            ax[k].plot([x[idx == b].mean() for b in range(10)], [total[idx == b].mean() for b in range(10)],
+                       marker="o", label=f"seed {s}")
+    ax[0].set(xlabel="token loss (deciles)", ylabel="experts per token per layer", title="DTop-p, E = 16")
+    ax[1].set(xlabel="log frequency of the token in training (deciles)", ylabel="experts per token per layer")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(PLOTS, "repro_adaptivity.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
