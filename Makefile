@@ -46,7 +46,8 @@ MPI_OK := $(shell command -v $(MPICC) 2>/dev/null)
 MPI_NVCC_FLAGS = $(addprefix -I,$(shell $(MPICC) --showme:incdirs 2>/dev/null)) \
                  $(addprefix -L,$(shell $(MPICC) --showme:libdirs 2>/dev/null)) -lmpi
 
-# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens; OUT: its output
+# data for `make train`: TEXT=file to use your own text, VOCAB=gpt2 for GPT-2 tokens, VOCAB=bpe for a
+# 4,096-token vocabulary trained on the text; OUT: its output
 VOCAB ?= bytes
 DATA = data
 OUT = out
@@ -54,6 +55,10 @@ TRAIN_FLAGS ?=
 ifeq ($(VOCAB),gpt2)
   SHARDS = $(DATA)/train_gpt2
   TRAIN_DEFAULTS = --batch 8 --seq-len 64 --steps 300 --eval-every 50 --sample-every 100 --sample-tokens 64
+else ifeq ($(VOCAB),bpe)
+  SHARDS = $(DATA)/train_bpe
+  TRAIN_DEFAULTS = --batch 16 --seq-len 64 --steps 1500 --lr 3e-3 --warmup 50 --eval-every 250 --sample-every 500 \
+                   --sample-tokens 128 --tokenizer $(SHARDS)_tokenizer.bin
 else
   SHARDS = $(DATA)/train_bytes
   TRAIN_DEFAULTS = --batch 16 --seq-len 128 --steps 1500 --lr 3e-3 --warmup 50 --eval-every 250 --sample-every 500 --sample-tokens 256
