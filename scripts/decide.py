@@ -9,7 +9,6 @@ validation token of the last evaluation, with its loss and its experts in every 
 training shard (for token frequencies). Needs numpy and matplotlib (Debian: python3-numpy,
 python3-matplotlib).
 """
-import csv
 import math
 import os
 import sys
@@ -19,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from analyze_tuning import read_log  # noqa: E402  (same folder: one reader of log.csv)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "doc")
@@ -36,15 +37,6 @@ METHODS = {
 TARGET = {8: 1, 16: 2, 32: 4}
 # two-sided 95% quantiles of Student's t, by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def read_log(path):
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    layers = 0
-    while f"p_{layers}" in rows[0]:
-        layers += 1
-    return rows, layers
 
 
 def read_run(out, name):
