@@ -1501,8 +1501,10 @@ static void attend(float *out, float *probs, const float *q, const float *k, con
     }
 }
 
-// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities (row t
-// holds keys 0..t; the rest of the row up to the end of its block of queries holds zeros).
+// Self-attention, causal (the language model: query t sees keys 0..t) or not (causal 0: every query
+// sees every key, as the diffusion transformer's image patches do). qkv (B, T, 3C) -> out (B, T, C),
+// att (B, NH, T, T) probabilities (causal: row t holds keys 0..t, and the rest of the row up to
+// the end of its block of queries holds zeros).
 // Each thread owns whole (b, h) pairs and takes their queries in blocks of ATTENTION_BLOCK, so
 // that the scores and the weighted sums are matrix products (sgemm_serial) over keys 0 .. the
 // block's last query: the causal mask costs at most one block's worth of extra products.
@@ -1519,7 +1521,7 @@ static MatrixView transposed(MatrixView v) {
     return v;
 }
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH, int causal) {
     int hd = C / NH;
     float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -1530,27 +1532,30 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
             float *probs = att + ((size_t)b * NH + h) * T * T;
             for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                 int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
-                float *block = probs + (size_t)t0 * T;  // rows t0 .. t1-1, keys 0 .. t1-1
-                // scores q·k of the block's queries against keys 0 .. t1-1
-                sgemm_serial(n_queries, t1, hd, view_offset(q, t0, 0), transposed(k), block, T, 0);
+                int n_keys = causal ? t1 : T;
+                float *block = probs + (size_t)t0 * T;  // rows t0 .. t1-1, keys 0 .. n_keys-1
+                // scores q·k of the block's queries against keys 0 .. n_keys-1
+                sgemm_serial(n_queries, n_keys, hd, view_offset(q, t0, 0), transposed(k), block, T, 0);
                 for (int t = t0; t < t1; t++) {
                     float *p = probs + (size_t)t * T, maxval = -INFINITY, sum = 0.0f;
+                    int last = causal ? t : T - 1;  // the last key query t sees
                     #pragma omp simd reduction(max : maxval)
-                    for (int j = 0; j <= t; j++) {
+                    for (int j = 0; j <= last; j++) {
                         p[j] *= scale;
                         maxval = p[j] > maxval ? p[j] : maxval;
                     }
                     #pragma omp simd reduction(+ : sum)
-                    for (int j = 0; j <= t; j++) {
+                    for (int j = 0; j <= last; j++) {
                         p[j] = exp_fast(p[j] - maxval);
                         sum += p[j];
                     }
                     float inv = 1.0f / sum;
-                    for (int j = 0; j <= t; j++) { p[j] *= inv; }
-                    for (int j = t + 1; j < t1; j++) { p[j] = 0.0f; }  // the causal mask
+                    for (int j = 0; j <= last; j++) { p[j] *= inv; }
+                    for (int j = last + 1; j < n_keys; j++) { p[j] = 0.0f; }  // the causal mask
                 }
                 MatrixView p_block = {block, NULL, T, 0};
-                sgemm_serial(n_queries, hd, t1, p_block, v, out + ((size_t)b * T + t0) * C + h * hd, C, 0);
+                float *out_block = out + ((size_t)b * T + t0) * C + h * hd;
+                sgemm_serial(n_queries, hd, n_keys, p_block, v, out_block, C, 0);
             }
         }
     }
@@ -1561,8 +1566,8 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 // (their keys and values receive gradient from every later query) and takes the queries in
 // blocks in order, so every sum runs in the same order for any number of threads. Each thread
 // keeps dS of its current block of queries in a scratch of its own.
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T, int C,
-                        int NH) {
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T,
+                        int C, int NH, int causal) {
     int hd = C / NH;
     float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel
@@ -1578,21 +1583,25 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
                 MatrixView d = {dout + (size_t)b * T * C + h * hd, NULL, (size_t)C, 0};
                 for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                     int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
+                    int n_keys = causal ? t1 : T;
                     MatrixView p_block = {probs + (size_t)t0 * T, NULL, T, 0};
-                    MatrixView d_block = view_offset(d, t0, 0), ds_block = {dscores, NULL, t1, 0};
-                    sgemm_serial(n_queries, t1, hd, d_block, transposed(v), dscores, t1, 0);  // dP
+                    MatrixView d_block = view_offset(d, t0, 0), ds_block = {dscores, NULL, n_keys, 0};
+                    // dP
+                    sgemm_serial(n_queries, n_keys, hd, d_block, transposed(v), dscores, n_keys, 0);
                     for (int t = t0; t < t1; t++) {
                         const float *p = probs + (size_t)t * T;
-                        float *ds = dscores + (size_t)(t - t0) * t1, pdp = 0.0f;
+                        float *ds = dscores + (size_t)(t - t0) * n_keys, pdp = 0.0f;
+                        int last = causal ? t : T - 1;
                         #pragma omp simd reduction(+ : pdp)
-                        for (int j = 0; j <= t; j++) { pdp += p[j] * ds[j]; }
-                        for (int j = 0; j <= t; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
-                        for (int j = t + 1; j < t1; j++) { ds[j] = 0.0f; }
+                        for (int j = 0; j <= last; j++) { pdp += p[j] * ds[j]; }
+                        for (int j = 0; j <= last; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
+                        for (int j = last + 1; j < n_keys; j++) { ds[j] = 0.0f; }
                     }
-                    sgemm_serial(n_queries, hd, t1, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C, 1);
-                    sgemm_serial(t1, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
+                    sgemm_serial(n_queries, hd, n_keys, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C,
+                                 1);
+                    sgemm_serial(n_keys, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
                                  3 * (size_t)C, 1);
-                    sgemm_serial(t1, hd, n_queries, transposed(p_block), d_block, dv, 3 * (size_t)C, 1);
+                    sgemm_serial(n_keys, hd, n_queries, transposed(p_block), d_block, dv, 3 * (size_t)C, 1);
                 }
             }
         }
@@ -2068,7 +2077,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH);
+        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH, 1);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
@@ -2132,7 +2141,7 @@ void model_backward(Model *model) {
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
-                           t->att + (size_t)l * B * NH * T * T, B, T, C, NH);
+                           t->att + (size_t)l * B * NH * T * T, B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C);
