@@ -2171,27 +2171,37 @@ static double sum_of_squares(const float *x, size_t n) {
     return total;
 }
 
+// Clips the gradient (the n floats of `sizes`, tensor by tensor) to global norm CLIP_NORM and takes
+// AdamW step number `step`, with weight decay on the tensors that is_matrix marks. Returns the norm
+// before clipping. The diffusion transformer (train_dit.c) updates its own buffers with it too.
+static float adamw_clipped_step(float *params, const float *grads, float *m, float *v,
+                                const size_t *sizes, const int *is_matrix, int num_tensors, int step,
+                                float lr, float weight_decay) {
+    size_t n = 0;
+    for (int k = 0; k < num_tensors; k++) { n += sizes[k]; }
+    float norm = (float)sqrt(sum_of_squares(grads, n));
+    AdamWStep s = adamw_step(step, lr, norm);
+    size_t offset = 0;
+    for (int k = 0; k < num_tensors; k++) {
+        float wd = is_matrix[k] ? weight_decay : 0.0f;
+        size_t end = offset + sizes[k];
+        #pragma omp parallel for
+        for (size_t i = offset; i < end; i++) { adamw_update(&params[i], &m[i], &v[i], grads[i], s, wd); }
+        offset = end;
+    }
+    return norm;
+}
+
 // Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
 float model_update(Model *model, float lr, float weight_decay) {
     if (model->m_memory == NULL) {
         model->m_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
         model->v_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
     }
-    float norm = (float)sqrt(sum_of_squares(model->grads_memory, model->num_parameters));
     model->adam_step++;
-    AdamWStep s = adamw_step(model->adam_step, lr, norm);
-    size_t offset = 0;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        float wd = param_is_matrix[k] ? weight_decay : 0.0f;
-        size_t end = offset + model->param_sizes[k];
-        #pragma omp parallel for
-        for (size_t i = offset; i < end; i++) {
-            adamw_update(&model->params_memory[i], &model->m_memory[i], &model->v_memory[i],
-                         model->grads_memory[i], s, wd);
-        }
-        offset = end;
-    }
-    return norm;
+    return adamw_clipped_step(model->params_memory, model->grads_memory, model->m_memory, model->v_memory,
+                              model->param_sizes, param_is_matrix, NUM_PARAMETER_TENSORS, model->adam_step,
+                              lr, weight_decay);
 }
 
 // Gradient accumulation: micro-batch 0 starts the sum, the last adds it into model->grads (float
