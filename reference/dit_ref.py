@@ -173,6 +173,24 @@ def forward(model, xt, t, labels, target=None, record=None):
     return v, {"total": total, "mse": mse, "LB": LBv, "H": Hv}
 
 
+@torch.no_grad()
+def sample(model, x, labels, steps, guidance, records=None):
+    """Euler steps of dx/dt = v from t = 1 to 0 from the noise x (B, S, S), with classifier-free
+    guidance: v = v(null) + guidance (v(class) - v(null)) from the doubled batch. The times are
+    float32 values, as the C code computes them. records (a list) receives each step's routing."""
+    B, K = x.shape[0], model.dcfg.num_classes
+    classes = torch.cat([labels, torch.full_like(labels, K)])
+    for i in range(steps):
+        t, t_next = R.f32(1.0 - R.f32(i / steps)), R.f32(1.0 - R.f32((i + 1) / steps))
+        record = [] if records is not None else None
+        v, _ = forward(model, torch.cat([x, x]), torch.full((2 * B,), t, dtype=torch.float64), classes,
+                       record=record)
+        if records is not None:
+            records.append(record)
+        x = x + (t_next - t) * (v[B:] + guidance * (v[:B] - v[B:]))
+    return x
+
+
 def rectified_flow_pair(x0, noise, t):
     """x_t = (1 - t) x0 + t noise and its velocity noise - x0."""
     tt = t.double()[:, None, None]
@@ -247,23 +265,25 @@ def load_model(path):
 
 
 def fixture_layout(B, d, L, E, n_params, n_steps):
-    """(name, dtype, count) of a DiT fixture's payload, in order."""
+    """(name, dtype, count) of a DiT fixture's payload, in order (the sample is last)."""
     D, N = d.image_size ** 2, B * d.grid ** 2
     return [("x0", np.float32, B * D), ("noise", np.float32, B * D), ("t", np.float32, B),
             ("labels", np.int32, B), ("velocity", np.float32, B * D), ("losses", np.float32, 2 + 2 * L),
             ("n_selected", np.int32, L * N), ("selected", np.int32, L * N * E),
             ("gates", np.float32, L * N * E),
-            ("grads", np.float32, n_params), ("trajectory", np.float32, n_steps * (2 + L))]
+            ("grads", np.float32, n_params), ("trajectory", np.float32, n_steps * (2 + L)),
+            ("sample", np.float32, B * D)]
 
 
-def save_fixture(path, model, B, n_steps, warmup, lr, weight_decay, arrays):
+def save_fixture(path, model, B, n_steps, warmup, lr, weight_decay, sample_steps, guidance, arrays):
     d, cfg = model.dcfg, model.cfg
     h = np.zeros(R.HEADER_WORDS, dtype=np.int32)
     h[0], h[1] = FIXTURE_MAGIC, FIXTURE_VERSION
-    h[2:11] = [B, d.image_size, d.patch_size, d.num_classes, cfg.L, cfg.E, num_params(d, cfg), n_steps,
-               warmup]
+    h[2:12] = [B, d.image_size, d.patch_size, d.num_classes, cfg.L, cfg.E, num_params(d, cfg), n_steps,
+               warmup, sample_steps]
     R._set_f32(h, 32, lr)
     R._set_f32(h, 33, weight_decay)
+    R._set_f32(h, 34, guidance)
     with open(path, "wb") as f:
         f.write(h.astype("<i4").tobytes())
         for name, dt, cnt in fixture_layout(B, d, cfg.L, cfg.E, num_params(d, cfg), n_steps):

@@ -27,10 +27,12 @@ import make_fixtures as M  # noqa: E402
 COMMON = dict(L=2, NH=2, C=32, E=4, H=32)
 FIXTURES = {
     "dit_topk": (dict(COMMON, routing="topk", k=2, drn=0, renorm=1, lb_coef=0.01, ent_coef=0.0),
-                 dict(seed=7000, wr_std=0.3, B=3, n_steps=10, warmup=3, lr=1e-2)),
+                 dict(seed=7000, wr_std=0.3, B=3, n_steps=10, warmup=3, lr=1e-2, sample_steps=4,
+                      guidance=2.0)),
     "dit_dtopp": (dict(COMMON, routing="dtopp", controller="global", drn=1, renorm=1, theta_init=1.5,
                        tgt=2.0, Kp=0.3, Ki=0.05, p0=0.75, pmin=0.01, pmax=1.0, lb_coef=0.01, ent_coef=0.01),
-                  dict(seed=8000, wr_std=0.3, B=3, n_steps=10, warmup=3, lr=1e-2)),
+                  dict(seed=8000, wr_std=0.3, B=3, n_steps=10, warmup=3, lr=1e-2, sample_steps=4,
+                       guidance=2.0)),
 }
 
 
@@ -61,6 +63,11 @@ def attempt(name, routing, opt, seed, outdir):
               "losses": np.concatenate([[losses["total"].item(), losses["mse"].item()], dec["LB"], dec["H"]]),
               "n_selected": dec["n_selected"], "selected": dec["selected"], "gates": dec["gates"],
               "grads": model.flat_grads()}
+    # the sampler, from the starting model: Euler steps with guidance from the batch's noise
+    records = []
+    arrays["sample"] = D.sample(model, noise, labels, opt["sample_steps"], opt["guidance"], records).numpy()
+    for i, record in enumerate(records):
+        M.check_routing(record, cfg, f"sampling {i}", strict_order=False)
     opt_ = D.make_optimizer(model, weight_decay=wd)
     traj = []
     for s in range(n_steps):
@@ -73,7 +80,8 @@ def attempt(name, routing, opt, seed, outdir):
                 raise M.Reject(f"step {s}: controller p' {pp} at a clamp bound")
         traj.append([st["loss"], st["a_t"]] + model.p.tolist())
     arrays["trajectory"] = np.array(traj)
-    D.save_fixture(os.path.join(outdir, f"{name}_ref.bin"), model, B, n_steps, warmup, lr_peak, wd, arrays)
+    D.save_fixture(os.path.join(outdir, f"{name}_ref.bin"), model, B, n_steps, warmup, lr_peak, wd,
+                   opt["sample_steps"], R.f32(opt["guidance"]), arrays)
     n_sel = dec["n_selected"]
     return (f"{name}: seed {seed}, loss {losses['total'].item():.5f} (MSE {losses['mse'].item():.5f}), "
             f"|S| {n_sel.min()}..{n_sel.max()}, a_t " + " ".join(f"{x[1]:.3f}" for x in traj))

@@ -46,8 +46,8 @@ static void check_tensor(const char *fixture, const char *what, const float *got
 #define DIT_FIXTURE_VERSION 1
 
 typedef struct {
-    int B, n_steps, warmup;
-    float lr, weight_decay;
+    int B, n_steps, warmup, sample_steps;
+    float lr, weight_decay, guidance;
     float *x0, *noise, *t;  // (B, D), (B, D), (B)
     int *labels;            // (B)
     float *velocity;        // (B, D)
@@ -57,6 +57,7 @@ typedef struct {
     float *gates;           // (L, N, E)
     float *grads;           // (num_params)
     float *trajectory;      // (n_steps, 2 + L)
+    float *sample;          // (B, D) the sampler's images from `noise`, with the fixture's labels
     void *memory;
 } DitReference;
 
@@ -70,8 +71,9 @@ static void reference_load(DitReference *ref, const char *path, const Dit *d) {
                                   {4, 4, &P},            {5, 4, &K},
                                   {6, 4, &L},            {7, 4, &E},
                                   {8, 4, &num_params},   {9, 4, &ref->n_steps},
-                                  {10, 4, &ref->warmup}, {32, 4, &ref->lr},
-                                  {33, 4, &ref->weight_decay}};
+                                  {10, 4, &ref->warmup}, {11, 4, &ref->sample_steps},
+                                  {32, 4, &ref->lr},     {33, 4, &ref->weight_decay},
+                                  {34, 4, &ref->guidance}};
     header_unpack(header, fields, (int)(sizeof(fields) / sizeof(fields[0])));
     const ModelConfig *c = &d->trunk.config;
     if (S != d->config.image_size || P != d->config.patch_size || K != d->config.num_classes ||
@@ -79,13 +81,14 @@ static void reference_load(DitReference *ref, const char *path, const Dit *d) {
         fail("%s does not belong to its model (S %d, P %d, K %d, L %d, E %d, %d parameters)", path, S, P, K,
              L, E, num_params);
     }
-    if (ref->B < 1 || ref->B > 1024 || ref->n_steps < 0 || ref->n_steps > 1000 || ref->warmup < 1) {
-        fail("%s: bad batch or trajectory fields (B %d, steps %d, warm-up %d)", path, ref->B, ref->n_steps,
-             ref->warmup);
+    if (ref->B < 1 || ref->B > 1024 || ref->n_steps < 0 || ref->n_steps > 1000 || ref->warmup < 1 ||
+        ref->sample_steps < 1 || ref->sample_steps > 1000 || !isfinite(ref->guidance)) {
+        fail("%s: bad batch, trajectory or sampler fields (B %d, steps %d, warm-up %d, sampler steps %d)",
+             path, ref->B, ref->n_steps, ref->warmup, ref->sample_steps);
     }
     size_t B = ref->B, D = (size_t)S * S, N = B * c->max_seq_len;
     size_t counts[] = {B * D,     B * D,     B, B, B * D, 2 + 2 * (size_t)L, L * N, L * N * E, L * N * E,
-                       (size_t)num_params, (size_t)ref->n_steps * (2 + L)};
+                       (size_t)num_params, (size_t)ref->n_steps * (2 + L), B * D};
     int n = (int)(sizeof(counts) / sizeof(counts[0]));
     size_t total = 0;
     for (int i = 0; i < n; i++) { total += counts[i]; }
@@ -97,7 +100,7 @@ static void reference_load(DitReference *ref, const char *path, const Dit *d) {
     void **ptrs[] = {(void **)&ref->x0,         (void **)&ref->noise,    (void **)&ref->t,
                      (void **)&ref->labels,     (void **)&ref->velocity, (void **)&ref->losses,
                      (void **)&ref->n_selected, (void **)&ref->selected, (void **)&ref->gates,
-                     (void **)&ref->grads,      (void **)&ref->trajectory};
+                     (void **)&ref->grads,      (void **)&ref->trajectory, (void **)&ref->sample};
     for (int i = 0; i < n; i++) {
         *ptrs[i] = p;
         p += counts[i] * 4;
@@ -202,6 +205,18 @@ static void test_trajectory(const char *name, Dit *d, const DitReference *ref, B
           worst_a, TOL_A);
     check(worst_p <= TOL_P, "%-10s %d steps: p           error %.3e (tolerance %.0e)", name, ref->n_steps,
           worst_p, TOL_P);
+}
+
+// The sampler from the fixture's noise: Euler steps with classifier-free guidance.
+static void test_sampler(const char *name, Dit *d, const DitReference *ref) {
+    size_t n = (size_t)ref->B * d->config.image_size * d->config.image_size;
+    float *x = (float *)malloc_check(n * sizeof(float));
+    memcpy(x, ref->noise, n * sizeof(float));
+    dit_sample(d, x, ref->labels, ref->B, ref->sample_steps, ref->guidance);
+    char what[64];
+    snprintf(what, sizeof(what), "sample (%d steps, w %g)", ref->sample_steps, ref->guidance);
+    check_tensor(name, what, x, ref->sample, n);
+    free(x);
 }
 
 // Two training steps with 1 and with 2 threads: bitwise identical parameters, gradients, output.
@@ -448,6 +463,9 @@ int main(int argc, char **argv) {
                d.trunk.config.num_experts);
         Batch batch = batch_of(&ref, &d);
         test_forward_backward(name, &d, &ref, batch);
+        dit_free(&d);
+        dit_load(&d, model_path);
+        test_sampler(name, &d, &ref);
         dit_free(&d);
         dit_load(&d, model_path);
         test_trajectory(name, &d, &ref, batch);
