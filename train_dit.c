@@ -741,7 +741,7 @@ static int dit_option_specs(DitOptions *o, DitOption *specs) {
 
 static void dit_default_options(DitOptions *o) {
     *o = (DitOptions){.data = "data/fashion-mnist", .out = "out_dit", .init = NULL, .routing = "dtopp",
-                      .controller = "global", .steps = 8000, .batch = 64, .warmup = 100, .layers = 4,
+                      .controller = "global", .steps = 10000, .batch = 64, .warmup = 100, .layers = 4,
                       .channels = 128, .heads = 4, .experts = 8, .expert_hidden = 128, .k = 2, .drn = -1,
                       .threads = 0, .eval_every = 1000, .eval_images = 1000, .print_every = 50,
                       .sample_steps = 50, .samples_per_class = 10, .lr = 1e-3f, .weight_decay = 0.0f,
@@ -986,6 +986,7 @@ static double evaluate(Dit *d, Batches *s, int count, int batch, int step) {
     for (int k = 0; k < VAL_LEVELS; k++) { mean += val[k] / VAL_LEVELS; }
     printf("step %5d | validation loss %.4f (t = 0.25: %.4f, 0.5: %.4f, 0.75: %.4f)\n", step, mean, val[0],
            val[1], val[2]);
+    fflush(stdout);
     return mean;
 }
 
@@ -1029,6 +1030,7 @@ static void train(Dit *d, const DitOptions *o) {
             printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f (target %.2f) | %.0f img/s | "
                    "%dm%02ds left\n", step + 1, o->steps, d->loss, lr, p_used, stats.activated,
                    d->trunk.router.tgt, speed, (int)left / 60, (int)left % 60);
+            fflush(stdout);
         }
         fprintf(log, "%d,%.6f,%.6f,", step + 1, d->loss, d->mse);
         if (val_loss >= 0.0) { fprintf(log, "%.6f", val_loss); }
@@ -1047,6 +1049,21 @@ static void train(Dit *d, const DitOptions *o) {
     batches_close(&s);
 }
 
+// mkdir -p
+static void make_directories(const char *path) {
+    char partial[4096];
+    size_t n = strlen(path);
+    if (n >= sizeof(partial)) { fail("path too long: %s", path); }
+    for (size_t i = 1; i <= n; i++) {
+        if (path[i] != '/' && path[i] != '\0') { continue; }
+        memcpy(partial, path, i);
+        partial[i] = '\0';
+        if (mkdir(partial, 0755) != 0 && errno != EEXIST) {
+            fail("cannot create %s: %s", partial, strerror(errno));
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     DitOptions o;
     dit_parse_options(&o, argc, argv);
@@ -1063,7 +1080,7 @@ int main(int argc, char **argv) {
     }
     const ModelConfig *c = &dit.trunk.config;
     const RouterConfig *rc = &dit.trunk.router;
-    if (mkdir(o.out, 0755) != 0 && errno != EEXIST) { fail("cannot create %s: %s", o.out, strerror(errno)); }
+    make_directories(o.out);
     printf("model: DiT on %dx%d images in %dx%d patches (%d tokens), L=%d C=%d NH=%d E=%d H=%d, "
            "%.2fM parameters\n", dit.config.image_size, dit.config.image_size, dit.config.patch_size,
            dit.config.patch_size, c->max_seq_len, c->num_layers, c->channels, c->num_heads, c->num_experts,
