@@ -376,10 +376,9 @@ void dit_init(Dit *d, const DitConfig *config, const ModelConfig *trunk_config, 
         int zero = i == DIT_WADA || i == DIT_WFINAL || i == DIT_WOUT;
         float std = (trunk_index == PARAM_WO || trunk_index == PARAM_W2) ? residual_std : 0.02f;
         for (size_t j = 0; j < d->sizes[i]; j++) {
-            out[j] = zero                ? 0.0f
-                     : dit_is_matrix[i]  ? std * random_normal(&rng)
-                     : trunk_index == PARAM_THETA ? router->theta_init
-                                                  : 1.0f;
+            if (zero) { out[j] = 0.0f; }
+            else if (dit_is_matrix[i]) { out[j] = std * random_normal(&rng); }
+            else { out[j] = trunk_index == PARAM_THETA ? router->theta_init : 1.0f; }  // gains and θ
         }
         out += d->sizes[i];
     }
@@ -444,8 +443,10 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
     // tokens: patches, embedded, plus their position
     images_to_patches(x->patches, xt, B, S, P);
     matmul_forward(tr->encoded, x->patches, NULL, p->wpatch, N, PP, C);
-    for (int n = 0; n < N; n++) { residual_forward(tr->encoded + (size_t)n * C, tr->encoded + (size_t)n * C,
-                                                   d->pos_embed + (size_t)(n % T) * C, C); }
+    for (int b = 0; b < B; b++) {  // the same T positions in every image
+        float *tokens = tr->encoded + (size_t)b * T * C;
+        residual_forward(tokens, tokens, d->pos_embed, (size_t)T * C);
+    }
     // the conditioning vector: time MLP plus class embedding
     time_features(x->tfreq, t, B, C);
     matmul_forward(x->th, x->tfreq, NULL, p->wt1, B, C, C);
