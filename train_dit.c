@@ -340,7 +340,8 @@ void rectified_flow_pair(float *xt, float *velocity, const float *x0, const floa
 // ----------------------------------------------------------------------------
 // the model
 
-// Sizes, buffers and views from a configuration (validated here); parameters are not filled.
+// The configuration (validated here) and the tensor sizes; nothing large is allocated yet, so that
+// a checkpoint's size can be checked first (dit_allocate follows).
 static void dit_setup(Dit *d, const DitConfig *config, const ModelConfig *trunk_config,
                       const RouterConfig *router, const char *where) {
     memset(d, 0, sizeof(*d));
@@ -350,16 +351,23 @@ static void dit_setup(Dit *d, const DitConfig *config, const ModelConfig *trunk_
     d->trunk.ws = (Workspace *)calloc_check(1, sizeof(Workspace));  // activations only: no RoPE here
     dit_fill_sizes(d->sizes, config, trunk_config);
     for (int i = 0; i < DIT_NUM_TENSORS; i++) { d->num_parameters += d->sizes[i]; }
+    if (d->num_parameters > MAX_PARAMETERS) {  // each size is bounded: the sum cannot wrap around
+        fail("%s: the model would have more than %llu parameters", where, MAX_PARAMETERS);
+    }
+    d->loss = d->mse = -1.0f;
+}
+
+// The parameter buffers (zero) with their views, and the position embedding.
+static void dit_allocate(Dit *d) {
+    const ModelConfig *c = &d->trunk.config;
     d->params_memory = (float *)calloc_check(d->num_parameters, sizeof(float));
     d->grads_memory = (float *)calloc_check(d->num_parameters, sizeof(float));
     d->m_memory = (float *)calloc_check(d->num_parameters, sizeof(float));
     d->v_memory = (float *)calloc_check(d->num_parameters, sizeof(float));
     dit_carve(&d->params, &d->trunk.params, d->params_memory, d->sizes);
     dit_carve(&d->grads, &d->trunk.grads, d->grads_memory, d->sizes);
-    int grid = config->image_size / config->patch_size;
-    d->pos_embed = (float *)malloc_check((size_t)grid * grid * trunk_config->channels * sizeof(float));
-    position_embedding_init(d->pos_embed, grid, trunk_config->channels);
-    d->loss = d->mse = -1.0f;
+    d->pos_embed = (float *)malloc_check((size_t)c->max_seq_len * c->channels * sizeof(float));
+    position_embedding_init(d->pos_embed, d->config.image_size / d->config.patch_size, c->channels);
 }
 
 // Fresh parameters (doc/dit.md): matrices normal(0, 0.02), the trunk's output projections (Wo, W2)
@@ -369,6 +377,7 @@ static void dit_setup(Dit *d, const DitConfig *config, const ModelConfig *trunk_
 void dit_init(Dit *d, const DitConfig *config, const ModelConfig *trunk_config, const RouterConfig *router,
               uint64_t seed) {
     dit_setup(d, config, trunk_config, router, "model configuration");
+    dit_allocate(d);
     uint64_t rng = seed;
     float *out = d->params_memory, residual_std = 0.02f / sqrtf(2.0f * trunk_config->num_layers);
     for (int i = 0; i < DIT_NUM_TENSORS; i++) {
@@ -629,6 +638,7 @@ void dit_load(Dit *d, const char *path) {
     dit_setup(d, &config, &trunk, &router, path);
     int L = trunk.num_layers;
     check_payload_size(path, size, (d->num_parameters + 2 * (size_t)L) * sizeof(float));
+    dit_allocate(d);
     fread_check(d->params_memory, sizeof(float), d->num_parameters, f, path);
     fread_check(d->trunk.threshold, sizeof(float), L, f, path);
     fread_check(d->trunk.integral, sizeof(float), L, f, path);

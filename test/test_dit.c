@@ -306,7 +306,10 @@ static void test_bad_files(const char *model_path) {
     size_t n = idx_bytes(buf, 8, 3, shape, 2 * 28 * 28, 7);
     write_file("images.idx", buf, n);
     snprintf(images_path, sizeof(images_path), "%s", bad_path);
-    check(idx_read(images_path, 3, "images").count == 2, "idx: a good file of 2 images reads");
+    IdxData good = idx_read(images_path, 3, "images");
+    check(good.count == 2 && good.rows == 28 && good.cols == 28 && good.data[1567] == 7,
+          "idx: a good file of 2 images reads");
+    free(good.data);
     write_file("truncated.idx", buf, n - 1);
     check_refuses("idx: truncated images", read_images, bad_path, "announces");
     write_file("trailing.idx", buf, n + 1);
