@@ -275,10 +275,11 @@ endif
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
              -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
-FUZZ_TARGETS = shard model state tokenizer encoder prepro options
+FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit
 FUZZ_SECONDS ?= 60
 
-build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h \
+                   train_dit.c idx.h png.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
 
