@@ -91,18 +91,18 @@ help:
 # ----------------------------------------------------------------------------
 # programs
 
-train_dtopp: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
 
 # the same program with MPI: several processes train one model (doc/parallel.md)
-train_dtopp_mpi: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_mpi: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
 test_gpt: test_gpt.c train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
 
 # the diffusion transformer (doc/dit.md): train_dtopp.c's core with patches for tokens
-train_dit: train_dit.c train_dtopp.c idx.h png.h utils.h
+train_dit: train_dit.c train_dtopp.c idx.h options.h png.h utils.h
 	$(CC) $(CFLAGS) -o $@ train_dit.c $(LDLIBS)
 
 test/test_dit: test/test_dit.c test/check.h train_dit.c train_dtopp.c idx.h png.h utils.h
@@ -221,7 +221,8 @@ test-dit: $(BIN)test/test_dit $(BIN)train_dit $(DIT_DATA)/train-images-idx3-ubyt
 	TRAIN_DIT=./$(BIN)train_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
-$(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h train_dit.c idx.h png.h
+$(SANITIZE_DIR)/%: %.c train_dtopp.c dataloader.h tokenizer.h unicode_tables.h utils.h options.h train_dit.c idx.h \
+                   png.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
@@ -250,13 +251,13 @@ selfcheck:
 ifneq ($(NVCC_OK),)
 cuda: train_dtopp_cuda test_gpt_cuda
 	@echo "CUDA: built for sm_$(CUDA_ARCH)$(if $(DETECTED_ARCH), (detected),; no GPU detected, set CUDA_ARCH to change)"
-train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
 test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
 # data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
 cuda-mpi: train_dtopp_cuda_mpi
-train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(NVCC) $(NVCCFLAGS) -DUSE_MPI -o $@ train_dtopp.cu -lcublas -lnccl $(MPI_NVCC_FLAGS)
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
@@ -279,7 +280,7 @@ FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit
 FUZZ_SECONDS ?= 60
 
 build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c dataloader.h tokenizer.h unicode_tables.h utils.h \
-                   train_dit.c idx.h png.h
+                   train_dit.c idx.h options.h png.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
 
