@@ -690,6 +690,7 @@ static void join_path(char *out, size_t size, const char *dir, const char *name)
 #ifndef DIT_NO_MAIN
 // ----------------------------------------------------------------------------
 // the training program
+#include "options.h"
 
 static const char *fashion_classes[NUM_CLASSES] = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"};
@@ -697,56 +698,55 @@ static const char *fashion_classes[NUM_CLASSES] = {"T-shirt/top", "Trouser", "Pu
 typedef struct {
     const char *data, *out, *init, *routing, *controller;
     int steps, batch, warmup, layers, channels, heads, experts, expert_hidden, k, drn, threads;
-    int eval_every, eval_images, print_every, sample_steps, samples_per_class;
+    int eval_every, eval_images, print_every, checkpoint_every, sample_steps, samples_per_class;
     float lr, weight_decay, tgt, p, kp, ki, p0, lb_coef, ent_coef, label_dropout, guidance;
-    int seed;
+    long long seed;
 } DitOptions;
 
-typedef struct {
-    const char *name;
-    char type;  // 'i' int, 'f' float, 's' string
-    void *target;
-    const char *help;
-} DitOption;
-
-static int dit_option_specs(DitOptions *o, DitOption *specs) {
-    DitOption all[] = {
-        {"--data", 's', &o->data, "folder with the Fashion-MNIST IDX files (scripts/get_fashion_mnist.sh)"},
-        {"--out", 's', &o->out, "output folder: model.bin, log.csv, samples.png"},
-        {"--init", 's', &o->init, "start from this checkpoint (with --steps 0: only sample from it)"},
-        {"--steps", 'i', &o->steps, "optimizer steps"},
-        {"--batch", 'i', &o->batch, "images per step"},
-        {"--lr", 'f', &o->lr, "peak learning rate (warm-up, then cosine decay to a tenth)"},
-        {"--warmup", 'i', &o->warmup, "warm-up steps"},
-        {"--weight-decay", 'f', &o->weight_decay, "AdamW weight decay of the matrices"},
-        {"--layers", 'i', &o->layers, "transformer blocks L"},
-        {"--channels", 'i', &o->channels, "width C (a multiple of 4 and of the heads)"},
-        {"--heads", 'i', &o->heads, "attention heads"},
-        {"--experts", 'i', &o->experts, "experts per MoE layer E"},
-        {"--expert-hidden", 'i', &o->expert_hidden, "hidden width of one expert H"},
-        {"--routing", 's', &o->routing, "topk, topp or dtopp"},
-        {"--controller", 's', &o->controller, "dtopp: global or layer"},
-        {"--tgt", 'f', &o->tgt, "dtopp: target average number of activated experts"},
-        {"--k", 'i', &o->k, "topk: experts per token"},
-        {"--p", 'f', &o->p, "topp: the fixed threshold"},
-        {"--drn", 'i', &o->drn, "Dynamic Routing Normalization (1/0; -1: on for dtopp only)"},
-        {"--kp", 'f', &o->kp, "dtopp: proportional gain"},
-        {"--ki", 'f', &o->ki, "dtopp: integral gain"},
-        {"--p0", 'f', &o->p0, "dtopp: starting threshold"},
-        {"--lb-coef", 'f', &o->lb_coef, "load-balance loss coefficient"},
-        {"--ent-coef", 'f', &o->ent_coef, "router entropy loss coefficient (-1: 1e-3, or 0 for topk)"},
-        {"--label-dropout", 'f', &o->label_dropout, "share of training labels replaced by the null class"},
-        {"--eval-every", 'i', &o->eval_every, "validation loss every N steps (0: only at the end)"},
-        {"--eval-images", 'i', &o->eval_images, "test images of the validation loss"},
-        {"--print-every", 'i', &o->print_every, "progress line every N steps"},
-        {"--sample-steps", 'i', &o->sample_steps, "Euler steps of the sampler"},
-        {"--guidance", 'f', &o->guidance, "classifier-free guidance scale (1: none)"},
-        {"--samples-per-class", 'i', &o->samples_per_class, "columns of the sample grid (one row per class)"},
-        {"--seed", 'i', &o->seed, "random seed"},
-        {"--threads", 'i', &o->threads, "OpenMP threads (0: all cores)"},
+static int dit_option_specs(DitOptions *o, OptionSpec *specs) {
+    OptionSpec list[] = {
+        {"data", 's', &o->data, 0, 0, "folder with the Fashion-MNIST IDX files (get_fashion_mnist.sh)", 0},
+        {"out", 's', &o->out, 0, 0, "output folder: log.csv, model.bin, samples.png", 0},
+        {"init", 's', &o->init, 0, 0, "start from this checkpoint (with --steps 0: only sample from it)", 0},
+        {"steps", 'i', &o->steps, NOT_NEGATIVE_INT, "optimizer steps (0: only sample)", 0},
+        {"batch", 'i', &o->batch, 1, MAX_SIZE, "images per step", 0},
+        {"lr", 'f', &o->lr, NOT_NEGATIVE_FLOAT, "peak learning rate (warm-up, cosine decay to a tenth)", 0},
+        {"warmup", 'i', &o->warmup, 1, INT_MAX, "learning-rate warm-up steps", 0},
+        {"weight-decay", 'f', &o->weight_decay, NOT_NEGATIVE_FLOAT, "AdamW weight decay of the matrices", 0},
+        {"layers", 'i', &o->layers, 1, MAX_SIZE, "L, transformer blocks", 1},
+        {"channels", 'i', &o->channels, 4, MAX_SIZE, "C, model width (a multiple of 4 and of the heads)", 1},
+        {"heads", 'i', &o->heads, 1, MAX_SIZE, "NH, attention heads", 1},
+        {"experts", 'i', &o->experts, 1, MAX_EXPERTS, "E, experts per MoE layer", 1},
+        {"expert-hidden", 'i', &o->expert_hidden, 1, MAX_SIZE, "H, hidden width of one expert", 1},
+        {"routing", 's', &o->routing, 0, 0, "topk, topp or dtopp", 1},
+        {"controller", 's', &o->controller, 0, 0, "dtopp: global (one p) or layer (one p per layer)", 1},
+        {"tgt", 'f', &o->tgt, 1, MAX_EXPERTS, "dtopp: target average number of activated experts", 1},
+        {"k", 'i', &o->k, 1, MAX_EXPERTS, "topk: experts per token", 1},
+        {"p", 'f', &o->p, 0, 1, "topp: the fixed threshold", 1},
+        {"drn", 'i', &o->drn, 0, 1, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
+        {"kp", 'f', &o->kp, ANY_FLOAT, "dtopp: proportional gain", 1},
+        {"ki", 'f', &o->ki, ANY_FLOAT, "dtopp: integral gain", 1},
+        {"p0", 'f', &o->p0, 0, 1, "dtopp: starting and central threshold", 1},
+        {"lb-coef", 'f', &o->lb_coef, NOT_NEGATIVE_FLOAT, "load-balance loss coefficient", 1},
+        {"ent-coef", 'f', &o->ent_coef, NOT_NEGATIVE_FLOAT,
+         "router entropy loss coefficient (default: 1e-3 top-p modes, 0 topk)", 1},
+        {"label-dropout", 'f', &o->label_dropout, 0, 0.99,
+         "share of training labels replaced by the null class", 0},
+        {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT,
+         "steps between validations (0: only at the end)", 0},
+        {"eval-images", 'i', &o->eval_images, 1, INT_MAX, "test images of the validation loss", 0},
+        {"print-every", 'i', &o->print_every, 1, INT_MAX, "steps between progress lines", 0},
+        {"checkpoint-every", 'i', &o->checkpoint_every, NOT_NEGATIVE_INT,
+         "steps between writes of model.bin (0: only at the end)", 0},
+        {"sample-steps", 'i', &o->sample_steps, 1, 100000, "Euler steps of the sampler", 0},
+        {"guidance", 'f', &o->guidance, ANY_FLOAT, "classifier-free guidance scale (1: none)", 0},
+        {"samples-per-class", 'i', &o->samples_per_class, 1, 1000,
+         "columns of the sample grid (a row per class)", 0},
+        {"seed", 'l', &o->seed, 0, 0, "seed of the initialisation, the batches and the samples", 0},
+        {"threads", 'i', &o->threads, 0, 1024, "OpenMP threads (0: all)", 0},
     };
-    int n = (int)(sizeof(all) / sizeof(all[0]));
-    if (specs != NULL) { memcpy(specs, all, sizeof(all)); }
+    int n = (int)(sizeof(list) / sizeof(list[0]));
+    if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
     return n;
 }
 
@@ -755,77 +755,32 @@ static void dit_default_options(DitOptions *o) {
                       .controller = "global", .steps = 10000, .batch = 64, .warmup = 100, .layers = 4,
                       .channels = 128, .heads = 4, .experts = 8, .expert_hidden = 128, .k = 2, .drn = -1,
                       .threads = 0, .eval_every = 1000, .eval_images = 1000, .print_every = 50,
-                      .sample_steps = 50, .samples_per_class = 10, .lr = 1e-3f, .weight_decay = 0.0f,
-                      .tgt = 2.0f, .p = 0.5f, .kp = 0.1f, .ki = 0.3f, .p0 = 0.8f, .lb_coef = 1e-4f,
-                      .ent_coef = -1.0f, .label_dropout = 0.1f, .guidance = 3.0f, .seed = 1337};
+                      .checkpoint_every = 1000, .sample_steps = 50, .samples_per_class = 10, .lr = 1e-3f,
+                      .weight_decay = 0.0f, .tgt = 2.0f, .p = 0.5f, .kp = 0.1f, .ki = 0.3f, .p0 = 0.8f,
+                      .lb_coef = 1e-4f, .ent_coef = -1.0f, .label_dropout = 0.1f, .guidance = 3.0f,
+                      .seed = 1337};
 }
 
 static void dit_usage(void) {
-    DitOptions o;
-    dit_default_options(&o);
-    DitOption specs[64];
-    int n = dit_option_specs(&o, specs);
-    printf("usage: train_dit [options]   (doc/dit.md)\n");
-    for (int i = 0; i < n; i++) {
-        char value[64];
-        if (specs[i].type == 'i') { snprintf(value, sizeof(value), "%d", *(int *)specs[i].target); }
-        else if (specs[i].type == 'f') { snprintf(value, sizeof(value), "%g", *(float *)specs[i].target); }
-        else {
-            const char *text = *(const char **)specs[i].target;
-            snprintf(value, sizeof(value), "%s", text ? text : "-");
-        }
-        printf("  %-20s %-20s %s\n", specs[i].name, value, specs[i].help);
-    }
+    DitOptions defaults;
+    dit_default_options(&defaults);
+    OptionSpec specs[64];
+    int n = dit_option_specs(&defaults, specs);
+    printf("usage: train_dit [--option value ...]\n\n"
+           "Trains a class-conditional DTop-p diffusion transformer on Fashion-MNIST and writes a grid of\n"
+           "samples, or, with --init and --steps 0, samples from a trained one (doc/dit.md).\n\n");
+    print_option_table(specs, n);
 }
 
 static void dit_parse_options(DitOptions *o, int argc, char **argv) {
     dit_default_options(o);
-    DitOption specs[64];
+    OptionSpec specs[64];
     int n = dit_option_specs(o, specs);
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            dit_usage();
-            exit(EXIT_SUCCESS);
-        }
-        const DitOption *spec = NULL;
-        for (int j = 0; j < n; j++) { spec = strcmp(argv[i], specs[j].name) == 0 ? &specs[j] : spec; }
-        if (spec == NULL) { fail("unknown option %s (train_dit --help lists them)", argv[i]); }
-        if (i + 1 >= argc) { fail("option %s needs a value", argv[i]); }
-        const char *value = argv[++i];
-        char *end = NULL;
-        errno = 0;
-        if (spec->type == 'i') {
-            long v = strtol(value, &end, 10);
-            if (*end != '\0' || end == value || errno != 0 || v < INT_MIN || v > INT_MAX) {
-                fail("option %s: '%s' is not an integer", spec->name, value);
-            }
-            *(int *)spec->target = (int)v;
-        } else if (spec->type == 'f') {
-            float v = strtof(value, &end);
-            if (*end != '\0' || end == value || errno != 0 || !isfinite(v)) {
-                fail("option %s: '%s' is not a number", spec->name, value);
-            }
-            *(float *)spec->target = v;
-        } else {
-            *(const char **)spec->target = value;
-        }
+    int model_options = parse_option_table(specs, n, argc, argv, dit_usage);
+    if (o->init != NULL && model_options > 0) {
+        fail("--init %s: the architecture and routing come from the checkpoint; drop the options that "
+             "describe the model", o->init);
     }
-    if (o->steps < 0 || o->batch < 1 || o->warmup < 1 || o->eval_images < 1 || o->print_every < 1 ||
-        o->sample_steps < 1 || o->samples_per_class < 1 || o->eval_every < 0 || o->threads < 0) {
-        fail("--steps and --eval-every must be >= 0, --batch, --warmup, --eval-images, --print-every, "
-             "--sample-steps and --samples-per-class >= 1");
-    }
-    if (!(o->lr > 0.0f) || !(o->label_dropout >= 0.0f && o->label_dropout < 1.0f) || o->weight_decay < 0.0f) {
-        fail("--lr must be > 0, --label-dropout in [0, 1), --weight-decay >= 0");
-    }
-}
-
-static int name_index(const char *value, const char *const *names, int count, const char *option) {
-    for (int i = 0; i < count; i++) {
-        if (strcmp(value, names[i]) == 0) { return i; }
-    }
-    fail("option %s: unknown value '%s'", option, value);
-    return -1;
 }
 
 static void dit_configure(const DitOptions *o, DitConfig *d, ModelConfig *c, RouterConfig *rc) {
@@ -833,8 +788,8 @@ static void dit_configure(const DitOptions *o, DitConfig *d, ModelConfig *c, Rou
     *c = dit_trunk_config(d, o->layers, o->heads, o->channels, o->experts, o->expert_hidden);
     static const char *controllers[] = {"global", "layer"};
     *rc = (RouterConfig){0};
-    rc->routing = name_index(o->routing, routing_names, 3, "--routing");
-    rc->controller = name_index(o->controller, controllers, 2, "--controller");
+    rc->routing = parse_name(o->routing, routing_names, 3, "routing");
+    rc->controller = parse_name(o->controller, controllers, 2, "controller");
     rc->drn = o->drn >= 0 ? o->drn : rc->routing == ROUTING_DTOPP;
     rc->renorm = 1;
     rc->k = o->k;
@@ -1009,8 +964,9 @@ static void train(Dit *d, const DitOptions *o) {
     int eval_count = o->eval_images < s.val_images.count ? o->eval_images : s.val_images.count;
     printf("data: %d training images, validation loss on %d test images at t = 0.25, 0.5, 0.75\n",
            s.images.count, eval_count);
-    char path[4096];
+    char path[4096], model_path[4096];
     join_path(path, sizeof(path), o->out, "log.csv");
+    join_path(model_path, sizeof(model_path), o->out, "model.bin");
     FILE *log = fopen_check(path, "w");
     fprintf(log, "step,loss,mse,val_loss,lr,grad_norm,activated,p,images_per_s");
     for (int l = 0; l < L; l++) { fprintf(log, ",p_%d,mean_%d,std_%d,theta_%d", l, l, l, l); }
@@ -1052,6 +1008,11 @@ static void train(Dit *d, const DitOptions *o) {
                     stats.layer_std[l], theta[l]);
         }
         fprintf(log, "\n");
+        // the latest model, written atomically: an interrupted run keeps the last one (a diverged
+        // step has stopped the run above, before it could be saved)
+        if ((o->checkpoint_every > 0 && (step + 1) % o->checkpoint_every == 0) || step + 1 == o->steps) {
+            dit_save(d, model_path);
+        }
     }
     evaluate(d, &s, eval_count, B, o->steps);
     printf("trained %d steps in %.0f s\n", o->steps, wall_seconds() - start);
@@ -1107,9 +1068,7 @@ int main(int argc, char **argv) {
     }
     if (o.steps > 0) {
         train(&dit, &o);
-        join_path(path, sizeof(path), o.out, "model.bin");
-        dit_save(&dit, path);
-        printf("wrote %s\n", path);
+        printf("wrote %s/model.bin\n", o.out);
     }
     join_path(path, sizeof(path), o.out, "samples.png");
     double t0 = wall_seconds();

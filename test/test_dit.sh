@@ -70,6 +70,10 @@ refuses "an unknown option" "unknown option --colour" "$TRAIN_DIT" --colour 1
 refuses "an unknown routing" "unknown value 'topq'" "$TRAIN_DIT" "${TINY[@]}" --routing topq --out "$TMP/bad4"
 refuses "36 channels, 5 heads" "multiple of heads" "$TRAIN_DIT" "${TINY[@]}" --channels 36 --heads 5 --out "$TMP/bad5"
 refuses "channels not a multiple of 4" "multiple of 4" "$TRAIN_DIT" "${TINY[@]}" --channels 34 --out "$TMP/bad6"
+refuses "--init with a model option" "drop the options that describe the model" \
+    "$TRAIN_DIT" --init "$TMP/run/model.bin" --layers 3 --steps 0 --out "$TMP/bad8"
+refuses "a label dropout of 1" "option --label-dropout: 1 is outside" \
+    "$TRAIN_DIT" "${TINY[@]}" --label-dropout 1 --out "$TMP/bad9"
 refuses "a language model as checkpoint" "not a diffusion transformer checkpoint" \
     "$TRAIN_DIT" --init test/fixtures/dtopp_model.bin --steps 0 --out "$TMP/bad7"
 finish
