@@ -65,10 +65,11 @@ else
 endif
 
 BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
-           tools/make_offline_text
+           tools/make_offline_text train_dit test/test_dit
 
-.PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train test-mpi \
-        reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help fuzz
+.PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train \
+        test-mpi reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help \
+        fuzz dit test-dit
 
 all: $(BINARIES)
 
@@ -77,6 +78,8 @@ help:
 	@echo "make train         prepare TinyShakespeare (or TEXT=file, or the built-in text offline) and train"
 	@echo "                   (VOCAB=gpt2 for GPT-2 tokens; TRAIN_FLAGS='--steps 100 ...' to change options)"
 	@echo "make test          every test (DATA_DIR=folder with tinyshakespeare.txt and kjv.txt adds golden counts)"
+	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 20 minutes on 2 cores)"
+	@echo "                   (DIT_FLAGS='--routing topk ...' to change options, DIT_OUT=dir for another output)"
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
@@ -94,15 +97,22 @@ help:
 # ----------------------------------------------------------------------------
 # programs
 
-train_dtopp: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
 
 # the same program with MPI: several processes train one model (doc/parallel.md)
-train_dtopp_mpi: train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_mpi: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
 test_gpt: test_gpt.c train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
+
+# the diffusion transformer (doc/dit.md): train_dtopp.c's core with patches for tokens
+train_dit: train_dit.c train_dtopp.c idx.h options.h png.h utils.h
+	$(CC) $(CFLAGS) -o $@ train_dit.c $(LDLIBS)
+
+test/test_dit: test/test_dit.c test/check.h train_dit.c train_dtopp.c idx.h png.h utils.h
+	$(CC) $(CFLAGS) -o $@ test/test_dit.c $(LDLIBS)
 
 prepro: prepro.c bpe.h tokenizer.h unicode_tables.h utils.h
 	$(CC) $(CFLAGS) -o $@ prepro.c $(LDLIBS)
@@ -177,9 +187,23 @@ tune: train_dtopp tools/make_offline_text
 
 
 # ----------------------------------------------------------------------------
+# make dit: a DTop-p diffusion transformer on Fashion-MNIST (doc/dit.md), into $(DIT_OUT); the
+# defaults of train_dit are this run's (about 20 minutes on 2 cores)
+
+DIT_DATA = $(DATA)/fashion-mnist
+DIT_OUT = out_dit
+DIT_FLAGS ?=
+
+$(DIT_DATA)/train-images-idx3-ubyte:
+	scripts/get_fashion_mnist.sh $(DIT_DATA)
+
+dit: train_dit $(DIT_DATA)/train-images-idx3-ubyte
+	./train_dit --data $(DIT_DATA) --out $(DIT_OUT) $(DIT_FLAGS)
+
+# ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-matmul test-tokenizer test-data test-train test-mpi
+test: test-model test-matmul test-tokenizer test-data test-train test-dit test-mpi
 	@echo "all tests passed"
 
 test-model: $(BIN)test_gpt
@@ -209,8 +233,15 @@ test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
 test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
 	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_train.sh
 
+# The diffusion transformer against its fixtures, its readers, then its program end to end; both
+# need Fashion-MNIST, which the rule above prepares (no data: the target fails, it never skips).
+test-dit: $(BIN)test/test_dit $(BIN)train_dit $(DIT_DATA)/train-images-idx3-ubyte
+	FASHION_MNIST=$(DIT_DATA) ./$(BIN)test/test_dit
+	TRAIN_DIT=./$(BIN)train_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
+
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
-$(SANITIZE_DIR)/%: %.c train_dtopp.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h
+$(SANITIZE_DIR)/%: %.c train_dtopp.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h options.h train_dit.c \
+                   idx.h png.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
@@ -224,9 +255,11 @@ endif
 
 reference:
 	$(PYTHON) reference/make_fixtures.py --out test/fixtures
+	$(PYTHON) reference/make_dit_fixtures.py --out test/fixtures/dit
 
 check-fixtures:
 	$(PYTHON) reference/make_fixtures.py --check test/fixtures
+	$(PYTHON) reference/make_dit_fixtures.py --check test/fixtures/dit
 
 selfcheck:
 	$(PYTHON) reference/selfcheck.py
@@ -237,13 +270,13 @@ selfcheck:
 ifneq ($(NVCC_OK),)
 cuda: train_dtopp_cuda test_gpt_cuda
 	@echo "CUDA: built for sm_$(CUDA_ARCH)$(if $(DETECTED_ARCH), (detected),; no GPU detected, set CUDA_ARCH to change)"
-train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
 test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
 # data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
 cuda-mpi: train_dtopp_cuda_mpi
-train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h tokenizer.h unicode_tables.h
+train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(NVCC) $(NVCCFLAGS) -DUSE_MPI -o $@ train_dtopp.cu -lcublas -lnccl $(MPI_NVCC_FLAGS)
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
@@ -262,10 +295,11 @@ endif
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
              -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
-FUZZ_TARGETS = shard model state tokenizer encoder prepro options
+FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit
 FUZZ_SECONDS ?= 60
 
-build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c bpe.h dataloader.h tokenizer.h unicode_tables.h \
+                   utils.h train_dit.c idx.h options.h png.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
 

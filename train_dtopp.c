@@ -1501,8 +1501,10 @@ static void attend(float *out, float *probs, const float *q, const float *k, con
     }
 }
 
-// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities (row t
-// holds keys 0..t; the rest of the row up to the end of its block of queries holds zeros).
+// Self-attention, causal (the language model: query t sees keys 0..t) or not (causal 0: every query
+// sees every key, as the diffusion transformer's image patches do). qkv (B, T, 3C) -> out (B, T, C),
+// att (B, NH, T, T) probabilities (causal: row t holds keys 0..t, and the rest of the row up to
+// the end of its block of queries holds zeros).
 // Each thread owns whole (b, h) pairs and takes their queries in blocks of ATTENTION_BLOCK, so
 // that the scores and the weighted sums are matrix products (sgemm_serial) over keys 0 .. the
 // block's last query: the causal mask costs at most one block's worth of extra products.
@@ -1519,7 +1521,7 @@ static MatrixView transposed(MatrixView v) {
     return v;
 }
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH, int causal) {
     int hd = C / NH;
     float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
@@ -1530,27 +1532,30 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
             float *probs = att + ((size_t)b * NH + h) * T * T;
             for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                 int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
-                float *block = probs + (size_t)t0 * T;  // rows t0 .. t1-1, keys 0 .. t1-1
-                // scores q·k of the block's queries against keys 0 .. t1-1
-                sgemm_serial(n_queries, t1, hd, view_offset(q, t0, 0), transposed(k), block, T, 0);
+                int n_keys = causal ? t1 : T;
+                float *block = probs + (size_t)t0 * T;  // rows t0 .. t1-1, keys 0 .. n_keys-1
+                // scores q·k of the block's queries against keys 0 .. n_keys-1
+                sgemm_serial(n_queries, n_keys, hd, view_offset(q, t0, 0), transposed(k), block, T, 0);
                 for (int t = t0; t < t1; t++) {
                     float *p = probs + (size_t)t * T, maxval = -INFINITY, sum = 0.0f;
+                    int last = causal ? t : T - 1;  // the last key query t sees
                     #pragma omp simd reduction(max : maxval)
-                    for (int j = 0; j <= t; j++) {
+                    for (int j = 0; j <= last; j++) {
                         p[j] *= scale;
                         maxval = p[j] > maxval ? p[j] : maxval;
                     }
                     #pragma omp simd reduction(+ : sum)
-                    for (int j = 0; j <= t; j++) {
+                    for (int j = 0; j <= last; j++) {
                         p[j] = exp_fast(p[j] - maxval);
                         sum += p[j];
                     }
                     float inv = 1.0f / sum;
-                    for (int j = 0; j <= t; j++) { p[j] *= inv; }
-                    for (int j = t + 1; j < t1; j++) { p[j] = 0.0f; }  // the causal mask
+                    for (int j = 0; j <= last; j++) { p[j] *= inv; }
+                    for (int j = last + 1; j < n_keys; j++) { p[j] = 0.0f; }  // the causal mask
                 }
                 MatrixView p_block = {block, NULL, T, 0};
-                sgemm_serial(n_queries, hd, t1, p_block, v, out + ((size_t)b * T + t0) * C + h * hd, C, 0);
+                float *out_block = out + ((size_t)b * T + t0) * C + h * hd;
+                sgemm_serial(n_queries, hd, n_keys, p_block, v, out_block, C, 0);
             }
         }
     }
@@ -1561,8 +1566,8 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
 // (their keys and values receive gradient from every later query) and takes the queries in
 // blocks in order, so every sum runs in the same order for any number of threads. Each thread
 // keeps dS of its current block of queries in a scratch of its own.
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T, int C,
-                        int NH) {
+void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T,
+                        int C, int NH, int causal) {
     int hd = C / NH;
     float scale = 1.0f / sqrtf((float)hd);
     #pragma omp parallel
@@ -1578,21 +1583,25 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
                 MatrixView d = {dout + (size_t)b * T * C + h * hd, NULL, (size_t)C, 0};
                 for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                     int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_queries = t1 - t0;
+                    int n_keys = causal ? t1 : T;
                     MatrixView p_block = {probs + (size_t)t0 * T, NULL, T, 0};
-                    MatrixView d_block = view_offset(d, t0, 0), ds_block = {dscores, NULL, t1, 0};
-                    sgemm_serial(n_queries, t1, hd, d_block, transposed(v), dscores, t1, 0);  // dP
+                    MatrixView d_block = view_offset(d, t0, 0), ds_block = {dscores, NULL, n_keys, 0};
+                    // dP
+                    sgemm_serial(n_queries, n_keys, hd, d_block, transposed(v), dscores, n_keys, 0);
                     for (int t = t0; t < t1; t++) {
                         const float *p = probs + (size_t)t * T;
-                        float *ds = dscores + (size_t)(t - t0) * t1, pdp = 0.0f;
+                        float *ds = dscores + (size_t)(t - t0) * n_keys, pdp = 0.0f;
+                        int last = causal ? t : T - 1;
                         #pragma omp simd reduction(+ : pdp)
-                        for (int j = 0; j <= t; j++) { pdp += p[j] * ds[j]; }
-                        for (int j = 0; j <= t; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
-                        for (int j = t + 1; j < t1; j++) { ds[j] = 0.0f; }
+                        for (int j = 0; j <= last; j++) { pdp += p[j] * ds[j]; }
+                        for (int j = 0; j <= last; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
+                        for (int j = last + 1; j < n_keys; j++) { ds[j] = 0.0f; }
                     }
-                    sgemm_serial(n_queries, hd, t1, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C, 1);
-                    sgemm_serial(t1, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
+                    sgemm_serial(n_queries, hd, n_keys, ds_block, k, dq + (size_t)t0 * 3 * C, 3 * (size_t)C,
+                                 1);
+                    sgemm_serial(n_keys, hd, n_queries, transposed(ds_block), view_offset(q, t0, 0), dk,
                                  3 * (size_t)C, 1);
-                    sgemm_serial(t1, hd, n_queries, transposed(p_block), d_block, dv, 3 * (size_t)C, 1);
+                    sgemm_serial(n_keys, hd, n_queries, transposed(p_block), d_block, dv, 3 * (size_t)C, 1);
                 }
             }
         }
@@ -2068,7 +2077,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH);
+        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH, 1);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
@@ -2132,7 +2141,7 @@ void model_backward(Model *model) {
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
-                           t->att + (size_t)l * B * NH * T * T, B, T, C, NH);
+                           t->att + (size_t)l * B * NH * T * T, B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C);
@@ -2162,27 +2171,37 @@ static double sum_of_squares(const float *x, size_t n) {
     return total;
 }
 
+// Clips the gradient (the n floats of `sizes`, tensor by tensor) to global norm CLIP_NORM and takes
+// AdamW step number `step`, with weight decay on the tensors that is_matrix marks. Returns the norm
+// before clipping. The diffusion transformer (train_dit.c) updates its own buffers with it too.
+static float adamw_clipped_step(float *params, const float *grads, float *m, float *v,
+                                const size_t *sizes, const int *is_matrix, int num_tensors, int step,
+                                float lr, float weight_decay) {
+    size_t n = 0;
+    for (int k = 0; k < num_tensors; k++) { n += sizes[k]; }
+    float norm = (float)sqrt(sum_of_squares(grads, n));
+    AdamWStep s = adamw_step(step, lr, norm);
+    size_t offset = 0;
+    for (int k = 0; k < num_tensors; k++) {
+        float wd = is_matrix[k] ? weight_decay : 0.0f;
+        size_t end = offset + sizes[k];
+        #pragma omp parallel for
+        for (size_t i = offset; i < end; i++) { adamw_update(&params[i], &m[i], &v[i], grads[i], s, wd); }
+        offset = end;
+    }
+    return norm;
+}
+
 // Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
 float model_update(Model *model, float lr, float weight_decay) {
     if (model->m_memory == NULL) {
         model->m_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
         model->v_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
     }
-    float norm = (float)sqrt(sum_of_squares(model->grads_memory, model->num_parameters));
     model->adam_step++;
-    AdamWStep s = adamw_step(model->adam_step, lr, norm);
-    size_t offset = 0;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        float wd = param_is_matrix[k] ? weight_decay : 0.0f;
-        size_t end = offset + model->param_sizes[k];
-        #pragma omp parallel for
-        for (size_t i = offset; i < end; i++) {
-            adamw_update(&model->params_memory[i], &model->m_memory[i], &model->v_memory[i],
-                         model->grads_memory[i], s, wd);
-        }
-        offset = end;
-    }
-    return norm;
+    return adamw_clipped_step(model->params_memory, model->grads_memory, model->m_memory, model->v_memory,
+                              model->param_sizes, param_is_matrix, NUM_PARAMETER_TENSORS, model->adam_step,
+                              lr, weight_decay);
 }
 
 // Gradient accumulation: micro-batch 0 starts the sum, the last adds it into model->grads (float
@@ -2361,6 +2380,7 @@ void model_set_moments(Model *model, const float *m, const float *v) {
 // the training program
 #ifndef TESTING
 #include "dataloader.h"
+#include "options.h"
 #include "tokenizer.h"
 
 // Named model sizes; explicit options override any field.
@@ -2398,20 +2418,7 @@ typedef struct {
     int model_options_given;  // how many architecture or routing options the command line set
 } Options;
 
-typedef struct {
-    const char *name;  // long option name, without "--"
-    char type;         // 's' string, 'i' int, 'f' float, 'l' long long
-    void *value;
-    double min, max;   // the range of a number (strings: unused)
-    const char *help;
-    int describes_model;  // architecture or routing: comes from the checkpoint with --init or --resume
-} OptionSpec;
-
 #define MAX_THREADS 1024  // far more is no use, and libgomp crashes (stack overflow) on 100,000
-#define ANY_INT INT_MIN, INT_MAX
-#define ANY_FLOAT -FLT_MAX, FLT_MAX
-#define NOT_NEGATIVE_INT 0, INT_MAX
-#define NOT_NEGATIVE_FLOAT 0, FLT_MAX
 
 static int option_specs(Options *o, OptionSpec *specs) {
     OptionSpec list[] = {
@@ -2540,82 +2547,13 @@ static void print_usage(void) {
     printf("usage: train_dtopp [--option value ...]\n\n"
            "Trains a DTop-p Mixture-of-Experts language model on token shards written by prepro,\n"
            "or, with --init and --generate, samples from a trained one.\n\n");
-    for (int i = 0; i < n; i++) {
-        char def[64] = "";
-        switch (specs[i].type) {
-            case 's':
-                snprintf(def, sizeof(def), "%s",
-                         *(const char **)specs[i].value ? *(const char **)specs[i].value : "");
-                break;
-            case 'i':
-                if (*(int *)specs[i].value >= 0) { snprintf(def, sizeof(def), "%d", *(int *)specs[i].value); }
-                break;
-            case 'f':
-                if (*(float *)specs[i].value >= 0.0f) {
-                    snprintf(def, sizeof(def), "%g", *(float *)specs[i].value);
-                }
-                break;
-            case 'l': snprintf(def, sizeof(def), "%lld", *(long long *)specs[i].value); break;
-        }
-        printf("  --%-17s %s%s%s%s\n", specs[i].name, specs[i].help, def[0] ? " [" : "", def,
-               def[0] ? "]" : "");
-    }
-}
-
-// Reads a number option's value, which must be a whole number (floats: a finite number) in the
-// option's range: "--steps 4294967297" or "--lr inf" is an error, not a wrapped or infinite value.
-static void parse_number(const OptionSpec *spec, const char *value) {
-    char *end = NULL;
-    errno = 0;
-    long long whole = 0;
-    double real = 0.0;
-    if (spec->type == 'f') { real = strtod(value, &end); } else { whole = strtoll(value, &end, 10); }
-    if (errno == ERANGE || end == value || *end != '\0' || isnan(real)) {
-        fail("option --%s: cannot read '%s' as a number", spec->name, value);
-    }
-    double number = spec->type == 'f' ? real : (double)whole;
-    if (spec->type != 'l' && !(number >= spec->min && number <= spec->max)) {
-        fail("option --%s: %s is outside [%.9g, %.9g]", spec->name, value, spec->min, spec->max);
-    }
-    switch (spec->type) {
-        case 'i': *(int *)spec->value = (int)whole; break;
-        case 'f': *(float *)spec->value = (float)real; break;
-        case 'l': *(long long *)spec->value = whole; break;
-    }
+    print_option_table(specs, n);
 }
 
 static void parse_options(Options *o, int argc, char **argv) {
     OptionSpec specs[64];
     int n = option_specs(o, specs);
-    for (int a = 1; a < argc; a++) {
-        if (strcmp(argv[a], "-h") == 0 || strcmp(argv[a], "--help") == 0) {
-            print_usage();
-            exit(EXIT_SUCCESS);
-        }
-        const OptionSpec *spec = NULL;
-        for (int i = 0; i < n; i++) {
-            if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, specs[i].name) == 0) {
-                spec = &specs[i];
-            }
-        }
-        if (spec == NULL) { fail("unknown option %s (see --help)", argv[a]); }
-        o->model_options_given += spec->describes_model;
-        if (a + 1 >= argc) { fail("option %s needs a value", argv[a]); }
-        const char *value = argv[++a];
-        if (spec->type == 's') {
-            *(const char **)spec->value = value;
-        } else {
-            parse_number(spec, value);
-        }
-    }
-}
-
-static int parse_name(const char *value, const char *const *names, int count, const char *option) {
-    for (int i = 0; i < count; i++) {
-        if (strcmp(value, names[i]) == 0) { return i; }
-    }
-    fail("option --%s: unknown value '%s'", option, value);
-    return -1;
+    o->model_options_given += parse_option_table(specs, n, argc, argv, print_usage);
 }
 
 // The model and router configuration that the options describe, for a vocabulary of V tokens.

@@ -737,11 +737,12 @@ __global__ void attention_heads_kernel(float *dst, const float *src, int B, int 
 }
 
 // Causal softmax over each row of scores (one warp per row), in place: entries above the
-// diagonal become 0, so the product with v that follows ignores them.
-__global__ void softmax_causal_kernel(float *att, int rows, int T) {
+// diagonal become 0, so the product with v that follows ignores them. With causal 0, a plain
+// softmax over every key.
+__global__ void softmax_causal_kernel(float *att, int rows, int T, int causal) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) { return; }
-    int t = row % T;
+    int t = causal ? row % T : T - 1;  // the last key this row sees
     float *x = att + (size_t)row * T;
     float maxval = -INFINITY;
     for (int j = lane; j <= t; j += 32) { maxval = fmaxf(maxval, x[j]); }
@@ -757,10 +758,11 @@ __global__ void softmax_causal_kernel(float *att, int rows, int T) {
 }
 
 // datt -> dscores in place: dscore_j = p_j (datt_j − <p, datt>) · scale, 0 above the diagonal.
-__global__ void softmax_causal_backward_kernel(float *datt, const float *att, int rows, int T, float scale) {
+__global__ void softmax_causal_backward_kernel(float *datt, const float *att, int rows, int T, float scale,
+                                               int causal) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) { return; }
-    int t = row % T;
+    int t = causal ? row % T : T - 1;
     const float *p = att + (size_t)row * T;
     float *d = datt + (size_t)row * T;
     float pdp = 0.0f;
@@ -776,11 +778,12 @@ typedef struct {
     float *datt;                // backward: (B, NH, T, T)
 } AttentionScratch;
 
-// Causal self-attention. qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T) probabilities.
+// Self-attention, causal or not (causal 0). qkv (B, T, 3C) -> out (B, T, C), att (B, NH, T, T)
+// probabilities.
 // The full T x T score matrix is computed (the upper half is wasted work but keeps the products
 // large and regular).
 void attention_forward(float *out, float *att, const float *qkv, AttentionScratch s, int B, int T, int C,
-                       int NH) {
+                       int NH, int causal) {
     int hd = C / NH;
     size_t n = (size_t)B * T * C;
     attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
@@ -790,7 +793,8 @@ void attention_forward(float *out, float *att, const float *qkv, AttentionScratc
     // scores (T, T) = scale · q k^T per (b, h)
     cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hd, &scale, s.k, hd, sT,
                                           s.q, hd, sT, &zero, att, T, sTT, B * NH));
-    softmax_causal_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(att, B * NH * T, T);
+    softmax_causal_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(att, B * NH * T, T,
+                                                                                     causal);
     launchCheck();
     // y (T, hd) = att v
     cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.v, hd, sT,
@@ -801,7 +805,7 @@ void attention_forward(float *out, float *att, const float *qkv, AttentionScratc
 
 // dqkv (B, T, 3C) = gradient of qkv (overwritten: each element has one writer) from dout (B, T, C).
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
-                        AttentionScratch s, int B, int T, int C, int NH) {
+                        AttentionScratch s, int B, int T, int C, int NH, int causal) {
     int hd = C / NH;
     size_t n = (size_t)B * T * C;
     attention_permute_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(s.q, s.k, s.v, qkv, B, T, NH, hd);
@@ -816,7 +820,7 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
     cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_T, hd, T, T, &one, s.dy, hd, sT,
                                           att, T, sTT, &zero, s.dv, hd, sT, B * NH));
     softmax_causal_backward_kernel<<<blocks_for((size_t)B * NH * T, 8), 256, 0, gpu.stream>>>(
-        s.datt, att, B * NH * T, T, scale);
+        s.datt, att, B * NH * T, T, scale, causal);
     launchCheck();
     // dq (T, hd) = dscores k; dk (T, hd) = dscores^T q
     cublasCheck(cublasSgemmStridedBatched(gpu.blas, CUBLAS_OP_N, CUBLAS_OP_N, hd, T, T, &one, s.k, hd, sT,
@@ -1731,7 +1735,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         matmul_forward(qkv, ln1, w.wqkv, N, C, 3 * C);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         PROFILE_MARK("attn: core");
-        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, s, B, T, C, NH);
+        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, s, B, T, C, NH, 1);
         PROFILE_MARK("attn: proj+residual+norm");
         matmul_forward(res1, atty, w.wo, N, C, C);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
@@ -1817,7 +1821,7 @@ void model_backward(Model *model) {
                            C, 0.0f);
         PROFILE_MARK("attn back: core");
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
-                           t->att + (size_t)l * B * NH * T * T, s, B, T, C, NH);
+                           t->att + (size_t)l * B * NH * T * T, s, B, T, C, NH, 1);
         PROFILE_MARK("attn back: rope+qkv+norm");
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         matmul_backward_on(gpu.blas, g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, w.wqkv, N, C,

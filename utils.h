@@ -125,6 +125,8 @@ static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char
 #define STATE_MAGIC 20251214      // training state: AdamW moments, step, data position, sampler
 #define FIXTURE_MAGIC 20251215    // reference fixture of the tests, written by reference/
 #define TOKENIZER_MAGIC 20251216  // tokenizer file: a vocabulary and its merges (GPT-2's, or trained)
+#define DIT_MAGIC 20251217        // diffusion transformer checkpoint (train_dit.c, doc/dit.md)
+#define DIT_FIXTURE_MAGIC 20251218  // reference fixture of the diffusion transformer's test
 
 // What a vocabulary's tokens are, stored in shard and model headers so that a program never has
 // to guess how to turn tokens back into text.

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # make_seeds.sh: writes the seed corpus of every fuzz target to fuzz/corpus/TARGET/ with the
 # project's own programs (and python3 for the small tokenizer). Run from the repository root after
-# `make`; the corpus is committed, so this is only needed when a format changes.
+# `make` and scripts/get_fashion_mnist.sh data/fashion-mnist; the corpus is committed, so this is
+# only needed when a format changes.
 set -euo pipefail
 C=fuzz/corpus
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 rm -rf "$C"
-mkdir -p "$C"/{shard,model,state,tokenizer,encoder,prepro,options}
+mkdir -p "$C"/{shard,model,state,tokenizer,encoder,prepro,options,idx,dit}
 
 # shards: bytes and GPT-2 tokens of a short text
 tools/make_offline_text > "$T/all.txt"
@@ -57,4 +58,16 @@ printf '%s\0' --steps 100 --lr 1e-3 > "$C/options/training"
 printf '%s\0' --model tiny --routing topk --k 2 > "$C/options/topk"
 printf '%s\0' --routing dtopp --tgt 3 --controller layer --p0 0.5 > "$C/options/dtopp"
 printf '%s\0' --layers 3 --channels 96 --heads 4 --experts 4 > "$C/options/sizes"
+# IDX files: 2 gray images of 28 x 28 and 2 labels
+{ printf '\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x1c\x00\x00\x00\x1c'
+  head -c $((2 * 784)) /dev/zero | tr '\0' '\200'; } > "$C/idx/images.idx"
+printf '\x00\x00\x08\x01\x00\x00\x00\x02\x03\x07' > "$C/idx/labels.idx"
+
+# diffusion transformer checkpoints of the smallest size, Top-k and DTop-p, after one step
+for routing in topk dtopp; do
+    ./train_dit --data "${FASHION_MNIST:-data/fashion-mnist}" --layers 1 --channels 4 --heads 1 --experts 2 \
+        --expert-hidden 2 --batch 2 --steps 1 --eval-images 2 --sample-steps 1 --samples-per-class 1 \
+        --threads 1 --routing $routing --k 1 --tgt 1.5 --out "$T/dit_$routing" > /dev/null
+    cp "$T/dit_$routing/model.bin" "$C/dit/$routing.bin"
+done
 echo "seeds: $(find "$C" -type f | wc -l) files in $C"

@@ -232,8 +232,8 @@ static void check_attention(int B, int T, int C, int NH, uint64_t *rng) {
         float *a = att[threads - 1] = (float *)calloc_check((size_t)B * NH * T * T, sizeof(float));
         float *d = dqkv[threads - 1] = (float *)calloc_check(N * 3 * C, sizeof(float));
         set_num_threads(threads);
-        attention_forward(o, a, qkv, B, T, C, NH);
-        attention_backward(d, dout, qkv, a, B, T, C, NH);
+        attention_forward(o, a, qkv, B, T, C, NH, 1);
+        attention_backward(d, dout, qkv, a, B, T, C, NH, 1);
     }
     double e_out = relative_error64(out[0], out64, N * C, 0);
     double e_att = relative_error64(att[0], att64, (size_t)B * NH * T * T, T);
