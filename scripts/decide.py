@@ -152,7 +152,7 @@ def main():
             lm, ls = mean_sd([runs[(e, method, s)]["final"] for s in ss])
             am = np.mean([runs[(e, method, s)]["a_half"] for s in ss])
             pm = np.mean([runs[(e, method, s)]["p_half"] for s in ss])
-            settled = "—" if method == "topk" else f"{pm:.3f}" + (" (layer 0)" if method == "dtopp_layer" else "")
+            settled = "—" if method.startswith("topk") else f"{pm:.3f}" + (" (layer 0)" if method == "dtopp_layer" else "")
             lines.append(f"| {e} | {METHODS[method]} | {len(ss)} | {fmt(lm, ls)} | {am:.3f} | "
                          f"{settled} |")
     lines.append("")
@@ -254,8 +254,8 @@ def main():
     lines += ["## Adaptivity (rule 5)", "",
               "Spearman correlation over the validation tokens of the final evaluation between a token's "
               "activated experts and its loss / the log-frequency of the token in the training split.", "",
-              "| E | method | seed | vs loss, all layers | vs log-frequency, all layers | vs loss, per layer |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| E | method | seed | vs loss, all layers | vs log-frequency, all layers | vs loss, per layer "
+              "| vs log-frequency, per layer |", "| --- | --- | --- | --- | --- | --- | --- |"]
     adapt = {}
     for e in sorted(TARGET):
         for method in ("dtopp", "pi_only", "dtopp_layer"):
@@ -265,9 +265,10 @@ def main():
                 rl = spearman(total, r["loss"])
                 rf = spearman(total, log_freq[r["tokens"]])
                 per = [spearman(r["experts"][:, l], r["loss"]) for l in range(r["experts"].shape[1])]
+                per_f = [spearman(r["experts"][:, l], log_freq[r["tokens"]]) for l in range(r["experts"].shape[1])]
                 adapt[(e, method, s)] = (rl, rf, per)
                 lines.append(f"| {e} | {METHODS[method]} | {s} | {rl:+.3f} | {rf:+.3f} | "
-                             f"{' '.join(f'{x:+.2f}' for x in per)} |")
+                             f"{' '.join(f'{x:+.2f}' for x in per)} | {' '.join(f'{x:+.2f}' for x in per_f)} |")
     lines.append("")
     for e in sorted(TARGET):
         rs = [adapt[(e, "dtopp", s)] for s in seeds_of(e, "dtopp")]
