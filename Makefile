@@ -87,7 +87,7 @@ help:
 	@echo "make cuda-mpi      the data-parallel CUDA build (NCCL between GPUs, MPI to start them)"
 	@echo "make test-cuda     run test_gpt against the CUDA build (needs a GPU)"
 	@echo "make compare-cuda  50 training steps on CPU and GPU from the same checkpoint must agree (needs a GPU)"
-	@echo "make repro         the experiment of doc/results.md (about 70 minutes on 2 cores); REPRO_TEXTS=files"
+	@echo "make repro         the experiment of doc/results.md (about 90 minutes on 2 cores); REPRO_TEXTS=files"
 	@echo "make plots         the decisions, tables and plots of doc/results.md from the logs of make repro"
 	@echo "make tune          the controller tuning of doc/results.md, section 1 (about 35 minutes on 2 cores)"
 	@echo "make test SANITIZE=1  every test with AddressSanitizer and UndefinedBehaviorSanitizer builds"

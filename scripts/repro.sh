@@ -11,6 +11,8 @@
 #   at E = 16 (the main model), also:
 #       fixed Top-p at the threshold DTop-p settles at (its mean p over the second half, same seed),
 #       PI controller without DRN, DRN with that fixed p, and the per-layer controller
+#   added after the first results (see doc/results.md): Top-1 at E = 8 with gates not renormalised,
+#       since renormalised gates leave a single expert's gate at 1 and its router without gradient
 #
 # Every run is deterministic whatever the number of threads; a run whose log is complete is not run
 # again, so an interrupted repro.sh continues where it stopped. JOBS runs go at once (default 2, one
@@ -76,6 +78,7 @@ for seed in $SEEDS; do
     p=$(settled_p "e16_dtopp_s$seed")
     run "e16_topp_s$seed" "${E16[@]}" --routing topp --p "$p" --seed "$seed"
     run "e16_drn_only_s$seed" "${E16[@]}" --routing topp --drn 1 --p "$p" --seed "$seed"
+    run "e8_topk_raw_s$seed" "${E8[@]}" --routing topk --k 1 --renorm 0 --seed "$seed"
 done
 finish_all
 echo "repro: all runs done, logs in $OUT"
