@@ -104,7 +104,7 @@ train_dtopp: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 train_dtopp_mpi: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
-test_gpt: test_gpt.c train_dtopp.c
+test_gpt: test_gpt.c test/check.h train_dtopp.c
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
 
 # the diffusion transformer (doc/dit.md): train_dtopp.c's core with patches for tokens
@@ -272,7 +272,7 @@ cuda: train_dtopp_cuda test_gpt_cuda
 	@echo "CUDA: built for sm_$(CUDA_ARCH)$(if $(DETECTED_ARCH), (detected),; no GPU detected, set CUDA_ARCH to change)"
 train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
-test_gpt_cuda: test_gpt.c train_dtopp.cu train_dtopp.c
+test_gpt_cuda: test_gpt.c test/check.h train_dtopp.cu train_dtopp.c
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
 # data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
 cuda-mpi: train_dtopp_cuda_mpi

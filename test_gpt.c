@@ -19,6 +19,8 @@ usage: test_gpt [NAME_ref.bin ...]   (default: every fixture in test/fixtures)
 #include "train_dtopp.c"
 #endif
 #include <glob.h>
+
+#include "test/check.h"
 #include <sys/wait.h>
 
 // Tolerances: relative L2 error per tensor, absolute error per step.
@@ -26,23 +28,10 @@ usage: test_gpt [NAME_ref.bin ...]   (default: every fixture in test/fixtures)
 #define TOL_STEP_LOSS 1e-4
 #define TOL_P 1e-5
 
-static int passed = 0, failed = 0;
 
 static void report(int ok, const char *fixture, const char *what, double error, double tol) {
     printf("%-4s %-12s %-22s error %.3e (tolerance %.0e)\n", ok ? "ok" : "FAIL", fixture, what, error, tol);
     if (ok) { passed++; } else { failed++; }
-}
-
-// ||got - want|| / ||want||; an all-zero reference must be matched by an all-zero result.
-static double relative_error(const float *got, const float *want, size_t n) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        diff += d * d;
-        norm += (double)want[i] * want[i];
-    }
-    if (isnan(diff)) { return INFINITY; }
-    return norm > 0.0 ? sqrt(diff / norm) : sqrt(diff);
 }
 
 static void check_tensor(const char *fixture, const char *what, const float *got, const float *want,

@@ -1,12 +1,14 @@
 /*
-check.h: the two helpers the C unit tests share: check() prints one line per check and counts it;
+check.h: the helpers the C unit tests share: check() prints one line per check and counts it;
 check_refuses() runs a function that should refuse its input in a child process, and checks that
-the child exits with status 1 after printing a message that contains the expected text.
+the child exits with status 1 after printing a message that contains the expected text;
+relative_error() is how the fixture tests compare a tensor with the reference's.
 A test ends with: printf("%d passed, %d failed\n", passed, failed).
 */
 #ifndef CHECK_H
 #define CHECK_H
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,7 +18,7 @@ A test ends with: printf("%d passed, %d failed\n", passed, failed).
 
 static int passed, failed;
 
-static void check(int ok, const char *fmt, ...) {
+static inline void check(int ok, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     printf("%s ", ok ? "ok  " : "FAIL");
@@ -24,6 +26,18 @@ static void check(int ok, const char *fmt, ...) {
     printf("\n");
     va_end(ap);
     if (ok) passed++; else failed++;
+}
+
+// ||got - want|| / ||want||; an all-zero reference must be matched by an all-zero result.
+static inline double relative_error(const float *got, const float *want, size_t n) {
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)got[i] - want[i];
+        diff += d * d;
+        norm += (double)want[i] * want[i];
+    }
+    if (isnan(diff)) { return INFINITY; }
+    return norm > 0.0 ? sqrt(diff / norm) : sqrt(diff);
 }
 
 // runs fn(arg) in a child process; checks that it exits with status 1 and an error message

@@ -23,17 +23,6 @@ usage: test/test_dit [NAME_ref.bin ...]   (default: every fixture in test/fixtur
 #define TOL_A 1e-6
 #define TOL_P 1e-5
 
-static double relative_error(const float *got, const float *want, size_t n) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        diff += d * d;
-        norm += (double)want[i] * want[i];
-    }
-    if (isnan(diff)) { return INFINITY; }
-    return norm > 0.0 ? sqrt(diff / norm) : sqrt(diff);
-}
-
 static void check_tensor(const char *fixture, const char *what, const float *got, const float *want,
                          size_t n) {
     double error = relative_error(got, want, n);
