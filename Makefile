@@ -65,7 +65,7 @@ else
 endif
 
 BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
-           tools/make_offline_text train_dit test/test_dit
+           tools/make_offline_text train_dit eval_dit test/test_dit
 
 .PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train \
         test-mpi reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help \
@@ -111,7 +111,11 @@ test_gpt: test_gpt.c test/check.h train_dtopp.c
 train_dit: train_dit.c train_dtopp.c idx.h options.h png.h utils.h
 	$(CC) $(CFLAGS) -o $@ train_dit.c $(LDLIBS)
 
-test/test_dit: test/test_dit.c test/check.h train_dit.c train_dtopp.c idx.h png.h utils.h
+# its measures: the classifier, the Fréchet distance and class accuracy of samples, the routing table
+eval_dit: eval_dit.c train_dit.c train_dtopp.c idx.h options.h utils.h
+	$(CC) $(CFLAGS) -o $@ eval_dit.c $(LDLIBS)
+
+test/test_dit: test/test_dit.c test/check.h eval_dit.c train_dit.c train_dtopp.c idx.h png.h utils.h
 	$(CC) $(CFLAGS) -o $@ test/test_dit.c $(LDLIBS)
 
 prepro: prepro.c bpe.h tokenizer.h unicode_tables.h utils.h
@@ -235,13 +239,13 @@ test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
 
 # The diffusion transformer against its fixtures, its readers, then its program end to end; both
 # need Fashion-MNIST, which the rule above prepares (no data: the target fails, it never skips).
-test-dit: $(BIN)test/test_dit $(BIN)train_dit $(DIT_DATA)/train-images-idx3-ubyte
+test-dit: $(BIN)test/test_dit $(BIN)train_dit $(BIN)eval_dit $(DIT_DATA)/train-images-idx3-ubyte
 	FASHION_MNIST=$(DIT_DATA) ./$(BIN)test/test_dit
-	TRAIN_DIT=./$(BIN)train_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
+	TRAIN_DIT=./$(BIN)train_dit EVAL_DIT=./$(BIN)eval_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
 $(SANITIZE_DIR)/%: %.c train_dtopp.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h options.h train_dit.c \
-                   idx.h png.h
+                   eval_dit.c idx.h png.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 

@@ -29,7 +29,6 @@ Built with DIT_NO_MAIN, the file leaves out its training program (test/test_dit.
 #define TESTING  // train_dtopp.c without its training program
 #include "train_dtopp.c"
 #include "idx.h"
-#include "png.h"
 
 // ----------------------------------------------------------------------------
 // configuration
@@ -508,10 +507,11 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
     trunk->ce_loss = d->mse;
 }
 
-// Gradient of the total loss of the last forward pass, accumulated into d->grads (and so into
-// the trunk's views of it): the forward pass read backwards.
-void dit_backward(Dit *d) {
-    if (d->loss < 0.0f) { fail("dit_backward needs a forward pass with a target"); }
+// The gradient of the parameters from that of the predicted velocity (the trunk's dlogits, (N, P²),
+// written by the caller), accumulated into d->grads (and so into the trunk's views of it): the
+// forward pass read backwards. dit_backward starts it from the loss; the classifier of
+// eval_dit.c from its class scores.
+void dit_backward_output(Dit *d) {
     Model *trunk = &d->trunk;
     const ModelConfig *c = &trunk->config;
     int B = d->B, T = c->max_seq_len, N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
@@ -524,7 +524,6 @@ void dit_backward(Dit *d) {
     const DitTensors *p = &d->params;
     DitTensors *dp = &d->grads;
 
-    squared_error_backward(g->dlogits, tr->logits, x->target, (size_t)N * PP, 1.0f / ((float)N * PP));
     memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
     matmul_backward(dx->dmodulated, dp->wout, g->dlogits, x->lnf_mod, NULL, p->wout, N, C, PP);
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
@@ -576,6 +575,16 @@ void dit_backward(Dit *d) {
     silu_backward(dx->dts, x->th, (size_t)B * C);
     memset(dx->dtfreq, 0, (size_t)B * C * sizeof(float));
     matmul_backward(dx->dtfreq, dp->wt1, dx->dts, x->tfreq, NULL, p->wt1, B, C, C);
+}
+
+// Gradient of the total loss of the last forward pass (the mean squared error and the MoE's
+// auxiliary terms), accumulated into d->grads.
+void dit_backward(Dit *d) {
+    if (d->loss < 0.0f) { fail("dit_backward needs a forward pass with a target"); }
+    Activations *a = &d->trunk.ws->acts;
+    size_t values = (size_t)d->B * d->trunk.config.max_seq_len * d->trunk.config.vocab_size;
+    squared_error_backward(a->grads.dlogits, a->acts.logits, d->acts.target, values, 1.0f / (float)values);
+    dit_backward_output(d);
 }
 
 void dit_zero_grad(Dit *d) { memset(d->grads_memory, 0, d->num_parameters * sizeof(float)); }
@@ -680,6 +689,9 @@ void dit_sample(Dit *d, float *x, const int *labels, int B, int steps, float gui
     free(classes);
 }
 
+// ----------------------------------------------------------------------------
+// the data: Fashion-MNIST's images, shuffled into batches of the rectified flow
+
 // Fashion-MNIST: ten classes of clothing, 28 x 28 images.
 #define NUM_CLASSES 10
 
@@ -687,13 +699,90 @@ static void join_path(char *out, size_t size, const char *dir, const char *name)
     if ((size_t)snprintf(out, size, "%s/%s", dir, name) >= size) { fail("path too long: %s/%s", dir, name); }
 }
 
+const char *const fashion_classes[NUM_CLASSES] = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"};
+
+// Pixels 0..255 to [-1, 1].
+void to_unit_range(float *out, const uint8_t *pixels, size_t n) {
+    for (size_t i = 0; i < n; i++) { out[i] = pixels[i] / 127.5f - 1.0f; }
+}
+
+// The training data and one batch of the rectified flow.
+typedef struct {
+    IdxData images, labels, val_images, val_labels;
+    int *order;   // the shuffled image order of the current epoch
+    int cursor;   // the next position in it
+    uint64_t rng;
+    float *x0, *noise, *xt, *velocity, *t;  // (B, D) images, (B) times
+    int *classes;                           // (B)
+} Batches;
+
+void batches_open(Batches *s, const char *dir, int image_size, int batch, uint64_t seed) {
+    char paths[4][4096];
+    const char *names[4] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                            "t10k-labels-idx1-ubyte"};
+    for (int i = 0; i < 4; i++) { join_path(paths[i], sizeof(paths[i]), dir, names[i]); }
+    idx_read_dataset(&s->images, &s->labels, paths[0], paths[1], NUM_CLASSES);
+    idx_read_dataset(&s->val_images, &s->val_labels, paths[2], paths[3], NUM_CLASSES);
+    for (int i = 0; i < 3; i += 2) {
+        const IdxData *set = i == 0 ? &s->images : &s->val_images;
+        if (set->rows != image_size || set->cols != image_size) {
+            fail("%s: the images are %d x %d, the model's %d x %d", paths[i], set->rows, set->cols,
+                 image_size, image_size);
+        }
+    }
+    size_t D = (size_t)image_size * image_size;
+    s->order = (int *)malloc_check(s->images.count * sizeof(int));
+    for (int i = 0; i < s->images.count; i++) { s->order[i] = i; }
+    s->cursor = s->images.count;  // past the end: the first batch shuffles
+    s->rng = seed;
+    s->x0 = (float *)malloc_check(batch * D * sizeof(float));
+    s->noise = (float *)malloc_check(batch * D * sizeof(float));
+    s->xt = (float *)malloc_check(batch * D * sizeof(float));
+    s->velocity = (float *)malloc_check(batch * D * sizeof(float));
+    s->t = (float *)malloc_check(batch * sizeof(float));
+    s->classes = (int *)malloc_check(batch * sizeof(int));
+}
+
+void batches_close(Batches *s) {
+    IdxData *sets[] = {&s->images, &s->labels, &s->val_images, &s->val_labels};
+    for (int i = 0; i < 4; i++) { free(sets[i]->data); }
+    free(s->order);
+    free(s->x0);
+    free(s->noise);
+    free(s->xt);
+    free(s->velocity);
+    free(s->t);
+    free(s->classes);
+}
+
+// The next B training images in shuffled order (a new shuffle every epoch), their labels (each
+// replaced by the null class with probability label_dropout), times uniform in [0, 1), noise.
+void next_batch(Batches *s, int B, float label_dropout) {
+    int D = s->images.rows * s->images.cols, count = s->images.count;
+    for (int b = 0; b < B; b++) {
+        if (s->cursor == count) {  // Fisher-Yates
+            for (int i = count - 1; i > 0; i--) {
+                int j = (int)(random_u64(&s->rng) % (uint64_t)(i + 1)), tmp = s->order[i];
+                s->order[i] = s->order[j];
+                s->order[j] = tmp;
+            }
+            s->cursor = 0;
+        }
+        int image = s->order[s->cursor++];
+        to_unit_range(s->x0 + (size_t)b * D, s->images.data + (size_t)image * D, D);
+        s->classes[b] = random_f32(&s->rng) < label_dropout ? NUM_CLASSES : s->labels.data[image];
+        s->t[b] = random_f32(&s->rng);
+    }
+    for (size_t i = 0; i < (size_t)B * D; i++) { s->noise[i] = random_normal(&s->rng); }
+    rectified_flow_pair(s->xt, s->velocity, s->x0, s->noise, s->t, B, D);
+}
+
 #ifndef DIT_NO_MAIN
 // ----------------------------------------------------------------------------
 // the training program
 #include "options.h"
-
-static const char *fashion_classes[NUM_CLASSES] = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"};
+#include "png.h"
 
 typedef struct {
     const char *data, *out, *init, *routing, *controller;
@@ -805,11 +894,6 @@ static void dit_configure(const DitOptions *o, DitConfig *d, ModelConfig *c, Rou
     rc->ent_coef = o->ent_coef >= 0.0f ? o->ent_coef : rc->routing == ROUTING_TOPK ? 0.0f : 1e-3f;
 }
 
-// Pixels 0..255 to [-1, 1].
-static void to_unit_range(float *out, const uint8_t *pixels, size_t n) {
-    for (size_t i = 0; i < n; i++) { out[i] = pixels[i] / 127.5f - 1.0f; }
-}
-
 // The validation loss: the mean squared error of the velocity on the first `count` test images at
 // fixed times (VAL_TIMES) with fixed noise, so that runs and steps compare; guidance plays no part.
 #define VAL_LEVELS 3
@@ -873,77 +957,6 @@ static void write_sample_grid(Dit *d, const char *path, int per_class, int steps
     free(grid);
     free(x);
     free(labels);
-}
-
-// The training data and one batch of the rectified flow.
-typedef struct {
-    IdxData images, labels, val_images, val_labels;
-    int *order;   // the shuffled image order of the current epoch
-    int cursor;   // the next position in it
-    uint64_t rng;
-    float *x0, *noise, *xt, *velocity, *t;  // (B, D) images, (B) times
-    int *classes;                           // (B)
-} Batches;
-
-static void batches_open(Batches *s, const char *dir, int image_size, int batch, uint64_t seed) {
-    char paths[4][4096];
-    const char *names[4] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                            "t10k-labels-idx1-ubyte"};
-    for (int i = 0; i < 4; i++) { join_path(paths[i], sizeof(paths[i]), dir, names[i]); }
-    idx_read_dataset(&s->images, &s->labels, paths[0], paths[1], NUM_CLASSES);
-    idx_read_dataset(&s->val_images, &s->val_labels, paths[2], paths[3], NUM_CLASSES);
-    for (int i = 0; i < 3; i += 2) {
-        const IdxData *set = i == 0 ? &s->images : &s->val_images;
-        if (set->rows != image_size || set->cols != image_size) {
-            fail("%s: the images are %d x %d, the model's %d x %d", paths[i], set->rows, set->cols,
-                 image_size, image_size);
-        }
-    }
-    size_t D = (size_t)image_size * image_size;
-    s->order = (int *)malloc_check(s->images.count * sizeof(int));
-    for (int i = 0; i < s->images.count; i++) { s->order[i] = i; }
-    s->cursor = s->images.count;  // past the end: the first batch shuffles
-    s->rng = seed;
-    s->x0 = (float *)malloc_check(batch * D * sizeof(float));
-    s->noise = (float *)malloc_check(batch * D * sizeof(float));
-    s->xt = (float *)malloc_check(batch * D * sizeof(float));
-    s->velocity = (float *)malloc_check(batch * D * sizeof(float));
-    s->t = (float *)malloc_check(batch * sizeof(float));
-    s->classes = (int *)malloc_check(batch * sizeof(int));
-}
-
-static void batches_close(Batches *s) {
-    IdxData *sets[] = {&s->images, &s->labels, &s->val_images, &s->val_labels};
-    for (int i = 0; i < 4; i++) { free(sets[i]->data); }
-    free(s->order);
-    free(s->x0);
-    free(s->noise);
-    free(s->xt);
-    free(s->velocity);
-    free(s->t);
-    free(s->classes);
-}
-
-// The next B training images in shuffled order (a new shuffle every epoch), their labels (each
-// replaced by the null class with probability label_dropout), times uniform in [0, 1), noise.
-static void next_batch(Batches *s, int B, float label_dropout) {
-    int D = s->images.rows * s->images.cols, count = s->images.count;
-    for (int b = 0; b < B; b++) {
-        if (s->cursor == count) {  // Fisher-Yates
-            for (int i = count - 1; i > 0; i--) {
-                int j = (int)(random_u64(&s->rng) % (uint64_t)(i + 1)), tmp = s->order[i];
-                s->order[i] = s->order[j];
-                s->order[j] = tmp;
-            }
-            s->cursor = 0;
-        }
-        int image = s->order[s->cursor++];
-        to_unit_range(s->x0 + (size_t)b * D, s->images.data + (size_t)image * D, D);
-        s->classes[b] = random_f32(&s->rng) < label_dropout ? NUM_CLASSES : s->labels.data[image];
-        s->t[b] = random_f32(&s->rng);
-    }
-    for (size_t i = 0; i < (size_t)B * D; i++) { s->noise[i] = random_normal(&s->rng); }
-    rectified_flow_pair(s->xt, s->velocity, s->x0, s->noise, s->t, B, D);
 }
 
 static double evaluate(Dit *d, Batches *s, int count, int batch, int step) {

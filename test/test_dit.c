@@ -14,7 +14,9 @@ pixels; and the real Fashion-MNIST test set (FASHION_MNIST, default data/fashion
 usage: test/test_dit [NAME_ref.bin ...]   (default: every fixture in test/fixtures/dit)
 */
 #define DIT_NO_MAIN
-#include "../train_dit.c"
+#define EVAL_DIT_NO_MAIN
+#include "../eval_dit.c"
+#include "../png.h"
 #include "check.h"
 
 // Tolerances, as test_gpt's: relative L2 error per tensor, absolute error per step.
@@ -419,6 +421,199 @@ static void test_fashion_mnist(void) {
 }
 
 // ----------------------------------------------------------------------------
+// eval_dit.c: the Fréchet distance and the classifier
+
+// A random symmetric positive definite n x n matrix M Mᵀ + n·shift·I, in double.
+static void random_spd(double *out, int n, double shift, uint64_t *rng) {
+    double *m = (double *)malloc_check((size_t)n * n * sizeof(double));
+    for (int i = 0; i < n * n; i++) { m[i] = random_normal(rng); }
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) {
+            double sum = i == j ? n * shift : 0.0;
+            for (int k = 0; k < n; k++) { sum += m[(size_t)i * n + k] * m[(size_t)j * n + k]; }
+            out[(size_t)i * n + j] = sum;
+        }
+    }
+    free(m);
+}
+
+static void test_frechet(void) {
+    uint64_t rng = 7;
+    int n = 24;
+    size_t nn = (size_t)n * n;
+    double *A = (double *)malloc_check(nn * sizeof(double)), *work = (double *)malloc_check(nn * sizeof(double));
+    double *V = (double *)malloc_check(nn * sizeof(double)), *B = (double *)malloc_check(nn * sizeof(double));
+    double mean1[24], mean2[24];
+    // eigenpairs: A v = λ v for every column of V, and V orthonormal
+    random_spd(A, n, 0.1, &rng);
+    memcpy(work, A, nn * sizeof(double));
+    symmetric_eigen(work, V, n);
+    double residual = 0.0, orthogonality = 0.0, scale = 0.0;
+    for (int k = 0; k < n; k++) {
+        scale = fmax(scale, fabs(work[(size_t)k * n + k]));
+        for (int i = 0; i < n; i++) {
+            double av = 0.0;
+            for (int j = 0; j < n; j++) { av += A[(size_t)i * n + j] * V[(size_t)j * n + k]; }
+            residual = fmax(residual, fabs(av - work[(size_t)k * n + k] * V[(size_t)i * n + k]));
+        }
+        for (int l = 0; l < n; l++) {
+            double dot = 0.0;
+            for (int i = 0; i < n; i++) { dot += V[(size_t)i * n + k] * V[(size_t)i * n + l]; }
+            orthogonality = fmax(orthogonality, fabs(dot - (k == l)));
+        }
+    }
+    check(residual <= 1e-10 * scale && orthogonality <= 1e-12,
+          "symmetric_eigen: |A v - λ v| %.1e (of λ up to %.1f), |VᵀV - I| %.1e", residual, scale, orthogonality);
+    // the distance of a Gaussian to itself is 0; to a shifted copy, the squared shift
+    for (int i = 0; i < n; i++) {
+        mean1[i] = random_normal(&rng);
+        mean2[i] = mean1[i] + (i == 3 ? 0.5 : 0.0);
+    }
+    double self = frechet_distance(mean1, A, mean1, A, n), shifted = frechet_distance(mean1, A, mean2, A, n);
+    check(fabs(self) <= 1e-9 * scale * n && fabs(shifted - 0.25) <= 1e-9 * scale * n,
+          "frechet_distance: to itself %.1e, to itself shifted by 0.5 %.12f (0.25)", self, shifted);
+    // diagonal covariances: Σ (√a − √b)², also after the same rotation of both
+    memset(work, 0, nn * sizeof(double));
+    memset(B, 0, nn * sizeof(double));
+    double expected = 0.0;
+    for (int i = 0; i < n; i++) {
+        double a = 0.5 + i, b = 3.0 + 0.25 * i;
+        work[(size_t)i * n + i] = a;
+        B[(size_t)i * n + i] = b;
+        expected += (sqrt(a) - sqrt(b)) * (sqrt(a) - sqrt(b)) + (mean1[i] - mean2[i]) * (mean1[i] - mean2[i]);
+    }
+    double diagonal = frechet_distance(mean1, work, mean2, B, n);
+    // V is orthogonal: V D Vᵀ
+    double *rot1 = (double *)calloc_check(nn, sizeof(double)), *rot2 = (double *)calloc_check(nn, sizeof(double));
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < n; j++) {
+            for (int k = 0; k < n; k++) {
+                rot1[(size_t)i * n + j] += V[(size_t)i * n + k] * work[(size_t)k * n + k] * V[(size_t)j * n + k];
+                rot2[(size_t)i * n + j] += V[(size_t)i * n + k] * B[(size_t)k * n + k] * V[(size_t)j * n + k];
+            }
+        }
+    }
+    double rotated = frechet_distance(mean1, rot1, mean2, rot2, n);
+    check(fabs(diagonal - expected) <= 1e-10 * expected && fabs(rotated - expected) <= 1e-9 * expected,
+          "frechet_distance: diagonal covariances %.12f, rotated %.12f (expected %.12f)", diagonal, rotated,
+          expected);
+    // 2 x 2 covariances that do not commute: tr √(Σ1 Σ2) = √(tr Σ1Σ2 + 2 √(det Σ1 det Σ2))
+    double worst = 0.0;
+    for (int trial = 0; trial < 20; trial++) {
+        double s1[4], s2[4], zero[2] = {0.0, 0.0};
+        random_spd(s1, 2, 0.01, &rng);
+        random_spd(s2, 2, 0.01, &rng);
+        double tr12 = s1[0] * s2[0] + s1[1] * s2[2] + s1[2] * s2[1] + s1[3] * s2[3];
+        double det = (s1[0] * s1[3] - s1[1] * s1[2]) * (s2[0] * s2[3] - s2[1] * s2[2]);
+        double want = s1[0] + s1[3] + s2[0] + s2[3] - 2.0 * sqrt(tr12 + 2.0 * sqrt(det));
+        double got = frechet_distance(zero, s1, zero, s2, 2);
+        worst = fmax(worst, fabs(got - want) / (s1[0] + s1[3] + s2[0] + s2[3]));
+    }
+    check(worst <= 1e-12, "frechet_distance: 20 pairs of 2x2 covariances, the closed form to %.1e", worst);
+    // the moments of accumulated features are the two-pass mean and covariance
+    FeatureStats s;
+    stats_init(&s, 3);
+    float features[30];
+    for (int i = 0; i < 30; i++) { features[i] = (float)random_normal(&rng) + (i % 3); }
+    stats_add(&s, features, 4);
+    stats_add(&s, features + 12, 6);
+    double m[3], c[9], error = 0.0;
+    stats_moments(&s, m, c);
+    for (int i = 0; i < 3; i++) {
+        double direct = 0.0;
+        for (int b = 0; b < 10; b++) { direct += features[b * 3 + i] / 10.0; }
+        error = fmax(error, fabs(m[i] - direct));
+        for (int j = 0; j < 3; j++) {
+            double cov = 0.0, mj = 0.0;
+            for (int b = 0; b < 10; b++) { mj += features[b * 3 + j] / 10.0; }
+            for (int b = 0; b < 10; b++) { cov += (features[b * 3 + i] - direct) * (features[b * 3 + j] - mj) / 9.0; }
+            error = fmax(error, fabs(c[i * 3 + j] - cov));
+        }
+    }
+    check(error <= 1e-12, "stats_moments: mean and covariance of 10 features in two calls, to %.1e", error);
+    stats_free(&s);
+    free(A);
+    free(work);
+    free(V);
+    free(B);
+    free(rot1);
+    free(rot2);
+}
+
+// The classifier's mean cross-entropy on a batch.
+static double classifier_loss(Classifier *cl, const float *images, const int *classes, int B) {
+    float scores[4 * NUM_CLASSES], features[4 * 64], losses[4];
+    classifier_forward(cl, images, B, scores, features);
+    crossentropy_forward(losses, scores, classes, B, NUM_CLASSES);
+    double sum = 0.0;
+    for (int b = 0; b < B; b++) { sum += losses[b] / B; }
+    return sum;
+}
+
+// The classifier's backward pass is the DiT's (checked against the reference above) from another
+// output gradient: its gradient of each parameter tensor is checked against central differences of
+// the loss along that gradient, d/dε L(θ + ε g/|g|) = |g|; the patch embedding's gradient has
+// crossed every block. The features are the mean of the final activations over the patches.
+static void test_classifier(void) {
+    DitConfig dconfig = {28, 4, NUM_CLASSES};
+    ModelConfig config = dit_trunk_config(&dconfig, 2, 2, 16, 1, 32);
+    RouterConfig router = {.routing = ROUTING_TOPK, .k = 1, .renorm = 1, .theta_init = 1.0f};
+    Classifier cl = {0};
+    dit_init(&cl.net, &dconfig, &config, &router, 11);
+    Dit *net = &cl.net;
+    uint64_t rng = 3;
+    for (size_t i = 0; i < net->num_parameters; i++) {  // away from adaLN-Zero's zeros, so every tensor matters
+        if (net->params_memory[i] == 0.0f) { net->params_memory[i] = 0.5f * (float)random_normal(&rng); }
+    }
+    int B = 4, D = 28 * 28, classes[4] = {0, 3, 7, 9};
+    float *images = (float *)malloc_check((size_t)B * D * sizeof(float));
+    for (int i = 0; i < B * D; i++) { images[i] = 2.0f * random_f32(&rng) - 1.0f; }
+    float scores[4 * NUM_CLASSES], dscores[4 * NUM_CLASSES], features[4 * 16];
+    classifier_forward(&cl, images, B, scores, features);
+    crossentropy_backward(dscores, scores, classes, B, NUM_CLASSES, 1.0f / B);
+    dit_zero_grad(net);
+    classifier_backward(&cl, dscores, B);
+    float *grads = (float *)malloc_check(net->num_parameters * sizeof(float));
+    float *saved = (float *)malloc_check(net->num_parameters * sizeof(float));
+    memcpy(grads, net->grads_memory, net->num_parameters * sizeof(float));
+    memcpy(saved, net->params_memory, net->num_parameters * sizeof(float));
+    double worst = 0.0;
+    int tested = 0;
+    size_t offset = 0;
+    for (int i = 0; i < DIT_NUM_TENSORS; offset += net->sizes[i], i++) {
+        double norm = 0.0;
+        for (size_t j = 0; j < net->sizes[i]; j++) { norm += (double)grads[offset + j] * grads[offset + j]; }
+        norm = sqrt(norm);
+        double eps = 1e-2, loss[2];
+        // float32 resolves the loss to about 1e-7: tensors whose step changes it by less than 1e-4
+        // (the one expert's router and DRN scale have no gradient at all) are left out
+        if (eps * norm < 1e-4) { continue; }
+        for (int side = 0; side < 2; side++) {
+            for (size_t j = 0; j < net->sizes[i]; j++) {
+                net->params_memory[offset + j] = saved[offset + j] + (side ? -1 : 1) * eps * grads[offset + j] / norm;
+            }
+            loss[side] = classifier_loss(&cl, images, classes, B);
+        }
+        memcpy(net->params_memory + offset, saved + offset, net->sizes[i] * sizeof(float));
+        worst = fmax(worst, fabs((loss[0] - loss[1]) / (2 * eps) - norm) / norm);
+        tested++;
+    }
+    check(tested >= 7 && worst <= 1e-3,
+          "classifier: the gradient of %d tensors against central differences, worst relative error %.1e", tested,
+          worst);
+    classifier_forward(&cl, images, B, scores, features);
+    const float *final = net->acts.lnf_mod;  // (B, T, C)
+    double mean = 0.0;
+    for (int n = 0; n < 49; n++) { mean += final[(size_t)(49 + n) * 16 + 5] / 49.0; }
+    check(fabs(features[16 + 5] - mean) <= 1e-6, "classifier: a feature is the mean over the patches (%.7f, %.7f)",
+          features[16 + 5], mean);
+    free(images);
+    free(grads);
+    free(saved);
+    classifier_free(&cl);
+}
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char **argv) {
     glob_t found = {0};
@@ -474,6 +669,9 @@ int main(int argc, char **argv) {
     test_bad_files(first_model);
     test_png();
     test_fashion_mnist();
+    printf("--- eval_dit\n");
+    test_frechet();
+    test_classifier();
     char cmd[4200];
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmp_dir);
     if (system(cmd) != 0) { fprintf(stderr, "warning: could not remove %s\n", tmp_dir); }

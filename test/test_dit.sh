@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# test_dit.sh: the diffusion transformer's program end to end on a tiny model and the real
+# test_dit.sh: the diffusion transformer's programs end to end on a tiny model and the real
 # Fashion-MNIST: training learns and writes its files, a checkpoint samples the picture of the
-# model that wrote it, every routing mode trains, and bad input is refused with a clear message.
+# model that wrote it, every routing mode trains, eval_dit's classifier learns and its quality
+# and routing measures run and add up, and bad input is refused with a clear message.
 #
-#   test/test_dit.sh      (run from the repository root, after `make train_dit` and
+#   test/test_dit.sh      (run from the repository root, after `make train_dit eval_dit` and
 #                          scripts/get_fashion_mnist.sh data/fashion-mnist)
 #
 # Without the data the test fails: it never passes by skipping. Prints one line per check and
@@ -11,6 +12,7 @@
 set -uo pipefail
 
 TRAIN_DIT=${TRAIN_DIT:-./train_dit}
+EVAL_DIT=${EVAL_DIT:-./eval_dit}
 DATA=${FASHION_MNIST:-data/fashion-mnist}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -54,6 +56,39 @@ for routing in topk topp; do
 done
 check "train 5 steps (dtopp, per-layer controller)" "$TRAIN_DIT" "${TINY[@]}" --steps 5 --controller layer \
     --out "$TMP/layer"
+
+# eval_dit: the classifier learns, the quality measures run, the routing table adds up
+check "eval_dit classifier: 300 steps" "$EVAL_DIT" classifier --data "$DATA" --out "$TMP/classifier.bin" \
+    --steps 300 --layers 1 --channels 32 --expert-hidden 64 --threads 2
+accuracy=$(awk '/^test accuracy/ { print $3 }' "$TMP/last.log")
+if awk -v a="${accuracy:-0}" 'BEGIN { exit !(a > 0.3) }'; then pass "the classifier learns: test accuracy $accuracy"
+else fail "the classifier learns: test accuracy ${accuracy:-none} (chance 0.1)"; fi
+check "eval_dit quality" "$EVAL_DIT" quality --data "$DATA" --model "$TMP/run/model.bin" \
+    --classifier "$TMP/classifier.bin" --samples-per-class 5 --sample-steps 4 --batch 25 --threads 2
+cp "$TMP/last.log" "$TMP/quality.log"
+real=$(awk '/^real training images/ { print $7 }' "$TMP/quality.log" | tr -d ,)
+sampled=$(awk '/^samples:/ { print $5 }' "$TMP/quality.log" | tr -d ,)
+if awk -v r="${real:-x}" -v s="${sampled:-x}" 'BEGIN { exit !(r + 0 > 0 && s + 0 > r + 0) }'; then
+    pass "Fréchet distances: real images $real, samples of a 60-step model $sampled (farther)"
+else fail "Fréchet distances: real images ${real:-none}, samples ${sampled:-none}"; fi
+for routing in run topk; do
+    check "eval_dit routing ($routing)" "$EVAL_DIT" routing --data "$DATA" --model "$TMP/$routing/model.bin" \
+        --eval-images 20 --batch 8 --out "$TMP/$routing.csv"
+done
+# every token counted once per layer and level: 2 layers x 10 levels x 20 images x 49 patches
+tokens=$(awk -F, 'NR > 1 { s += $6 } END { print s }' "$TMP/run.csv")
+if [[ $tokens == 19600 ]]; then pass "routing.csv counts every token: $tokens"
+else fail "routing.csv counts $tokens tokens, not 2 x 10 x 20 x 49 = 19600"; fi
+per_token=$(awk -F, 'NR > 1 { t += $6; e += $7 } END { printf "%.4f", e / t }' "$TMP/topk.csv")
+if [[ $per_token == 2.0000 ]]; then pass "top-2 routing: 2 experts per token in routing.csv"
+else fail "top-2 routing: $per_token experts per token in routing.csv"; fi
+if awk -F, 'NR > 1 && ($7 < $6 || $7 > 4 * $6) { bad = 1 } END { exit bad }' "$TMP/run.csv"; then
+    pass "dtopp routing: between 1 and E = 4 experts per token in every cell"
+else fail "dtopp routing: a cell outside 1..4 experts per token"; fi
+refuses "a DiT as the classifier" "not a classifier of eval_dit" "$EVAL_DIT" quality --data "$DATA" \
+    --model "$TMP/run/model.bin" --classifier "$TMP/run/model.bin"
+refuses "quality without --model" "needs --model" "$EVAL_DIT" quality --classifier "$TMP/classifier.bin"
+refuses "an unknown mode" "unknown value 'qualty'" "$EVAL_DIT" qualty --model "$TMP/run/model.bin"
 
 # bad input
 refuses "a second run into the same folder" "holds a run already" "$TRAIN_DIT" "${TINY[@]}" --steps 5 --out "$TMP/run"
