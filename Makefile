@@ -78,7 +78,7 @@ help:
 	@echo "make train         prepare TinyShakespeare (or TEXT=file, or the built-in text offline) and train"
 	@echo "                   (VOCAB=gpt2 for GPT-2 tokens; TRAIN_FLAGS='--steps 100 ...' to change options)"
 	@echo "make test          every test (DATA_DIR=folder with tinyshakespeare.txt and kjv.txt adds golden counts)"
-	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 20 minutes on 2 cores)"
+	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 21 minutes on 2 cores)"
 	@echo "                   (DIT_FLAGS='--routing topk ...' to change options, DIT_OUT=dir for another output)"
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
@@ -192,7 +192,7 @@ tune: train_dtopp tools/make_offline_text
 
 # ----------------------------------------------------------------------------
 # make dit: a DTop-p diffusion transformer on Fashion-MNIST (doc/dit.md), into $(DIT_OUT); the
-# defaults of train_dit are this run's (about 20 minutes on 2 cores)
+# defaults of train_dit are this run's (about 21 minutes on 2 cores)
 
 DIT_DATA = $(DATA)/fashion-mnist
 DIT_OUT = out_dit

@@ -11,8 +11,8 @@
 # the activated experts over the last tenth of training, the Fréchet distance and the accuracy,
 # each run and each method's mean over the seeds. scripts/dit_plots.py OUTDIR draws the routing.
 #
-# A run takes about 20 minutes on 2 cores, the measures about 3 minutes a run: about 90 minutes in
-# all. SEEDS (default "1337 1338"), STEPS=N (shorter runs), DIT_FLAGS (more options for training),
+# A run takes about 21 minutes on 2 cores, the classifier about 5, the measures of a run about 1.5:
+# about 95 minutes in all (doc/dit.md ran three runs at once on one thread each: 62 minutes). SEEDS (default "1337 1338"), STEPS=N (shorter runs), DIT_FLAGS (more options for training),
 # JOBS=N (runs trained at once; give each --threads in DIT_FLAGS), EVAL_FLAGS (options of eval_dit). Runs go to OUTDIR/ROUTING_sSEED
 # (log.csv, train.log, model.bin, samples.png); a folder that holds a finished run is not trained
 # again and a measure already written is not measured again, so an interrupted comparison goes on.

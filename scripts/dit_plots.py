@@ -1,12 +1,12 @@
 #!/usr/bin/python3
 """dit_plots.py OUTDIR [PLOTDIR]: the plots and tables of doc/dit.md from scripts/dit_compare.sh OUTDIR.
 
-Reads OUTDIR/ROUTING_sSEED/log.csv (validation loss during training) and routing.csv (eval_dit
+Reads OUTDIR/ROUTING_sSEED/train.log (validation loss during training) and routing.csv (eval_dit
 routing: tokens and activated experts summed by layer, t, class, patch and region) of the DTop-p
 runs, and writes into PLOTDIR (default doc/plots):
   dit_compare_loss.png       validation loss during training, every run
   dit_routing_time.png       activated experts per patch token against the noise level t, per layer
-  dit_routing_class.png      activated experts per class, per layer
+  dit_routing_class.png      activated experts of the garment patches of each class, per layer
   dit_routing_position.png   activated experts of each patch position (7 x 7), per layer, and
                              the share of test images whose patch there is garment
 It prints the tables of doc/dit.md (markdown): experts by layer and region, by layer and t.
@@ -61,11 +61,12 @@ def main():
     for run in sorted(glob.glob(os.path.join(out, "*_s*"))):
         if not os.path.isdir(run):
             continue
-        steps, val = [], []
-        for r in csv.DictReader(open(os.path.join(run, "log.csv"))):
-            if r["val_loss"]:
-                steps.append(int(r["step"]) - 1)
-                val.append(float(r["val_loss"]))
+        steps, val = [], []  # "step N | validation loss MEAN (...)", the last one after training
+        for line in open(os.path.join(run, "train.log")):
+            words = line.split()
+            if len(words) > 5 and words[0] == "step" and words[3:5] == ["validation", "loss"]:
+                steps.append(int(words[1]))
+                val.append(float(words[5]))
         name = os.path.basename(run)
         ax.plot(steps[1:], val[1:], marker="o", markersize=3, label=name,
                 color="C0" if name.startswith("dtopp") else "C3", linestyle="-" if name.endswith("1337") else "--")
@@ -87,26 +88,29 @@ def main():
     grid = int(round(tokens.shape[3] ** 0.5))
     names = ", ".join(os.path.basename(os.path.dirname(p)) for p in runs)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for l in range(L):
         ax.plot(times, mean_over(tokens[l], experts[l], (0,)), marker="o", label=f"layer {l}")
     ax.plot(times, mean_over(tokens, experts, (1,)), color="black", linewidth=2, label="all layers")
+    for region, style in ((1, "--"), (0, ":")):
+        ax.plot(times, mean_over(tokens[..., region], experts[..., region], (1,)), color="black", linestyle=style,
+                label=f"all layers, {'garment' if region else 'background'} patches")
     ax.set_xlabel("noise level t (0: clean image, 1: pure noise)")
     ax.set_ylabel("activated experts per patch token")
     ax.set_title(f"DTop-p DiT, budget 2 of 8 ({names})", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "dit_routing_time.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / L
     for l in range(L):
-        ax.bar(np.arange(len(CLASSES)) + (l - (L - 1) / 2) * width, mean_over(tokens[l], experts[l], (1,)),
-               width, label=f"layer {l}")
+        garment = mean_over(tokens[l, ..., 1], experts[l, ..., 1], (1,))
+        ax.bar(np.arange(len(CLASSES)) + (l - (L - 1) / 2) * width, garment, width, label=f"layer {l}")
     ax.set_xticks(np.arange(len(CLASSES)))
     ax.set_xticklabels(CLASSES, rotation=30, fontsize=8)
     ax.set_ylabel("activated experts per patch token")
-    ax.set_title("by class (all noise levels)", fontsize=9)
+    ax.set_title("by class: the garment patches of each class (all noise levels)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(plots, "dit_routing_class.png"), dpi=110)
@@ -130,17 +134,21 @@ def main():
 
     # tables
     print(f"runs: {names}; {int(tokens[0].sum())} tokens per layer\n")
-    print("| layer | all | background | garment | garment − background | t = %.2f | t = %.2f | highest − lowest class |"
-          % (times[0], times[-1]))
+    print("| layer | all | background | garment | garment − background | t = %.2f | t = %.2f | "
+          "classes, garment patches: highest − lowest |" % (times[0], times[-1]))
     print("|---|---|---|---|---|---|---|---|")
     for l in list(range(L)) + [None]:
         t_, e_ = (tokens, experts) if l is None else (tokens[l:l + 1], experts[l:l + 1])
         region = mean_over(t_, e_, (4,))
         by_time = mean_over(t_, e_, (1,))
-        by_class = mean_over(t_, e_, (2,))
+        by_class = mean_over(t_[..., 1], e_[..., 1], (2,))
         print(f"| {'all' if l is None else l} | {mean_over(t_, e_, ()):.3f} | {region[0]:.3f} | {region[1]:.3f} | "
               f"{region[1] - region[0]:+.3f} | {by_time[0]:.3f} | {by_time[-1]:.3f} | "
               f"{by_class.max() - by_class.min():.3f} ({CLASSES[by_class.argmax()]} − {CLASSES[by_class.argmin()]}) |")
+    print("\nby noise level, every layer: all patches, background, garment")
+    for i, t in enumerate(times):
+        region = mean_over(tokens[:, i], experts[:, i], (3,))
+        print(f"  t = {t:.2f}: {mean_over(tokens[:, i], experts[:, i], ()):.3f}, {region[0]:.3f}, {region[1]:.3f}")
     print("\nper run (seed), every layer: background, garment; t lowest, highest")
     for path, (_, tk, ex) in zip(runs, data):
         region = mean_over(tk, ex, (4,))
