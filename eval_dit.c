@@ -246,7 +246,7 @@ double frechet_distance(const double *mean1, const double *cov1, const double *m
 typedef struct {
     const char *data, *out, *model, *classifier;
     int steps, batch, warmup, layers, channels, heads, expert_hidden, samples_per_class, sample_steps;
-    int eval_images, threads;
+    int eval_images, test_images, threads;
     float lr, guidance;
     long long seed;
 } EvalOptions;
@@ -269,6 +269,8 @@ static int eval_option_specs(EvalOptions *o, OptionSpec *specs) {
         {"sample-steps", 'i', &o->sample_steps, 1, 100000, "quality: Euler steps of the sampler", 0},
         {"guidance", 'f', &o->guidance, ANY_FLOAT, "quality: classifier-free guidance scale (1: none)", 0},
         {"eval-images", 'i', &o->eval_images, 1, INT_MAX, "routing: test images at each noise level", 0},
+        {"test-images", 'i', &o->test_images, 2, INT_MAX,
+         "classifier, quality: test images of the accuracy and the reference features", 0},
         {"seed", 'l', &o->seed, 0, 0, "seed of the classifier's training and of the samples' noise", 0},
         {"threads", 'i', &o->threads, 0, 1024, "OpenMP threads (0: all)", 0},
     };
@@ -281,6 +283,7 @@ static void eval_default_options(EvalOptions *o) {
     *o = (EvalOptions){.data = "data/fashion-mnist", .out = NULL, .model = NULL, .classifier = NULL,
                        .steps = 3000, .batch = 100, .warmup = 100, .layers = 2, .channels = 64, .heads = 4,
                        .expert_hidden = 256, .samples_per_class = 100, .sample_steps = 50, .eval_images = 1000,
+                       .test_images = 10000,
                        .threads = 0, .lr = 1e-3f, .guidance = 3.0f, .seed = 1};
 }
 
@@ -363,7 +366,7 @@ static void train_classifier(const EvalOptions *o) {
             loss_sum = right = 0.0;
         }
     }
-    int count = s.val_images.count;
+    int count = o->test_images < s.val_images.count ? o->test_images : s.val_images.count;
     float *test_scores = (float *)malloc_check((size_t)count * K * sizeof(float));
     float *test_features = (float *)malloc_check((size_t)count * C * sizeof(float));
     classify_images(&cl, &s.val_images, NULL, count, B, test_scores, test_features);
@@ -426,7 +429,8 @@ static void measure_quality(const EvalOptions *o) {
     Batches s;
     batches_open(&s, o->data, net->config.image_size, o->batch, 1);
     int K = net->config.num_classes, C = net->trunk.config.channels, D = s.images.rows * s.images.cols;
-    int per_class = o->samples_per_class, count = per_class * K, reference = s.val_images.count;
+    int per_class = o->samples_per_class, count = per_class * K;
+    int reference = o->test_images < s.val_images.count ? o->test_images : s.val_images.count;
     float *scores = (float *)malloc_check((size_t)(count > reference ? count : reference) * K * sizeof(float));
     float *features = (float *)malloc_check((size_t)(count > reference ? count : reference) * C * sizeof(float));
     int *classes = (int *)malloc_check((count > reference ? count : reference) * sizeof(int));

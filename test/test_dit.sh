@@ -58,13 +58,14 @@ check "train 5 steps (dtopp, per-layer controller)" "$TRAIN_DIT" "${TINY[@]}" --
     --out "$TMP/layer"
 
 # eval_dit: the classifier learns, the quality measures run, the routing table adds up
-check "eval_dit classifier: 300 steps" "$EVAL_DIT" classifier --data "$DATA" --out "$TMP/classifier.bin" \
-    --steps 300 --layers 1 --channels 32 --expert-hidden 64 --threads 2
+check "eval_dit classifier: 200 steps" "$EVAL_DIT" classifier --data "$DATA" --out "$TMP/classifier.bin" \
+    --steps 200 --batch 32 --lr 3e-3 --warmup 20 --layers 1 --channels 32 --expert-hidden 64 --test-images 500 \
+    --threads 2
 accuracy=$(awk '/^test accuracy/ { print $3 }' "$TMP/last.log")
 if awk -v a="${accuracy:-0}" 'BEGIN { exit !(a > 0.3) }'; then pass "the classifier learns: test accuracy $accuracy"
 else fail "the classifier learns: test accuracy ${accuracy:-none} (chance 0.1)"; fi
 check "eval_dit quality" "$EVAL_DIT" quality --data "$DATA" --model "$TMP/run/model.bin" \
-    --classifier "$TMP/classifier.bin" --samples-per-class 5 --sample-steps 4 --batch 25 --threads 2
+    --classifier "$TMP/classifier.bin" --samples-per-class 5 --sample-steps 4 --batch 25 --test-images 500 --threads 2
 cp "$TMP/last.log" "$TMP/quality.log"
 real=$(awk '/^real training images/ { print $7 }' "$TMP/quality.log" | tr -d ,)
 sampled=$(awk '/^samples:/ { print $5 }' "$TMP/quality.log" | tr -d ,)
