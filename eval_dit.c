@@ -37,9 +37,9 @@ saved as a DiT checkpoint, and its gradient enters the network where the DiT's d
 
 typedef struct {
     Dit net;
-    int B;              // images of the last forward pass
-    float *times;       // (B) zeros: the clean image
-    int *no_label;      // (B) the null class; the DiT's backward pass reads it again
+    int capacity;       // images that times and no_label have room for
+    float *times;       // (capacity) zeros: the clean image
+    int *no_label;      // (capacity) the null class; the DiT's backward pass reads it again
 } Classifier;
 
 // Class scores (B, K) and features (B, C) of clean images (B, S, S) in [-1, 1].
@@ -47,13 +47,13 @@ void classifier_forward(Classifier *cl, const float *images, int B, float *score
     Dit *net = &cl->net;
     const ModelConfig *c = &net->trunk.config;
     int T = c->max_seq_len, C = c->channels, PP = c->vocab_size, K = net->config.num_classes;
-    if (B > cl->B) {
+    if (B > cl->capacity) {
         free(cl->times);
         free(cl->no_label);
         cl->times = (float *)calloc_check(B, sizeof(float));
         cl->no_label = (int *)calloc_check(B, sizeof(int));
         for (int b = 0; b < B; b++) { cl->no_label[b] = K; }
-        cl->B = B;
+        cl->capacity = B;
     }
     dit_forward(net, images, cl->times, cl->no_label, NULL, B);
     const float *out = net->trunk.ws->acts.acts.logits;  // (B, T, P²)
@@ -431,9 +431,10 @@ static void measure_quality(const EvalOptions *o) {
     int K = net->config.num_classes, C = net->trunk.config.channels, D = s.images.rows * s.images.cols;
     int per_class = o->samples_per_class, count = per_class * K;
     int reference = o->test_images < s.val_images.count ? o->test_images : s.val_images.count;
-    float *scores = (float *)malloc_check((size_t)(count > reference ? count : reference) * K * sizeof(float));
-    float *features = (float *)malloc_check((size_t)(count > reference ? count : reference) * C * sizeof(float));
-    int *classes = (int *)malloc_check((count > reference ? count : reference) * sizeof(int));
+    size_t rows = (size_t)(count > reference ? count : reference);  // the buffers serve both sets in turn
+    float *scores = (float *)malloc_check(rows * K * sizeof(float));
+    float *features = (float *)malloc_check(rows * C * sizeof(float));
+    int *classes = (int *)malloc_check(rows * sizeof(int));
 
     // the reference: the features of the test set
     classify_images(&cl, &s.val_images, NULL, reference, o->batch, scores, features);
