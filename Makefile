@@ -65,7 +65,7 @@ else
 endif
 
 BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
-           tools/make_offline_text train_dit eval_dit test/test_dit
+           tools/make_offline_text dit/train_dit dit/eval_dit test/test_dit
 
 .PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train \
         test-mpi reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help \
@@ -97,28 +97,32 @@ help:
 # ----------------------------------------------------------------------------
 # programs
 
-train_dtopp: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
+# the headers of dtopp/ (one concern each, doc/tour.md) and the data loader: a change to any rebuilds
+HEADERS = $(wildcard dtopp/*.h) dataloader.h
+
+train_dtopp: train_dtopp.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ train_dtopp.c $(LDLIBS)
 
 # the same program with MPI: several processes train one model (doc/parallel.md)
-train_dtopp_mpi: train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
+train_dtopp_mpi: train_dtopp.c $(HEADERS)
 	$(MPICC) $(CFLAGS) -DUSE_MPI -o $@ train_dtopp.c $(LDLIBS)
 
-test_gpt: test_gpt.c test/check.h train_dtopp.c
+test_gpt: test_gpt.c test/check.h train_dtopp.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ test_gpt.c $(LDLIBS)
 
-# the diffusion transformer (doc/dit.md): train_dtopp.c's core with patches for tokens
-train_dit: train_dit.c train_dtopp.c idx.h options.h png.h utils.h
-	$(CC) $(CFLAGS) -o $@ train_dit.c $(LDLIBS)
+# the diffusion transformer (doc/dit.md): train_dtopp.c's core with patches for tokens, in dit/
+DIT_SOURCES = dit/train_dit.c dit/idx.h dit/png.h train_dtopp.c $(HEADERS)
+dit/train_dit: $(DIT_SOURCES)
+	$(CC) $(CFLAGS) -o $@ dit/train_dit.c $(LDLIBS)
 
 # its measures: the classifier, the Fréchet distance and class accuracy of samples, the routing table
-eval_dit: eval_dit.c train_dit.c train_dtopp.c idx.h options.h utils.h
-	$(CC) $(CFLAGS) -o $@ eval_dit.c $(LDLIBS)
+dit/eval_dit: dit/eval_dit.c $(DIT_SOURCES)
+	$(CC) $(CFLAGS) -o $@ dit/eval_dit.c $(LDLIBS)
 
-test/test_dit: test/test_dit.c test/check.h eval_dit.c train_dit.c train_dtopp.c idx.h png.h utils.h
+test/test_dit: test/test_dit.c test/check.h dit/eval_dit.c $(DIT_SOURCES)
 	$(CC) $(CFLAGS) -o $@ test/test_dit.c $(LDLIBS)
 
-prepro: prepro.c bpe.h tokenizer.h unicode_tables.h utils.h
+prepro: prepro.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ prepro.c $(LDLIBS)
 
 tools/make_tokenizer: tools/make_tokenizer.c
@@ -130,23 +134,23 @@ tools/make_offline_text: tools/make_offline_text.c
 tools/make_unicode_tables: tools/make_unicode_tables.c
 	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
-test/test_tokenizer: test/test_tokenizer.c bpe.h tokenizer.h unicode_tables.h utils.h
+test/test_tokenizer: test/test_tokenizer.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ test/test_tokenizer.c $(LDLIBS)
 
-test/test_dataloader: test/test_dataloader.c dataloader.h
+test/test_dataloader: test/test_dataloader.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ test/test_dataloader.c $(LDLIBS)
 
-test/tiktoken_compare: test/tiktoken_compare.c tokenizer.h unicode_tables.h
+test/tiktoken_compare: test/tiktoken_compare.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ test/tiktoken_compare.c $(LDLIBS)
 
-# tokenizer.bin and unicode_tables.h are committed; these regenerate them from their sources
+# tokenizer.bin and dtopp/unicode_tables.h are committed; these regenerate them from their sources
 tokenizer: tools/make_tokenizer
 	@test -n "$(GPT2_DIR)" || { echo "usage: make tokenizer GPT2_DIR=<folder with vocab.bpe and encoder.json>"; exit 1; }
 	tools/make_tokenizer $(GPT2_DIR)/vocab.bpe $(GPT2_DIR)/encoder.json tokenizer.bin
 
 UNICODE_DATA ?= /usr/share/unicode/UnicodeData.txt
 unicode_tables: tools/make_unicode_tables
-	tools/make_unicode_tables $(UNICODE_DATA) > unicode_tables.h.tmp && mv unicode_tables.h.tmp unicode_tables.h
+	tools/make_unicode_tables $(UNICODE_DATA) > dtopp/unicode_tables.h.tmp && mv dtopp/unicode_tables.h.tmp dtopp/unicode_tables.h
 
 # ----------------------------------------------------------------------------
 # make train
@@ -201,8 +205,8 @@ DIT_FLAGS ?=
 $(DIT_DATA)/train-images-idx3-ubyte:
 	scripts/get_fashion_mnist.sh $(DIT_DATA)
 
-dit: train_dit $(DIT_DATA)/train-images-idx3-ubyte
-	./train_dit --data $(DIT_DATA) --out $(DIT_OUT) $(DIT_FLAGS)
+dit: dit/train_dit $(DIT_DATA)/train-images-idx3-ubyte
+	dit/train_dit --data $(DIT_DATA) --out $(DIT_OUT) $(DIT_FLAGS)
 
 # ----------------------------------------------------------------------------
 # tests
@@ -213,9 +217,8 @@ test: test-model test-matmul test-tokenizer test-data test-train test-dit test-m
 test-model: $(BIN)test_gpt
 	./$(BIN)test_gpt
 
-# test_matmul includes the whole program and the shared checks, and uses only some of them
-test/test_matmul: test/test_matmul.c test/check.h train_dtopp.c
-	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ test/test_matmul.c $(LDLIBS)
+test/test_matmul: test/test_matmul.c test/check.h train_dtopp.c $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ test/test_matmul.c $(LDLIBS)
 
 test-matmul: $(BIN)test/test_matmul
 	./$(BIN)test/test_matmul
@@ -239,13 +242,12 @@ test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
 
 # The diffusion transformer against its fixtures, its readers, then its program end to end; both
 # need Fashion-MNIST, which the rule above prepares (no data: the target fails, it never skips).
-test-dit: $(BIN)test/test_dit $(BIN)train_dit $(BIN)eval_dit $(DIT_DATA)/train-images-idx3-ubyte
+test-dit: $(BIN)test/test_dit $(BIN)dit/train_dit $(BIN)dit/eval_dit $(DIT_DATA)/train-images-idx3-ubyte
 	FASHION_MNIST=$(DIT_DATA) ./$(BIN)test/test_dit
-	TRAIN_DIT=./$(BIN)train_dit EVAL_DIT=./$(BIN)eval_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
+	TRAIN_DIT=./$(BIN)dit/train_dit EVAL_DIT=./$(BIN)dit/eval_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
-$(SANITIZE_DIR)/%: %.c train_dtopp.c bpe.h dataloader.h tokenizer.h unicode_tables.h utils.h options.h train_dit.c \
-                   eval_dit.c idx.h png.h
+$(SANITIZE_DIR)/%: %.c train_dtopp.c $(HEADERS) dit/train_dit.c dit/eval_dit.c dit/idx.h dit/png.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(SANITIZE_FLAGS) -o $@ $< $(LDLIBS)
 
@@ -274,13 +276,13 @@ selfcheck:
 ifneq ($(NVCC_OK),)
 cuda: train_dtopp_cuda test_gpt_cuda
 	@echo "CUDA: built for sm_$(CUDA_ARCH)$(if $(DETECTED_ARCH), (detected),; no GPU detected, set CUDA_ARCH to change)"
-train_dtopp_cuda: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
+train_dtopp_cuda: train_dtopp.cu train_dtopp.c $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) -o $@ train_dtopp.cu -lcublas
-test_gpt_cuda: test_gpt.c test/check.h train_dtopp.cu train_dtopp.c
+test_gpt_cuda: test_gpt.c test/check.h train_dtopp.cu train_dtopp.c $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) -DTEST_CUDA -x cu -o $@ test_gpt.c -lcublas
 # data parallel on several GPUs: NCCL between them, MPI to start the ranks (doc/parallel.md)
 cuda-mpi: train_dtopp_cuda_mpi
-train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c dataloader.h options.h tokenizer.h unicode_tables.h
+train_dtopp_cuda_mpi: train_dtopp.cu train_dtopp.c $(HEADERS)
 	$(NVCC) $(NVCCFLAGS) -DUSE_MPI -o $@ train_dtopp.cu -lcublas -lnccl $(MPI_NVCC_FLAGS)
 test-cuda: test_gpt_cuda
 	./test_gpt_cuda
@@ -302,8 +304,7 @@ FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-r
 FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit
 FUZZ_SECONDS ?= 60
 
-build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c prepro.c bpe.h dataloader.h tokenizer.h unicode_tables.h \
-                   utils.h train_dit.c idx.h options.h png.h
+build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c $(HEADERS) dit/train_dit.c dit/idx.h dit/png.h
 	@mkdir -p build/fuzz
 	$(FUZZ_CC) $(FUZZ_FLAGS) -o $@ $< -lm
 
@@ -319,8 +320,8 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/be
 	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
 	 else echo "bench: no GPU here, skipping the CUDA benchmark"; fi
 
-bench/bench_matmul: bench/bench_matmul.c train_dtopp.c
-	$(CC) $(CFLAGS) -Wno-unused-function -Wno-unused-variable -o $@ bench/bench_matmul.c $(LDLIBS)
+bench/bench_matmul: bench/bench_matmul.c $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ bench/bench_matmul.c $(LDLIBS)
 
 clean:
 	rm -f $(BINARIES) bench/bench_matmul tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \

@@ -33,7 +33,7 @@ was, with no random generator state to carry along.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "utils.h"
+#include "dtopp/utils.h"  // defines: fail, checked memory and file I/O, file headers
 
 #define SHARD_GPT2_VOCAB 50257
 

@@ -129,10 +129,11 @@ static void test_forward_backward(const char *name, Model *model, const Referenc
     check_tensor(name, "logits", logits, ref->logits, (size_t)N * ref->V);
     free(logits);
 
-    float *losses = (float *)malloc_check((2 + 2 * L) * sizeof(float));
+    int n_losses = num_losses(&model->config);
+    float *losses = (float *)malloc_check(n_losses * sizeof(float));
     model_get_losses(model, losses);
     const char *loss_names[] = {"loss total", "loss CE"};
-    for (int i = 0; i < 2 + 2 * L; i++) {
+    for (int i = 0; i < n_losses; i++) {
         char what[64];
         if (i < 2) { snprintf(what, sizeof(what), "%s", loss_names[i]); }
         else { snprintf(what, sizeof(what), "%s layer %d", i < 2 + L ? "loss LB" : "loss H", (i - 2) % L); }

@@ -2,17 +2,28 @@
 train_dtopp.cu: the CUDA twin of train_dtopp.c.
 
 The contract (stated also at the top of train_dtopp.c): this file defines DTOPP_CUDA and includes
-train_dtopp.c, which brings in its shared part (configuration, parameter layout, the views
-LayerWeights, RouterView and ExpertView, the model API's declarations, the AdamW rule, the
-controller law, checkpoint files on host arrays, statistics, token sampling) and its training
-program. It then defines, on one GPU, the model API and every layer function of train_dtopp.c's CPU
-section, under the same section titles and names: a CPU loop becomes a kernel plus a launcher of
-the same name; a CPU matmul becomes a cuBLAS call. The model API and the MoE layer's functions take
-exactly the CPU's arguments; what a GPU needs beyond them (streams, cuBLAS handles, scratch) lives
-in the global `gpu` state or in the GPU fields of the views. Still different, because the GPU keeps
+train_dtopp.c, which brings in its shared part (sections 1-3: configuration, the parameter and
+activation layouts and the buffer carving, the views LayerWeights, RouterView and ExpertView, the
+model API's declarations, the RoPE tables; 6: the controller law; the AdamW rule of 7; the model
+file of 8 with model_init and model_load) and its training program (9). It then defines, on one
+GPU, what train_dtopp.c's CPU sections define, under the same section titles and names and in the
+same order: a CPU loop becomes a kernel plus a launcher of the same name; a CPU matmul becomes a
+cuBLAS call. The model API and the MoE layer's functions take exactly the CPU's arguments; what a
+GPU needs beyond them (streams, cuBLAS handles, scratch) lives in the global `gpu` state
+(dtopp/cuda_common.h) or in the GPU fields of the views. Still different, because the GPU keeps
 other buffers: the products take no gathered-row list (the experts gather into ExpertView.xg
 first), attention and cross-entropy take their scratch and the padded vocabulary, rmsnorm_backward
 a column-sum scratch, encoder_backward the batch's distinct tokens.
+
+Contents, in the order of train_dtopp.c:
+  1-3. configuration, parameters and activations, the model and its API: train_dtopp.c's, plus
+       what only the GPU keeps besides the shared activations (DeviceScratch)
+  4. the layers, each a forward/backward pair, as kernels and their launchers
+  5. the model's forward and backward passes on the GPU, routing counts, sampling, the getters
+  6. the PI controller: train_dtopp.c's
+  7. AdamW on the GPU, gradient accumulation, the sum over ranks (NCCL)
+  8. the model file: train_dtopp.c's, with this file's model_attach, model_save, model_free
+  9. main: train_dtopp.c's
 
 Device memory: model->params_memory, grads_memory, m_memory and v_memory are GPU pointers here;
 threshold and integral (the controller state) stay on the host. The getters (model_get_*) copy
@@ -40,232 +51,18 @@ Build:  nvcc -O3 -std=c++17 -arch=sm_90 -Xcompiler -fopenmp train_dtopp.cu -lcub
 #include <cublas_v2.h>
 #define DTOPP_CUDA
 #include "train_dtopp.c"
+#include "dtopp/cuda_common.h"  // defines: cudaCheck, cublasCheck, launchCheck, cuda_malloc/calloc/free,
+                                // blocks_for, gpu (streams, cuBLAS handles, lanes), copy_*, zero_async,
+                                // PROFILE_MARK, warp_sum/max, block_sum/max
 
 // ----------------------------------------------------------------------------
-// CUDA utilities: checked calls, the streams and cuBLAS handles, reductions
-
-static void cuda_check(cudaError_t err, const char *what, const char *file, int line) {
-    if (err != cudaSuccess) {
-        fail("CUDA error at %s:%d (%s): %s", file, line, what, cudaGetErrorString(err));
-    }
-}
-static void cublas_check(cublasStatus_t status, const char *what, const char *file, int line) {
-    if (status != CUBLAS_STATUS_SUCCESS) {
-        fail("cuBLAS error %d at %s:%d (%s)", (int)status, file, line, what);
-    }
-}
-#define cudaCheck(call) cuda_check((call), #call, __FILE__, __LINE__)
-#define cublasCheck(call) cublas_check((call), #call, __FILE__, __LINE__)
-// after every kernel launch: a bad launch configuration is reported where it happened
-#define launchCheck() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
-
-static void *cuda_malloc(size_t bytes) {
-    void *ptr = NULL;
-    cudaError_t err = cudaMalloc(&ptr, bytes > 0 ? bytes : 1);
-    if (err != cudaSuccess) {
-        fail("out of GPU memory allocating %zu bytes: %s", bytes, cudaGetErrorString(err));
-    }
-    return ptr;
-}
-static void *cuda_calloc(size_t bytes) {
-    void *ptr = cuda_malloc(bytes);
-    cudaCheck(cudaMemset(ptr, 0, bytes > 0 ? bytes : 1));
-    cudaCheck(cudaDeviceSynchronize());  // the memset ran on the legacy stream, which ours do not wait for
-    return ptr;
-}
-static void cuda_free(void *ptr) {
-    if (ptr != NULL) { cudaCheck(cudaFree(ptr)); }
-}
-static unsigned blocks_for(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
-
-// The experts of one layer are many small products of different sizes: one stream cannot fill
-// the GPU with them, so expert e runs on lane e % EXPERT_LANES. Each lane has its own cuBLAS
-// handle and workspace (shared workspaces would make cuBLAS results depend on timing).
-#define EXPERT_LANES 4
-#define CUBLAS_WORKSPACE_BYTES (32u << 20)
-typedef struct {
-    cudaStream_t stream;
-    cublasHandle_t blas;
-    void *workspace;
-    cudaEvent_t done;
-} Lane;
-
-static struct {
-    int ready;
-    int tf32;
-    int grouped;          // experts through grouped products (one cuBLAS call per product and layer)
-    cudaStream_t stream;  // everything but the experts runs here, in order
-    cublasHandle_t blas;  // bound to stream
-    void *workspace;
-    cudaEvent_t fork;     // recorded on stream before the experts start
-    Lane lanes[EXPERT_LANES];
-} gpu;
-
-static void set_math_mode(cublasHandle_t h) {
-    cublasCheck(cublasSetMathMode(h, gpu.tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-}
-
-// How the experts' products are issued: 1 grouped, 0 one product per expert on EXPERT_LANES
-// streams. The environment variable DTOPP_EXPERTS=grouped|lanes sets it too.
-void cuda_set_grouped_experts(int on) { gpu.grouped = on; }
-
-// Allow (1) or forbid (0, the default) TF32 tensor cores in the matrix products.
-void cuda_set_tf32(int on) {
-    gpu.tf32 = on;
-    if (!gpu.ready) { return; }
-    set_math_mode(gpu.blas);
-    for (int i = 0; i < EXPERT_LANES; i++) { set_math_mode(gpu.lanes[i].blas); }
-}
-
-static void gpu_init(void) {
-    if (gpu.ready) { return; }
-    int devices = 0;
-    cudaCheck(cudaGetDeviceCount(&devices));
-    if (devices < 1) { fail("no CUDA device found"); }
-    const char *env = getenv("DTOPP_TF32");
-    if (env != NULL && env[0] == '1') { gpu.tf32 = 1; }
-    env = getenv("DTOPP_EXPERTS");
-    if (env != NULL) { gpu.grouped = strcmp(env, "grouped") == 0; }
-    cudaCheck(cudaStreamCreateWithFlags(&gpu.stream, cudaStreamNonBlocking));
-    cublasCheck(cublasCreate(&gpu.blas));
-    cublasCheck(cublasSetStream(gpu.blas, gpu.stream));
-    gpu.workspace = cuda_malloc(CUBLAS_WORKSPACE_BYTES);
-    cublasCheck(cublasSetWorkspace(gpu.blas, gpu.workspace, CUBLAS_WORKSPACE_BYTES));
-    cudaCheck(cudaEventCreateWithFlags(&gpu.fork, cudaEventDisableTiming));
-    for (int i = 0; i < EXPERT_LANES; i++) {
-        Lane *lane = &gpu.lanes[i];
-        cudaCheck(cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
-        cublasCheck(cublasCreate(&lane->blas));
-        cublasCheck(cublasSetStream(lane->blas, lane->stream));
-        lane->workspace = cuda_malloc(CUBLAS_WORKSPACE_BYTES);
-        cublasCheck(cublasSetWorkspace(lane->blas, lane->workspace, CUBLAS_WORKSPACE_BYTES));
-        cudaCheck(cudaEventCreateWithFlags(&lane->done, cudaEventDisableTiming));
-    }
-    gpu.ready = 1;
-    cuda_set_tf32(gpu.tf32);
-}
-
-// The lanes start after everything queued on the main stream, and the main stream continues
-// only after every lane has finished.
-static void lanes_fork(void) {
-    cudaCheck(cudaEventRecord(gpu.fork, gpu.stream));
-    for (int i = 0; i < EXPERT_LANES; i++) {
-        cudaCheck(cudaStreamWaitEvent(gpu.lanes[i].stream, gpu.fork, 0));
-    }
-}
-static void lanes_join(void) {
-    for (int i = 0; i < EXPERT_LANES; i++) {
-        cudaCheck(cudaEventRecord(gpu.lanes[i].done, gpu.lanes[i].stream));
-        cudaCheck(cudaStreamWaitEvent(gpu.stream, gpu.lanes[i].done, 0));
-    }
-}
-
-// Host <-> device copies on the main stream, waited for (the host needs the data now).
-static void copy_to_host(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, gpu.stream));
-    cudaCheck(cudaStreamSynchronize(gpu.stream));
-}
-static void copy_to_device(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, gpu.stream));
-    cudaCheck(cudaStreamSynchronize(gpu.stream));  // src may be freed by the caller right after
-}
-static void copy_on_device(void *dst, const void *src, size_t bytes) {
-    cudaCheck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, gpu.stream));
-}
-static void zero_async(void *ptr, size_t bytes) { cudaCheck(cudaMemsetAsync(ptr, 0, bytes, gpu.stream)); }
-
-// Optional timing of the phases of a step, for bench/bench_cuda.c: built with -DDTOPP_PROFILE,
-// PROFILE_MARK(name) records a cudaEvent on the main stream at the start of each named phase, and
-// the time up to the next mark is charged to it. Without it PROFILE_MARK is nothing at all.
-#ifndef DTOPP_PROFILE
-#define PROFILE_MARK(name) ((void)0)
-#else
-#define PROFILE_MARK(name) profile_mark(name)
-#define PROFILE_MAX_MARKS 8192
-#define PROFILE_MAX_NAMES 64
-static struct {
-    int on, marks;
-    cudaEvent_t events[PROFILE_MAX_MARKS];
-    const char *mark_names[PROFILE_MAX_MARKS];
-    int names;
-    const char *name[PROFILE_MAX_NAMES];
-    double ms[PROFILE_MAX_NAMES];
-} prof;
-
-static void profile_mark(const char *name) {
-    if (!prof.on || prof.marks >= PROFILE_MAX_MARKS) { return; }
-    if (prof.events[prof.marks] == NULL) { cudaCheck(cudaEventCreate(&prof.events[prof.marks])); }
-    cudaCheck(cudaEventRecord(prof.events[prof.marks], gpu.stream));
-    prof.mark_names[prof.marks++] = name;
-}
-
-void cuda_profile_enable(int on) { prof.on = on; prof.marks = 0; }
-
-// Adds the time between the marks recorded so far to the per-phase totals.
-void cuda_profile_collect(void) {
-    if (!prof.on) { return; }
-    profile_mark("(end)");
-    cudaCheck(cudaEventSynchronize(prof.events[prof.marks - 1]));
-    for (int i = 0; i + 1 < prof.marks; i++) {
-        float ms = 0.0f;
-        cudaCheck(cudaEventElapsedTime(&ms, prof.events[i], prof.events[i + 1]));
-        int k = 0;
-        while (k < prof.names && strcmp(prof.name[k], prof.mark_names[i]) != 0) { k++; }
-        if (k == prof.names) {
-            if (prof.names == PROFILE_MAX_NAMES) { continue; }
-            prof.name[prof.names++] = prof.mark_names[i];
-            prof.ms[k] = 0.0;
-        }
-        prof.ms[k] += ms;
-    }
-    prof.marks = 0;
-}
-
-void cuda_profile_print(FILE *f, int steps) {
-    double total = 0.0;
-    for (int k = 0; k < prof.names; k++) { total += prof.ms[k]; }
-    fprintf(f, "%-28s %10s %7s\n", "phase", "ms/step", "share");
-    for (int k = 0; k < prof.names; k++) {
-        fprintf(f, "%-28s %10.3f %6.1f%%\n", prof.name[k], prof.ms[k] / steps, 100.0 * prof.ms[k] / total);
-    }
-    fprintf(f, "%-28s %10.3f\n", "total", total / steps);
-}
-#endif  // DTOPP_PROFILE
-
-// Reductions in a fixed order: the same inputs give the same bits on every run.
-template <typename T> __device__ T warp_sum(T x) {
-    for (int offset = 16; offset > 0; offset >>= 1) { x += __shfl_xor_sync(0xffffffffu, x, offset); }
-    return x;
-}
-__device__ float warp_max(float x) {
-    for (int offset = 16; offset > 0; offset >>= 1) { x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset)); }
-    return x;
-}
-// Sum over a block whose size is a multiple of 32; every thread gets the result.
-template <typename T> __device__ T block_sum(T x) {
-    __shared__ T partial[32];
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    x = warp_sum(x);
-    __syncthreads();  // partial may still be read by a previous call
-    if (lane == 0) { partial[warp] = x; }
-    __syncthreads();
-    x = lane < warps ? partial[lane] : (T)0;
-    return warp_sum(x);
-}
-__device__ float block_max(float x) {
-    __shared__ float partial[32];
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    x = warp_max(x);
-    __syncthreads();
-    if (lane == 0) { partial[warp] = x; }
-    __syncthreads();
-    x = lane < warps ? partial[lane] : -INFINITY;
-    return warp_max(x);
-}
+// 1. configuration
+// train_dtopp.c's: ModelConfig, RouterConfig.
 
 // ----------------------------------------------------------------------------
-// activations: the structs of train_dtopp.c's shared part, in GPU memory, and what only the GPU
-// needs besides them (DeviceScratch)
+// 2. parameters: one contiguous buffer carved into named tensors, in the order of doc/formats.md
+// The layouts and the carving are train_dtopp.c's (activation_layout with rows of Vp logits,
+// routing_layout, total_size, carve_*), on GPU memory here; below, what only the GPU keeps besides.
 
 #define DISPATCH_CHUNK 256  // tokens per chunk of the counting sort
 // Grouped products: each of the GROUPED_SITES products of a layer (2 forward, 5 backward) has its
@@ -307,178 +104,62 @@ struct DeviceScratch {
     float *xg;                     // (R, C) the gathered inputs of one layer's rows
 };
 
-static void carve_floats(float **ptrs[], const size_t *sizes, int n, float **memory) {
-    size_t total = 0;
-    for (int i = 0; i < n; i++) { total += sizes[i]; }
-    float *p = *memory = (float *)cuda_calloc(total * sizeof(float));
-    for (int i = 0; i < n; i++) {
-        *ptrs[i] = p;
-        p += sizes[i];
-    }
+// One allocation of GPU memory (zeroed) carved into the tensors of a layout, as on the CPU.
+static float *device_floats(float **tensors[], const size_t *sizes, int n) {
+    float *memory = (float *)cuda_calloc(total_size(sizes, n) * sizeof(float));
+    carve_floats(tensors, sizes, n, memory);
+    return memory;
 }
 
-static void carve_ints(int **ptrs[], const size_t *sizes, int n, int **memory) {
-    size_t total = 0;
-    for (int i = 0; i < n; i++) { total += sizes[i]; }
-    int *p = *memory = (int *)cuda_calloc(total * sizeof(int));
-    for (int i = 0; i < n; i++) {
-        *ptrs[i] = p;
-        p += sizes[i];
-    }
-}
-
-static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T, int with_grads) {
-    size_t N = (size_t)B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
-    size_t E = c->num_experts, Vp = c->padded_vocab_size;
-    memset(a, 0, sizeof(*a));
-    a->B = B;
-    a->T = T;
-    ActivationTensors *t = &a->acts;
-    float **ptrs[NUM_ACTIVATION_TENSORS] = {
-        &t->encoded, &t->ln1, &t->ln1_rstd, &t->qkv, &t->att, &t->atty, &t->res1, &t->ln2,
-        &t->ln2_rstd, &t->router_logits, &t->drn_u, &t->drn_rstd, &t->probs, &t->gates, &t->res2,
-        &t->lnf, &t->lnf_rstd, &t->logits, &t->token_loss, &t->aux_lb, &t->aux_ent};
-    size_t sizes[NUM_ACTIVATION_TENSORS] = {
-        N * C, L * N * C, L * N, L * N * 3 * C, L * B * NH * T * T, L * N * C, L * N * C, L * N * C,
-        L * N, L * N * E, L * N * E, L * N, L * N * E, L * N * E, L * N * C,
-        N * C, N, N * Vp, N, L, L};
-    carve_floats(ptrs, sizes, NUM_ACTIVATION_TENSORS, &a->acts_memory);
-
-    RoutingTensors *r = &a->routing;
-    int **iptrs[NUM_ROUTING_TENSORS] = {&r->n_selected, &r->selected, &r->expert_start, &r->token_row};
-    size_t isizes[NUM_ROUTING_TENSORS] = {L * N, L * N * E, L * (E + 1), L * N * E};
-    carve_ints(iptrs, isizes, NUM_ROUTING_TENSORS, &a->routing_memory);
-    a->row_offset = (int *)calloc_check(L + 1, sizeof(int));
-
-    DeviceScratch *s = a->device = (DeviceScratch *)calloc_check(1, sizeof(DeviceScratch));
-    float **sptrs[5] = {&s->token_lse, &s->attn_q, &s->attn_k, &s->attn_v, &s->attn_y};
-    size_t ssizes[5] = {N, N * C, N * C, N * C, N * C};
-    carve_floats(sptrs, ssizes, 5, &s->float_memory);
-    size_t chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
-    int **dptrs[2] = {&s->dispatch_choice, &s->dispatch_counts};
-    size_t dsizes[2] = {N * E, chunks * E};
-    carve_ints(dptrs, dsizes, 2, &s->int_memory);
-    s->expert_start_host = (int *)calloc_check(L * (E + 1), sizeof(int));
-    s->aux_lb_host = (float *)calloc_check(L, sizeof(float));
-    s->aux_ent_host = (float *)calloc_check(L, sizeof(float));
-    s->inputs = (int *)cuda_calloc(N * sizeof(int));
-    s->targets = (int *)cuda_calloc(N * sizeof(int));
-    s->token_ids = (int *)cuda_calloc(N * sizeof(int));
-    s->token_first = (int *)cuda_calloc((N + 1) * sizeof(int));
-    s->token_pos = (int *)cuda_calloc(N * sizeof(int));
-    s->sums = (double *)cuda_calloc((L + E + 1) * sizeof(double));
-    size_t gemm_pointers = L * GROUPED_SITES * GROUPED_SLOT(E);
-    cudaCheck(cudaMallocHost((void **)&s->gemm_host, gemm_pointers * sizeof(void *)));
-    s->gemm_dev = (void **)cuda_calloc(gemm_pointers * sizeof(void *));
-
-    if (with_grads) {
-        GradActivations *g = &a->grads;
-        float **gptrs[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln,     &g->datty,
-                                                      &g->dqkv,      &g->dscores, &g->dlogits,
-                                                      &g->dgates,    &g->drouter, &g->dtheta};
-        size_t gsizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, B * NH * T * T,
-                                                      N * Vp, N * E, N * E, N};
-        carve_floats(gptrs, gsizes, NUM_GRAD_ACTIVATION_TENSORS, &a->grads_memory);
-        float **hptrs[5] = {&s->dq, &s->dk, &s->dv, &s->dy, &s->colsum};
-        size_t hsizes[5] = {N * C, N * C, N * C, N * C, ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
-        carve_floats(hptrs, hsizes, 5, &s->grad_memory);
-    }
-}
-
-// Makes room for `rows` expert rows, keeping the first `keep` rows (those of earlier layers). h1
-// and h3 share one allocation (h3 `capacity` rows after h1), so that one strided-batched product
-// computes both.
-static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H) {
-    if (rows <= r->capacity) { return; }
-    int capacity = rows + rows / 4;
-    int *row_token = (int *)cuda_malloc((size_t)capacity * sizeof(int));
-    float *h13 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
-    float *hact = (float *)cuda_malloc((size_t)capacity * H * sizeof(float));
-    float *out = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
-    if (keep > 0) {
-        size_t k = keep;
-        copy_on_device(row_token, r->row_token, k * sizeof(int));
-        copy_on_device(h13, r->h1, k * H * sizeof(float));
-        copy_on_device(h13 + (size_t)capacity * H, r->h3, k * H * sizeof(float));
-        copy_on_device(hact, r->hact, k * H * sizeof(float));
-        copy_on_device(out, r->out, k * C * sizeof(float));
-        cudaCheck(cudaStreamSynchronize(gpu.stream));  // before the old buffers go
-    }
-    cuda_free(r->row_token);
-    cuda_free(r->h1);  // h3 is part of the same allocation
-    cuda_free(r->hact);
-    cuda_free(r->out);
-    r->row_token = row_token;
-    r->h1 = h13;
-    r->h3 = h13 + (size_t)capacity * H;
-    r->hact = hact;
-    r->out = out;
-    r->capacity = capacity;
-}
-
-// The gathered inputs (forward and backward) and, with grads, the rows' gradients (dh1 and dh3
-// in one allocation, like h1 and h3): one layer at a time.
-static void expert_scratch_reserve(Activations *a, int rows, int C, int H, int with_grads) {
-    DeviceScratch *s = a->device;
-    if (rows > s->xg_capacity) {
-        cudaCheck(cudaStreamSynchronize(gpu.stream));  // the old buffer may still be in use
-        s->xg_capacity = rows + rows / 4;
-        cuda_free(s->xg);
-        s->xg = (float *)cuda_malloc((size_t)s->xg_capacity * C * sizeof(float));
-    }
-    ExpertRowGrads *g = &a->row_grads;
-    if (with_grads && rows > g->capacity) {
-        cudaCheck(cudaStreamSynchronize(gpu.stream));
-        int capacity = g->capacity = rows + rows / 4;
-        cuda_free(g->dout);
-        cuda_free(g->dh1);
-        cuda_free(g->din);
-        g->dout = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
-        g->dh1 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
-        g->dh3 = g->dh1 + (size_t)capacity * H;
-        g->din = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
-    }
-}
-
-static void activations_free(Activations *a) {
-    if (gpu.ready) { cudaCheck(cudaStreamSynchronize(gpu.stream)); }
-    cuda_free(a->acts_memory);
-    cuda_free(a->routing_memory);
-    cuda_free(a->grads_memory);
-    free(a->row_offset);
-    cuda_free(a->rows.row_token);
-    cuda_free(a->rows.h1);
-    cuda_free(a->rows.hact);
-    cuda_free(a->rows.out);
-    cuda_free(a->row_grads.dout);
-    cuda_free(a->row_grads.dh1);
-    cuda_free(a->row_grads.din);
-    DeviceScratch *s = a->device;
-    if (s != NULL) {
-        cuda_free(s->float_memory);
-        cuda_free(s->grad_memory);
-        cuda_free(s->int_memory);
-        free(s->expert_start_host);
-        free(s->aux_lb_host);
-        free(s->aux_ent_host);
-        cuda_free(s->inputs);
-        cuda_free(s->targets);
-        cuda_free(s->token_ids);
-        cuda_free(s->token_first);
-        cuda_free(s->token_pos);
-        cuda_free(s->sums);
-        if (s->gemm_host != NULL) { cudaCheck(cudaFreeHost(s->gemm_host)); }
-        cuda_free(s->gemm_dev);
-        cuda_free(s->xg);
-        free(s);
-    }
-    memset(a, 0, sizeof(*a));
+static int *device_ints(int **tensors[], const size_t *sizes, int n) {
+    int *memory = (int *)cuda_calloc(total_size(sizes, n) * sizeof(int));
+    carve_ints(tensors, sizes, n, memory);
+    return memory;
 }
 
 // ----------------------------------------------------------------------------
-// the layers, each a forward/backward pair
+// 3. the model: its state, and the functions every implementation provides (declared in
+// train_dtopp.c, with rope_table_init; sections 4-8 below implement them on the GPU)
+
+// ----------------------------------------------------------------------------
+// 4. the layers, each a forward/backward pair
 // N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and into
-// the input gradient they are given, as on the CPU.
+// the input gradient they are given, as on the CPU. A linear layer is matmul_forward /
+// matmul_backward, here cuBLAS products (matmul.h on the CPU).
+
+// out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T, all row-major; in cuBLAS's column-major
+// terms that is out^T = weight · inp^T. beta = 1 accumulates into out.
+static void matmul_forward_on(cublasHandle_t blas, float *out, const float *inp, const float *weight,
+                              int rows, int IC, int OC, float beta) {
+    if (rows == 0) { return; }
+    const float one = 1.0f;
+    cublasCheck(
+        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, &one, weight, IC, inp, IC, &beta, out, OC));
+}
+
+void matmul_forward(float *out, const float *inp, const float *weight, int rows, int IC, int OC) {
+    matmul_forward_on(gpu.blas, out, inp, weight, rows, IC, OC, 0.0f);
+}
+
+// dinp (rows, IC) += dout · weight; dweight (OC, IC) += dout^T · inp (summed over rows by cuBLAS,
+// in an order that depends only on the sizes).
+static void matmul_backward_on(cublasHandle_t blas, float *dinp, float *dweight, const float *dout,
+                               const float *inp, const float *weight, int rows, int IC, int OC,
+                               float dinp_beta) {
+    if (rows == 0) { return; }
+    const float one = 1.0f;
+    if (dinp != NULL) {
+        cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, &one, weight, IC, dout, OC,
+                                &dinp_beta, dinp, IC));
+    }
+    cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, &one, inp, IC, dout, OC, &one,
+                            dweight, IC));
+}
+
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                     int rows, int IC, int OC) {
+    matmul_backward_on(gpu.blas, dinp, dweight, dout, inp, weight, rows, IC, OC, 1.0f);
+}
 
 __global__ void encoder_forward_kernel(float *out, const int *inp, const float *wte, int N, int C) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -550,7 +231,6 @@ static void encoder_prepare(Activations *a, const int *inputs, int N, int V) {
     free(pos);
 }
 
-
 // one warp per row
 __global__ void rmsnorm_forward_kernel(float *out, float *rstd, const float *inp, const float *g, int N,
                                        int C) {
@@ -617,64 +297,18 @@ void rmsnorm_backward(float *dinp, float *dg, const float *dout, const float *in
     launchCheck();
 }
 
-// out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T, all row-major; in cuBLAS's column-major
-// terms that is out^T = weight · inp^T. beta = 1 accumulates into out.
-static void matmul_forward_on(cublasHandle_t blas, float *out, const float *inp, const float *weight,
-                              int rows, int IC, int OC, float beta) {
-    if (rows == 0) { return; }
-    const float one = 1.0f;
-    cublasCheck(
-        cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, OC, rows, IC, &one, weight, IC, inp, IC, &beta, out, OC));
-}
-
-void matmul_forward(float *out, const float *inp, const float *weight, int rows, int IC, int OC) {
-    matmul_forward_on(gpu.blas, out, inp, weight, rows, IC, OC, 0.0f);
-}
-
-// dinp (rows, IC) += dout · weight; dweight (OC, IC) += dout^T · inp (summed over rows by cuBLAS,
-// in an order that depends only on the sizes).
-static void matmul_backward_on(cublasHandle_t blas, float *dinp, float *dweight, const float *dout,
-                               const float *inp, const float *weight, int rows, int IC, int OC,
-                               float dinp_beta) {
-    if (rows == 0) { return; }
-    const float one = 1.0f;
-    if (dinp != NULL) {
-        cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, IC, rows, OC, &one, weight, IC, dout, OC,
-                                &dinp_beta, dinp, IC));
-    }
-    cublasCheck(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, IC, OC, rows, &one, inp, IC, dout, OC, &one,
-                            dweight, IC));
-}
-
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                     int rows, int IC, int OC) {
-    matmul_backward_on(gpu.blas, dinp, dweight, dout, inp, weight, rows, IC, OC, 1.0f);
-}
-
-// RoPE, rotate-half pairing: element i of a head turns with element i + hd/2 by pos·f_i.
-// The table holds cos and sin for every position and frequency, computed in double (host).
-void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd) {
-    for (int pos = 0; pos < max_seq_len; pos++) {
-        for (int i = 0; i < hd / 2; i++) {
-            double freq = pow(10000.0, -2.0 * i / hd);
-            double angle = pos * freq;
-            cos_table[pos * (hd / 2) + i] = (float)cos(angle);
-            sin_table[pos * (hd / 2) + i] = (float)sin(angle);
-        }
-    }
-}
-
-// One thread per (position, head of q or k, pair i); position n sits at pos_offset + n % T
-// (pos_offset is 0 in training, the decoding position when sampling). direction -1 rotates back.
+// RoPE with the tables of train_dtopp.c's rope_table_init, copied to the device. One thread per
+// (position, head of q or k, pair i); position n sits at n % T (the decoder passes the tables from
+// its position on). direction -1 rotates back.
 __global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin_table, int N, int T, int C,
-                            int NH, int pos_offset, float direction) {
+                            int NH, float direction) {
     int hd = C / NH, half = hd / 2;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * 2 * NH * half) { return; }
     int i = idx % half;
     int h = (idx / half) % (2 * NH);  // NH heads of q, then NH of k
     size_t n = idx / ((size_t)half * 2 * NH);
-    int pos = pos_offset + (int)(n % T);
+    int pos = (int)(n % T);
     float *v = qkv + n * 3 * C + (size_t)h * hd;
     float cs = cos_table[pos * half + i], s = direction * sin_table[pos * half + i];
     float a = v[i], b = v[i + half];
@@ -682,20 +316,20 @@ __global__ void rope_kernel(float *qkv, const float *cos_table, const float *sin
     v[i + half] = b * cs + a * s;
 }
 
-static void rope_apply(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C,
-                       int NH, int pos_offset, float direction) {
+static void rope_rotate(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C,
+                        int NH, float direction) {
     size_t n = (size_t)B * T * C;  // N * 2NH * hd/2 = N * C
     rope_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(qkv, cos_table, sin_table, B * T, T, C, NH,
-                                                            pos_offset, direction);
+                                                            direction);
     launchCheck();
 }
 
 void rope_forward(float *qkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
-    rope_apply(qkv, cos_table, sin_table, B, T, C, NH, 0, 1.0f);
+    rope_rotate(qkv, cos_table, sin_table, B, T, C, NH, 1.0f);
 }
 
 void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, int B, int T, int C, int NH) {
-    rope_apply(dqkv, cos_table, sin_table, B, T, C, NH, 0, -1.0f);
+    rope_rotate(dqkv, cos_table, sin_table, B, T, C, NH, -1.0f);
 }
 
 // Attention as batched matrix products over the B*NH (sequence, head) pairs, which need q, k and
@@ -1550,7 +1184,149 @@ void moe_gather_rows(float *dm, ExpertView x, RouterView r, int N, int C, int E)
 }
 
 // ----------------------------------------------------------------------------
-// the model on the GPU
+// 5. the model's forward and backward passes on the GPU
+
+// The activations, in GPU memory: the shared tensors, then DeviceScratch.
+
+static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T, int with_grads) {
+    size_t N = (size_t)B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
+    size_t E = c->num_experts, Vp = c->padded_vocab_size;
+    memset(a, 0, sizeof(*a));
+    a->B = B;
+    a->T = T;
+    float **tensors[NUM_ACTIVATION_TENSORS];
+    size_t sizes[NUM_ACTIVATION_TENSORS];
+    activation_layout(tensors, sizes, &a->acts, c, B, T, (int)Vp);  // rows of Vp logits
+    a->acts_memory = device_floats(tensors, sizes, NUM_ACTIVATION_TENSORS);
+    int **int_tensors[NUM_ROUTING_TENSORS];
+    size_t int_sizes[NUM_ROUTING_TENSORS];
+    routing_layout(int_tensors, int_sizes, &a->routing, c, B, T);
+    a->routing_memory = device_ints(int_tensors, int_sizes, NUM_ROUTING_TENSORS);
+    a->row_offset = (int *)calloc_check(L + 1, sizeof(int));
+
+    DeviceScratch *s = a->device = (DeviceScratch *)calloc_check(1, sizeof(DeviceScratch));
+    float **scratch[] = {&s->token_lse, &s->attn_q, &s->attn_k, &s->attn_v, &s->attn_y};
+    size_t scratch_sizes[] = {N, N * C, N * C, N * C, N * C};
+    s->float_memory = device_floats(scratch, scratch_sizes, 5);
+    size_t chunks = (N + DISPATCH_CHUNK - 1) / DISPATCH_CHUNK;
+    int **dispatch[] = {&s->dispatch_choice, &s->dispatch_counts};
+    size_t dispatch_sizes[] = {N * E, chunks * E};
+    s->int_memory = device_ints(dispatch, dispatch_sizes, 2);
+    s->expert_start_host = (int *)calloc_check(L * (E + 1), sizeof(int));
+    s->aux_lb_host = (float *)calloc_check(L, sizeof(float));
+    s->aux_ent_host = (float *)calloc_check(L, sizeof(float));
+    s->inputs = (int *)cuda_calloc(N * sizeof(int));
+    s->targets = (int *)cuda_calloc(N * sizeof(int));
+    s->token_ids = (int *)cuda_calloc(N * sizeof(int));
+    s->token_first = (int *)cuda_calloc((N + 1) * sizeof(int));
+    s->token_pos = (int *)cuda_calloc(N * sizeof(int));
+    s->sums = (double *)cuda_calloc((L + E + 1) * sizeof(double));
+    size_t gemm_pointers = L * GROUPED_SITES * GROUPED_SLOT(E);
+    cudaCheck(cudaMallocHost((void **)&s->gemm_host, gemm_pointers * sizeof(void *)));
+    s->gemm_dev = (void **)cuda_calloc(gemm_pointers * sizeof(void *));
+
+    if (with_grads) {  // as on the CPU, plus dscores, and dlogits padded to Vp
+        GradActivations *g = &a->grads;
+        float **grad_tensors[NUM_GRAD_ACTIVATION_TENSORS] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv,
+                                                             &g->dscores, &g->dlogits, &g->dgates,
+                                                             &g->drouter, &g->dtheta};
+        size_t grad_sizes[NUM_GRAD_ACTIVATION_TENSORS] = {N * C, N * C, N * C, N * 3 * C, B * NH * T * T,
+                                                          N * Vp, N * E, N * E, N};
+        a->grads_memory = device_floats(grad_tensors, grad_sizes, NUM_GRAD_ACTIVATION_TENSORS);
+        float **grad_scratch[] = {&s->dq, &s->dk, &s->dv, &s->dy, &s->colsum};
+        size_t grad_scratch_sizes[] = {N * C, N * C, N * C, N * C, ((N + COLSUM_ROWS - 1) / COLSUM_ROWS) * C};
+        s->grad_memory = device_floats(grad_scratch, grad_scratch_sizes, 5);
+    }
+}
+
+// Makes room for `rows` expert rows, keeping the first `keep` rows (those of earlier layers). h1
+// and h3 share one allocation (h3 `capacity` rows after h1), so that one strided-batched product
+// computes both.
+static void expert_rows_reserve(ExpertRows *r, int rows, int keep, int C, int H) {
+    if (rows <= r->capacity) { return; }
+    int capacity = rows + rows / 4;
+    int *row_token = (int *)cuda_malloc((size_t)capacity * sizeof(int));
+    float *h13 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
+    float *hact = (float *)cuda_malloc((size_t)capacity * H * sizeof(float));
+    float *out = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+    if (keep > 0) {
+        size_t k = keep;
+        copy_on_device(row_token, r->row_token, k * sizeof(int));
+        copy_on_device(h13, r->h1, k * H * sizeof(float));
+        copy_on_device(h13 + (size_t)capacity * H, r->h3, k * H * sizeof(float));
+        copy_on_device(hact, r->hact, k * H * sizeof(float));
+        copy_on_device(out, r->out, k * C * sizeof(float));
+        cudaCheck(cudaStreamSynchronize(gpu.stream));  // before the old buffers go
+    }
+    cuda_free(r->row_token);
+    cuda_free(r->h1);  // h3 is part of the same allocation
+    cuda_free(r->hact);
+    cuda_free(r->out);
+    r->row_token = row_token;
+    r->h1 = h13;
+    r->h3 = h13 + (size_t)capacity * H;
+    r->hact = hact;
+    r->out = out;
+    r->capacity = capacity;
+}
+
+// The gathered inputs of one layer's rows (forward and backward), DeviceScratch's xg.
+static void gathered_inputs_reserve(DeviceScratch *s, int rows, int C) {
+    if (rows <= s->xg_capacity) { return; }
+    cudaCheck(cudaStreamSynchronize(gpu.stream));  // the old buffer may still be in use
+    s->xg_capacity = rows + rows / 4;
+    cuda_free(s->xg);
+    s->xg = (float *)cuda_malloc((size_t)s->xg_capacity * C * sizeof(float));
+}
+
+// The rows' gradients, one layer at a time; dh1 and dh3 in one allocation, like h1 and h3.
+static void expert_row_grads_reserve(ExpertRowGrads *g, int rows, int C, int H) {
+    if (rows <= g->capacity) { return; }
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    int capacity = g->capacity = rows + rows / 4;
+    cuda_free(g->dout);
+    cuda_free(g->dh1);
+    cuda_free(g->din);
+    g->dout = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+    g->dh1 = (float *)cuda_malloc((size_t)2 * capacity * H * sizeof(float));
+    g->dh3 = g->dh1 + (size_t)capacity * H;
+    g->din = (float *)cuda_malloc((size_t)capacity * C * sizeof(float));
+}
+
+static void activations_free(Activations *a) {
+    if (gpu.ready) { cudaCheck(cudaStreamSynchronize(gpu.stream)); }
+    cuda_free(a->acts_memory);
+    cuda_free(a->routing_memory);
+    cuda_free(a->grads_memory);
+    free(a->row_offset);
+    cuda_free(a->rows.row_token);
+    cuda_free(a->rows.h1);
+    cuda_free(a->rows.hact);
+    cuda_free(a->rows.out);
+    cuda_free(a->row_grads.dout);
+    cuda_free(a->row_grads.dh1);
+    cuda_free(a->row_grads.din);
+    DeviceScratch *s = a->device;
+    if (s != NULL) {
+        cuda_free(s->float_memory);
+        cuda_free(s->grad_memory);
+        cuda_free(s->int_memory);
+        free(s->expert_start_host);
+        free(s->aux_lb_host);
+        free(s->aux_ent_host);
+        cuda_free(s->inputs);
+        cuda_free(s->targets);
+        cuda_free(s->token_ids);
+        cuda_free(s->token_first);
+        cuda_free(s->token_pos);
+        cuda_free(s->sums);
+        if (s->gemm_host != NULL) { cudaCheck(cudaFreeHost(s->gemm_host)); }
+        cuda_free(s->gemm_dev);
+        cuda_free(s->xg);
+        free(s);
+    }
+    memset(a, 0, sizeof(*a));
+}
 
 struct Workspace {
     Activations acts;     // for the last (B, T) seen by model_forward
@@ -1559,64 +1335,6 @@ struct Workspace {
     int has_targets;      // the last forward pass had targets
     double *norm_partial; // partial sums of squares of the gradient norm
 };
-
-// Takes ownership of params (host memory, filled): copies them to the GPU and frees them.
-static void model_attach(Model *model, float *params) {
-    gpu_init();
-    const ModelConfig *c = &model->config;
-    model->params_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
-    copy_to_device(model->params_memory, params, model->num_parameters * sizeof(float));
-    free(params);
-    carve_params(&model->params, model->params_memory, model->param_sizes);
-    Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
-    int hd = c->channels / c->num_heads;
-    size_t table = (size_t)c->max_seq_len * (hd / 2);
-    float *cos_host = (float *)malloc_check(table * sizeof(float)),
-          *sin_host = (float *)malloc_check(table * sizeof(float));
-    rope_table_init(cos_host, sin_host, c->max_seq_len, hd);
-    ws->rope_cos = (float *)cuda_malloc(table * sizeof(float));
-    ws->rope_sin = (float *)cuda_malloc(table * sizeof(float));
-    copy_to_device(ws->rope_cos, cos_host, table * sizeof(float));
-    copy_to_device(ws->rope_sin, sin_host, table * sizeof(float));
-    free(cos_host);
-    free(sin_host);
-}
-
-void model_init(Model *model, const ModelConfig *config, const RouterConfig *router, uint64_t seed) {
-    model_setup(model, config, router, "model configuration");
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
-    init_params(params, model, seed);
-    model_attach(model, params);
-    controller_reset(model);
-}
-
-void model_load(Model *model, const char *path) {
-    float *params = checkpoint_load(model, path);
-    model_attach(model, params);
-}
-
-void model_save(const Model *model, const char *path) {
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
-    model_get_params(model, params);
-    checkpoint_save(model, params, path);
-    free(params);
-}
-
-void model_free(Model *model) {
-    cudaCheck(cudaStreamSynchronize(gpu.stream));
-    cuda_free(model->params_memory);
-    cuda_free(model->grads_memory);
-    cuda_free(model->grads_sum_memory);
-    cuda_free(model->m_memory);
-    cuda_free(model->v_memory);
-    free(model->threshold);
-    free(model->integral);
-    cuda_free(model->ws->rope_cos);
-    cuda_free(model->ws->rope_sin);
-    cuda_free(model->ws->norm_partial);
-    activations_free(&model->ws->acts);
-    free(model->ws);
-}
 
 static AttentionScratch attention_scratch(Activations *a) {
     AttentionScratch s = {a->device->attn_q, a->device->attn_k, a->device->attn_v, a->device->attn_y,
@@ -1647,6 +1365,7 @@ static ExpertView device_expert_view(Activations *a, const ModelConfig *c, Route
 
 // The MoE half of layer l: router, auxiliary terms, dispatch, experts, combine.
 // Writes MoE(m) to out (N, C).
+// Not shared with the CPU's: the views carry the layer's GPU scratch, the row buffers cannot realloc.
 static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
@@ -1657,9 +1376,8 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     PROFILE_MARK("moe: dispatch");
     int rows = moe_dispatch_count(r, N, E);
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
-    expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C,
-                        H);  // this layer's rows follow the previous layer's
-    expert_scratch_reserve(a, rows, C, H, 0);
+    expert_rows_reserve(&a->rows, r.row_begin + rows, r.row_begin, C, H);  // after the previous layers' rows
+    gathered_inputs_reserve(a->device, rows, C);
     a->row_offset[l + 1] = r.row_begin + rows;
     ExpertView x = device_expert_view(a, c, r, l);
     moe_dispatch(r, x, N, E);
@@ -1678,7 +1396,8 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     LayerWeights w = layer_weights(&model->params, c, l);
     LayerWeights dw = layer_weights(&model->grads, c, l);
     RouterView r = device_router_view(a, c, l);
-    expert_scratch_reserve(a, r.expert_start_host[E], C, H, 1);
+    gathered_inputs_reserve(a->device, r.expert_start_host[E], C);
+    expert_row_grads_reserve(&a->row_grads, r.expert_start_host[E], C, H);
     ExpertView x = device_expert_view(a, c, r, l);
     PROFILE_MARK("moe back: combine");
     moe_combine_backward(x, r, dout, N, C, E);
@@ -1834,148 +1553,6 @@ void model_backward(Model *model) {
 }
 
 // ----------------------------------------------------------------------------
-// optimization: global-norm clipping and AdamW
-
-// Sum of squares in fixed blocks of NORM_BLOCK elements (each block: a fixed tree over its
-// threads), then the blocks in order: the rounding depends only on the number of parameters.
-#define NORM_BLOCK 65536
-__global__ void sum_of_squares_kernel(double *partial, const float *x, size_t n) {
-    size_t begin = (size_t)blockIdx.x * NORM_BLOCK, end = begin + NORM_BLOCK < n ? begin + NORM_BLOCK : n;
-    double s = 0.0;
-    for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) { s += (double)x[i] * x[i]; }
-    s = block_sum(s);
-    if (threadIdx.x == 0) { partial[blockIdx.x] = s; }
-}
-
-__global__ void sum_partials_kernel(double *out, const double *partial, int n) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) { s += partial[i]; }
-    s = block_sum(s);
-    if (threadIdx.x == 0) { *out = s; }
-}
-
-static double sum_of_squares(Model *model, const float *x, size_t n) {
-    int blocks = (int)((n + NORM_BLOCK - 1) / NORM_BLOCK);
-    if (model->ws->norm_partial == NULL) {
-        model->ws->norm_partial = (double *)cuda_malloc((blocks + 1) * sizeof(double));
-    }
-    double *partial = model->ws->norm_partial;
-    sum_of_squares_kernel<<<blocks, 256, 0, gpu.stream>>>(partial, x, n);
-    launchCheck();
-    sum_partials_kernel<<<1, 1024, 0, gpu.stream>>>(partial + blocks, partial, blocks);
-    launchCheck();
-    double total;
-    copy_to_host(&total, partial + blocks, sizeof(double));
-    return total;
-}
-
-// One thread per parameter: the AdamW rule of the shared part (adamw_update).
-__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n,
-                             AdamWStep s, float wd) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { adamw_update(&params[i], &m_memory[i], &v_memory[i], grads[i], s, wd); }
-}
-
-// Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
-float model_update(Model *model, float lr, float weight_decay) {
-    if (model->grads_memory == NULL) { model_zero_grad(model); }
-    if (model->m_memory == NULL) {
-        model->m_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
-        model->v_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
-    }
-    PROFILE_MARK("optimizer");
-    float norm = (float)sqrt(sum_of_squares(model, model->grads_memory, model->num_parameters));
-    model->adam_step++;
-    AdamWStep s = adamw_step(model->adam_step, lr, norm);
-    size_t offset = 0;
-    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
-        float wd = param_is_matrix[k] ? weight_decay : 0.0f;
-        size_t n = model->param_sizes[k];
-        adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(
-            model->params_memory + offset, model->m_memory + offset, model->v_memory + offset,
-            model->grads_memory + offset, n, s, wd);
-        launchCheck();
-        offset += n;
-    }
-    return norm;
-}
-
-// ----------------------------------------------------------------------------
-// data parallel: gradient accumulation, and the sum over ranks with NCCL
-//
-// Built with USE_MPI (make cuda-mpi), each rank drives one GPU: the rank's index among the ranks
-// of its machine picks the GPU, MPI carries NCCL's id from rank 0 to the others, and the gradient
-// sum is one NCCL all-reduce on the device. The step's small totals (losses, routing counts) go
-// through MPI on the host, as in the CPU build (dp_sum_doubles), so the controller sees the whole
-// step. NCCL's sum is not the CPU build's rank-order sum: its order depends on NCCL's algorithm for
-// the number of ranks and the topology, and is the same from run to run on the same machines. For
-// two ranks any order gives the same bits (a + b = b + a).
-
-__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { out[i] = a[i] + b[i]; }
-}
-
-__global__ void scale_kernel(float *x, float scale, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { x[i] *= scale; }
-}
-
-// As on the CPU: micro-batch 0 starts the sum, the last adds it into model->grads.
-void model_accumulate_grads(Model *model, int micro, int count) {
-    if (count == 1) { return; }
-    size_t n = model->num_parameters;
-    if (model->grads_sum_memory == NULL) {
-        model->grads_sum_memory = (float *)cuda_malloc(n * sizeof(float));
-    }
-    float *sum = model->grads_sum_memory, *grads = model->grads_memory;
-    if (micro == 0) {
-        copy_on_device(sum, grads, n * sizeof(float));
-        return;
-    }
-    add_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(micro == count - 1 ? grads : sum, sum, grads, n);
-    launchCheck();
-}
-
-#ifdef USE_MPI
-#include <nccl.h>
-static ncclComm_t nccl_comm;
-
-static void nccl_check(ncclResult_t result, const char *what) {
-    if (result != ncclSuccess) { fail("NCCL error in %s: %s", what, ncclGetErrorString(result)); }
-}
-
-// Called by dp_init before anything touches the GPU.
-void cuda_parallel_init(int rank, int ranks) {
-    MPI_Comm machine;  // the ranks that share this machine, and so its GPUs
-    int local_rank, devices = 0;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &machine);
-    MPI_Comm_rank(machine, &local_rank);
-    MPI_Comm_free(&machine);
-    cudaCheck(cudaGetDeviceCount(&devices));
-    if (devices < 1) { fail("rank %d: no CUDA device found", rank); }
-    cudaCheck(cudaSetDevice(local_rank % devices));
-    ncclUniqueId id;
-    if (rank == 0) { nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId"); }
-    MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
-    nccl_check(ncclCommInitRank(&nccl_comm, ranks, id, rank), "ncclCommInitRank");
-}
-#endif
-
-void model_allreduce_grads(Model *model, float scale) {
-    size_t n = model->num_parameters;
-#ifdef USE_MPI
-    if (dp_ranks > 1) {
-        float *grads = model->grads_memory;
-        ncclResult_t result = ncclAllReduce(grads, grads, n, ncclFloat, ncclSum, nccl_comm, gpu.stream);
-        nccl_check(result, "ncclAllReduce");
-    }
-#endif
-    scale_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->grads_memory, scale, n);
-    launchCheck();
-}
-
-// ----------------------------------------------------------------------------
 // routing counts, for the controller and the statistics
 
 // One block per layer adds its N counts (integers: exact in any order; the order is fixed anyway).
@@ -2000,7 +1577,7 @@ void model_routing_counts(const Model *model, int *n_selected, int *expert_load)
     const Activations *a = &model->ws->acts;
     int N = a->B * a->T, L = model->config.num_layers, E = model->config.num_experts;
     copy_to_host(n_selected, a->routing.n_selected, (size_t)L * N * sizeof(int));
-    for (int l = 0; l < L; l++) {
+    for (int l = 0; expert_load != NULL && l < L; l++) {
         const int *start = a->device->expert_start_host + (size_t)l * (E + 1);
         for (int e = 0; e < E; e++) { expert_load[(size_t)l * E + e] = start[e + 1] - start[e]; }
     }
@@ -2074,6 +1651,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     }
     if (token < 0 || token >= V) { fail("token id %d is outside the vocabulary (%d)", token, V); }
     ActivationTensors *t = &d->acts.acts;
+    const float *rope_cos = model->ws->rope_cos + pos * (hd / 2), *rope_sin = model->ws->rope_sin + pos * (hd / 2);
     copy_to_device(d->acts.device->inputs, &token, sizeof(int));
     encoder_forward(t->encoded, d->acts.device->inputs, model->params.wte, 1, C);
     d->acts.row_offset[0] = 0;
@@ -2086,7 +1664,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         float *qkv = cache + (size_t)pos * 3 * C;
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
         matmul_forward(qkv, ln1, w.wqkv, 1, C, 3 * C);
-        rope_apply(qkv, model->ws->rope_cos, model->ws->rope_sin, 1, 1, C, NH, pos, 1.0f);
+        rope_forward(qkv, rope_cos, rope_sin, 1, 1, C, NH);  // the tables from position pos
         attend_kernel<<<NH, 128, (size_t)(pos + 1) * sizeof(float), gpu.stream>>>(
             atty, qkv, cache + C, cache + 2 * C, 3 * (size_t)C, pos + 1, hd);
         launchCheck();
@@ -2165,3 +1743,202 @@ void model_set_moments(Model *model, const float *m, const float *v) {
     copy_to_device(model->m_memory, m, model->num_parameters * sizeof(float));
     copy_to_device(model->v_memory, v, model->num_parameters * sizeof(float));
 }
+
+// ----------------------------------------------------------------------------
+// 6. the PI controller
+// train_dtopp.c's, on the host: it reads model_activated_per_layer.
+
+// ----------------------------------------------------------------------------
+// 7. AdamW, with global-norm clipping and the learning-rate schedule
+// The rule (adamw_step, adamw_update) and the schedule are train_dtopp.c's; here the update kernels.
+
+// Sum of squares in fixed blocks of NORM_BLOCK elements (each block: a fixed tree over its
+// threads), then the blocks in order: the rounding depends only on the number of parameters.
+#define NORM_BLOCK 65536
+__global__ void sum_of_squares_kernel(double *partial, const float *x, size_t n) {
+    size_t begin = (size_t)blockIdx.x * NORM_BLOCK, end = begin + NORM_BLOCK < n ? begin + NORM_BLOCK : n;
+    double s = 0.0;
+    for (size_t i = begin + threadIdx.x; i < end; i += blockDim.x) { s += (double)x[i] * x[i]; }
+    s = block_sum(s);
+    if (threadIdx.x == 0) { partial[blockIdx.x] = s; }
+}
+
+__global__ void sum_partials_kernel(double *out, const double *partial, int n) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) { s += partial[i]; }
+    s = block_sum(s);
+    if (threadIdx.x == 0) { *out = s; }
+}
+
+static double sum_of_squares(Model *model, const float *x, size_t n) {
+    int blocks = (int)((n + NORM_BLOCK - 1) / NORM_BLOCK);
+    if (model->ws->norm_partial == NULL) {
+        model->ws->norm_partial = (double *)cuda_malloc((blocks + 1) * sizeof(double));
+    }
+    double *partial = model->ws->norm_partial;
+    sum_of_squares_kernel<<<blocks, 256, 0, gpu.stream>>>(partial, x, n);
+    launchCheck();
+    sum_partials_kernel<<<1, 1024, 0, gpu.stream>>>(partial + blocks, partial, blocks);
+    launchCheck();
+    double total;
+    copy_to_host(&total, partial + blocks, sizeof(double));
+    return total;
+}
+
+// One thread per parameter: the AdamW rule of the shared part (adamw_update).
+__global__ void adamw_kernel(float *params, float *m_memory, float *v_memory, const float *grads, size_t n,
+                             AdamWStep s, float wd) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { adamw_update(&params[i], &m_memory[i], &v_memory[i], grads[i], s, wd); }
+}
+
+// Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
+float model_update(Model *model, float lr, float weight_decay) {
+    if (model->grads_memory == NULL) { model_zero_grad(model); }
+    if (model->m_memory == NULL) {
+        model->m_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
+        model->v_memory = (float *)cuda_calloc(model->num_parameters * sizeof(float));
+    }
+    PROFILE_MARK("optimizer");
+    float norm = (float)sqrt(sum_of_squares(model, model->grads_memory, model->num_parameters));
+    model->adam_step++;
+    AdamWStep s = adamw_step(model->adam_step, lr, norm);
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        float wd = param_is_matrix[k] ? weight_decay : 0.0f;
+        size_t n = model->param_sizes[k];
+        adamw_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(
+            model->params_memory + offset, model->m_memory + offset, model->v_memory + offset,
+            model->grads_memory + offset, n, s, wd);
+        launchCheck();
+        offset += n;
+    }
+    return norm;
+}
+
+// Gradient accumulation and the sum over ranks with NCCL.
+//
+// Built with USE_MPI (make cuda-mpi), each rank drives one GPU: the rank's index among the ranks
+// of its machine picks the GPU, MPI carries NCCL's id from rank 0 to the others, and the gradient
+// sum is one NCCL all-reduce on the device. The step's small totals (losses, routing counts) go
+// through MPI on the host, as in the CPU build (dp_sum_doubles), so the controller sees the whole
+// step. NCCL's sum is not the CPU build's rank-order sum: its order depends on NCCL's algorithm for
+// the number of ranks and the topology, and is the same from run to run on the same machines. For
+// two ranks any order gives the same bits (a + b = b + a).
+
+__global__ void add_kernel(float *out, const float *a, const float *b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { out[i] = a[i] + b[i]; }
+}
+
+__global__ void scale_kernel(float *x, float scale, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { x[i] *= scale; }
+}
+
+// As on the CPU: micro-batch 0 starts the sum, the last adds it into model->grads.
+void model_accumulate_grads(Model *model, int micro, int count) {
+    if (count == 1) { return; }
+    size_t n = model->num_parameters;
+    if (model->grads_sum_memory == NULL) {
+        model->grads_sum_memory = (float *)cuda_malloc(n * sizeof(float));
+    }
+    float *sum = model->grads_sum_memory, *grads = model->grads_memory;
+    if (micro == 0) {
+        copy_on_device(sum, grads, n * sizeof(float));
+        return;
+    }
+    add_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(micro == count - 1 ? grads : sum, sum, grads, n);
+    launchCheck();
+}
+
+#ifdef USE_MPI
+#include <nccl.h>
+static ncclComm_t nccl_comm;
+
+static void nccl_check(ncclResult_t result, const char *what) {
+    if (result != ncclSuccess) { fail("NCCL error in %s: %s", what, ncclGetErrorString(result)); }
+}
+
+// Called by dp_init before anything touches the GPU.
+void cuda_parallel_init(int rank, int ranks) {
+    MPI_Comm machine;  // the ranks that share this machine, and so its GPUs
+    int local_rank, devices = 0;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &machine);
+    MPI_Comm_rank(machine, &local_rank);
+    MPI_Comm_free(&machine);
+    cudaCheck(cudaGetDeviceCount(&devices));
+    if (devices < 1) { fail("rank %d: no CUDA device found", rank); }
+    cudaCheck(cudaSetDevice(local_rank % devices));
+    ncclUniqueId id;
+    if (rank == 0) { nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId"); }
+    MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD);
+    nccl_check(ncclCommInitRank(&nccl_comm, ranks, id, rank), "ncclCommInitRank");
+}
+#endif
+
+void model_allreduce_grads(Model *model, float scale) {
+    size_t n = model->num_parameters;
+#ifdef USE_MPI
+    if (dp_ranks > 1) {
+        float *grads = model->grads_memory;
+        ncclResult_t result = ncclAllReduce(grads, grads, n, ncclFloat, ncclSum, nccl_comm, gpu.stream);
+        nccl_check(result, "ncclAllReduce");
+    }
+#endif
+    scale_kernel<<<blocks_for(n, 256), 256, 0, gpu.stream>>>(model->grads_memory, scale, n);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// 8. the model file (doc/formats.md): architecture, routing configuration, parameters, controller
+// checkpoint_save, checkpoint_load, model_init and model_load are train_dtopp.c's, calling these.
+
+// Takes ownership of params (host memory, filled): copies them to the GPU and frees them.
+static void model_attach(Model *model, float *params) {
+    gpu_init();
+    const ModelConfig *c = &model->config;
+    model->params_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
+    copy_to_device(model->params_memory, params, model->num_parameters * sizeof(float));
+    free(params);
+    carve_params(&model->params, model->params_memory, model->param_sizes);
+    Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
+    int hd = c->channels / c->num_heads;
+    size_t table = (size_t)c->max_seq_len * (hd / 2);
+    float *cos_host = (float *)malloc_check(table * sizeof(float)),
+          *sin_host = (float *)malloc_check(table * sizeof(float));
+    rope_table_init(cos_host, sin_host, c->max_seq_len, hd);
+    ws->rope_cos = (float *)cuda_malloc(table * sizeof(float));
+    ws->rope_sin = (float *)cuda_malloc(table * sizeof(float));
+    copy_to_device(ws->rope_cos, cos_host, table * sizeof(float));
+    copy_to_device(ws->rope_sin, sin_host, table * sizeof(float));
+    free(cos_host);
+    free(sin_host);
+}
+
+void model_save(const Model *model, const char *path) {
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    checkpoint_save(model, params, path);
+    free(params);
+}
+
+void model_free(Model *model) {
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
+    cuda_free(model->params_memory);
+    cuda_free(model->grads_memory);
+    cuda_free(model->grads_sum_memory);
+    cuda_free(model->m_memory);
+    cuda_free(model->v_memory);
+    free(model->threshold);
+    free(model->integral);
+    cuda_free(model->ws->rope_cos);
+    cuda_free(model->ws->rope_sin);
+    cuda_free(model->ws->norm_partial);
+    activations_free(&model->ws->acts);
+    free(model->ws);
+}
+
+// ----------------------------------------------------------------------------
+// 9. main: the training loop
+// train_dtopp.c's, included at the top.

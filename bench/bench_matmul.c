@@ -10,8 +10,10 @@ time is the median of repeated calls (at least 5, for at least 0.3 s). Prints on
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls.
 */
-#define TESTING
-#include "../train_dtopp.c"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "../dtopp/matmul.h"  // defines: matmul_forward, matmul_backward (the products measured)
 
 typedef struct {
     const char *name;

@@ -111,7 +111,7 @@ static void fuzz_release_all(void) {
 // ----------------------------------------------------------------------------
 // catching fail()
 
-#include "../utils.h"
+#include "../dtopp/utils.h"
 
 static jmp_buf fuzz_escape;
 

@@ -1,10 +1,10 @@
-// fuzz_dit: a diffusion transformer checkpoint (train_dit.c), loaded, then used as training and
+// fuzz_dit: a diffusion transformer checkpoint (dit/train_dit.c), loaded, then used as training and
 // sampling use it: a forward and backward pass on two images (one with the null class), an AdamW
 // update, a controller update, and one guided Euler step. Models with more than 64 patches per
 // image are only loaded: their attention would not fit a fuzzer's memory.
 #include "fuzz.h"
 #define DIT_NO_MAIN  // the model only, not the training program
-#include "../train_dit.c"
+#include "../dit/train_dit.c"  // defines: Dit, dit_load, dit_forward, dit_backward, dit_sample
 
 static void use_dit(const uint8_t *data, size_t size) {
     char path[4096];

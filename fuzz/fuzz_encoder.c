@@ -1,7 +1,7 @@
 // fuzz_encoder: GPT-2's encoder on arbitrary bytes (tokenizer.bin of the repository, found from the
 // working directory or DTOPP_TOKENIZER): every id in the vocabulary, and decode(encode(x)) == x.
 #include "fuzz.h"
-#include "../tokenizer.h"
+#include "../dtopp/tokenizer.h"
 
 static Tokenizer gpt2;
 

@@ -1,7 +1,7 @@
-// fuzz_idx: an IDX file of Fashion-MNIST's kind (idx.h), read as images or, when its magic says one
+// fuzz_idx: an IDX file of Fashion-MNIST's kind (dit/idx.h), read as images or, when its magic says one
 // dimension, as labels. An accepted file must hold exactly the values its header announces.
 #include "fuzz.h"
-#include "../idx.h"
+#include "../dit/idx.h"  // defines: IdxData, idx_read
 
 static void read_idx(const uint8_t *data, size_t size) {
     char path[4096];

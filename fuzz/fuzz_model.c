@@ -3,6 +3,7 @@
 #include "fuzz.h"
 #define TESTING  // the model only, not the training program
 #include "../train_dtopp.c"
+#include "../dtopp/sampler.h"  // defines: sample_token
 
 static void use_model(const uint8_t *data, size_t size) {
     char path[4096];

@@ -2,9 +2,9 @@
 // options that passed the checks must describe a model configuration that validates or is refused
 // with a message, never one that is used unchecked.
 #include "fuzz.h"
-#define main train_dtopp_main  // the training program's functions, without its main
+#define TESTING  // the model, without its training program
 #include "../train_dtopp.c"
-#undef main
+#include "../dtopp/train_options.h"  // defines: Options, parse_options, configure_model
 
 #define MAX_ARGS 32
 
@@ -18,9 +18,7 @@ static void parse(const uint8_t *data, size_t size) {
         if (strcmp(text + start, "--help") != 0 && strcmp(text + start, "-h") != 0) { argv[argc++] = text + start; }
     }
     Options o;
-    default_options(&o);
     parse_options(&o, argc, argv);
-    check_options(&o);
     ModelConfig config;
     RouterConfig router;
     configure_model(&o, 256, VOCAB_BYTES, &config, &router);

@@ -1,13 +1,10 @@
-// fuzz_prepro: prepro's path from text to shards. The first byte picks the options (vocabulary,
+// fuzz_prepro: prepro's path from text to shards (make_shards, dtopp/shards.h). The first byte picks the options (vocabulary,
 // --eot, --split, --val), the rest is the text. Without --split the shards must hold the text
 // exactly: their tokens, decoded, give back every byte (end-of-text tokens aside). BPE uses the
 // small tokenizer of the seeds (GPT-2's first 40 merges): loading all of tokenizer.bin for every
 // input would leave little time for anything else, and fuzz_encoder covers it.
 #include "fuzz.h"
-#define main prepro_main
-#include "../prepro.c"
-#undef main
-#include "../dataloader.h"
+#include "../dtopp/shards.h"  // defines: ShardOptions, make_shards
 
 #define SMALL_TOKENIZER "fuzz/corpus/tokenizer/small.bin"
 static Tokenizer gpt2;
@@ -44,16 +41,12 @@ static void text_to_shards(const uint8_t *data, size_t size) {
     remove(train);
     remove(val);
     fuzz_write_file(input, data + 1, size - 1);
-    char *argv[16] = {"prepro", "--vocab", bytes ? "bytes" : "gpt2", "-o", prefix, "--val", (flags & 8) ? "0" : "0.1",
-                      "--tokenizer", SMALL_TOKENIZER};
-    int argc = 9;
-    if ((flags & 2) && !bytes) { argv[argc++] = "--eot"; }
-    if (split) {
-        argv[argc++] = "--split";
-        argv[argc++] = "---";
-    }
-    argv[argc++] = input;
-    prepro_main(argc, argv);
+    const char *inputs[1] = {input};
+    ShardOptions o = {.inputs = inputs, .ninputs = 1, .prefix = prefix, .split_line = split ? "---" : NULL,
+                      .vocab = bytes ? "bytes" : "gpt2", .tokenizer_path = SMALL_TOKENIZER,
+                      .val_frac = (flags & 8) ? 0.0 : 0.1, .eot = (flags & 2) && !bytes, .bpe_tokens = 4096,
+                      .shard_tokens = 100000000};
+    make_shards(&o);
     if (split) { return; }
     unsigned char *decoded = (unsigned char *)malloc_check(size);
     size_t n = decode_shard(train, bytes, decoded, 0, size);

@@ -1,9 +1,9 @@
 // fuzz_state: a training state file, restored into the model it belongs to (the configuration of
 // the seeds in fuzz/corpus/state), then one AdamW update from the restored moments.
 #include "fuzz.h"
-#define main train_dtopp_main  // the training program's functions, without its main
+#define TESTING  // the model, without its training program
 #include "../train_dtopp.c"
-#undef main
+#include "../dtopp/runfiles.h"  // defines: TrainingState, state_load
 
 static void restore_state(const uint8_t *data, size_t size) {
     char path[4096];

@@ -1,7 +1,7 @@
 // fuzz_tokenizer: a tokenizer file; once accepted, it must encode and decode text exactly:
 // decode(encode(x)) == x for a text that exercises every class of the pre-tokenizer.
 #include "fuzz.h"
-#include "../tokenizer.h"
+#include "../dtopp/tokenizer.h"
 
 static void load_tokenizer(const uint8_t *data, size_t size) {
     char path[4096];

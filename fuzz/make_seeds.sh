@@ -65,7 +65,7 @@ printf '\x00\x00\x08\x01\x00\x00\x00\x02\x03\x07' > "$C/idx/labels.idx"
 
 # diffusion transformer checkpoints of the smallest size, Top-k and DTop-p, after one step
 for routing in topk dtopp; do
-    ./train_dit --data "${FASHION_MNIST:-data/fashion-mnist}" --layers 1 --channels 4 --heads 1 --experts 2 \
+    dit/train_dit --data "${FASHION_MNIST:-data/fashion-mnist}" --layers 1 --channels 4 --heads 1 --experts 2 \
         --expert-hidden 2 --batch 2 --steps 1 --eval-images 2 --sample-steps 1 --samples-per-class 1 \
         --threads 1 --routing $routing --k 1 --tgt 1.5 --out "$T/dit_$routing" > /dev/null
     cp "$T/dit_$routing/model.bin" "$C/dit/$routing.bin"

@@ -24,13 +24,13 @@ if [ $# -ne 1 ]; then
 fi
 OUT=$1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TRAIN_DIT=${TRAIN_DIT:-$ROOT/train_dit}
-EVAL_DIT=${EVAL_DIT:-$ROOT/eval_dit}
+TRAIN_DIT=${TRAIN_DIT:-$ROOT/dit/train_dit}
+EVAL_DIT=${EVAL_DIT:-$ROOT/dit/eval_dit}
 DATA=${FASHION_MNIST:-$ROOT/data/fashion-mnist}
 SEEDS=${SEEDS:-1337 1338}
 JOBS=${JOBS:-1}
 for program in "$TRAIN_DIT" "$EVAL_DIT"; do
-    [ -x "$program" ] || { echo "dit_compare: $program not found (make train_dit eval_dit)" >&2; exit 1; }
+    [ -x "$program" ] || { echo "dit_compare: $program not found (make dit/train_dit dit/eval_dit)" >&2; exit 1; }
 done
 [ -f "$DATA/train-images-idx3-ubyte" ] || "$ROOT/scripts/get_fashion_mnist.sh" "$DATA"
 mkdir -p "$OUT"

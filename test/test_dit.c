@@ -1,5 +1,5 @@
 /*
-test_dit.c: checks the diffusion transformer (train_dit.c) against reference values computed in
+test_dit.c: checks the diffusion transformer (dit/train_dit.c) against reference values computed in
 float64 by the independent PyTorch implementation (reference/dit_ref.py), and its file readers.
 
 For each fixture pair test/fixtures/dit/NAME_model.bin (the starting checkpoint) and NAME_ref.bin
@@ -15,9 +15,10 @@ usage: test/test_dit [NAME_ref.bin ...]   (default: every fixture in test/fixtur
 */
 #define DIT_NO_MAIN
 #define EVAL_DIT_NO_MAIN
-#include "../eval_dit.c"
-#include "../png.h"
-#include "check.h"
+#include "../dit/eval_dit.c"  // defines: the DiT (dit/train_dit.c, with the model and idx.h), the classifier
+#include "../dit/png.h"       // defines: png_write_gray
+#include <glob.h>               // glob: the fixtures
+#include "check.h"              // defines: check, check_refuses, relative_error
 
 // Tolerances, as test_gpt's: relative L2 error per tensor, absolute error per step.
 #define TOL_TENSOR 1e-4

@@ -4,15 +4,15 @@
 # model that wrote it, every routing mode trains, eval_dit's classifier learns and its quality
 # and routing measures run and add up, and bad input is refused with a clear message.
 #
-#   test/test_dit.sh      (run from the repository root, after `make train_dit eval_dit` and
+#   test/test_dit.sh      (run from the repository root, after `make dit/train_dit dit/eval_dit` and
 #                          scripts/get_fashion_mnist.sh data/fashion-mnist)
 #
 # Without the data the test fails: it never passes by skipping. Prints one line per check and
 # ends with "N passed, M failed"; exits 1 if any check failed.
 set -uo pipefail
 
-TRAIN_DIT=${TRAIN_DIT:-./train_dit}
-EVAL_DIT=${EVAL_DIT:-./eval_dit}
+TRAIN_DIT=${TRAIN_DIT:-./dit/train_dit}
+EVAL_DIT=${EVAL_DIT:-./dit/eval_dit}
 DATA=${FASHION_MNIST:-data/fashion-mnist}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT

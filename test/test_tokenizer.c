@@ -16,8 +16,8 @@ Refusing a bad tokenizer.bin ends the process with exit(1), so those checks run 
 
 #include "check.h"
 
-#include "../bpe.h"
-#include "../tokenizer.h"
+#include "../dtopp/bpe.h"
+#include "../dtopp/tokenizer.h"
 
 static Tokenizer tok;
 

@@ -11,7 +11,7 @@ tiktoken_compare: the C side of test/tiktoken_compare.sh and bench/bench_prepro.
 #include <string.h>
 #include <time.h>
 
-#include "../tokenizer.h"
+#include "../dtopp/tokenizer.h"
 
 static double now(void) {
     struct timespec ts;

@@ -19,7 +19,7 @@ every id it lists has exactly the bytes we derived, so a wrong input file cannot
 #include <stdlib.h>
 #include <string.h>
 
-#include "../utils.h"
+#include "../dtopp/utils.h"
 #define TOKENIZER_VERSION 2
 #define MAX_VOCAB 65536
 

@@ -1,5 +1,5 @@
 /*
-eval_dit.c: measures trained diffusion transformers (train_dit.c) on Fashion-MNIST (doc/dit.md).
+dit/eval_dit.c: measures trained diffusion transformers (dit/train_dit.c) on Fashion-MNIST (doc/dit.md).
 
   eval_dit classifier --out FILE
       trains the classifier in whose features sample quality is measured, on the training set,
@@ -30,7 +30,7 @@ saved as a DiT checkpoint, and its gradient enters the network where the DiT's d
 #ifndef DIT_NO_MAIN
 #define DIT_NO_MAIN
 #endif
-#include "train_dit.c"
+#include "train_dit.c"  // defines: Dit, dit_* (and through it train_dtopp.c, stats.h, idx.h), Batches
 
 // ----------------------------------------------------------------------------
 // the classifier
@@ -46,7 +46,7 @@ typedef struct {
 void classifier_forward(Classifier *cl, const float *images, int B, float *scores, float *features) {
     Dit *net = &cl->net;
     const ModelConfig *c = &net->trunk.config;
-    int T = c->max_seq_len, C = c->channels, PP = c->vocab_size, K = net->config.num_classes;
+    int T = c->max_seq_len, C = c->channels, PP = patch_values(&net->config), K = net->config.num_classes;
     if (B > cl->capacity) {
         free(cl->times);
         free(cl->no_label);
@@ -82,7 +82,7 @@ void classifier_free(Classifier *cl) {
 void classifier_backward(Classifier *cl, const float *dscores, int B) {
     Dit *net = &cl->net;
     const ModelConfig *c = &net->trunk.config;
-    int T = c->max_seq_len, PP = c->vocab_size, K = net->config.num_classes;
+    int T = c->max_seq_len, PP = patch_values(&net->config), K = net->config.num_classes;
     float *dout = net->trunk.ws->acts.grads.dlogits;  // (B, T, P²)
     memset(dout, 0, (size_t)B * T * PP * sizeof(float));
     for (int b = 0; b < B; b++) {
@@ -241,7 +241,7 @@ double frechet_distance(const double *mean1, const double *cov1, const double *m
 #ifndef EVAL_DIT_NO_MAIN
 // ----------------------------------------------------------------------------
 // the program (built with EVAL_DIT_NO_MAIN, the file leaves it out: test/test_dit.c)
-#include "options.h"
+#include "../dtopp/options.h"  // defines: OptionSpec, parse_option_table, print_option_table
 
 typedef struct {
     const char *data, *out, *model, *classifier;
@@ -390,7 +390,7 @@ static void load_classifier(Classifier *cl, const char *path) {
     Dit *net = &cl->net;
     *cl = (Classifier){0};
     dit_load(net, path);
-    if (net->trunk.config.num_experts != 1 || net->config.num_classes > net->trunk.config.vocab_size) {
+    if (net->trunk.config.num_experts != 1 || net->config.num_classes > patch_values(&net->config)) {
         fail("%s: not a classifier of eval_dit (it has %d experts per layer, a classifier 1): is it a DiT's "
              "model.bin? Train one with eval_dit classifier --out %s", path, net->trunk.config.num_experts, path);
     }
@@ -514,7 +514,7 @@ static void analyse_routing(const EvalOptions *o) {
     Dit gen;
     dit_load(&gen, o->model);
     const ModelConfig *c = &gen.trunk.config;
-    int L = c->num_layers, T = c->max_seq_len, PP = c->vocab_size, K = gen.config.num_classes;
+    int L = c->num_layers, T = c->max_seq_len, PP = patch_values(&gen.config), K = gen.config.num_classes;
     Batches s;
     batches_open(&s, o->data, gen.config.image_size, o->batch, 1);
     int D = s.images.rows * s.images.cols, count = o->eval_images < s.val_images.count ? o->eval_images

@@ -11,7 +11,10 @@ utils.h: what every program of the project shares about errors and files.
   file kind live here, and header fields are described by tables (HeaderField) that saving and
   loading both walk, so the two cannot disagree.
 - atomic writes: a file is written to "path.tmp" and renamed over "path" only once complete.
-- splitmix64, the project's random number generator: its whole state is one integer.
+- splitmix64, the project's random number generator: its whole state is one integer; uniform
+  and normal floats from it.
+- threads and the clock: set_num_threads, omp_threads, PARALLEL_MIN_WORK, wall_seconds.
+- HOST_DEVICE, which marks a function that both the C compiler and nvcc compile (the AdamW rule).
 */
 #ifndef UTILS_H
 #define UTILS_H
@@ -22,7 +25,20 @@ utils.h: what every program of the project shares about errors and files.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+#ifdef __CUDACC__
+#define HOST_DEVICE __host__ __device__
+#else
+#define HOST_DEVICE
+#endif
 
 // ----------------------------------------------------------------------------
 // fatal errors
@@ -186,6 +202,47 @@ static inline uint64_t random_u64(uint64_t *state) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
+}
+
+static inline float random_f32(uint64_t *state) {  // uniform in [0, 1)
+    return (random_u64(state) >> 40) * (1.0f / 16777216.0f);
+}
+
+static inline float random_normal(uint64_t *state) {  // Box-Muller
+    double u1 = ((random_u64(state) >> 11) + 1.0) / 9007199254740993.0;  // (0, 1]
+    double u2 = (random_u64(state) >> 11) / 9007199254740992.0;
+    return (float)(sqrt(-2.0 * log(u1)) * cos(2.0 * M_PI * u2));
+}
+
+// ----------------------------------------------------------------------------
+// threads and the clock
+
+// Below PARALLEL_MIN_WORK elements or multiply-adds, starting the threads costs more than the work
+// (sampling runs every layer on one position): such loops run on the calling thread. On a busy
+// machine this also saves waiting for a thread that shares its core with another program.
+#define PARALLEL_MIN_WORK 32768
+
+// OpenMP threads of the host code (0: OpenMP's default, all cores).
+static inline void set_num_threads(int threads) {
+#ifdef _OPENMP
+    if (threads > 0) { omp_set_num_threads(threads); }
+#else
+    (void)threads;
+#endif
+}
+
+static inline int omp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static inline double wall_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 #endif  // UTILS_H

@@ -1,8 +1,8 @@
 /*
-train_dit.c: a class-conditional diffusion transformer (DiT) whose blocks route through the DTop-p
+dit/train_dit.c: a class-conditional diffusion transformer (DiT) whose blocks route through the DTop-p
 Mixture-of-Experts layer, trained with a rectified-flow objective on Fashion-MNIST.
 
-It reuses the language model's core as it is: train_dtopp.c is included without its training
+It reuses the language model's core as it is: ../train_dtopp.c is included without its training
 program (TESTING), and its layers do the work of every transformer block: RMSNorm, attention
 (without the causal mask), the MoE layer with its router, DRN and auxiliary losses, the PI
 controller, AdamW with clipping, the checkpoint header. What is new is what a diffusion model
@@ -21,14 +21,15 @@ in doc/formats.md.
 The transformer trunk is a `Model` of train_dtopp.c (`Dit.trunk`): its configuration, routing
 and controller state and its activations are the language model's, with patches for tokens, and
 its tensors are views into this program's parameter buffer. Its `vocab_size` is the number of
-values a patch has (P x P): that sizes the trunk's output activations (`logits`, here the
-predicted velocity of each patch); the language model's embedding `wte` does not exist here.
+values a patch has (P x P, patch_values here): that sizes the trunk's output activations (`logits`,
+here the predicted velocity of each patch); the language model's embedding `wte` does not exist here.
 
 Built with DIT_NO_MAIN, the file leaves out its training program (test/test_dit.c).
 */
-#define TESTING  // train_dtopp.c without its training program
-#include "train_dtopp.c"
-#include "idx.h"
+#define TESTING                 // train_dtopp.c without its training program
+#include "../train_dtopp.c"     // defines: Model, model_*, the layers, the MoE layer, the controller, AdamW
+#include "../dtopp/stats.h"     // defines: RoutingStats, routing_stats_alloc/compute/free
+#include "idx.h"                // defines: IdxData, idx_read, idx_read_dataset
 
 // ----------------------------------------------------------------------------
 // configuration
@@ -39,12 +40,16 @@ typedef struct {
     int num_classes;  // K; class K is the null class (no label), for classifier-free guidance
 } DitConfig;
 
+// P², the values of one patch: the width of a patch token at the input and at the output. The
+// trunk holds it as its `vocab_size` (dit_trunk_config), which sizes its output activations.
+static inline int patch_values(const DitConfig *d) { return d->patch_size * d->patch_size; }
+
 // The trunk of a DiT: the language model's configuration with patches for tokens.
 static ModelConfig dit_trunk_config(const DitConfig *d, int L, int NH, int C, int E, int H) {
     int grid = d->image_size / d->patch_size;
     ModelConfig c = {0};
     c.max_seq_len = grid * grid;
-    c.vocab_size = d->patch_size * d->patch_size;
+    c.vocab_size = patch_values(d);
     c.vocab_kind = VOCAB_UNKNOWN;
     c.padded_vocab_size = padded_vocab(c.vocab_size);
     c.num_layers = L;
@@ -95,7 +100,7 @@ static const int dit_is_matrix[DIT_NUM_TENSORS] = {1, 1, 1, 1, 1, 0, 1, 1, 0, 1,
 enum { DIT_WADA = 4, DIT_TRUNK = 5, DIT_WFINAL = 15, DIT_WOUT = 16 };
 
 static void dit_fill_sizes(size_t *sizes, const DitConfig *d, const ModelConfig *c) {
-    size_t C = c->channels, L = c->num_layers, PP = c->vocab_size;
+    size_t C = c->channels, L = c->num_layers, PP = patch_values(d);
     size_t trunk[NUM_PARAMETER_TENSORS];
     fill_param_sizes(trunk, c);
     sizes[0] = C * PP;
@@ -411,7 +416,7 @@ static void dit_ensure_activations(Dit *d, int B) {
     if (d->acts_memory != NULL && d->B == B) { return; }
     free(d->acts_memory);
     free(d->dacts_memory);
-    size_t N = (size_t)B * T, C = c->channels, L = c->num_layers, PP = c->vocab_size;
+    size_t N = (size_t)B * T, C = c->channels, L = c->num_layers, PP = patch_values(&d->config);
     DitActivations *x = &d->acts;
     float **ptrs[DIT_NUM_ACTIVATIONS] = {&x->patches, &x->target, &x->tfreq, &x->th,    &x->ts,
                                          &x->yemb,    &x->cond,   &x->cond_act, &x->mod, &x->mod1,
@@ -419,13 +424,15 @@ static void dit_ensure_activations(Dit *d, int B) {
     size_t sizes[DIT_NUM_ACTIVATIONS] = {N * PP, N * PP, B * C,     B * C,     B * C, B * C,     B * C, B * C,
                                          L * B * 6 * C,  L * N * C, L * N * C, L * N * C, L * N * C,
                                          B * 2 * C,      N * C};
-    carve_floats(ptrs, sizes, DIT_NUM_ACTIVATIONS, &d->acts_memory);
+    d->acts_memory = (float *)calloc_check(total_size(sizes, DIT_NUM_ACTIVATIONS), sizeof(float));
+    carve_floats(ptrs, sizes, DIT_NUM_ACTIVATIONS, d->acts_memory);
     DitGradActivations *g = &d->dacts;
     float **gptrs[DIT_NUM_GRAD_ACTIVATIONS] = {&g->dmod, &g->dmodf,   &g->dcond,      &g->dts,
                                                &g->dtfreq, &g->dbranch, &g->dmodulated, &g->dpatches};
     size_t gsizes[DIT_NUM_GRAD_ACTIVATIONS] = {B * 6 * C, B * 2 * C, B * C, B * C,
                                                B * C,     N * C,     N * C, N * PP};
-    carve_floats(gptrs, gsizes, DIT_NUM_GRAD_ACTIVATIONS, &d->dacts_memory);
+    d->dacts_memory = (float *)calloc_check(total_size(gsizes, DIT_NUM_GRAD_ACTIVATIONS), sizeof(float));
+    carve_floats(gptrs, gsizes, DIT_NUM_GRAD_ACTIVATIONS, d->dacts_memory);
     d->B = B;
 }
 
@@ -437,7 +444,7 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
     Model *trunk = &d->trunk;
     const ModelConfig *c = &trunk->config;
     int T = c->max_seq_len, N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
-    int PP = c->vocab_size, S = d->config.image_size, P = d->config.patch_size;
+    int PP = patch_values(&d->config), S = d->config.image_size, P = d->config.patch_size;
     Activations *a = &trunk->ws->acts;
     ActivationTensors *tr = &a->acts;
     DitActivations *x = &d->acts;
@@ -510,12 +517,12 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
 // The gradient of the parameters from that of the predicted velocity (the trunk's dlogits, (N, P²),
 // written by the caller), accumulated into d->grads (and so into the trunk's views of it): the
 // forward pass read backwards. dit_backward starts it from the loss; the classifier of
-// eval_dit.c from its class scores.
+// dit/eval_dit.c from its class scores.
 void dit_backward_output(Dit *d) {
     Model *trunk = &d->trunk;
     const ModelConfig *c = &trunk->config;
     int B = d->B, T = c->max_seq_len, N = B * T, C = c->channels, L = c->num_layers, NH = c->num_heads;
-    int PP = c->vocab_size;
+    int PP = patch_values(&d->config);
     Activations *a = &trunk->ws->acts;
     ActivationTensors *tr = &a->acts;
     GradActivations *g = &a->grads;
@@ -582,7 +589,7 @@ void dit_backward_output(Dit *d) {
 void dit_backward(Dit *d) {
     if (d->loss < 0.0f) { fail("dit_backward needs a forward pass with a target"); }
     Activations *a = &d->trunk.ws->acts;
-    size_t values = (size_t)d->B * d->trunk.config.max_seq_len * d->trunk.config.vocab_size;
+    size_t values = (size_t)d->B * d->trunk.config.max_seq_len * patch_values(&d->config);
     squared_error_backward(a->grads.dlogits, a->acts.logits, d->acts.target, values, 1.0f / (float)values);
     dit_backward_output(d);
 }
@@ -781,8 +788,10 @@ void next_batch(Batches *s, int B, float label_dropout) {
 #ifndef DIT_NO_MAIN
 // ----------------------------------------------------------------------------
 // the training program
-#include "options.h"
-#include "png.h"
+#include <sys/stat.h>           // mkdir
+#include <unistd.h>             // access
+#include "../dtopp/options.h"   // defines: OptionSpec, parse_option_table, print_option_table, parse_name
+#include "png.h"                // defines: png_write_gray
 
 typedef struct {
     const char *data, *out, *init, *routing, *controller;

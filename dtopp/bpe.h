@@ -31,8 +31,8 @@ word pieces, at an output layer a CPU trains quickly. It is trained the way GPT-
 #include <stdlib.h>
 #include <string.h>
 
-#include "tokenizer.h"
-#include "utils.h"
+#include "tokenizer.h"  // defines: Tokenizer, tokenizer_init, tokenizer_encode, tokenizer_decode
+#include "utils.h"  // defines: fail, checked memory and file I/O, file headers
 
 #define BPE_EOT_TEXT "<|endoftext|>"  // what the end-of-text token decodes to, as in GPT-2's vocabulary
 

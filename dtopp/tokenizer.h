@@ -34,9 +34,9 @@ tokens one after the other.
 #include <stdlib.h>
 #include <string.h>
 
-#include "utils.h"
+#include "utils.h"  // defines: fail, checked memory and file I/O, file headers
 
-#include "unicode_tables.h"
+#include "unicode_tables.h"  // defines: the Unicode letter, number and space classes
 
 #define TOKENIZER_VERSION 2  // version 2 added the vocabulary kind (word 6); version 1 is GPT-2's
 

@@ -1,17 +1,17 @@
 /*
-png.h: writes an 8-bit grayscale PNG without a compression library.
+dit/png.h: writes an 8-bit grayscale PNG without a compression library.
 
 A PNG is a signature and chunks (length, type, data, CRC-32 of type and data): IHDR (size and
 pixel format), IDAT (the image as a zlib stream), IEND. The zlib stream here uses deflate's
 "stored" blocks, which hold up to 65,535 bytes each without compression, followed by the Adler-32
 checksum of the data. Each image row is preceded by its filter type, 0 (none). The file is written
-atomically (utils.h): a crash never leaves half a picture under the real name.
+atomically (dtopp/utils.h): a crash never leaves half a picture under the real name.
 */
 #ifndef PNG_H
 #define PNG_H
 
 #include <stdint.h>
-#include "utils.h"
+#include "../dtopp/utils.h"  // defines: fail, checked memory and file I/O
 
 static uint32_t png_crc_update(uint32_t crc, const uint8_t *data, size_t n) {
     for (size_t i = 0; i < n; i++) {  // bit by bit: the pictures are small

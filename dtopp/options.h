@@ -14,7 +14,7 @@ of range is refused with a message naming the option.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "utils.h"
+#include "utils.h"  // defines: fail, checked memory and file I/O, file headers
 
 typedef struct {
     const char *name;  // long option name, without "--"

@@ -1,18 +1,18 @@
 /*
-idx.h: reads the IDX files of MNIST and Fashion-MNIST (the format of LeCun's MNIST page).
+dit/idx.h: reads the IDX files of MNIST and Fashion-MNIST (the format of LeCun's MNIST page).
 
 An IDX file is a 4-byte magic (two zero bytes, a type byte, the number of dimensions), then each
 dimension as a big-endian 32-bit integer, then the values, row-major. Images are type 0x08
 (unsigned bytes) with 3 dimensions (count, rows, columns); labels are type 0x08 with 1 dimension.
 Every header field and the file's exact size are checked before the data is trusted: a file that
-is not what it should be stops the program with a message naming it (fail, utils.h).
+is not what it should be stops the program with a message naming it (fail, dtopp/utils.h).
 The files must be decompressed (scripts/get_fashion_mnist.sh does it).
 */
 #ifndef IDX_H
 #define IDX_H
 
 #include <stdint.h>
-#include "utils.h"
+#include "../dtopp/utils.h"  // defines: fail, checked memory and file I/O
 
 #define IDX_TYPE_UBYTE 0x08
 #define IDX_MAX_SIDE 4096  // rows and columns of one image

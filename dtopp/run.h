@@ -1,0 +1,331 @@
+/*
+run.h: a training run around the loop of main: its setup (options, data, the model new, from
+--init or from the newest checkpoint of --resume, the output directory and its log), the
+checkpoints it writes, its progress lines and samples, and the checks that stop it (divergence,
+ranks that disagree). Included by train_dtopp.c after everything it uses.
+*/
+#ifndef RUN_H
+#define RUN_H
+
+// ----------------------------------------------------------------------------
+// the training program: setup, then a loop of training steps with evaluation, samples and
+// checkpoints
+
+typedef struct {
+    Options o;
+    Model model;
+    DataLoader train, val;
+    int have_val;
+    TextCodec codec;
+    uint64_t rng;         // the sampler's stream
+    int start_step;       // the first step this process runs
+    int resumed_here;     // --resume names the output directory
+    int last_checkpoint;  // the step of the newest checkpoint in o.out_dir (-1: none yet)
+    FILE *log;            // rank 0 only (NULL on the others)
+    FILE *routing_dump;   // --routing-dump, opened at the start so that a bad path fails at once
+    float *p_used;        // (L) the thresholds the current step routed with
+    StepTotals totals;    // the current step's losses and routing, over all its micro-batches and ranks
+} Run;
+
+// Stops a run whose numbers are no longer finite, saying which checkpoint survives.
+static void fail_diverged(const Run *run, const char *what, double value, int step) {
+    if (run->last_checkpoint >= 0) {
+        fail(
+            "%s is %g at step %d: training diverged (try a lower --lr); the last checkpoint, step %d in %s, "
+            "is kept",
+            what, value, step, run->last_checkpoint, run->o.out_dir);
+    }
+    fail("%s is %g at step %d: training diverged (try a lower --lr); no checkpoint was written to %s", what,
+         value, step, run->o.out_dir);
+}
+
+// Writes the pair of step `step` (and model.bin), then removes the previous pair. Parameters that
+// are not finite are never written: the previous checkpoint stays the last good one.
+static void write_checkpoint(Run *run, int step) {
+    const Model *model = &run->model;
+    const Options *o = &run->o;
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    for (size_t i = 0; i < model->num_parameters; i++) {
+        if (!isfinite(params[i])) { fail_diverged(run, "a parameter", params[i], step); }
+    }
+    char model_path[4096], state_path[4096], latest[4096];
+    TrainingState state = {.step = step, .rng = run->rng, .steps = o->steps, .warmup = o->warmup, .lr = o->lr,
+                           .weight_decay = o->weight_decay};
+    dataloader_get_position(&run->train, state.position);
+    checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", step);
+    checkpoint_save(model, params, model_path);
+    state_save(model, state_path, state);
+    snprintf(latest, sizeof(latest), "%s/model.bin",
+             o->out_dir);  // the latest model under a fixed name, for sampling
+    checkpoint_save(model, params, latest);
+    free(params);
+    if (run->last_checkpoint >= 0 && run->last_checkpoint != step) {
+        checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", run->last_checkpoint);
+        checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", run->last_checkpoint);
+        remove(state_path);
+        remove(model_path);
+    }
+    run->last_checkpoint = step;
+}
+
+// Resuming on another number of ranks works (every rank reads the same global batches and holds the
+// whole state), but the gradients are then summed in another order: the run goes on correctly, not
+// bit for bit as it would have on the same number of ranks.
+static void note_rank_change(int saved_ranks) {
+    if (saved_ranks == dp_ranks || dp_rank > 0) { return; }
+    fprintf(stderr, "note: the checkpoint was written by a run on %d rank(s) and continues on %d: allowed, "
+            "but the gradient sums are added in another order, so the run is not bitwise the one %d "
+            "rank(s) would give\n", saved_ranks, dp_ranks, saved_ranks);
+}
+
+// A resumed run must be the run that wrote the checkpoint: the data and its order are checked by
+// the loader's fingerprint, the schedule and the optimizer here.
+static void check_same_run(const TrainingState *s, const Options *o, const char *path) {
+    if (s->steps == 0) {  // version 1 files do not record them
+        printf("note: %s does not record --steps, --warmup, --lr, --weight-decay: they are not checked\n",
+               path);
+        return;
+    }
+    const char *which = s->steps != o->steps ? "--steps"
+                        : s->warmup != o->warmup ? "--warmup"
+                        : s->lr != o->lr ? "--lr"
+                        : s->weight_decay != o->weight_decay ? "--weight-decay" : NULL;
+    if (which != NULL) {
+        fail(
+            "%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's "
+            "%s "
+            "differs: resume with the run's settings, or start a new run from it with --init",
+            path, s->steps, s->warmup, s->lr, s->weight_decay, which);
+    }
+}
+
+// --resume: the newest complete checkpoint of the directory, which must belong to this run.
+static void resume_run(Run *run) {
+    const Options *o = &run->o;
+    int step = latest_checkpoint(o->resume_dir);
+    if (step < 0) {
+        fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir);
+    }
+    char model_path[4096], state_path[4096];
+    checkpoint_path(model_path, sizeof(model_path), o->resume_dir, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), o->resume_dir, "state", step);
+    model_load(&run->model, model_path);
+    TrainingState state = state_load(&run->model, state_path);
+    if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
+    check_same_run(&state, o, state_path);
+    note_rank_change(state.ranks > 0 ? state.ranks : 1);
+    dataloader_set_position(&run->train, state.position, state_path);
+    run->rng = state.rng;
+    run->start_step = step;
+    run->resumed_here = same_directory(o->resume_dir, o->out_dir);
+    run->last_checkpoint = run->resumed_here ? step : -1;
+    printf("resuming from %s and %s: step %d of %d\n", model_path, state_path, step, o->steps);
+}
+
+// The model of the run: the newest checkpoint of --resume, the file of --init, or a fresh model
+// shaped by the options and the data's vocabulary.
+static void load_or_init_model(Run *run) {
+    const Options *o = &run->o;
+    run->start_step = 0;
+    run->resumed_here = 0;
+    run->last_checkpoint = -1;
+    if (o->resume_dir != NULL) {
+        resume_run(run);
+    } else if (o->init_path != NULL) {
+        model_load(&run->model, o->init_path);
+    } else {
+        ModelConfig config;
+        RouterConfig router;
+        configure_model(o, run->train.vocab_size, run->train.vocab_kind, &config, &router);
+        model_init(&run->model, &config, &router, (uint64_t)o->seed);
+    }
+    if ((o->init_path != NULL || o->resume_dir != NULL) && o->model_options_given > 0) {
+        fprintf(stderr,
+                "note: the architecture and routing come from the checkpoint; %d model or routing option(s) "
+                "ignored\n",
+                o->model_options_given);
+    }
+}
+
+// A loader's tokens must fit the model (its vocabulary is the training data's when it is new).
+static void check_vocabulary(const DataLoader *d, const char *what, const ModelConfig *c,
+                             const char *source) {
+    if (d->vocab_size > c->vocab_size) {
+        fail("%s (%s): its vocabulary (%d %s tokens) does not fit the model's (%d %s tokens, %s)",
+             d->shard_path[0], what, d->vocab_size, vocab_kind_name(d->vocab_kind), c->vocab_size,
+             vocab_kind_name(c->vocab_kind), source);
+    }
+    if (d->vocab_kind != VOCAB_UNKNOWN && c->vocab_kind != VOCAB_UNKNOWN && d->vocab_kind != c->vocab_kind) {
+        fail("%s (%s) holds %s tokens but the model uses %s tokens (%s)", d->shard_path[0], what,
+             vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind), source);
+    }
+}
+
+// The data must fit the model: vocabulary, sequence length, steps left.
+static void check_data_fits_model(const Run *run) {
+    const ModelConfig *c = &run->model.config;
+    const Options *o = &run->o;
+    const char *source = o->resume_dir  ? o->resume_dir
+                         : o->init_path ? o->init_path
+                                        : "made for the training data";
+    check_vocabulary(&run->train, "training data", c, source);
+    if (run->have_val) { check_vocabulary(&run->val, "validation data", c, source); }
+    if (o->seq_len > c->max_seq_len) {
+        fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len);
+    }
+    if (run->start_step >= o->steps) {
+        fail("the run is already at step %d of --steps %d", run->start_step, o->steps);
+    }
+}
+
+static void print_configuration(const Run *run) {
+    const ModelConfig *c = &run->model.config;
+    const RouterConfig *rc = &run->model.router;
+    double inactive = (double)c->num_layers * (c->num_experts - 1) * 3 * c->expert_hidden * c->channels;
+    printf("model: L=%d C=%d NH=%d E=%d H=%d V=%d (%s) max T=%d, %.2fM parameters (%.2fM active at |S|=1)\n",
+           c->num_layers, c->channels, c->num_heads, c->num_experts, c->expert_hidden, c->vocab_size,
+           vocab_kind_name(c->vocab_kind), c->max_seq_len, run->model.num_parameters / 1e6,
+           (run->model.num_parameters - inactive) / 1e6);
+    if (rc->routing == ROUTING_TOPK) {
+        printf("routing: topk, k=%d", rc->k);
+    } else if (rc->routing == ROUTING_TOPP) {
+        printf("routing: topp, p=%g", rc->p);
+    } else {
+        printf("routing: dtopp, %s controller, target %g of %d experts, Kp=%g Ki=%g p0=%g",
+               rc->controller ? "per-layer" : "global", rc->tgt, c->num_experts, rc->Kp, rc->Ki, rc->p0);
+    }
+    printf(", DRN %s, %s gates, lb %g, entropy %g\n", rc->drn ? "on" : "off",
+           rc->renorm ? "renormalised" : "raw", rc->lb_coef, rc->ent_coef);
+    printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", run->train.num_tokens,
+           run->train.num_batches, run->o.batch, run->o.seq_len,
+           run->have_val ? run->val.num_tokens : (size_t)0);
+    printf("threads: %d", omp_threads());
+    if (dp_ranks > 1 || run->o.grad_accum > 1) {  // the split of each step's batch
+        printf(" per rank; %d rank(s) x %d micro-batch(es) of %d sequences", dp_ranks, run->o.grad_accum,
+               run->o.batch / (dp_ranks * run->o.grad_accum));
+    }
+    printf("\n\n");
+}
+
+// The output directory: a new run starts in one without another run's model or checkpoints; a run
+// resumed there drops what the interruption left behind. Then every output file is opened, so
+// that a bad path fails now and not after the run.
+static void prepare_output(Run *run) {
+    const Options *o = &run->o;
+    char log_path[4200];
+    snprintf(log_path, sizeof(log_path), "%s/log.csv", o->out_dir);
+    if (run->resumed_here) {
+        remove_leftovers(o->out_dir, run->start_step);
+        truncate_log(log_path, run->start_step);
+    } else {
+        refuse_other_run(o->out_dir);
+        remove_leftovers(o->out_dir, -1);
+        if (access(log_path, F_OK) == 0) {
+            printf("note: replacing %s of a run that left no checkpoint\n", log_path);
+        }
+    }
+    run->routing_dump = NULL;
+    if (o->routing_dump != NULL) {
+        run->routing_dump = fopen(o->routing_dump, "w");
+        if (run->routing_dump == NULL) { fail("cannot write %s: %s", o->routing_dump, strerror(errno)); }
+    }
+    run->log = open_log(log_path, &run->model, run->resumed_here);
+}
+
+// --batch is split into --grad-accum micro-batches on each rank: they must divide it.
+static void check_parallel_options(Options *o) {
+    if (o->grad_accum < 1 || o->check_ranks < 0) { fail("--grad-accum must be >= 1 and --check-ranks >= 0"); }
+    if (o->batch % (o->grad_accum * dp_ranks) != 0) {
+        fail("--batch %d does not split into --grad-accum %d micro-batches on each of %d rank(s)", o->batch,
+             o->grad_accum, dp_ranks);
+    }
+    if (dp_rank > 0) {  // rank 0 alone samples and writes the routing dump
+        o->sample_tokens = 0;
+        o->routing_dump = NULL;
+    }
+}
+
+// Everything before the first step: data, model, output directory, log, sampler. Rank 0 alone
+// writes to the output directory.
+static void run_setup(Run *run) {
+    check_parallel_options(&run->o);
+    const Options *o = &run->o;
+    run->rng = (uint64_t)o->seed ^ 0x5DEECE66Dull;  // the sampler's stream
+    dataloader_init(&run->train, o->train_pattern, o->batch, o->seq_len, o->shuffle,
+                    (unsigned long long)o->seed);
+    run->have_val = o->val_pattern != NULL && o->val_pattern[0] != '\0';
+    if (run->have_val) { dataloader_init(&run->val, o->val_pattern, o->batch, o->seq_len, 0, 0); }
+    if (dp_rank == 0) { ensure_directory(o->out_dir); }
+    load_or_init_model(run);
+    check_data_fits_model(run);
+    memset(&run->codec, 0, sizeof(run->codec));
+    if (o->sample_tokens > 0) { codec_init(&run->codec, o->tokenizer_path, &run->model.config); }
+    run->log = run->routing_dump = NULL;
+    if (dp_rank == 0) { prepare_output(run); }
+    print_configuration(run);
+    run->p_used = (float *)malloc_check(run->model.config.num_layers * sizeof(float));
+    step_totals_alloc(&run->totals, &run->model.config);
+}
+
+static void run_free(Run *run) {
+    if (run->log != NULL) { fclose(run->log); }
+    if (run->routing_dump != NULL && fclose(run->routing_dump) != 0) {
+        fail("cannot write %s: %s", run->o.routing_dump, strerror(errno));
+    }
+    free(run->p_used);
+    step_totals_free(&run->totals);
+    if (run->codec.loaded) { tokenizer_free(&run->codec.tokenizer); }
+    dataloader_free(&run->train);
+    if (run->have_val) { dataloader_free(&run->val); }
+    model_free(&run->model);
+}
+
+static int is_due(int step, int every) { return every > 0 && step % every == 0; }
+
+// --check-ranks: a hash of the parameters and the controller state, compared across the ranks.
+static void check_ranks_agree(const Model *model, int step) {
+    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    model_get_params(model, params);
+    const void *parts[] = {params, model->threshold, model->integral};
+    size_t bytes[] = {model->num_parameters * sizeof(float), model->config.num_layers * sizeof(float),
+                      model->config.num_layers * sizeof(float)};
+    uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a
+    for (int i = 0; i < 3; i++) {
+        const unsigned char *byte = (const unsigned char *)parts[i];
+        for (size_t j = 0; j < bytes[i]; j++) { hash = (hash ^ byte[j]) * 0x100000001b3ull; }
+    }
+    dp_check_same(hash, "parameters or controller state", step);
+    free(params);
+}
+
+// The progress line of a step, and its row of log.csv.
+static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt,
+                        double eta) {
+    const Model *model = &run->model;
+    double tokens_per_s = run->o.batch * run->o.seq_len / dt;
+    printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps,
+           run->totals.losses[0], lr, run->p_used[0], run->totals.stats.activated);
+    if (model->router.routing == ROUTING_DTOPP) { printf(" (target %.2f)", model->router.tgt); }
+    printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
+    fflush(stdout);
+    if (run->log != NULL) {
+        log_step(run->log, model, &run->totals.stats, run->totals.losses, run->p_used, step + 1, val_loss, lr,
+                 grad_norm, tokens_per_s);
+    }
+}
+
+// A sample at `step`, or after training (step -1).
+static void print_sample(Run *run, int step) {
+    if (step >= 0) {
+        printf("--- sample at step %d:\n", step);
+    } else {
+        printf("--- sample after training:\n");
+    }
+    const Options *o = &run->o;
+    generate_text(&run->model, &run->codec, o->prompt, o->sample_tokens, o->temperature, o->top_k, &run->rng);
+    printf("---\n");
+}
+
+#endif  // RUN_H
