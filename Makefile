@@ -7,6 +7,12 @@ CFLAGS += -std=c11 -Wall -Wextra
 LDLIBS = -lm
 PYTHON ?= /usr/bin/python3
 
+# OpenMP threads sleep while they wait (passive) unless you choose otherwise: their default, spinning,
+# takes the cores from the threads that work whenever anything else runs (make train fell from 27k
+# to 1.9k tokens/s under load). On an idle machine spinning is about 16% faster: OMP_WAIT_POLICY=active.
+# The programs do the same when started by hand (passive_wait_by_default, dtopp/utils.h).
+export OMP_WAIT_POLICY ?= passive
+
 # OpenMP: used when the compiler has it; without it everything still builds and runs on one core
 # (and -fopenmp-simd still vectorizes the dot products).
 OPENMP_OK := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo yes)
@@ -65,20 +71,26 @@ else
 endif
 
 BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test/test_dataloader test/tiktoken_compare \
-           tools/make_offline_text dit/train_dit dit/eval_dit test/test_dit
+           tools/make_offline_text dit/train_dit dit/eval_dit test/test_dit test/make_test_images
 
 .PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train \
         test-mpi reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help \
-        fuzz dit test-dit
+        fuzz dit test-dit test-resume plot
 
 all: $(BINARIES)
+
+# a target whose recipe fails is deleted (a half-written shard or program never looks up to date)
+.DELETE_ON_ERROR:
 
 help:
 	@echo "make               build the programs"
 	@echo "make train         prepare TinyShakespeare (or TEXT=file, or the built-in text offline) and train"
 	@echo "                   (VOCAB=gpt2 for GPT-2 tokens; TRAIN_FLAGS='--steps 100 ...' to change options)"
+	@echo "make train RESUME=1  continue the run in OUT (out) from its last checkpoint, with its own settings"
+	@echo "make plot          a picture of a run's log.csv: OUT=dir (default out), into OUT/log.png"
 	@echo "make test          every test (DATA_DIR=folder with tinyshakespeare.txt and kjv.txt adds golden counts)"
-	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 21 minutes on 2 cores)"
+	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 21 minutes on 2 cores;"
+	@echo "                   DIT_FLAGS='--steps 1500' for a 4-minute version)"
 	@echo "                   (DIT_FLAGS='--routing topk ...' to change options, DIT_OUT=dir for another output)"
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
@@ -116,11 +128,15 @@ dit/train_dit: $(DIT_SOURCES)
 	$(CC) $(CFLAGS) -o $@ dit/train_dit.c $(LDLIBS)
 
 # its measures: the classifier, the Fréchet distance and class accuracy of samples, the routing table
-dit/eval_dit: dit/eval_dit.c $(DIT_SOURCES)
+dit/eval_dit: dit/eval_dit.c dit/explain_dit.h $(DIT_SOURCES)
 	$(CC) $(CFLAGS) -o $@ dit/eval_dit.c $(LDLIBS)
 
 test/test_dit: test/test_dit.c test/check.h dit/eval_dit.c $(DIT_SOURCES)
 	$(CC) $(CFLAGS) -o $@ test/test_dit.c $(LDLIBS)
+
+# a small data set in Fashion-MNIST's layout for the DiT's tests, so that they need no download
+test/make_test_images: test/make_test_images.c
+	$(CC) $(CFLAGS) -o $@ $< $(LDLIBS)
 
 prepro: prepro.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ prepro.c $(LDLIBS)
@@ -162,6 +178,11 @@ $(SHARDS)_train.bin: $(DATA)/input.txt prepro
 	./prepro --vocab $(VOCAB) -o $(SHARDS) $(DATA)/input.txt
 
 # Without TEXT, a text that an earlier `make train TEXT=file` copied is replaced by TinyShakespeare.
+# RESUME=1: continue the run in $(OUT) from its last checkpoint, with the settings it saved.
+ifeq ($(RESUME),1)
+train: train_dtopp
+	./train_dtopp --resume $(OUT) $(TRAIN_FLAGS)
+else
 train: train_dtopp tools/make_offline_text
 	@if [ -n "$(TEXT)" ]; then rm -f $(DATA)/input.txt $(SHARDS)_train.bin; \
 	 elif grep -qs '^a copy of' $(DATA)/input.source; then \
@@ -170,6 +191,12 @@ train: train_dtopp tools/make_offline_text
 	$(MAKE) --no-print-directory $(SHARDS)_train.bin TEXT=$(TEXT)
 	@echo "make train: $(DATA)/input.txt is $$(cat $(DATA)/input.source 2>/dev/null || echo 'a text of unknown origin')"
 	./train_dtopp --train $(SHARDS)_train.bin --val $(SHARDS)_val.bin --out $(OUT) $(TRAIN_DEFAULTS) $(TRAIN_FLAGS)
+endif
+
+# a picture of a run: losses, the threshold p, activated experts per layer against the budget (a
+# DiT's log.csv gets its own); needs matplotlib (Debian: python3-matplotlib) and says so without it
+plot:
+	$(PYTHON) scripts/plot_run.py $(OUT)
 
 # The experiment of doc/results.md: word-piece tokens of a BPE vocabulary that prepro trains on the
 # corpus, logs in out/repro. REPRO_TEXTS: local texts for the corpus (concatenated; the validation
@@ -211,8 +238,11 @@ dit: dit/train_dit $(DIT_DATA)/train-images-idx3-ubyte
 # ----------------------------------------------------------------------------
 # tests
 
-test: test-model test-matmul test-tokenizer test-data test-train test-dit test-mpi
-	@echo "all tests passed"
+# every suite runs, even after one that failed; the last line sums them all: "N passed, M failed",
+# naming what this machine could not test (test/run_tests.sh)
+TEST_SUITES = test-model test-matmul test-tokenizer test-data test-train test-resume test-dit test-explain test-mpi
+test:
+	@MAKE="$(MAKE)" test/run_tests.sh $(TEST_SUITES)
 
 test-model: $(BIN)test_gpt
 	./$(BIN)test_gpt
@@ -227,11 +257,10 @@ test-matmul: $(BIN)test/test_matmul
 # arithmetic (hashes, packed merge keys) is where undefined behaviour would hide.
 test-tokenizer: $(BIN)test/test_tokenizer $(BIN)test/tiktoken_compare $(BIN)prepro tools/make_offline_text \
                 $(if $(SANITIZE_OK),$(SANITIZE_DIR)/test/test_tokenizer)
-	@if [ -z "$(DATA_DIR)" ]; then echo "note: DATA_DIR is not set: the golden token counts on TinyShakespeare and KJV are skipped"; fi
 	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR),SKIP_DATA_TESTS=1) $(BIN)test/test_tokenizer
 	$(if $(DATA_DIR),DATA_DIR=$(DATA_DIR)) ENCODER=$(BIN)test/tiktoken_compare test/tiktoken_compare.sh
 	$(if $(SANITIZE_OK),UBSAN_OPTIONS=halt_on_error=1 SKIP_DATA_TESTS=1 $(SANITIZE_DIR)/test/test_tokenizer > /dev/null \
-	  && echo "test_tokenizer under ASan and UBSan: no report",@echo "note: no sanitizers with $(CC): skipped test_tokenizer under them")
+	  && echo "test_tokenizer under ASan and UBSan: no report",@echo "skipped: test_tokenizer under the sanitizers: $(CC) has none")
 
 test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
 	$(BIN)test/test_dataloader
@@ -240,10 +269,23 @@ test-data: $(BIN)test/test_dataloader $(BIN)prepro tools/make_offline_text
 test-train: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
 	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_train.sh
 
-# The diffusion transformer against its fixtures, its readers, then its program end to end; both
-# need Fashion-MNIST, which the rule above prepares (no data: the target fails, it never skips).
-test-dit: $(BIN)test/test_dit $(BIN)dit/train_dit $(BIN)dit/eval_dit $(DIT_DATA)/train-images-idx3-ubyte
-	FASHION_MNIST=$(DIT_DATA) ./$(BIN)test/test_dit
+# --resume with the run's settings, --extend, Ctrl-C and SIGTERM, the tokenizer a model records
+test-resume: $(BIN)train_dtopp $(BIN)prepro tools/make_offline_text
+	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro test/test_resume.sh
+
+# The routing pages (train_dtopp --explain, eval_dit explain) end to end, and in headless Chromium
+# when it is installed (else those checks say in one line that they are skipped).
+.PHONY: test-explain
+test-explain: $(BIN)train_dtopp $(BIN)prepro $(BIN)dit/train_dit $(BIN)dit/eval_dit tools/make_offline_text
+	TRAIN=./$(BIN)train_dtopp PREPRO=./$(BIN)prepro TRAIN_DIT=./$(BIN)dit/train_dit EVAL_DIT=./$(BIN)dit/eval_dit \
+	  FASHION_MNIST=$(DIT_DATA) test/test_explain.sh
+
+# The diffusion transformer against its fixtures, its readers, then its program end to end, on a
+# data set that test/make_test_images generates; the real Fashion-MNIST is checked too when it is
+# in $(DIT_DATA) (else a line says it is skipped).
+test-dit: $(BIN)test/test_dit $(BIN)dit/train_dit $(BIN)dit/eval_dit test/make_test_images
+	@rm -rf build/test_images && mkdir -p build && test/make_test_images build/test_images
+	TEST_IMAGES=build/test_images FASHION_MNIST=$(DIT_DATA) ./$(BIN)test/test_dit
 	TRAIN_DIT=./$(BIN)dit/train_dit EVAL_DIT=./$(BIN)dit/eval_dit FASHION_MNIST=$(DIT_DATA) test/test_dit.sh
 
 # every program of the project, built with the sanitizers (SANITIZE=1 above)
@@ -256,7 +298,7 @@ test-mpi: train_dtopp train_dtopp_mpi prepro tools/make_offline_text
 	test/test_mpi.sh
 else
 test-mpi:
-	@echo "test-mpi: skipped, mpicc not found (Debian: apt-get install libopenmpi-dev openmpi-bin)"
+	@echo "skipped: the MPI test (doc/parallel.md): mpicc not found (Debian: apt-get install libopenmpi-dev openmpi-bin)"
 endif
 
 reference:
@@ -301,7 +343,7 @@ endif
 FUZZ_CC ?= clang
 FUZZ_FLAGS = -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
              -Wall -Wextra -Wno-unused-function -Wno-unknown-pragmas
-FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit
+FUZZ_TARGETS = shard model state tokenizer encoder prepro options idx dit dit_state
 FUZZ_SECONDS ?= 60
 
 build/fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz.h train_dtopp.c $(HEADERS) dit/train_dit.c dit/idx.h dit/png.h

@@ -44,6 +44,7 @@ typedef struct {
     int *targets;             // B*T token ids: targets[i] follows inputs[i] in the text
     int vocab_size;           // of the tokens, from the shard headers
     int vocab_kind;           // VOCAB_*: what the tokens are, from the shard headers
+    uint64_t vocab_hash;      // the tokenizer's hash from the shard headers (0: bytes, or not recorded)
     size_t num_tokens;        // in all shards together
     size_t num_batches;       // batches in one epoch
     long long epoch;          // the epoch of the next batch
@@ -185,12 +186,21 @@ void dataloader_init(DataLoader *l, const char *pattern, int B, int T, int shuff
                              : h[4];
         if (kind < VOCAB_UNKNOWN || kind > VOCAB_BPE)
             fail("%s: header holds an unknown vocabulary kind %d", path, kind);
+        if (vocab_contradicts(kind, vocab))
+            fail("%s: header says %s tokens but a vocabulary of %d: the two contradict each other", path,
+                 vocab_kind_name(kind), vocab);
         check_payload_size(path, size, 2 * (size_t)h[2]);
         dataloader_check_tokens_(path, (size_t)h[2], vocab);
         if ((long long)h[2] < (long long)B * T + 1) {
             fail("%s: has %d tokens, fewer than the B*T+1 = %lld that one batch needs", path, h[2],
                  (long long)B * T + 1);
         }
+        uint64_t hash = h[1] == 1 ? 0 : (uint64_t)(uint32_t)h[5] | (uint64_t)(uint32_t)h[6] << 32;
+        if (i > 0 && hash != l->vocab_hash) {
+            fail("%s: made with another vocabulary than %s (vocabulary hash %016llx, not %016llx)", path,
+                 l->shard_path[0], (unsigned long long)hash, (unsigned long long)l->vocab_hash);
+        }
+        l->vocab_hash = hash;
         if (i > 0 && (vocab != l->vocab_size || kind != l->vocab_kind)) {
             fail("%s: vocabulary of %d %s tokens, but %s has %d %s tokens", path, vocab,
                  vocab_kind_name(kind), l->shard_path[0], l->vocab_size, vocab_kind_name(l->vocab_kind));
@@ -261,7 +271,8 @@ void dataloader_set_position(DataLoader *l, const long long pos[4], const char *
         fail("%s: cannot restore the data position: it was saved over other shards or with other B, T, "
              "shuffle or seed (first shard now: %s)", source, l->shard_path[0]);
     }
-    if (pos[0] < 0 || pos[1] < 0 || pos[1] >= l->num_shards) {
+    // a run has at most INT_MAX steps, each of one batch: no more epochs than that
+    if (pos[0] < 0 || pos[0] > INT32_MAX || pos[1] < 0 || pos[1] >= l->num_shards) {
         fail("%s: invalid data position (epoch %lld, shard %lld of %d)", source, pos[0], pos[1],
              l->num_shards);
     }

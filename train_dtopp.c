@@ -55,6 +55,7 @@ typedef struct {
     int channels;           // C
     int num_experts;        // E
     int expert_hidden;      // H, hidden width of one SwiGLU expert
+    uint64_t vocab_hash;    // which tokenizer: its tokenizer_vocab_hash (0: bytes, or not recorded)
 } ModelConfig;
 
 typedef struct {
@@ -396,6 +397,7 @@ void model_get_routing(const Model *model, int *n_selected, int *selected,
 void model_get_grads(const Model *model, float *out);
 void model_get_params(const Model *model, float *out);
 void model_get_theta(const Model *model, float *out);  // (L) the DRN scales
+void model_get_router(const Model *model, float *logits, float *probs);  // (L,N,E): what the softmax took, P
 void model_get_moments(const Model *model, float *m, float *v);
 void model_set_moments(Model *model, const float *m, const float *v);
 Decoder *decoder_create(const Model *model);
@@ -1070,8 +1072,8 @@ static void activations_free(Activations *a) {
 
 struct Workspace {
     Activations acts;     // for the last (B, T) seen by model_forward
-    float *rope_cos;      // (max_seq_len, hd/2)
-    float *rope_sin;      // (max_seq_len, hd/2)
+    float *rope_cos, *rope_sin;  // (rope_len, hd/2): the positions used so far, not all (rope_reserve)
+    int rope_len;
     const int *inputs;    // the batch of the last forward pass
     const int *targets;
 };
@@ -1112,9 +1114,11 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     router_backward(r, dm, &dw, m, &w, rc, N, C, E);
 }
 
+static void rope_reserve(Workspace *ws, const ModelConfig *c, int T);  // dtopp/decoder.h
 static void model_ensure_activations(Model *model, int B, int T) {
     const ModelConfig *c = &model->config;
     if (T > c->max_seq_len) { fail("sequence length %d exceeds the model's maximum %d", T, c->max_seq_len); }
+    rope_reserve(model->ws, c, T);
     if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
     activations_free(&model->ws->acts);
     activations_alloc(&model->ws->acts, c, B, T, 1);
@@ -1282,6 +1286,15 @@ void model_get_token_losses(const Model *model, float *out) {
     memcpy(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
 }
 
+// (L, N, E) each: the logits the router's softmax took (the DRN-scaled θ·u, or z without DRN), and P.
+void model_get_router(const Model *model, float *logits, float *probs) {
+    const ActivationTensors *t = &model->ws->acts.acts;
+    size_t NE = (size_t)model->B * model->T * model->config.num_experts, L = model->config.num_layers;
+    memcpy(probs, t->probs, L * NE * sizeof(float));
+    memcpy(logits, model->router.drn ? t->drn_u : t->router_logits, L * NE * sizeof(float));
+    for (size_t i = 0; model->router.drn && i < L * NE; i++) { logits[i] *= model->params.theta[i / NE]; }
+}
+
 void model_get_moments(const Model *model, float *m, float *v) {
     if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
         memset(m, 0, model->num_parameters * sizeof(float));
@@ -1400,11 +1413,13 @@ static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, floa
     *w = *w - s.lr * ((first / s.bias1) / (sqrtf(second / s.bias2) + ADAMW_EPS) + wd * *w);
 }
 
-// Warm-up then cosine decay to a tenth of the peak, over total_steps steps (step counts from 0).
+// Warm-up then cosine decay to a tenth of the peak over total_steps steps (step counts from 0), which
+// stays after them (a run extended with --extend).
 float learning_rate(int step, int total_steps, int warmup, float peak) {
     if (step < warmup) { return peak * (step + 1) / warmup; }
     if (total_steps <= warmup) { return peak; }
     float min_lr = 0.1f * peak;
+    if (step >= total_steps) { return min_lr; }
     float progress = (float)(step - warmup) / (float)(total_steps - warmup);
     return min_lr + 0.5f * (1.0f + cosf((float)M_PI * progress)) * (peak - min_lr);
 }
@@ -1492,9 +1507,9 @@ void model_allreduce_grads(Model *model, float scale) {
 #define MODEL_VERSION 2
 static const int model_versions[] = {1, MODEL_VERSION};
 
-// The header of a model checkpoint (doc/formats.md): integers from word 2, float32 values from
-// word 32. Saving and loading both walk this one table.
-#define MODEL_HEADER_FIELDS 24
+// The header of a model checkpoint (doc/formats.md): integers from word 2 (16-17: the vocabulary hash,
+// 0 when not recorded), float32 values from word 32. Saving and loading both walk this one table.
+#define MODEL_HEADER_FIELDS 25
 static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfig *rc) {
     void *ints[] = {&c->max_seq_len, &c->vocab_size, &c->padded_vocab_size, &c->num_layers, &c->num_heads,
                     &c->channels, &c->num_experts, &c->expert_hidden, &rc->routing, &rc->controller,
@@ -1503,6 +1518,7 @@ static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfi
                       &rc->lb_coef, &rc->ent_coef, &rc->p};
     for (int i = 0; i < 14; i++) { fields[i] = (HeaderField){2 + i, 4, ints[i]}; }
     for (int i = 0; i < 10; i++) { fields[14 + i] = (HeaderField){32 + i, 4, floats[i]}; }
+    fields[24] = (HeaderField){16, 8, &c->vocab_hash};
 }
 
 // params: the parameters in host memory.
@@ -1565,14 +1581,9 @@ void model_load(Model *model, const char *path) {
 #ifndef DTOPP_CUDA  // the model in host memory
 // Takes ownership of params (host memory, filled).
 static void model_attach(Model *model, float *params) {
-    const ModelConfig *c = &model->config;
     model->params_memory = params;
     carve_params(&model->params, params, model->param_sizes);
-    Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
-    int hd = c->channels / c->num_heads;
-    ws->rope_cos = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
-    ws->rope_sin = (float *)malloc_check((size_t)c->max_seq_len * (hd / 2) * sizeof(float));
-    rope_table_init(ws->rope_cos, ws->rope_sin, c->max_seq_len, hd);
+    model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));  // RoPE tables as sequences need them
 }
 
 void model_save(const Model *model, const char *path) { checkpoint_save(model, model->params_memory, path); }
@@ -1604,16 +1615,19 @@ void model_free(Model *model) {
 #include "dtopp/logging.h"        // defines: open_log, log_step, evaluate (validation loss, routing table)
 #include "dtopp/runfiles.h"       // defines: TrainingState files, checkpoint names, output-directory checks
 #include "dtopp/run.h"            // defines: Run, run_setup (data, model, resume, output), write_checkpoint
+#include "dtopp/explain.h"        // defines: explain_from_checkpoint (--explain: a text's routing, page or terminal)
 
 int main(int argc, char **argv) {
+    passive_wait_by_default(argv);  // OMP_WAIT_POLICY: idle threads sleep, unless the user chose
     Run run;
     Options *o = &run.o;
     parse_options(o, argc, argv);
     set_num_threads(o->threads);
     if (o->generate > 0) {  // --init MODEL --generate N: a sample, and no training
-        return generate_from_checkpoint(o->init_path, o->tokenizer_path, o->prompt, o->generate, o->temperature,
-                                        o->top_k, (uint64_t)o->seed ^ 0x5DEECE66Dull);
+        return stdout_checked(generate_from_checkpoint(o->init_path, o->tokenizer_path, o->prompt, o->generate,
+                                                       o->temperature, o->top_k, (uint64_t)o->seed ^ 0x5DEECE66Dull));
     }
+    if (o->explain != NULL) { return explain_from_checkpoint(o); }  // --init MODEL --explain TEXT: no training
     dp_init(&argc, &argv);
     run_setup(&run);  // data, the model (new, --init or --resume), the output directory and its log
     Model *model = &run.model;
@@ -1621,8 +1635,9 @@ int main(int argc, char **argv) {
     int rows = o->batch / micro_batches, T = o->seq_len;
 
     double train_seconds = 0.0;  // of the steps after the first, which pays for allocations
+    int status = EXIT_SUCCESS;
     for (int step = run.start_step; step < o->steps; step++) {
-        int last = step == o->steps - 1, stop = step + 1 == o->stop_at;
+        int last = step == o->steps - 1, stop = stop_after(step, o);  // --stop-at, Ctrl-C or SIGTERM
         float val_loss = -1.0f;
         if (run.have_val && o->eval_batches > 0 && (last || is_due(step, o->eval_every))) {
             val_loss = evaluate(model, &run.val, o->eval_batches, last ? run.routing_dump : NULL, o->routing_dump);
@@ -1633,7 +1648,7 @@ int main(int argc, char **argv) {
         }
 
         double t0 = wall_seconds();
-        float lr = learning_rate(step, o->steps, o->warmup, o->lr);
+        float lr = learning_rate(step, schedule_length(o), o->warmup, o->lr);
         // The step's batch is cut into micro-batches, `micro` of them on each rank: forward and
         // backward on each, their gradients summed in order, then the mean over every rank's.
         dataloader_next_batch(&run.train);
@@ -1663,7 +1678,7 @@ int main(int argc, char **argv) {
             write_checkpoint(&run, step + 1);
         }
         if (stop) {
-            printf("stopped at step %d: continue with --resume %s\n", step + 1, o->out_dir);
+            status = report_stop(&run, step + 1);
             break;
         }
     }
@@ -1671,6 +1686,6 @@ int main(int argc, char **argv) {
     printf("done: %s/model.bin, %s/log.csv\n", o->out_dir, o->out_dir);
     run_free(&run);
     dp_finish();
-    return EXIT_SUCCESS;
+    return status;
 }
 #endif  // TESTING

@@ -1725,6 +1725,19 @@ void model_get_token_losses(const Model *model, float *out) {
     copy_to_host(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
 }
 
+// (L, N, E) each: the logits the router's softmax took (the DRN-scaled θ·u, or z without DRN), and P.
+void model_get_router(const Model *model, float *logits, float *probs) {
+    const ActivationTensors *t = &model->ws->acts.acts;
+    size_t NE = (size_t)model->B * model->T * model->config.num_experts, L = model->config.num_layers;
+    copy_to_host(probs, t->probs, L * NE * sizeof(float));
+    copy_to_host(logits, model->router.drn ? t->drn_u : t->router_logits, L * NE * sizeof(float));
+    if (!model->router.drn) { return; }
+    float *theta = (float *)malloc_check(L * sizeof(float));
+    model_get_theta(model, theta);
+    for (size_t i = 0; i < L * NE; i++) { logits[i] *= theta[i / NE]; }
+    free(theta);
+}
+
 void model_get_moments(const Model *model, float *m, float *v) {
     if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
         memset(m, 0, model->num_parameters * sizeof(float));

@@ -11,6 +11,9 @@ dit/eval_dit.c: measures trained diffusion transformers (dit/train_dit.c) on Fas
   eval_dit routing --model FILE --out FILE.csv
       the activated experts of every patch token of test images at ten noise levels, summed by
       layer, time, class, patch position and region (garment or background)
+  eval_dit explain --model FILE --out PAGE.html
+      a page that shows it: test images at ten noise levels, their patches shaded by experts
+      (dit/explain_dit.h)
 
 Why these measures. The Fréchet distance between two sets of features, each summarised by its
 mean and covariance (FID, Heusel et al. 2017), falls when samples look like the data and when they
@@ -242,6 +245,7 @@ double frechet_distance(const double *mean1, const double *cov1, const double *m
 // ----------------------------------------------------------------------------
 // the program (built with EVAL_DIT_NO_MAIN, the file leaves it out: test/test_dit.c)
 #include "../dtopp/options.h"  // defines: OptionSpec, parse_option_table, print_option_table
+#include "explain_dit.h"          // defines: explain_dit (eval_dit explain: the routing page)
 
 typedef struct {
     const char *data, *out, *model, *classifier;
@@ -292,12 +296,14 @@ static void eval_usage(void) {
     eval_default_options(&defaults);
     OptionSpec specs[32];
     int n = eval_option_specs(&defaults, specs);
-    printf("usage: eval_dit classifier|quality|routing [--option value ...]\n\n"
+    printf("usage: eval_dit classifier|quality|routing|explain [--option value ...]\n\n"
            "Measures diffusion transformers of train_dit (doc/dit.md):\n"
            "  classifier  trains the classifier of the quality measures (--out FILE)\n"
            "  quality     Fréchet distance and class accuracy of samples (--model FILE --classifier FILE)\n"
            "  routing     activated experts of test images by layer, time, class, position, region\n"
-           "              (--model FILE --out FILE.csv)\n\n");
+           "              (--model FILE --out FILE.csv)\n"
+           "  explain     a page of test images at ten noise levels, patches shaded by experts\n"
+           "              (--model FILE --out PAGE.html)\n\n");
     print_option_table(specs, n);
 }
 
@@ -341,6 +347,7 @@ static void train_classifier(const EvalOptions *o) {
            o->layers, o->channels, o->heads, o->expert_hidden, net->num_parameters / 1e6, o->steps, o->batch);
     Batches s;
     batches_open(&s, o->data, dconfig.image_size, o->batch, (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 2);
+    batches_check_labels(&s, o->data, dconfig.num_classes, "the new classifier");
     int B = o->batch, K = NUM_CLASSES, C = config.channels;
     float *scores = (float *)malloc_check((size_t)B * K * sizeof(float));
     float *dscores = (float *)malloc_check((size_t)B * K * sizeof(float));
@@ -428,6 +435,7 @@ static void measure_quality(const EvalOptions *o) {
     }
     Batches s;
     batches_open(&s, o->data, net->config.image_size, o->batch, 1);
+    batches_check_labels(&s, o->data, net->config.num_classes, o->classifier);  // the same as the model's
     int K = net->config.num_classes, C = net->trunk.config.channels, D = s.images.rows * s.images.cols;
     int per_class = o->samples_per_class, count = per_class * K;
     int reference = o->test_images < s.val_images.count ? o->test_images : s.val_images.count;
@@ -514,9 +522,13 @@ static void analyse_routing(const EvalOptions *o) {
     Dit gen;
     dit_load(&gen, o->model);
     const ModelConfig *c = &gen.trunk.config;
-    int L = c->num_layers, T = c->max_seq_len, PP = patch_values(&gen.config), K = gen.config.num_classes;
+    // the table's classes are those labels can be (below the model's count, checked, and the data's):
+    // its size follows the data, not a class count in a file
+    int L = c->num_layers, T = c->max_seq_len, PP = patch_values(&gen.config);
+    int K = gen.config.num_classes < NUM_CLASSES ? gen.config.num_classes : NUM_CLASSES;
     Batches s;
     batches_open(&s, o->data, gen.config.image_size, o->batch, 1);
+    batches_check_labels(&s, o->data, gen.config.num_classes, o->model);
     int D = s.images.rows * s.images.cols, count = o->eval_images < s.val_images.count ? o->eval_images
                                                                                         : s.val_images.count;
     // sums over tokens by (layer, level, class, patch, region): tokens and their activated experts
@@ -585,24 +597,31 @@ static void analyse_routing(const EvalOptions *o) {
 }
 
 int main(int argc, char **argv) {
-    static const char *const modes[] = {"classifier", "quality", "routing"};
+    passive_wait_by_default(argv);  // OMP_WAIT_POLICY: idle threads sleep, unless the user chose
+    static const char *const modes[] = {"classifier", "quality", "routing", "explain"};
     if (argc < 2 || strncmp(argv[1], "-", 1) == 0) {  // no mode: the usage, on request or as the error
         int asked = argc >= 2 && (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0);
         eval_usage();
         return asked ? EXIT_SUCCESS : EXIT_FAILURE;
     }
-    int mode = parse_name(argv[1], modes, 3, "mode");
+    int mode = parse_name(argv[1], modes, 4, "mode");
     EvalOptions o;
     eval_default_options(&o);
     OptionSpec specs[32];
     int n = eval_option_specs(&o, specs);
     parse_option_table(specs, n, argc - 1, argv + 1, eval_usage);
     set_num_threads(o.threads);
+    if (o.out != NULL) { check_output_path(o.out); }  // before the work, not after it
     switch (mode) {
         case 0: train_classifier(&o); break;
         case 1: measure_quality(&o); break;
-        default: analyse_routing(&o); break;
+        case 2: analyse_routing(&o); break;
+        default:
+            require(o.model, "model", "explain");
+            require(o.out, "out", "explain");
+            explain_dit(o.model, o.data, o.out);
+            break;
     }
-    return 0;
+    return stdout_checked(EXIT_SUCCESS);  // the measures are printed: they must have reached stdout
 }
 #endif  // EVAL_DIT_NO_MAIN

@@ -30,6 +30,10 @@ Built with DIT_NO_MAIN, the file leaves out its training program (test/test_dit.
 #include "../train_dtopp.c"     // defines: Model, model_*, the layers, the MoE layer, the controller, AdamW
 #include "../dtopp/stats.h"     // defines: RoutingStats, routing_stats_alloc/compute/free
 #include "idx.h"                // defines: IdxData, idx_read, idx_read_dataset
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"  // the language model's state files go unused here
+#include "../dtopp/runfiles.h"  // defines: checkpoint names, check_moments, lock_directory, truncate_log
+#pragma GCC diagnostic pop
 
 // ----------------------------------------------------------------------------
 // configuration
@@ -751,6 +755,22 @@ void batches_open(Batches *s, const char *dir, int image_size, int batch, uint64
     s->classes = (int *)malloc_check(batch * sizeof(int));
 }
 
+// Every label of the data in dir must be a class of the model that will read it (model: its
+// checkpoint, for messages), so that no label indexes past what the model, or a table sized by its
+// classes, holds: checked right after batches_open.
+void batches_check_labels(const Batches *s, const char *dir, int num_classes, const char *model) {
+    for (int i = 0; i < 2; i++) {
+        const IdxData *labels = i == 0 ? &s->labels : &s->val_labels;
+        for (int k = 0; k < labels->count; k++) {
+            if (labels->data[k] >= num_classes) {
+                fail("%s/%s: label %d of image %d is not a class of %s, which has %d (0..%d)", dir,
+                     i == 0 ? "train-labels-idx1-ubyte" : "t10k-labels-idx1-ubyte", labels->data[k], k, model,
+                     num_classes, num_classes - 1);
+            }
+        }
+    }
+}
+
 void batches_close(Batches *s) {
     IdxData *sets[] = {&s->images, &s->labels, &s->val_images, &s->val_labels};
     for (int i = 0; i < 4; i++) { free(sets[i]->data); }
@@ -785,6 +805,105 @@ void next_batch(Batches *s, int B, float label_dropout) {
     rectified_flow_pair(s->xt, s->velocity, s->x0, s->noise, s->t, B, D);
 }
 
+// ----------------------------------------------------------------------------
+// the training state (doc/formats.md): what a run needs besides the model file to continue bit for
+// bit: AdamW's moments and step, the batches' position (this epoch's order, the cursor in it, the
+// random state), the step, and the settings that shape the rest of the run. A checkpoint is the
+// pair model_STEP.bin + state_STEP.bin, as for the language model (dtopp/runfiles.h).
+
+#define DIT_STATE_VERSION 1
+
+typedef struct {
+    int step, adam_step;
+    uint64_t rng;            // the batches' random state
+    int cursor, images;      // the position in this epoch's order; the training images (the data check)
+    int32_t param_check;     // the model's parameter count, low 31 bits: the pair must match
+    int steps, warmup, batch;
+    float lr, weight_decay, label_dropout;
+    long long seed;
+} DitState;
+
+#define DIT_STATE_FIELDS 13
+static void dit_state_fields(HeaderField *fields, DitState *s) {
+    HeaderField list[DIT_STATE_FIELDS] = {{2, 4, &s->step}, {3, 4, &s->adam_step}, {4, 8, &s->rng},
+                                          {6, 4, &s->cursor}, {7, 4, &s->images}, {8, 4, &s->param_check},
+                                          {9, 4, &s->steps}, {10, 4, &s->warmup}, {11, 4, &s->batch},
+                                          {12, 4, &s->lr}, {13, 4, &s->weight_decay},
+                                          {14, 4, &s->label_dropout}, {16, 8, &s->seed}};
+    memcpy(fields, list, sizeof(list));
+}
+
+// s holds the step and the run's settings; the rest comes from the model and the batches.
+void dit_state_save(const Dit *d, const Batches *b, DitState s, const char *path) {
+    s.adam_step = d->adam_step;
+    s.rng = b->rng;
+    s.cursor = b->cursor;
+    s.images = b->images.count;
+    s.param_check = (int32_t)(d->num_parameters & 0x7fffffff);
+    HeaderField fields[DIT_STATE_FIELDS];
+    dit_state_fields(fields, &s);
+    int32_t header[HEADER_WORDS] = {DIT_STATE_MAGIC, DIT_STATE_VERSION};
+    header_pack(header, fields, DIT_STATE_FIELDS);
+    char tmp[4096];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
+    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
+    fwrite_check(d->m_memory, sizeof(float), d->num_parameters, f, tmp);
+    fwrite_check(d->v_memory, sizeof(float), d->num_parameters, f, tmp);
+    fwrite_check(b->order, sizeof(int), (size_t)b->images.count, f, tmp);
+    finish_atomic_write(f, tmp, path);
+}
+
+// Restores the moments and AdamW's step into the model and the position into the batches (opened on
+// the same data); returns the step and the settings, which the caller compares with its own.
+DitState dit_state_load(Dit *d, Batches *b, const char *path) {
+    int32_t header[HEADER_WORDS];
+    long size;
+    static const int versions[] = {DIT_STATE_VERSION};
+    FILE *f = open_with_header(path, header, DIT_STATE_MAGIC, versions, 1, "DiT training state", &size);
+    DitState s;
+    memset(&s, 0, sizeof(s));
+    HeaderField fields[DIT_STATE_FIELDS];
+    dit_state_fields(fields, &s);
+    header_unpack(header, fields, DIT_STATE_FIELDS);
+    if (s.param_check != (int32_t)(d->num_parameters & 0x7fffffff)) {
+        fail("%s belongs to a model of a different size", path);
+    }
+    if (s.step < 1 || s.adam_step < 1 || s.adam_step > s.step) {  // one AdamW step per optimizer step
+        fail("%s: invalid step %d or AdamW step %d", path, s.step, s.adam_step);
+    }
+    if (s.images != b->images.count || s.cursor < 0 || s.cursor > s.images) {
+        fail("%s: a position (%d of %d images) in other data than these %d training images", path, s.cursor,
+             s.images, b->images.count);
+    }
+    check_payload_size(path, size, 2 * d->num_parameters * sizeof(float) + (size_t)s.images * sizeof(int));
+    float *m = (float *)malloc_check(d->num_parameters * sizeof(float));
+    float *v = (float *)malloc_check(d->num_parameters * sizeof(float));
+    fread_check(m, sizeof(float), d->num_parameters, f, path);
+    fread_check(v, sizeof(float), d->num_parameters, f, path);
+    fread_check(b->order, sizeof(int), (size_t)s.images, f, path);
+    fclose(f);
+    check_moments(m, v, d->num_parameters, path);
+    memcpy(d->m_memory, m, d->num_parameters * sizeof(float));
+    memcpy(d->v_memory, v, d->num_parameters * sizeof(float));
+    free(m);
+    free(v);
+    char *seen = (char *)calloc_check((size_t)s.images, 1);  // the order: each image exactly once
+    for (int i = 0; i < s.images; i++) {
+        int image = b->order[i];
+        if (image < 0 || image >= s.images || seen[image]) {
+            free(seen);
+            fail("%s: the image order is not a permutation of the %d images (entry %d is %d)", path, s.images,
+                 i, image);
+        }
+        seen[image] = 1;
+    }
+    free(seen);
+    d->adam_step = s.adam_step;
+    b->rng = s.rng;
+    b->cursor = s.cursor;
+    return s;
+}
+
 #ifndef DIT_NO_MAIN
 // ----------------------------------------------------------------------------
 // the training program
@@ -794,8 +913,8 @@ void next_batch(Batches *s, int B, float label_dropout) {
 #include "png.h"                // defines: png_write_gray
 
 typedef struct {
-    const char *data, *out, *init, *routing, *controller;
-    int steps, batch, warmup, layers, channels, heads, experts, expert_hidden, k, drn, threads;
+    const char *data, *out, *init, *resume, *routing, *controller;
+    int steps, stop_at, batch, warmup, layers, channels, heads, experts, expert_hidden, k, drn, threads;
     int eval_every, eval_images, print_every, checkpoint_every, sample_steps, samples_per_class;
     float lr, weight_decay, tgt, p, kp, ki, p0, lb_coef, ent_coef, label_dropout, guidance;
     long long seed;
@@ -807,6 +926,10 @@ static int dit_option_specs(DitOptions *o, OptionSpec *specs) {
         {"out", 's', &o->out, 0, 0, "output folder: log.csv, model.bin, samples.png", 0},
         {"init", 's', &o->init, 0, 0, "start from this checkpoint (with --steps 0: only sample from it)", 0},
         {"steps", 'i', &o->steps, NOT_NEGATIVE_INT, "optimizer steps (0: only sample)", 0},
+        {"resume", 's', &o->resume, 0, 0,
+         "continue the run in this folder from its newest checkpoint, bit for bit (it is also --out)", 0},
+        {"stop-at", 'i', &o->stop_at, NOT_NEGATIVE_INT,
+         "stop after this step with a checkpoint, to be continued with --resume (0: never)", 0},
         {"batch", 'i', &o->batch, 1, MAX_SIZE, "images per step", 0},
         {"lr", 'f', &o->lr, NOT_NEGATIVE_FLOAT, "peak learning rate (warm-up, cosine decay to a tenth)", 0},
         {"warmup", 'i', &o->warmup, 1, INT_MAX, "learning-rate warm-up steps", 0},
@@ -835,7 +958,7 @@ static int dit_option_specs(DitOptions *o, OptionSpec *specs) {
         {"eval-images", 'i', &o->eval_images, 1, INT_MAX, "test images of the validation loss", 0},
         {"print-every", 'i', &o->print_every, 1, INT_MAX, "steps between progress lines", 0},
         {"checkpoint-every", 'i', &o->checkpoint_every, NOT_NEGATIVE_INT,
-         "steps between writes of model.bin (0: only at the end)", 0},
+         "steps between checkpoints: model_STEP.bin, state_STEP.bin, model.bin (0: only at the end)", 0},
         {"sample-steps", 'i', &o->sample_steps, 1, 100000, "Euler steps of the sampler", 0},
         {"guidance", 'f', &o->guidance, ANY_FLOAT, "classifier-free guidance scale (1: none)", 0},
         {"samples-per-class", 'i', &o->samples_per_class, 1, 1000,
@@ -874,10 +997,22 @@ static void dit_parse_options(DitOptions *o, int argc, char **argv) {
     dit_default_options(o);
     OptionSpec specs[64];
     int n = dit_option_specs(o, specs);
+    const char *default_out = o->out;
     int model_options = parse_option_table(specs, n, argc, argv, dit_usage);
     if (o->init != NULL && model_options > 0) {
         fail("--init %s: the architecture and routing come from the checkpoint; drop the options that "
              "describe the model", o->init);
+    }
+    if (o->resume != NULL && model_options > 0) {  // the run's own command line, resumed: as train_dtopp
+        fprintf(stderr, "note: the architecture and routing come from the checkpoint; %d model or routing "
+                "option(s) ignored\n", model_options);
+    }
+    if (o->init != NULL && o->resume != NULL) { fail("--init and --resume exclude each other"); }
+    if (o->resume != NULL) {  // the run goes on where it is
+        if (o->out != default_out && strcmp(o->out, o->resume) != 0) {
+            fail("--resume %s continues the run in its folder: --out %s is another", o->resume, o->out);
+        }
+        o->out = o->resume;
     }
 }
 
@@ -978,69 +1113,175 @@ static double evaluate(Dit *d, Batches *s, int count, int batch, int step) {
     return mean;
 }
 
-static void train(Dit *d, const DitOptions *o) {
-    const ModelConfig *c = &d->trunk.config;
-    int B = o->batch, L = c->num_layers;
+// A training run: the model, its batches, where it starts, its log and its newest checkpoint.
+typedef struct {
+    const DitOptions *o;
+    Dit *d;
     Batches s;
-    batches_open(&s, o->data, d->config.image_size, B, (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 1);
-    int eval_count = o->eval_images < s.val_images.count ? o->eval_images : s.val_images.count;
-    printf("data: %d training images, validation loss on %d test images at t = 0.25, 0.5, 0.75\n",
-           s.images.count, eval_count);
-    char path[4096], model_path[4096];
-    join_path(path, sizeof(path), o->out, "log.csv");
-    join_path(model_path, sizeof(model_path), o->out, "model.bin");
-    FILE *log = fopen_check(path, "w");
-    fprintf(log, "step,loss,mse,val_loss,lr,grad_norm,activated,p,images_per_s");
-    for (int l = 0; l < L; l++) { fprintf(log, ",p_%d,mean_%d,std_%d,theta_%d", l, l, l, l); }
+    int start_step;       // 0, or the step of the checkpoint it resumes from
+    int last_checkpoint;  // the step of the newest checkpoint in o->out (-1: none yet)
+    FILE *log;
+    char log_path[4096];
+} DitRun;
+
+// The settings of a run that a resumed one must share (the data's size is checked by the state).
+static DitState dit_run_settings(const DitOptions *o, int step) {
+    return (DitState){.step = step, .steps = o->steps, .warmup = o->warmup, .batch = o->batch, .lr = o->lr,
+                      .weight_decay = o->weight_decay, .label_dropout = o->label_dropout, .seed = o->seed};
+}
+
+static void check_same_dit_run(const DitState *saved, const DitOptions *o, const char *path) {
+    DitState now = dit_run_settings(o, 0);
+    const char *which = saved->steps != now.steps ? "--steps" : saved->warmup != now.warmup ? "--warmup"
+                        : saved->batch != now.batch ? "--batch" : saved->lr != now.lr ? "--lr"
+                        : saved->weight_decay != now.weight_decay ? "--weight-decay"
+                        : saved->label_dropout != now.label_dropout ? "--label-dropout"
+                        : saved->seed != now.seed ? "--seed" : NULL;
+    if (which != NULL) {
+        fail("%s was written by a run with --steps %d --warmup %d --batch %d --lr %g --weight-decay %g "
+             "--label-dropout %g --seed %lld; this command's %s differs: resume with the run's settings, or "
+             "start a new run from its model with --init", path, saved->steps, saved->warmup, saved->batch,
+             saved->lr, saved->weight_decay, saved->label_dropout, saved->seed, which);
+    }
+}
+
+// Stops a run whose numbers are no longer finite, saying which checkpoint survives.
+static void dit_fail_diverged(const DitRun *r, const char *what, double value, int step) {
+    if (r->last_checkpoint >= 0) {
+        fail("%s is %g at step %d: training diverged (try a lower --lr); the last checkpoint, step %d in %s, "
+             "is kept", what, value, step, r->last_checkpoint, r->o->out);
+    }
+    fail("%s is %g at step %d: training diverged (try a lower --lr); no checkpoint was written to %s", what,
+         value, step, r->o->out);
+}
+
+// The pair of step `step` and model.bin, then the previous pair is removed. Parameters or a
+// controller state that are not finite are never written: the previous checkpoint stays the last
+// good one.
+static void dit_write_checkpoint(DitRun *r, int step) {
+    const Dit *d = r->d;
+    for (size_t i = 0; i < d->num_parameters; i++) {
+        if (!isfinite(d->params_memory[i])) { dit_fail_diverged(r, "a parameter", d->params_memory[i], step); }
+    }
+    for (int l = 0; l < d->trunk.config.num_layers; l++) {
+        float p = d->trunk.threshold[l], integral = d->trunk.integral[l];
+        if (!isfinite(p) || !isfinite(integral)) { dit_fail_diverged(r, "the controller state", p + integral, step); }
+    }
+    char model_path[4096], state_path[4096], latest[4096];
+    checkpoint_path(model_path, sizeof(model_path), r->o->out, "model", step);
+    checkpoint_path(state_path, sizeof(state_path), r->o->out, "state", step);
+    dit_save(d, model_path);
+    dit_state_save(d, &r->s, dit_run_settings(r->o, step), state_path);
+    join_path(latest, sizeof(latest), r->o->out, "model.bin");  // the latest model, for sampling
+    dit_save(d, latest);
+    if (r->last_checkpoint >= 0 && r->last_checkpoint != step) {
+        checkpoint_path(model_path, sizeof(model_path), r->o->out, "model", r->last_checkpoint);
+        checkpoint_path(state_path, sizeof(state_path), r->o->out, "state", r->last_checkpoint);
+        remove(state_path);
+        remove(model_path);
+    }
+    r->last_checkpoint = step;
+}
+
+// The log: a new one with its header, or a resumed run's, without the rows after its checkpoint.
+static void dit_open_log(DitRun *r) {
+    int L = r->d->trunk.config.num_layers;
+    join_path(r->log_path, sizeof(r->log_path), r->o->out, "log.csv");
+    if (r->start_step > 0) {
+        truncate_log(r->log_path, r->start_step);
+        r->log = fopen_output(r->log_path, "a");
+        return;
+    }
+    r->log = fopen_output(r->log_path, "w");
+    fprintf(r->log, "step,loss,mse,val_loss,lr,grad_norm,activated,p,images_per_s");
+    for (int l = 0; l < L; l++) { fprintf(r->log, ",p_%d,mean_%d,std_%d,theta_%d", l, l, l, l); }
+    fprintf(r->log, "\n");
+    flush_check(r->log, r->log_path);
+}
+
+// A step's row of log.csv, flushed and checked: a full disk stops the run, naming the file.
+static void dit_log_step(DitRun *r, const RoutingStats *stats, int step, double val_loss, float lr, float norm,
+                         float p_used, double speed) {
+    const Dit *d = r->d;
+    FILE *log = r->log;
+    fprintf(log, "%d,%.6f,%.6f,", step + 1, d->loss, d->mse);
+    if (val_loss >= 0.0) { fprintf(log, "%.6f", val_loss); }
+    fprintf(log, ",%.6e,%.6f,%.6f,%.6f,%.1f", lr, norm, stats->activated, p_used, speed);
+    for (int l = 0; l < d->trunk.config.num_layers; l++) {
+        fprintf(log, ",%.6f,%.4f,%.4f,%.6f", d->trunk.threshold[l], stats->layer_mean[l], stats->layer_std[l],
+                d->trunk.params.theta[l]);
+    }
     fprintf(log, "\n");
+    flush_check(log, r->log_path);
+}
+
+// --resume: the state of the checkpoint the model came from, which must belong to this run.
+static void dit_resume(DitRun *r) {
+    char state_path[4096];
+    checkpoint_path(state_path, sizeof(state_path), r->o->out, "state", r->start_step);
+    DitState saved = dit_state_load(r->d, &r->s, state_path);
+    if (saved.step != r->start_step) {
+        fail("%s says step %d, its name says %d", state_path, saved.step, r->start_step);
+    }
+    check_same_dit_run(&saved, r->o, state_path);
+    printf("resuming from %s: step %d of %d\n", state_path, r->start_step, r->o->steps);
+}
+
+// Trains from start_step (0, or the checkpoint's step of --resume, whose model d is); returns 1 when
+// it stopped at --stop-at, before the end.
+static int train(Dit *d, const DitOptions *o, int start_step, const char *source) {
+    int B = o->batch;
+    DitRun r = {.o = o, .d = d, .start_step = start_step, .last_checkpoint = start_step > 0 ? start_step : -1};
+    Batches *s = &r.s;
+    batches_open(s, o->data, d->config.image_size, B, (uint64_t)o->seed * 0x9E3779B97F4A7C15ull + 1);
+    batches_check_labels(s, o->data, d->config.num_classes, source);
+    if (start_step > 0) { dit_resume(&r); }
+    int eval_count = o->eval_images < s->val_images.count ? o->eval_images : s->val_images.count;
+    printf("data: %d training images, validation loss on %d test images at t = 0.25, 0.5, 0.75\n",
+           s->images.count, eval_count);
+    dit_open_log(&r);
     RoutingStats stats;
-    routing_stats_alloc(&stats, c);
+    routing_stats_alloc(&stats, &d->trunk.config);
     double start = wall_seconds();
-    for (int step = 0; step < o->steps; step++) {
+    int stopped = 0;
+    for (int step = start_step; step < o->steps && !stopped; step++) {
         double val_loss = -1.0;
-        if (o->eval_every > 0 && step % o->eval_every == 0) {
-            val_loss = evaluate(d, &s, eval_count, B, step);
-        }
+        if (o->eval_every > 0 && step % o->eval_every == 0) { val_loss = evaluate(d, s, eval_count, B, step); }
         double t0 = wall_seconds();
         float lr = learning_rate(step, o->steps, o->warmup, o->lr), p_used = d->trunk.threshold[0];
-        next_batch(&s, B, o->label_dropout);
-        dit_forward(d, s.xt, s.t, s.classes, s.velocity, B);
+        next_batch(s, B, o->label_dropout);
+        dit_forward(d, s->xt, s->t, s->classes, s->velocity, B);
         dit_zero_grad(d);
         dit_backward(d);
         float norm = dit_update(d, lr, o->weight_decay);
         routing_stats_compute(&stats, &d->trunk);
         controller_update(&d->trunk);
-        if (!isfinite(d->loss) || !isfinite(norm)) {
-            fail("step %d: the loss (%g) or the gradient norm (%g) is not finite", step + 1, d->loss, norm);
-        }
+        if (!isfinite(d->loss)) { dit_fail_diverged(&r, "the loss", d->loss, step + 1); }
+        if (!isfinite(norm)) { dit_fail_diverged(&r, "the gradient norm", norm, step + 1); }
         double now = wall_seconds(), speed = B / (now - t0);
-        if ((step + 1) % o->print_every == 0 || step == 0 || step + 1 == o->steps) {
-            double left = (now - start) / (step + 1) * (o->steps - step - 1);
+        if ((step + 1) % o->print_every == 0 || step == start_step || step + 1 == o->steps) {
+            double left = (now - start) / (step + 1 - start_step) * (o->steps - step - 1);
             printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f (target %.2f) | %.0f img/s | "
                    "%dm%02ds left\n", step + 1, o->steps, d->loss, lr, p_used, stats.activated,
                    d->trunk.router.tgt, speed, (int)left / 60, (int)left % 60);
             fflush(stdout);
         }
-        fprintf(log, "%d,%.6f,%.6f,", step + 1, d->loss, d->mse);
-        if (val_loss >= 0.0) { fprintf(log, "%.6f", val_loss); }
-        fprintf(log, ",%.6e,%.6f,%.6f,%.6f,%.1f", lr, norm, stats.activated, p_used, speed);
-        float *theta = d->trunk.params.theta;
-        for (int l = 0; l < L; l++) {
-            fprintf(log, ",%.6f,%.4f,%.4f,%.6f", d->trunk.threshold[l], stats.layer_mean[l],
-                    stats.layer_std[l], theta[l]);
-        }
-        fprintf(log, "\n");
-        // the latest model, written atomically: an interrupted run keeps the last one (a diverged
-        // step has stopped the run above, before it could be saved)
-        if ((o->checkpoint_every > 0 && (step + 1) % o->checkpoint_every == 0) || step + 1 == o->steps) {
-            dit_save(d, model_path);
+        dit_log_step(&r, &stats, step, val_loss, lr, norm, p_used, speed);
+        stopped = step + 1 == o->stop_at;
+        if ((o->checkpoint_every > 0 && (step + 1) % o->checkpoint_every == 0) || step + 1 == o->steps || stopped) {
+            dit_write_checkpoint(&r, step + 1);
         }
     }
-    evaluate(d, &s, eval_count, B, o->steps);
-    printf("trained %d steps in %.0f s\n", o->steps, wall_seconds() - start);
-    if (fclose(log) != 0) { fail("cannot write %s", path); }
+    if (stopped) {
+        printf("stopped at step %d: continue with --resume %s\n", o->stop_at, o->out);
+    } else {
+        evaluate(d, s, eval_count, B, o->steps);
+        printf("trained %d steps in %.0f s\n", o->steps - start_step, wall_seconds() - start);
+    }
+    fclose_check(r.log, r.log_path);
     routing_stats_free(&stats);
-    batches_close(&s);
+    batches_close(s);
+    return stopped;
 }
 
 // mkdir -p
@@ -1059,11 +1300,36 @@ static void make_directories(const char *path) {
 }
 
 int main(int argc, char **argv) {
+    passive_wait_by_default(argv);  // OMP_WAIT_POLICY: idle threads sleep, unless the user chose
     DitOptions o;
     dit_parse_options(&o, argc, argv);
     set_num_threads(o.threads);
+    // the output folder first: one run at a time in it (a lock that ends with the process)
+    make_directories(o.out);
+    lock_directory(o.out);
+    char path[4096], model_path[4096];
+    join_path(path, sizeof(path), o.out, "log.csv");
+    int start_step = 0;
+    if (o.resume != NULL) {  // the newest complete checkpoint; what an interruption left goes
+        start_step = latest_checkpoint(o.out);
+        if (start_step < 0) { fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o.out); }
+        if (start_step >= o.steps) { fail("the run in %s is already at step %d of --steps %d", o.out, start_step, o.steps); }
+        remove_leftovers(o.out, start_step);
+    } else if (o.steps > 0) {  // a new run never takes another's folder
+        if (access(path, F_OK) == 0) {
+            fail("%s holds a run already (%s): continue it with --resume %s, train into another --out, or "
+                 "delete it", o.out, path, o.out);
+        }
+        refuse_other_run(o.out);
+        remove_leftovers(o.out, -1);
+    }
     Dit dit;
-    if (o.init != NULL) {
+    const char *source = o.init != NULL ? o.init : "the new model";
+    if (o.resume != NULL) {
+        checkpoint_path(model_path, sizeof(model_path), o.out, "model", start_step);
+        dit_load(&dit, model_path);
+        source = model_path;
+    } else if (o.init != NULL) {
         dit_load(&dit, o.init);
     } else {
         DitConfig dconfig;
@@ -1072,9 +1338,14 @@ int main(int argc, char **argv) {
         dit_configure(&o, &dconfig, &config, &router);
         dit_init(&dit, &dconfig, &config, &router, (uint64_t)o.seed);
     }
+    // its classes are Fashion-MNIST's: the labels it trains on, the rows of the sample grid (this
+    // bounds the work of sampling by the data, not by a number in a file)
+    if (dit.config.num_classes != NUM_CLASSES) {
+        fail("%s has %d classes: train_dit trains and samples Fashion-MNIST's %d (a row of the sample grid "
+             "each)", source, dit.config.num_classes, NUM_CLASSES);
+    }
     const ModelConfig *c = &dit.trunk.config;
     const RouterConfig *rc = &dit.trunk.router;
-    make_directories(o.out);
     printf("model: DiT on %dx%d images in %dx%d patches (%d tokens), L=%d C=%d NH=%d E=%d H=%d, "
            "%.2fM parameters\n", dit.config.image_size, dit.config.image_size, dit.config.patch_size,
            dit.config.patch_size, c->max_seq_len, c->num_layers, c->channels, c->num_heads, c->num_experts,
@@ -1083,16 +1354,15 @@ int main(int argc, char **argv) {
            routing_names[rc->routing], rc->controller ? "layer" : "global", rc->tgt, rc->k,
            rc->drn ? "on" : "off", rc->lb_coef, rc->ent_coef);
     printf("threads: %d\n", omp_threads());
-    char path[4096];
-    join_path(path, sizeof(path), o.out, "log.csv");
-    if (o.steps > 0 && access(path, F_OK) == 0) {
-        fail("%s holds a run already (%s): train into another --out, or delete it", o.out, path);
-    }
+    join_path(path, sizeof(path), o.out, "samples.png");
+    check_output_path(path);  // before the work, not after it
     if (o.steps > 0) {
-        train(&dit, &o);
+        if (train(&dit, &o, start_step, source)) {
+            dit_free(&dit);
+            return 0;
+        }
         printf("wrote %s/model.bin\n", o.out);
     }
-    join_path(path, sizeof(path), o.out, "samples.png");
     double t0 = wall_seconds();
     write_sample_grid(&dit, path, o.samples_per_class, o.sample_steps, o.guidance, (uint64_t)o.seed + 1);
     printf("wrote %s: one row per class (", path);

@@ -35,6 +35,7 @@ word pieces, at an output layer a CPU trains quickly. It is trained the way GPT-
 #include "utils.h"  // defines: fail, checked memory and file I/O, file headers
 
 #define BPE_EOT_TEXT "<|endoftext|>"  // what the end-of-text token decodes to, as in GPT-2's vocabulary
+#define BPE_MAX_TOKEN_BYTES 255       // the longest token the tokenizer file stores (an 8-bit length)
 
 typedef struct {
     // the distinct pieces of the corpus: piece i occurs piece_count[i] times, and is now the
@@ -209,6 +210,10 @@ void bpe_train(BpeTrainer *b, int vocab_size) {
     int max_merges = vocab_size - 257;
     b->merges = (int32_t *)malloc_check(2 * (size_t)(max_merges > 0 ? max_merges : 1) * sizeof(int32_t));
     b->num_merges = 0;
+    // every token's length in bytes: a merge whose token would exceed BPE_MAX_TOKEN_BYTES, the
+    // most the tokenizer file's 8-bit length holds, is never made (its pair is passed over)
+    int *token_bytes = (int *)malloc_check((256 + (size_t)(max_merges > 0 ? max_merges : 1)) * sizeof(int));
+    for (int i = 0; i < 256; i++) token_bytes[i] = 1;
     while (b->num_merges < max_merges) {
         // the most frequent pair; ties go to the smaller key so that the result never depends
         // on the order of the hash table
@@ -216,6 +221,8 @@ void bpe_train(BpeTrainer *b, int vocab_size) {
         int64_t best = 1;
         for (uint32_t h = 0; h <= b->pair_mask; h++) {
             if (b->pair_key[h] == TOKENIZER_EMPTY) continue;
+            uint32_t key = b->pair_key[h];
+            if (token_bytes[key >> 16] + token_bytes[key & 0xFFFF] > BPE_MAX_TOKEN_BYTES) continue;
             int64_t c = b->pair_count[h];
             if (c > best || (c == best && best > 1 && b->pair_key[h] < best_key)) {
                 best = c;
@@ -232,14 +239,17 @@ void bpe_train(BpeTrainer *b, int vocab_size) {
         }
         b->merges[2 * b->num_merges] = left;
         b->merges[2 * b->num_merges + 1] = right;
+        token_bytes[id] = token_bytes[left] + token_bytes[right];
         b->num_merges++;
     }
+    free(token_bytes);
     b->corpus_tokens = 0;
     for (int i = 0; i < b->npieces; i++) b->corpus_tokens += b->piece_count[i] * b->piece_len[i];
 }
 
-// writes the trained vocabulary as a tokenizer file (doc/tokenizer.md), through a temporary name
-void bpe_save(const BpeTrainer *b, const char *path) {
+// writes the trained vocabulary as a tokenizer file (doc/tokenizer.md), through a temporary name;
+// with hold, kept under that name for publish_held (utils.h), as one of a set of files
+static void bpe_write_(const BpeTrainer *b, const char *path, int hold) {
     int M = b->num_merges, V = 256 + M + 1;
     // every token's bytes: the single bytes, then each merge's two halves joined
     size_t *len = (size_t *)malloc_check((size_t)V * sizeof(size_t));
@@ -265,17 +275,24 @@ void bpe_save(const BpeTrainer *b, const char *path) {
         memcpy(bytes + off[i] + len[l], bytes + off[r], len[r]);
     }
     int32_t header[HEADER_WORDS] = {TOKENIZER_MAGIC, TOKENIZER_VERSION, V, V - 1, M, (int32_t)total, VOCAB_BPE};
+    uint64_t hash = tokenizer_vocab_hash(TOKENIZER_HASH_START, &header[2], 4 * sizeof(int32_t));  // words 7-8
+    hash = tokenizer_vocab_hash(hash, b->merges, 2 * (size_t)M * sizeof(int32_t));
+    hash = tokenizer_vocab_hash(tokenizer_vocab_hash(hash, lens, (size_t)V), bytes, total);
+    memcpy(&header[7], &hash, sizeof(hash));
     char tmp[4096];
     FILE *f = open_for_atomic_write(path, tmp, sizeof tmp);
     fwrite_check(header, sizeof header, 1, f, tmp);
     fwrite_check(b->merges, sizeof(int32_t), 2 * (size_t)M, f, tmp);
     fwrite_check(lens, 1, (size_t)V, f, tmp);
     fwrite_check(bytes, 1, total, f, tmp);
-    finish_atomic_write(f, tmp, path);
+    if (hold) hold_atomic_write(f, tmp);
+    else finish_atomic_write(f, tmp, path);
     free(len);
     free(off);
     free(lens);
     free(bytes);
 }
+
+void bpe_save(const BpeTrainer *b, const char *path) { bpe_write_(b, path, 0); }
 
 #endif

@@ -2,27 +2,59 @@
 decoder.h: sampling on the CPU, one new position at a time. decoder_step runs every layer of
 train_dtopp.c for one token, its query attending to the cached keys and values of the earlier
 positions, so that a sample of n tokens costs n forward passes of one position rather than of the
-whole prefix. It is part of the CPU model: train_dtopp.c includes it after the layers it uses, and
-train_dtopp.cu has its own.
+whole prefix. Its cache, and RoPE's tables (rope_reserve, which training uses too), grow with the
+positions used, so memory and work follow the sample's length, not the model's maximum. It is part
+of the CPU model: train_dtopp.c includes it after the layers it uses, and train_dtopp.cu has its own.
 */
 #ifndef DECODER_H
 #define DECODER_H
 
 // and values of every earlier position (the training forward pass would recompute them all)
 
+// RoPE's tables (cos and sin, filled by rope_table_init) for the first T positions, grown as the
+// sequences need them: a model whose maximum sequence length is long costs nothing for the
+// positions it is not run on. Used by training (model_ensure_activations) and sampling.
+static void rope_reserve(Workspace *ws, const ModelConfig *c, int T) {
+    if (T <= ws->rope_len) { return; }
+    int hd = c->channels / c->num_heads;
+    ws->rope_cos = (float *)realloc_check(ws->rope_cos, (size_t)T * (hd / 2) * sizeof(float));
+    ws->rope_sin = (float *)realloc_check(ws->rope_sin, (size_t)T * (hd / 2) * sizeof(float));
+    rope_table_init(ws->rope_cos, ws->rope_sin, T, hd);
+    ws->rope_len = T;
+}
+
 struct Decoder {
     Activations acts;  // B = 1, T = 1
-    float *kv_cache;   // (L, max_seq_len, 3C) q, k, v of every position so far (RoPE applied)
-    float *scores;     // (max_seq_len) attention probabilities of the current query
+    int capacity;      // positions the cache has room for: doubled as the sample grows, to max_seq_len
+    float *kv_cache;   // (L, capacity, 3C) q, k, v of every position so far (RoPE applied)
+    float *scores;     // (capacity) attention probabilities of the current query
 };
+
+// Room for `positions` positions (at least): the cache of each layer moves to its new place.
+static void decoder_reserve(const Model *model, Decoder *d, int positions) {
+    const ModelConfig *c = &model->config;
+    if (positions <= d->capacity) { return; }
+    int capacity = d->capacity > 0 ? d->capacity : 64;
+    while (capacity < positions) { capacity = capacity > c->max_seq_len / 2 ? c->max_seq_len : 2 * capacity; }
+    capacity = capacity < c->max_seq_len ? capacity : c->max_seq_len;
+    size_t row = (size_t)3 * c->channels;
+    float *cache = (float *)malloc_check((size_t)c->num_layers * capacity * row * sizeof(float));
+    for (int l = 0; l < c->num_layers && d->capacity > 0; l++) {
+        memcpy(cache + (size_t)l * capacity * row, d->kv_cache + (size_t)l * d->capacity * row,
+               (size_t)d->capacity * row * sizeof(float));
+    }
+    free(d->kv_cache);
+    d->kv_cache = cache;
+    d->scores = (float *)realloc_check(d->scores, (size_t)capacity * sizeof(float));
+    d->capacity = capacity;
+    rope_reserve(model->ws, c, capacity);
+}
 
 Decoder *decoder_create(const Model *model) {
     const ModelConfig *c = &model->config;
     Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
     activations_alloc(&d->acts, c, 1, 1, 0);
-    d->kv_cache =
-        (float *)malloc_check((size_t)c->num_layers * c->max_seq_len * 3 * c->channels * sizeof(float));
-    d->scores = (float *)malloc_check((size_t)c->max_seq_len * sizeof(float));
+    decoder_reserve(model, d, 1);
     return d;
 }
 
@@ -42,6 +74,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
     if (pos >= c->max_seq_len) {
         fail("position %d exceeds the model's maximum sequence length %d", pos, c->max_seq_len);
     }
+    decoder_reserve(model, d, pos + 1);
     ActivationTensors *t = &d->acts.acts;
     const float *rope_cos = model->ws->rope_cos + pos * (hd / 2), *rope_sin = model->ws->rope_sin + pos * (hd / 2);
     encoder_forward(t->encoded, &token, model->params.wte, 1, C);
@@ -50,7 +83,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         LayerWeights w = layer_weights(&model->params, c, l);
         const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * C;
         float *ln1 = t->ln1 + (size_t)l * C, *atty = t->atty + (size_t)l * C, *res1 = t->res1 + (size_t)l * C;
-        float *cache = d->kv_cache + (size_t)l * c->max_seq_len * 3 * C, *qkv = cache + (size_t)pos * 3 * C;
+        float *cache = d->kv_cache + (size_t)l * d->capacity * 3 * C, *qkv = cache + (size_t)pos * 3 * C;
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, 1, C, 3 * C);
         rope_forward(qkv, rope_cos, rope_sin, 1, 1, C, NH);  // the tables from position pos

@@ -11,11 +11,15 @@ model API of train_dtopp.c and stats.h, so it is included after them.
 #include <unistd.h>
 #include "../dataloader.h"  // defines: DataLoader, dataloader_reset, dataloader_next_batch
 
+// The path of the open log, for the messages of failed writes: every row is checked as it is
+// flushed (a full disk or a file size limit stops the run, naming the file), and so is the close.
+static char log_path_open[4200];
+
 // Appends to the log of a resumed run, if there is one; otherwise starts one with its header.
 static FILE *open_log(const char *path, const Model *model, int append) {
     append = append && access(path, F_OK) == 0;
-    FILE *f = fopen(path, append ? "a" : "w");
-    if (f == NULL) { fail("cannot write %s: %s", path, strerror(errno)); }
+    FILE *f = fopen_output(path, append ? "a" : "w");
+    snprintf(log_path_open, sizeof(log_path_open), "%s", path);
     if (!append) {
         fprintf(f, "step,loss,ce_loss,val_loss,lr,grad_norm,activated,p,tokens_per_s");
         for (int l = 0; l < model->config.num_layers; l++) {
@@ -24,9 +28,12 @@ static FILE *open_log(const char *path, const Model *model, int append) {
             for (int s = 0; s <= model->config.num_experts; s++) { fprintf(f, ",hist_%d_%d", l, s); }
         }
         fprintf(f, "\n");
+        flush_check(f, path);
     }
     return f;
 }
+
+static void close_log(FILE *f) { fclose_check(f, log_path_open); }
 
 // losses: the step's (total, CE, LB_l for each l, H_l for each l), over all its micro-batches and ranks.
 static void log_step(FILE *f, const Model *model, const RoutingStats *stats, const float *losses,
@@ -45,7 +52,7 @@ static void log_step(FILE *f, const Model *model, const RoutingStats *stats, con
         for (int s = 0; s <= E; s++) { fprintf(f, ",%d", stats->histogram[(size_t)l * (E + 1) + s]); }
     }
     fprintf(f, "\n");
-    fflush(f);
+    flush_check(f, log_path_open);
     free(theta);
 }
 
@@ -88,7 +95,7 @@ static float evaluate(Model *model, DataLoader *val, int batches, FILE *dump, co
         routing_counts_add(counts, model);
         if (dump != NULL) { dump_routing(dump, model, val->inputs, b == 0); }
     }
-    if (dump != NULL && fflush(dump) != 0) { fail("cannot write %s: %s", dump_path, strerror(errno)); }
+    if (dump != NULL) { flush_check(dump, dump_path); }
     RoutingStats stats;
     routing_stats_alloc(&stats, c);
     routing_stats_from_counts(&stats, counts, c);

@@ -7,6 +7,8 @@ ranks that disagree). Included by train_dtopp.c after everything it uses.
 #ifndef RUN_H
 #define RUN_H
 
+#include <signal.h>
+
 // ----------------------------------------------------------------------------
 // the training program: setup, then a loop of training steps with evaluation, samples and
 // checkpoints
@@ -25,7 +27,11 @@ typedef struct {
     FILE *routing_dump;   // --routing-dump, opened at the start so that a bad path fails at once
     float *p_used;        // (L) the thresholds the current step routed with
     StepTotals totals;    // the current step's losses and routing, over all its micro-batches and ranks
+    double recent_dt[64];  // the seconds of the last 64 steps, for the note on a sudden slowdown
+    int steps_timed, slow_in_a_row, slowdown_noted;
 } Run;
+
+static int schedule_length(const Options *o) { return o->schedule_steps > 0 ? o->schedule_steps : o->steps; }
 
 // Stops a run whose numbers are no longer finite, saying which checkpoint survives.
 static void fail_diverged(const Run *run, const char *what, double value, int step) {
@@ -51,7 +57,7 @@ static void write_checkpoint(Run *run, int step) {
     }
     char model_path[4096], state_path[4096], latest[4096];
     TrainingState state = {.step = step, .rng = run->rng, .steps = o->steps, .warmup = o->warmup, .lr = o->lr,
-                           .weight_decay = o->weight_decay};
+                           .weight_decay = o->weight_decay, .schedule_steps = o->schedule_steps};
     dataloader_get_position(&run->train, state.position);
     checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", step);
     checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", step);
@@ -91,19 +97,20 @@ static void check_same_run(const TrainingState *s, const Options *o, const char 
     const char *which = s->steps != o->steps ? "--steps"
                         : s->warmup != o->warmup ? "--warmup"
                         : s->lr != o->lr ? "--lr"
-                        : s->weight_decay != o->weight_decay ? "--weight-decay" : NULL;
+                        : s->weight_decay != o->weight_decay ? "--weight-decay"
+                        : s->schedule_steps != o->schedule_steps ? "--schedule-steps" : NULL;
     if (which != NULL) {
-        fail(
-            "%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g; this command's "
-            "%s "
-            "differs: resume with the run's settings, or start a new run from it with --init",
-            path, s->steps, s->warmup, s->lr, s->weight_decay, which);
+        fail("%s was written by a run with --steps %d --warmup %d --lr %g --weight-decay %g --schedule-steps %d; "
+             "this command's %s differs: resume with the run's settings (leave %s out%s), train past its end "
+             "with --extend N, or start a new run from it with --init",
+             path, s->steps, s->warmup, s->lr, s->weight_decay, s->schedule_steps, which, which,
+             o->settings_saved ? ": options.txt has them" : "");
     }
 }
 
 // --resume: the newest complete checkpoint of the directory, which must belong to this run.
 static void resume_run(Run *run) {
-    const Options *o = &run->o;
+    Options *o = &run->o;
     int step = latest_checkpoint(o->resume_dir);
     if (step < 0) {
         fail("--resume %s: no complete checkpoint (model_*.bin with state_*.bin) found", o->resume_dir);
@@ -115,6 +122,13 @@ static void resume_run(Run *run) {
     TrainingState state = state_load(&run->model, state_path);
     if (state.step != step) { fail("%s says step %d, its name says %d", state_path, state.step, step); }
     check_same_run(&state, o, state_path);
+    if (o->extend > 0) {  // the schedule keeps its length; the steps after it run at its final rate
+        if (o->schedule_steps == 0) { o->schedule_steps = o->steps; }
+        if (o->extend > INT_MAX - o->steps) { fail("--extend %d: more than %d steps in all", o->extend, INT_MAX); }
+        o->steps += o->extend;
+        printf("extending the run by %d steps to %d: the learning rate stays at %g (a tenth of --lr) after "
+               "step %d\n", o->extend, o->steps, 0.1f * o->lr, o->schedule_steps);
+    }
     note_rank_change(state.ranks > 0 ? state.ranks : 1);
     dataloader_set_position(&run->train, state.position, state_path);
     run->rng = state.rng;
@@ -139,6 +153,7 @@ static void load_or_init_model(Run *run) {
         ModelConfig config;
         RouterConfig router;
         configure_model(o, run->train.vocab_size, run->train.vocab_kind, &config, &router);
+        config.vocab_hash = run->train.vocab_hash;  // which tokenizer: recorded in the model file
         model_init(&run->model, &config, &router, (uint64_t)o->seed);
     }
     if ((o->init_path != NULL || o->resume_dir != NULL) && o->model_options_given > 0) {
@@ -161,6 +176,15 @@ static void check_vocabulary(const DataLoader *d, const char *what, const ModelC
         fail("%s (%s) holds %s tokens but the model uses %s tokens (%s)", d->shard_path[0], what,
              vocab_kind_name(d->vocab_kind), vocab_kind_name(c->vocab_kind), source);
     }
+    if (d->vocab_hash != 0 && c->vocab_hash != 0 && d->vocab_hash != c->vocab_hash) {
+        fail("%s (%s) was made with another vocabulary of %d tokens than the model's (vocabulary hash %016llx, "
+             "the model's %016llx, %s): a tokenizer trained on another text", d->shard_path[0], what,
+             d->vocab_size, (unsigned long long)d->vocab_hash, (unsigned long long)c->vocab_hash, source);
+    }
+    if ((d->vocab_hash == 0) != (c->vocab_hash == 0) && c->vocab_kind != VOCAB_BYTES && dp_rank == 0) {
+        printf("note: %s records no vocabulary hash (written before it was recorded): its tokens are taken on "
+               "the vocabulary's kind and size alone\n", d->vocab_hash == 0 ? d->shard_path[0] : source);
+    }
 }
 
 // The data must fit the model: vocabulary, sequence length, steps left.
@@ -176,7 +200,9 @@ static void check_data_fits_model(const Run *run) {
         fail("--seq-len %d exceeds the model's maximum sequence length %d", o->seq_len, c->max_seq_len);
     }
     if (run->start_step >= o->steps) {
-        fail("the run is already at step %d of --steps %d", run->start_step, o->steps);
+        fail("the run in %s is finished (step %d of --steps %d): train it further with --resume %s --extend N",
+             o->resume_dir ? o->resume_dir : o->out_dir, run->start_step, o->steps,
+             o->resume_dir ? o->resume_dir : o->out_dir);
     }
 }
 
@@ -202,11 +228,61 @@ static void print_configuration(const Run *run) {
            run->train.num_batches, run->o.batch, run->o.seq_len,
            run->have_val ? run->val.num_tokens : (size_t)0);
     printf("threads: %d", omp_threads());
+    if (getenv("OMP_WAIT_POLICY") != NULL) { printf(", OMP_WAIT_POLICY=%s", getenv("OMP_WAIT_POLICY")); }
     if (dp_ranks > 1 || run->o.grad_accum > 1) {  // the split of each step's batch
         printf(" per rank; %d rank(s) x %d micro-batch(es) of %d sequences", dp_ranks, run->o.grad_accum,
                run->o.batch / (dp_ranks * run->o.grad_accum));
     }
     printf("\n\n");
+}
+
+// The tokenizer of the run's vocabulary, for samples: --tokenizer, or the one the model records, found
+// in the output directory, the folder of --resume or --init, next to the training shards (prepro's
+// PREFIX_tokenizer.bin for PREFIX_train*.bin), or GPT-2's tokenizer.bin. Needed only for samples.
+static void find_run_tokenizer(Run *run) {
+    const Options *o = &run->o;
+    const ModelConfig *c = &run->model.config;
+    char places[5][4200];
+    int n = 0;
+    snprintf(places[n++], sizeof(places[0]), "%s/tokenizer.bin", o->out_dir);
+    if (o->resume_dir != NULL) { snprintf(places[n++], sizeof(places[0]), "%s/tokenizer.bin", o->resume_dir); }
+    if (o->init_path != NULL) { beside(places[n++], sizeof(places[0]), o->init_path, "tokenizer.bin"); }
+    const char *shard = run->train.shard_path[0], *base = strrchr(shard, '/'), *split = NULL;
+    for (const char *p = base ? base : shard; (p = strstr(p, "_train")) != NULL; p++) { split = p; }
+    if (split != NULL) { snprintf(places[n++], sizeof(places[0]), "%.*s_tokenizer.bin", (int)(split - shard), shard); }
+    snprintf(places[n++], sizeof(places[0]), "tokenizer.bin");
+    const char *list[5];
+    for (int i = 0; i < n; i++) { list[i] = places[i]; }
+    const char *source = o->resume_dir ? o->resume_dir : o->init_path ? o->init_path : "the model";
+    int needed = o->sample_tokens > 0;
+    if (!needed && c->vocab_kind != VOCAB_BPE) {  // nothing to print, nothing to keep
+        memset(&run->codec, 0, sizeof(run->codec));
+        return;
+    }
+    if (!codec_find(&run->codec, o->tokenizer_path, list, n, c, source, needed) && c->vocab_kind == VOCAB_BPE &&
+        dp_rank == 0) {
+        printf("note: no tokenizer file holds the model's vocabulary; sampling the model will need --tokenizer\n");
+    }
+}
+
+// A trained vocabulary's tokenizer goes into the output directory (OUT/tokenizer.bin), so that the
+// model's folder holds all that sampling needs; GPT-2's tokenizer.bin is the project's.
+static void keep_tokenizer(const Run *run) {
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/tokenizer.bin", run->o.out_dir);
+    struct stat a, b;
+    if (!run->codec.loaded || run->codec.tokenizer.vocab_kind != VOCAB_BPE ||
+        (stat(path, &a) == 0 && stat(run->codec.path, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)) {
+        return;
+    }
+    FILE *in = fopen(run->codec.path, "rb");
+    if (in == NULL) { fail("cannot read %s: %s", run->codec.path, strerror(errno)); }
+    char tmp[4300], buffer[65536];
+    FILE *out = open_for_atomic_write(path, tmp, sizeof(tmp));
+    for (size_t n; (n = fread(buffer, 1, sizeof(buffer), in)) > 0;) { fwrite_check(buffer, 1, n, out, tmp); }
+    if (ferror(in)) { fail("cannot read %s", run->codec.path); }
+    fclose(in);
+    finish_atomic_write(out, tmp, path);
 }
 
 // The output directory: a new run starts in one without another run's model or checkpoints; a run
@@ -228,10 +304,51 @@ static void prepare_output(Run *run) {
     }
     run->routing_dump = NULL;
     if (o->routing_dump != NULL) {
-        run->routing_dump = fopen(o->routing_dump, "w");
-        if (run->routing_dump == NULL) { fail("cannot write %s: %s", o->routing_dump, strerror(errno)); }
+        run->routing_dump = fopen_output(o->routing_dump, "w");
     }
     run->log = open_log(log_path, &run->model, run->resumed_here);
+    snprintf(log_path, sizeof(log_path), "%s/options.txt", o->out_dir);
+    save_options(o, log_path);  // what --resume takes back
+    keep_tokenizer(run);
+}
+
+// ----------------------------------------------------------------------------
+// Ctrl-C and SIGTERM: the step in progress finishes, a checkpoint is written, the program says where
+// and exits with 128 + the signal's number. A second signal stops at once (its default action).
+
+static volatile sig_atomic_t stop_signal = 0;
+
+static void on_stop_signal(int sig) {
+    stop_signal = sig;
+    static const char msg[] = "\n(stopping after this step with a checkpoint; interrupt again to stop at once)\n";
+    ssize_t ignored = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+    (void)ignored;
+}
+
+static void catch_stop_signals(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = on_stop_signal;
+    action.sa_flags = SA_RESETHAND;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, NULL);
+    sigaction(SIGTERM, &action, NULL);
+}
+
+// Whether the run stops after this step: --stop-at, or a signal (on any rank: they stop together).
+static int stop_after(int step, const Options *o) {
+    double signalled = stop_signal;
+    if (dp_ranks > 1) { dp_sum_doubles(&signalled, 1); }
+    return step + 1 == o->stop_at || signalled != 0;
+}
+
+// After the checkpoint of a stop: where it is and how to go on; the program's exit status.
+static int report_stop(const Run *run, int steps_done) {
+    const char *dir = run->o.out_dir;
+    printf("%s at step %d of %d: the checkpoint is %s/model_%08d.bin with state_%08d.bin; continue with "
+           "--resume %s (make train: RESUME=1)\n", stop_signal ? "interrupted" : "stopped", steps_done,
+           run->o.steps, dir, steps_done, steps_done, dir);
+    return stop_signal ? 128 + (stop_signal == SIGINT ? SIGINT : SIGTERM) : EXIT_SUCCESS;
 }
 
 // --batch is split into --grad-accum micro-batches on each rank: they must divide it.
@@ -258,10 +375,10 @@ static void run_setup(Run *run) {
     run->have_val = o->val_pattern != NULL && o->val_pattern[0] != '\0';
     if (run->have_val) { dataloader_init(&run->val, o->val_pattern, o->batch, o->seq_len, 0, 0); }
     if (dp_rank == 0) { ensure_directory(o->out_dir); }
+    catch_stop_signals();
     load_or_init_model(run);
     check_data_fits_model(run);
-    memset(&run->codec, 0, sizeof(run->codec));
-    if (o->sample_tokens > 0) { codec_init(&run->codec, o->tokenizer_path, &run->model.config); }
+    find_run_tokenizer(run);
     run->log = run->routing_dump = NULL;
     if (dp_rank == 0) { prepare_output(run); }
     print_configuration(run);
@@ -270,10 +387,8 @@ static void run_setup(Run *run) {
 }
 
 static void run_free(Run *run) {
-    if (run->log != NULL) { fclose(run->log); }
-    if (run->routing_dump != NULL && fclose(run->routing_dump) != 0) {
-        fail("cannot write %s: %s", run->o.routing_dump, strerror(errno));
-    }
+    if (run->log != NULL) { close_log(run->log); }
+    if (run->routing_dump != NULL) { fclose_check(run->routing_dump, run->o.routing_dump); }
     free(run->p_used);
     step_totals_free(&run->totals);
     if (run->codec.loaded) { tokenizer_free(&run->codec.tokenizer); }
@@ -300,6 +415,35 @@ static void check_ranks_agree(const Model *model, int step) {
     free(params);
 }
 
+// A step far slower than the run's recent median (three in a row, 4x or more) is most likely another
+// program on the cores, which spinning OpenMP threads make far worse: said once, with what helps.
+static void watch_speed(Run *run, double dt) {
+    int n = run->steps_timed < 64 ? run->steps_timed : 64;
+    if (n >= 16 && !run->slowdown_noted) {
+        double sorted[64];
+        memcpy(sorted, run->recent_dt, n * sizeof(double));
+        for (int i = 1; i < n; i++) {  // insertion sort
+            for (int j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
+                double t = sorted[j];
+                sorted[j] = sorted[j - 1];
+                sorted[j - 1] = t;
+            }
+        }
+        double median = sorted[n / 2];
+        run->slow_in_a_row = dt > 4.0 * median ? run->slow_in_a_row + 1 : 0;
+        if (run->slow_in_a_row == 3) {
+            const char *policy = getenv("OMP_WAIT_POLICY");
+            int passive = policy != NULL && strcmp(policy, "passive") == 0;
+            printf("note: steps take %.1fx this run's recent median (%.0f ms): another program is probably using "
+                   "the cores. OMP_WAIT_POLICY is %s%s; --threads with fewer threads than free cores helps too\n",
+                   dt / median, 1000 * median, policy ? policy : "unset",
+                   passive ? "" : ": OMP_WAIT_POLICY=passive stops idle threads spinning");
+            run->slowdown_noted = 1;
+        }
+    }
+    run->recent_dt[run->steps_timed++ % 64] = dt;
+}
+
 // The progress line of a step, and its row of log.csv.
 static void report_step(Run *run, int step, float val_loss, float lr, float grad_norm, double dt,
                         double eta) {
@@ -309,6 +453,7 @@ static void report_step(Run *run, int step, float val_loss, float lr, float grad
            run->totals.losses[0], lr, run->p_used[0], run->totals.stats.activated);
     if (model->router.routing == ROUTING_DTOPP) { printf(" (target %.2f)", model->router.tgt); }
     printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
+    if (step > run->start_step) { watch_speed(run, dt); }  // the first step pays for allocations
     fflush(stdout);
     if (run->log != NULL) {
         log_step(run->log, model, &run->totals.stats, run->totals.losses, run->p_used, step + 1, val_loss, lr,

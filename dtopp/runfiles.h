@@ -10,7 +10,9 @@ files) and the log rows after its checkpoint. It uses the model API, so it is in
 #define RUNFILES_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <glob.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -36,15 +38,16 @@ typedef struct {
     int steps, warmup;
     float lr, weight_decay;
     int ranks;              // the processes that trained the run (0 in older files: one)
+    int schedule_steps;     // the learning-rate schedule's length when not --steps (--extend); else 0
 } TrainingState;
 
 // The header of a state file (doc/formats.md); saving and loading both walk this table.
-#define STATE_HEADER_FIELDS 10
+#define STATE_HEADER_FIELDS 11
 static void state_header_fields(HeaderField *fields, TrainingState *s) {
     HeaderField list[STATE_HEADER_FIELDS] = {{2, 4, &s->step}, {3, 4, &s->adam_step}, {4, 32, s->position},
                                              {12, 8, &s->rng}, {14, 4, &s->param_check}, {15, 4, &s->steps},
                                              {16, 4, &s->warmup}, {17, 4, &s->lr}, {18, 4, &s->weight_decay},
-                                             {19, 4, &s->ranks}};
+                                             {19, 4, &s->ranks}, {20, 4, &s->schedule_steps}};
     memcpy(fields, list, sizeof(list));
 }
 
@@ -67,6 +70,26 @@ static void state_save(const Model *model, const char *path, TrainingState s) {
     finish_atomic_write(f, tmp, path);
     free(m);
     free(v);
+}
+
+// AdamW's moments as read from a state file: finite, and the second ones >= 0. On a bad value both
+// buffers are freed before fail(), so a refused file leaves nothing allocated (LeakSanitizer).
+static void check_moments(float *m, float *v, size_t n, const char *path) {
+    char problem[160] = "";
+    for (size_t i = 0; i < n && problem[0] == '\0'; i++) {
+        const char *what = !isfinite(m[i]) ? "first moment" : !isfinite(v[i]) ? "second moment" : NULL;
+        if (what != NULL) {
+            snprintf(problem, sizeof(problem), "%s %zu of %zu is %g, not a finite number", what, i, n,
+                     what[0] == 'f' ? m[i] : v[i]);
+        } else if (v[i] < 0.0f) {
+            snprintf(problem, sizeof(problem), "second moment %zu is negative (%g)", i, v[i]);
+        }
+    }
+    if (problem[0] != '\0') {
+        free(m);
+        free(v);
+        fail("%s: %s", path, problem);
+    }
 }
 
 // Restores the moments and AdamW's step into the model; returns the rest.
@@ -93,11 +116,7 @@ static TrainingState state_load(Model *model, const char *path) {
     fread_check(m, sizeof(float), model->num_parameters, f, path);
     fread_check(v, sizeof(float), model->num_parameters, f, path);
     fclose(f);
-    check_finite(m, model->num_parameters, path, "first moment");
-    check_finite(v, model->num_parameters, path, "second moment");
-    for (size_t i = 0; i < model->num_parameters; i++) {
-        if (v[i] < 0.0f) { fail("%s: second moment %zu is negative (%g)", path, i, v[i]); }
-    }
+    check_moments(m, v, model->num_parameters, path);
     model_set_moments(model, m, v);
     free(m);
     free(v);
@@ -108,14 +127,24 @@ static void checkpoint_path(char *out, size_t size, const char *dir, const char 
     snprintf(out, size, "%s/%s_%08d.bin", dir, kind, step);
 }
 
-// The step of a checkpoint file's name (model_STEP.bin, state_STEP.bin), or -1.
+// The step of a checkpoint file's name, or -1 for any other name: exactly the name checkpoint_path
+// gives (KIND_ then 8 digits, or more for steps of 10^8 and up, without a sign; a step that fits an
+// int), so that "state_+0000004.bin" or "state_99999999999.bin" are not taken for checkpoints.
 static int checkpoint_step(const char *path, const char *kind) {
     const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
-    char format[64];
-    int step, end = 0;
-    snprintf(format, sizeof(format), "%s_%%d.bin%%n", kind);
-    if (sscanf(name, format, &step, &end) != 1 || name[end] != '\0') { return -1; }
-    return step >= 0 ? step : -1;
+    size_t k = strlen(kind);
+    if (strncmp(name, kind, k) != 0 || name[k] != '_') { return -1; }
+    const char *digits = name + k + 1;
+    long long step = 0;
+    int n = 0;
+    for (; digits[n] >= '0' && digits[n] <= '9'; n++) {
+        if (n >= 10) { return -1; }  // more digits than any int has
+        step = step * 10 + (digits[n] - '0');
+    }
+    if (n < 8 || step > INT32_MAX || strcmp(digits + n, ".bin") != 0) { return -1; }
+    char canonical[64];
+    snprintf(canonical, sizeof(canonical), "%s_%08d.bin", kind, (int)step);
+    return strcmp(name, canonical) == 0 ? (int)step : -1;
 }
 
 // The highest step with both files present, or -1.
@@ -136,6 +165,34 @@ static int latest_checkpoint(const char *dir) {
     return best;
 }
 
+// One run at a time in an output directory: the run holds an advisory lock (flock) on DIR/.lock
+// for as long as it lives. The kernel releases it when the process ends, however it ends (a crash,
+// kill -9), so a lock is never left stuck; the file stays, empty of meaning but for the process id
+// of the last run that held it. Another run on the directory is refused at once.
+static void lock_directory(const char *dir) {
+    static int lock_fd = -1;  // open for the life of the process: closing it would release the lock
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/.lock", dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) { fail("cannot open %s, the lock of the output directory: %s", path, strerror(errno)); }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        char pid[32] = "";
+        ssize_t n = read(fd, pid, sizeof(pid) - 1);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        close(fd);
+        fail("%s is in use by another run (process %s holds %s): wait for it to end, or choose another "
+             "output directory", dir, pid[0] ? pid : "?", path);
+    }
+    char pid[32];
+    int len = snprintf(pid, sizeof(pid), "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || write(fd, pid, (size_t)len) != len) {
+        fail("cannot write %s: %s", path, strerror(errno));
+    }
+    if (lock_fd >= 0) { close(lock_fd); }  // a second directory in one process (the tests)
+    lock_fd = fd;
+}
+
 static void ensure_directory(const char *dir) {
     char cmd[4200];
     struct stat st;
@@ -149,6 +206,7 @@ static void ensure_directory(const char *dir) {
     if (f == NULL) { fail("output directory %s is not writable: %s", dir, strerror(errno)); }
     fclose(f);
     remove(cmd);
+    lock_directory(dir);
 }
 
 // Whether two paths name the same directory ("out", "out/", "./out"): compared by identity.
@@ -176,6 +234,10 @@ static void for_each_file(const char *dir, const char *pattern, const char *kind
 // ".tmp" files.
 static void remove_leftover(const char *path, int step, void *keep) {
     if (step == *(int *)keep) { return; }
+    if (step < 0 && *(int *)keep != -2) {  // not a checkpoint's name: not the run's, left alone
+        printf("note: %s is not a checkpoint name of this program: left as it is\n", path);
+        return;
+    }
     if (remove(path) != 0) { fail("cannot remove %s: %s", path, strerror(errno)); }
     printf("removed %s, left by an interrupted run\n", path);
 }
@@ -212,8 +274,8 @@ static void refuse_other_run(const char *dir) {
 // On resume, log.csv may hold rows of steps after the checkpoint (the run went on before it was
 // stopped, and a row may be cut off); they are dropped, since the resumed run writes them again.
 static void truncate_log(const char *path, int last_step) {
-    FILE *in = fopen(path, "rb");
-    if (in == NULL) { return; }  // open_log starts a new one
+    if (access(path, F_OK) != 0) { return; }  // open_log starts a new one
+    FILE *in = fopen_check(path, "rb");
     char tmp[4200], *line = NULL;
     size_t capacity = 0;
     ssize_t len;
@@ -223,6 +285,7 @@ static void truncate_log(const char *path, int last_step) {
         fwrite_check(line, 1, (size_t)len, out, tmp);
     }
     free(line);
+    if (ferror(in)) { fail("cannot read %s", path); }
     fclose(in);
     finish_atomic_write(out, tmp, path);
 }

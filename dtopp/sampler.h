@@ -2,8 +2,8 @@
 sampler.h: text out of a trained model. sample_token draws the next token from the logits
 (temperature, top-k); TextCodec turns text into tokens and tokens into text for the model's kind of
 vocabulary (bytes, GPT-2's tokens through tokenizer.bin, or a vocabulary prepro trained, through
-its tokenizer file); generate_text runs the model's decoder (decoder_step, one position at a time)
-after a prompt. It uses the model API of train_dtopp.c, so it is included after it.
+its tokenizer file, which codec_find finds by the vocabulary hash the model records); generate_text
+runs the model's decoder (decoder_step, one position at a time) after a prompt. It uses the model API of train_dtopp.c, so it is included after it.
 */
 #ifndef SAMPLER_H
 #define SAMPLER_H
@@ -54,28 +54,83 @@ typedef struct {
     int byte_level;  // a token is a byte
     int loaded;
     Tokenizer tokenizer;
+    char path[4096];  // where the tokenizer came from
 } TextCodec;
 
-// The model's header says what its tokens are; a vocabulary of unknown kind cannot be printed.
-static void codec_init(TextCodec *codec, const char *tokenizer_path, const ModelConfig *c) {
+// Why the tokenizer t cannot print the model's tokens, or NULL when it can. A model records the
+// hash of its vocabulary (doc/formats.md); one written before it did is matched on kind and size.
+static const char *tokenizer_misfit(const Tokenizer *t, const ModelConfig *c, char *why, size_t size) {
+    if (t->vocab_kind != c->vocab_kind) {
+        snprintf(why, size, "holds a %s vocabulary but the model's is %s", vocab_kind_name(t->vocab_kind),
+                 vocab_kind_name(c->vocab_kind));
+    } else if (tokenizer_vocab_size(t) != c->vocab_size) {
+        snprintf(why, size, "has %d tokens but the model's vocabulary has %d", tokenizer_vocab_size(t),
+                 c->vocab_size);
+    } else if (c->vocab_hash != 0 && t->vocab_hash != c->vocab_hash) {
+        snprintf(why, size, "holds another vocabulary of %d tokens than the model's (vocabulary hash %016llx, the "
+                 "model's %016llx): a tokenizer trained on another text", c->vocab_size,
+                 (unsigned long long)t->vocab_hash, (unsigned long long)c->vocab_hash);
+    } else {
+        return NULL;
+    }
+    return why;
+}
+
+// The tokenizer of a model: `path` (--tokenizer) when given, which must fit it; else the first of
+// `places` that holds the model's vocabulary. Fails naming every place when none does and `required`;
+// returns whether one was found. `model` names the model in messages.
+static int codec_find(TextCodec *codec, const char *path, const char *const *places, int n_places,
+                      const ModelConfig *c, const char *model, int required) {
+    memset(codec, 0, sizeof(*codec));
     codec->byte_level = c->vocab_kind == VOCAB_BYTES;
-    codec->loaded = 0;
     if (c->vocab_kind == VOCAB_UNKNOWN) {
-        fail("the model's vocabulary (%d tokens) is of no known kind: cannot print text", c->vocab_size);
+        fail("%s: its vocabulary (%d tokens) is of no known kind: cannot print text", model, c->vocab_size);
     }
-    if (!codec->byte_level) {
-        tokenizer_init(&codec->tokenizer, tokenizer_path);
-        codec->loaded = 1;
-        if (codec->tokenizer.vocab_kind != c->vocab_kind) {
-            fail("%s holds a %s vocabulary but the model's is %s%s", tokenizer_path,
-                 vocab_kind_name(codec->tokenizer.vocab_kind), vocab_kind_name(c->vocab_kind),
-                 c->vocab_kind == VOCAB_BPE ? ": pass the PREFIX_tokenizer.bin prepro wrote with --tokenizer" : "");
-        }
-        if (tokenizer_vocab_size(&codec->tokenizer) != c->vocab_size) {
-            fail("%s has %d tokens but the model's vocabulary has %d", tokenizer_path,
-                 tokenizer_vocab_size(&codec->tokenizer), c->vocab_size);
-        }
+    if (codec->byte_level) { return 1; }
+    char why[512], tried[4096] = "";
+    if (path != NULL) {  // given: the one place, and it must fit
+        places = &path;
+        n_places = 1;
     }
+    for (int i = 0; i < n_places; i++) {
+        const char *candidate = places[i];
+        if (path == NULL && access(candidate, R_OK) != 0) {
+            snprintf(tried + strlen(tried), sizeof(tried) - strlen(tried), "%s%s", tried[0] ? ", " : "", candidate);
+            continue;
+        }
+        tokenizer_init(&codec->tokenizer, candidate);
+        if (tokenizer_misfit(&codec->tokenizer, c, why, sizeof(why)) != NULL) {
+            if (path != NULL) { fail("%s %s", candidate, why); }
+            snprintf(tried + strlen(tried), sizeof(tried) - strlen(tried), "%s%s (%s)", tried[0] ? ", " : "",
+                     candidate, why);
+            tokenizer_free(&codec->tokenizer);
+            continue;
+        }
+        if (c->vocab_hash == 0) {
+            fprintf(stderr, "note: %s records no vocabulary hash (written before models did): %s is taken on "
+                    "its kind and size alone\n", model, candidate);
+        }
+        snprintf(codec->path, sizeof(codec->path), "%s", candidate);
+        return codec->loaded = 1;
+    }
+    if (required) {
+        fail("%s was trained with a %s vocabulary of %d tokens (vocabulary hash %016llx), and no tokenizer file "
+             "holding it was found (%s): pass it with --tokenizer FILE", model, vocab_kind_name(c->vocab_kind),
+             c->vocab_size, (unsigned long long)c->vocab_hash, tried);
+    }
+    return 0;
+}
+
+// The tokenizer of a model from --tokenizer, or else GPT-2's tokenizer.bin (or bytes).
+static void codec_init(TextCodec *codec, const char *tokenizer_path, const ModelConfig *c) {
+    const char *places[] = {"tokenizer.bin"};
+    codec_find(codec, tokenizer_path, places, 1, c, "the model", 1);
+}
+
+// DIR/NAME of the directory of path (a file) into out.
+static void beside(char *out, size_t size, const char *path, const char *name) {
+    const char *slash = strrchr(path, '/');
+    snprintf(out, size, "%.*s%s", slash ? (int)(slash - path + 1) : 0, path, name);
 }
 
 static int *codec_encode(const TextCodec *codec, const char *text, size_t *n) {
@@ -136,8 +191,11 @@ int generate_from_checkpoint(const char *model_path, const char *tokenizer_path,
                              int n_tokens, float temperature, int top_k, uint64_t rng) {
     Model model;
     model_load(&model, model_path);
-    TextCodec codec;
-    codec_init(&codec, tokenizer_path, &model.config);
+    TextCodec codec;  // the model's folder holds the tokenizer of a trained vocabulary (run.h); GPT-2's is here
+    char run_copy[4200];
+    beside(run_copy, sizeof(run_copy), model_path, "tokenizer.bin");
+    const char *places[] = {run_copy, "tokenizer.bin"};
+    codec_find(&codec, tokenizer_path, places, 2, &model.config, model_path, 1);
     double t0 = wall_seconds();
     int sampled = generate_text(&model, &codec, prompt, n_tokens, temperature, top_k, &rng);
     fprintf(stderr, "%d tokens in %.2f s", sampled, wall_seconds() - t0);

@@ -55,7 +55,19 @@ typedef struct {
     int byte_to_id[256];        // the single-byte token of every byte value
     TokenizerMerge *merges;     // hash table of merges (open addressing), merge_mask + 1 slots
     uint32_t merge_mask;
+    uint64_t vocab_hash;        // tokenizer_vocab_hash of the file: which vocabulary this is
 } Tokenizer;
+
+// The identity of a vocabulary (doc/formats.md): FNV-1a 64 over header words 2-5 of its tokenizer
+// file (V, end-of-text, merges, total bytes) and its payload (merges, token lengths, token bytes),
+// never 0. Models and shards record it, so that a tokenizer of another corpus is refused. Chained:
+// pass the previous value as h, starting from TOKENIZER_HASH_START.
+#define TOKENIZER_HASH_START 14695981039346656037ull
+static uint64_t tokenizer_vocab_hash(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = (const unsigned char *)data;
+    for (size_t i = 0; i < n; i++) { h = (h ^ p[i]) * 1099511628211ull; }
+    return h != 0 ? h : 1;
+}
 
 // Token ids are below 65535 in a merge (the last id of a vocabulary of at most 65536 is the
 // end-of-text token), so a pair packs into 32 bits without overflow and never equals the empty
@@ -101,6 +113,12 @@ void tokenizer_init(Tokenizer *t, const char *path) {
         fread(t->token_bytes, 1, (size_t)total, f) != (size_t)total)
         fail("%s: read error", path);
     fclose(f);
+    uint64_t hash = tokenizer_vocab_hash(TOKENIZER_HASH_START, &h[2], 4 * sizeof(int32_t));
+    hash = tokenizer_vocab_hash(hash, pairs, 2 * (size_t)M * sizeof(int32_t));
+    hash = tokenizer_vocab_hash(tokenizer_vocab_hash(hash, lens, (size_t)V), t->token_bytes, (size_t)total);
+    uint64_t stored = h[1] == 1 ? 0 : (uint64_t)(uint32_t)h[7] | (uint64_t)(uint32_t)h[8] << 32;
+    if (stored != 0 && stored != hash) fail("%s: its tokens do not match the vocabulary hash of its header", path);
+    t->vocab_hash = hash;
     t->vocab_kind = kind;
     t->vocab_size = V;
     t->eot = eot;

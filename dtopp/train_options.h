@@ -32,6 +32,7 @@ typedef struct {
     float p, tgt, Kp, Ki, p0, pmin, pmax, theta_init, lb_coef, ent_coef;  // ent_coef < 0: the mode's default
     // training
     int batch, seq_len, steps, warmup, shuffle, threads;
+    int schedule_steps, extend;  // the learning-rate schedule's length (0: --steps); steps past a resumed run's
     int grad_accum, check_ranks;  // micro-batches per step and rank; steps between replica checks
     float lr, weight_decay;
     long long seed;
@@ -40,7 +41,10 @@ typedef struct {
     float temperature;
     const char *prompt;
     const char *routing_dump;
+    const char *explain, *html;  // --explain TEXT (dtopp/explain.h), its page
+    int explain_window;
     int model_options_given;  // how many architecture or routing options the command line set
+    int settings_saved;       // --resume found the run's options.txt
 } Options;
 
 #define MAX_THREADS 1024  // far more is no use, and libgomp crashes (stack overflow) on 100,000
@@ -49,12 +53,12 @@ static int option_specs(Options *o, OptionSpec *specs) {
     OptionSpec list[] = {
         {"train", 's', &o->train_pattern, 0, 0, "training shards (glob pattern)", 0},
         {"val", 's', &o->val_pattern, 0, 0, "validation shards (glob pattern; empty: none)", 0},
-        {"tokenizer", 's', &o->tokenizer_path, 0, 0,
-         "tokenizer file, for prompts and samples: GPT-2's, or the one prepro --vocab bpe wrote", 0},
+        {"tokenizer", 's', &o->tokenizer_path, 0, 0, "tokenizer file for prompts and samples (default: the "
+         "model's, found by its vocabulary hash in OUT, next to the shards, or GPT-2's tokenizer.bin)", 0},
         {"out", 's', &o->out_dir, 0, 0, "output directory: log.csv, model.bin, checkpoints", 0},
         {"init", 's', &o->init_path, 0, 0,
          "start from this model checkpoint (architecture and routing from the file)", 0},
-        {"resume", 's', &o->resume_dir, 0, 0, "continue the run whose checkpoints are in this directory", 0},
+        {"resume", 's', &o->resume_dir, 0, 0, "continue the run in this directory with its settings (options.txt)", 0},
         {"model", 's', &o->preset, 0, 0, "size preset: tiny, small, medium, gpt2-moe", 1},
         {"layers", 'i', &o->layers, 1, MAX_SIZE, "L, transformer blocks", 1},
         {"channels", 'i', &o->channels, 2, MAX_SIZE, "C, model width", 1},
@@ -82,6 +86,10 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"batch", 'i', &o->batch, 1, MAX_SIZE, "B, sequences per step", 0},
         {"seq-len", 'i', &o->seq_len, 1, MAX_SIZE, "T, tokens per sequence", 0},
         {"steps", 'i', &o->steps, 1, INT_MAX, "optimizer steps", 0},
+        {"schedule-steps", 'i', &o->schedule_steps, NOT_NEGATIVE_INT, "learning-rate schedule's length: "
+         "cosine decay to a tenth of --lr at this step, then constant (0: --steps)", 0},
+        {"extend", 'i', &o->extend, NOT_NEGATIVE_INT, "with --resume: this many steps past the run's --steps, "
+         "at its schedule's final rate, a tenth of --lr (the schedule keeps its length)", 0},
         {"lr", 'f', &o->lr, NOT_NEGATIVE_FLOAT, "peak learning rate", 0},
         {"warmup", 'i', &o->warmup, 1, INT_MAX, "learning-rate warm-up steps", 0},
         {"weight-decay", 'f', &o->weight_decay, NOT_NEGATIVE_FLOAT, "AdamW weight decay of the matrices", 0},
@@ -110,6 +118,11 @@ static int option_specs(Options *o, OptionSpec *specs) {
          "stop after this step with a checkpoint (0: run to --steps); continue with --resume", 0},
         {"generate", 'i', &o->generate, 0, MAX_SIZE,
          "with --init: print this many tokens after --prompt and exit", 0},
+        {"explain", 's', &o->explain, 0, 0,
+         "with --init: show how the router spends its experts on this text file, token by token, and exit", 0},
+        {"html", 's', &o->html, 0, 0, "with --explain: write the page here (default: colours on the terminal)", 0},
+        {"explain-window", 'i', &o->explain_window, NOT_NEGATIVE_INT,
+         "with --explain: tokens per forward pass (0: the model's longest sequence)", 0},
     };
     int n = (int)(sizeof(list) / sizeof(list[0]));
     if (specs != NULL) { memcpy(specs, list, sizeof(list)); }
@@ -120,7 +133,7 @@ static void default_options(Options *o) {
     memset(o, 0, sizeof(*o));
     o->train_pattern = "data/train_bytes_train.bin";  // what `make train` writes
     o->val_pattern = "data/train_bytes_val.bin";
-    o->tokenizer_path = "tokenizer.bin";
+    o->tokenizer_path = NULL;  // found by the model's vocabulary hash (sampler.h)
     o->out_dir = "out";
     o->init_path = o->resume_dir = NULL;
     o->preset = "small";
@@ -143,6 +156,7 @@ static void default_options(Options *o) {
     o->batch = 16;
     o->seq_len = 64;
     o->steps = 600;
+    o->schedule_steps = o->extend = 0;
     o->lr = 3e-3f;
     o->warmup = 30;
     o->weight_decay = 0.1f;
@@ -162,6 +176,8 @@ static void default_options(Options *o) {
     o->routing_dump = NULL;
     o->stop_at = 0;
     o->generate = 0;
+    o->explain = o->html = NULL;
+    o->explain_window = 0;
 }
 
 static void print_usage(void) {
@@ -178,12 +194,115 @@ static void print_usage(void) {
 // What the ranges of the options table cannot say.
 static void check_options(const Options *o);
 
-// The defaults, then the command line, checked.
+// ----------------------------------------------------------------------------
+// the settings a run saves (OUT/options.txt), which --resume takes back: one "--name value" line per
+// option that shapes the run, with backslash and newline escaped as \\ and \n. The architecture
+// and routing are in the model file; where the run is and what this command does are not saved.
+
+static int option_is_saved(const OptionSpec *spec) {
+    const char *not_saved[] = {"init", "resume", "out", "generate", "extend", "stop-at"};
+    for (size_t i = 0; i < sizeof(not_saved) / sizeof(not_saved[0]); i++) {
+        if (strcmp(spec->name, not_saved[i]) == 0) { return 0; }
+    }
+    return !spec->describes_model && !(spec->type == 's' && *(const char **)spec->value == NULL);
+}
+
+static void save_options(const Options *o, const char *path) {
+    Options copy = *o;
+    OptionSpec specs[64];
+    int n = option_specs(&copy, specs);
+    char tmp[4200];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
+    for (int i = 0; i < n; i++) {
+        if (!option_is_saved(&specs[i])) { continue; }
+        fprintf(f, "--%s ", specs[i].name);
+        switch (specs[i].type) {
+            case 'i': fprintf(f, "%d", *(int *)specs[i].value); break;
+            case 'f': {  // %g when it reads back as the same float, else all 9 digits
+                char text[32];
+                snprintf(text, sizeof(text), "%g", *(float *)specs[i].value);
+                if ((float)strtod(text, NULL) != *(float *)specs[i].value) {
+                    snprintf(text, sizeof(text), "%.9g", *(float *)specs[i].value);
+                }
+                fputs(text, f);
+                break;
+            }
+            case 'l': fprintf(f, "%lld", *(long long *)specs[i].value); break;
+            default:
+                for (const char *c = *(const char **)specs[i].value; *c; c++) {
+                    if (*c == '\\' || *c == '\n') {
+                        fputs(*c == '\\' ? "\\\\" : "\\n", f);
+                    } else {
+                        fputc(*c, f);
+                    }
+                }
+        }
+        fputc('\n', f);
+    }
+    if (ferror(f)) { fail("cannot write %s", tmp); }
+    finish_atomic_write(f, tmp, path);
+}
+
+static char *saved_options_text;  // the strings of options.txt: they live as long as the program
+
+// Applies DIR/options.txt to the options of specs; returns 0 when there is none (a run of an older version).
+static int load_saved_options(OptionSpec *specs, int n, const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof(path), "%s/options.txt", dir);
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) { return 0; }
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (size < 0 || size > (1 << 20)) { fail("%s: not a settings file (%ld bytes)", path, size); }
+    free(saved_options_text);  // parsed once in a program; the fuzz target parses many times
+    char *text = saved_options_text = (char *)malloc_check((size_t)size + 1);
+    if (fread(text, 1, (size_t)size, f) != (size_t)size) { fail("%s: read error", path); }
+    fclose(f);
+    text[size] = '\0';
+    int line = 1;
+    for (char *p = text, *end; *p != '\0'; p = end + 1, line++) {
+        end = strchr(p, '\n');
+        if (end == NULL) { fail("%s, line %d: cut off (no newline at its end)", path, line); }
+        *end = '\0';
+        char *space = strchr(p, ' ');
+        if (strncmp(p, "--", 2) != 0 || space == NULL) { fail("%s, line %d: not \"--option value\"", path, line); }
+        *space = '\0';
+        int known = 0;
+        for (int i = 0; i < n; i++) { known |= strcmp(p + 2, specs[i].name) == 0 && option_is_saved(&specs[i]); }
+        if (!known) { fail("%s, line %d: %s is not a saved option of this program", path, line, p); }
+        char *w = space + 1;  // unescape in place
+        for (const char *r = space + 1; *r; r++) {
+            *w++ = *r == '\\' && r[1] == 'n' ? (r++, '\n') : *r == '\\' && r[1] == '\\' ? (r++, '\\') : *r;
+        }
+        *w = '\0';
+        char *args[3] = {path, p, space + 1};
+        parse_option_table(specs, n, 3, args, print_usage);
+    }
+    return 1;
+}
+
+// The value of --name on the command line, or NULL.
+static const char *command_line_option(int argc, char **argv, const char *name) {
+    for (int a = 1; a + 1 < argc; a += 2) {
+        if (strncmp(argv[a], "--", 2) == 0 && strcmp(argv[a] + 2, name) == 0) { return argv[a + 1]; }
+    }
+    return NULL;
+}
+
+// The defaults, then with --resume DIR the settings the run saved, then the command line, checked.
 static void parse_options(Options *o, int argc, char **argv) {
     default_options(o);
     OptionSpec specs[64];
     int n = option_specs(o, specs);
+    const char *resume = command_line_option(argc, argv, "resume");
+    o->settings_saved = resume != NULL && load_saved_options(specs, n, resume);
+    if (resume != NULL && !o->settings_saved) {
+        printf("note: %s has no options.txt (a run of an older version): the settings come from this command "
+               "line alone\n", resume);
+    }
     o->model_options_given += parse_option_table(specs, n, argc, argv, print_usage);
+    if (o->resume_dir != NULL && command_line_option(argc, argv, "out") == NULL) { o->out_dir = o->resume_dir; }
     check_options(o);
 }
 
@@ -198,6 +317,7 @@ static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig
     }
     c->vocab_size = V;
     c->vocab_kind = vocab_kind;
+    c->vocab_hash = 0;  // the caller sets the data's
     c->padded_vocab_size = padded_vocab(V);
     c->num_layers = o->layers >= 0 ? o->layers : preset->layers;
     c->channels = o->channels >= 0 ? o->channels : preset->channels;
@@ -230,7 +350,10 @@ static void check_options(const Options *o) {
              MAX_SIZE);
     }
     if (o->init_path != NULL && o->resume_dir != NULL) { fail("--init and --resume exclude each other"); }
+    if (o->extend > 0 && o->resume_dir == NULL) { fail("--extend needs --resume DIR: it continues a run"); }
     if (o->generate > 0 && o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
+    if (o->explain != NULL && o->init_path == NULL) { fail("--explain needs --init MODEL.bin"); }
+    if (o->html != NULL && o->explain == NULL) { fail("--html needs --explain TEXT_FILE"); }
 }
 
 #endif  // TRAIN_OPTIONS_H

@@ -28,6 +28,7 @@ utils.h: what every program of the project shares about errors and files.
 #include <time.h>
 #include <unistd.h>
 #include <math.h>
+#include <sys/stat.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -50,6 +51,20 @@ static char pending_tmp_path[4096];
 // jumps back to its harness). The message is in `message`.
 static void (*fail_hook)(const char *message);
 
+// The temporary files of a set written together and not yet published (hold_atomic_write).
+static char **held_tmp_paths;
+static int num_held_tmp_paths;
+
+static inline void release_held_tmp_paths(int remove_files) {
+    for (int i = 0; i < num_held_tmp_paths; i++) {
+        if (remove_files) { remove(held_tmp_paths[i]); }
+        free(held_tmp_paths[i]);
+    }
+    free(held_tmp_paths);
+    held_tmp_paths = NULL;
+    num_held_tmp_paths = 0;
+}
+
 static inline void fail(const char *fmt, ...) {
     char message[8192];
     va_list args;
@@ -60,6 +75,7 @@ static inline void fail(const char *fmt, ...) {
         remove(pending_tmp_path);
         pending_tmp_path[0] = '\0';
     }
+    release_held_tmp_paths(1);
     if (fail_hook != NULL) { fail_hook(message); }
     fprintf(stderr, "error: %s\n", message);
     exit(EXIT_FAILURE);
@@ -86,10 +102,54 @@ static inline void *realloc_check(void *ptr, size_t size) {
 // ----------------------------------------------------------------------------
 // checked file I/O
 
+// A path that exists and is not a regular file (a directory, a FIFO, a device) is refused by name
+// before it is opened: reading a FIFO would wait for a writer forever, a directory would read as
+// "truncated", and replacing a device or a FIFO with a file destroys what was there. A symbolic
+// link counts as what it points to.
+static inline void refuse_non_regular(const char *path, const char *role) {
+    struct stat st;
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        fail("%s is not a regular file (%s): refusing it as %s", path,
+             S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO"
+             : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "not a plain file", role);
+    }
+}
+
+// Opens a file; one that is read must be a regular file, one that is written must be one or not
+// exist yet.
 static inline FILE *fopen_check(const char *path, const char *mode) {
+    refuse_non_regular(path, mode[0] == 'r' ? "an input" : "an output");
     FILE *f = fopen(path, mode);
     if (f == NULL) { fail("cannot open %s: %s", path, strerror(errno)); }
     return f;
+}
+
+// fopen_check for an output (mode "w" or "a"), with the message of a failed write.
+static inline FILE *fopen_output(const char *path, const char *mode) {
+    refuse_non_regular(path, "an output");
+    FILE *f = fopen(path, mode);
+    if (f == NULL) { fail("cannot write %s: %s", path, strerror(errno)); }
+    return f;
+}
+
+// Every write to a stream is checked where the stream is flushed: a write that failed before (a
+// full disk, a file size limit) leaves the stream's error flag set, which fflush alone may not report.
+static inline void flush_check(FILE *f, const char *path) {
+    if (fflush(f) != 0 || ferror(f)) { fail("cannot write %s: %s", path, strerror(errno ? errno : EIO)); }
+}
+
+static inline void fclose_check(FILE *f, const char *path) {
+    int failed = fflush(f) != 0 || ferror(f);
+    if (fclose(f) != 0 || failed) { fail("cannot write %s: %s", path, strerror(errno ? errno : EIO)); }
+}
+
+// For the programs whose standard output carries their result (a sample of text, measures): the
+// result must have reached it. Returns `status` when it has; stops with an error otherwise.
+static inline int stdout_checked(int status) {
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fail("cannot write the standard output: %s", strerror(errno ? errno : EIO));
+    }
+    return status;
 }
 
 static inline long file_size(FILE *f, const char *path) {
@@ -110,21 +170,69 @@ static inline void fwrite_check(const void *ptr, size_t size, size_t count, FILE
 // Writes go to "path.tmp" first and are renamed over the target only once complete, so a crash
 // or a full disk never destroys the previous file; a failed write removes its ".tmp" (fail()).
 // One atomic write at a time.
+// An output that exists and is not a regular file (a FIFO, a device, a directory) is refused, never
+// renamed over; so is a ".tmp" of that kind.
 static inline FILE *open_for_atomic_write(const char *path, char *tmp_path, size_t tmp_size) {
     size_t len = strlen(path);
     if (len + 5 > tmp_size || len + 5 > sizeof(pending_tmp_path)) { fail("path too long: %s", path); }
     memcpy(tmp_path, path, len);
     memcpy(tmp_path + len, ".tmp", 5);
+    refuse_non_regular(path, "an output");
+    refuse_non_regular(tmp_path, "a temporary output");  // a FIFO there would block the open
     FILE *f = fopen(tmp_path, "wb");
     if (f == NULL) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
     memcpy(pending_tmp_path, tmp_path, len + 5);
     return f;
 }
 
-static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char *path) {
-    if (fflush(f) != 0 || fsync(fileno(f)) != 0) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
+// Flushes, syncs and closes the ".tmp" file, checking every write made to it.
+static inline void close_atomic_write(FILE *f, const char *tmp_path) {
+    if (fflush(f) != 0 || ferror(f) || fsync(fileno(f)) != 0) {
+        fail("cannot write %s: %s", tmp_path, strerror(errno ? errno : EIO));
+    }
     if (fclose(f) != 0) { fail("cannot write %s: %s", tmp_path, strerror(errno)); }
+}
+
+static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char *path) {
+    close_atomic_write(f, tmp_path);
     if (rename(tmp_path, path) != 0) { fail("cannot rename %s to %s: %s", tmp_path, path, strerror(errno)); }
+    pending_tmp_path[0] = '\0';
+}
+
+// A set of files published together (prepro's shards and tokenizer): each is written like an
+// atomic write but kept under its ".tmp" name (hold_atomic_write); once every one is complete,
+// publish_held renames them all. A failure before (a full disk) removes every ".tmp" of the set
+// (fail()), so the files of an earlier set stay as they were, none of them replaced.
+static inline void hold_atomic_write(FILE *f, const char *tmp_path) {
+    close_atomic_write(f, tmp_path);
+    held_tmp_paths = (char **)realloc(held_tmp_paths, (size_t)(num_held_tmp_paths + 1) * sizeof(char *));
+    char *copy = (char *)malloc(strlen(tmp_path) + 1);
+    if (held_tmp_paths == NULL || copy == NULL) { fail("out of memory"); }
+    strcpy(copy, tmp_path);
+    held_tmp_paths[num_held_tmp_paths++] = copy;
+    pending_tmp_path[0] = '\0';
+}
+
+static inline void publish_held(void) {
+    for (int i = 0; i < num_held_tmp_paths; i++) {
+        char path[4096];
+        size_t len = strlen(held_tmp_paths[i]) - 4;  // without ".tmp"
+        memcpy(path, held_tmp_paths[i], len);
+        path[len] = '\0';
+        if (rename(held_tmp_paths[i], path) != 0) {
+            fail("cannot rename %s to %s: %s", held_tmp_paths[i], path, strerror(errno));
+        }
+    }
+    release_held_tmp_paths(0);
+}
+
+// An output that is written at the end of a long computation is checked before it starts: it is a
+// regular file or does not exist, and its folder takes a file (its ".tmp", removed at once).
+static inline void check_output_path(const char *path) {
+    char tmp[4096];
+    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
+    fclose(f);
+    remove(tmp);
     pending_tmp_path[0] = '\0';
 }
 
@@ -143,6 +251,7 @@ static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char
 #define TOKENIZER_MAGIC 20251216  // tokenizer file: a vocabulary and its merges (GPT-2's, or trained)
 #define DIT_MAGIC 20251217        // diffusion transformer checkpoint (train_dit.c, doc/dit.md)
 #define DIT_FIXTURE_MAGIC 20251218  // reference fixture of the diffusion transformer's test
+#define DIT_STATE_MAGIC 20251219  // diffusion transformer training state (train_dit.c, doc/formats.md)
 
 // What a vocabulary's tokens are, stored in shard and model headers so that a program never has
 // to guess how to turn tokens back into text.
@@ -151,6 +260,14 @@ static inline void finish_atomic_write(FILE *f, const char *tmp_path, const char
 enum { VOCAB_UNKNOWN = 0, VOCAB_GPT2 = 1, VOCAB_BYTES = 2, VOCAB_BPE = 3 };
 static inline const char *vocab_kind_name(int kind) {
     return kind == VOCAB_GPT2 ? "gpt2" : kind == VOCAB_BYTES ? "bytes" : kind == VOCAB_BPE ? "bpe" : "unknown";
+}
+
+// The vocabulary sizes each kind allows: bytes are 256 tokens, GPT-2's 50257, a trained BPE 257 to
+// 65536 (bpe.h); a vocabulary of unknown kind any size. A header whose kind and size contradict each
+// other is refused: 0 if they agree.
+static inline int vocab_contradicts(int kind, int vocab_size) {
+    return (kind == VOCAB_BYTES && vocab_size != 256) || (kind == VOCAB_GPT2 && vocab_size != 50257) ||
+           (kind == VOCAB_BPE && (vocab_size < 257 || vocab_size > 65536));
 }
 
 // One field of a header: `bytes` bytes (a multiple of 4) at word `word`, copied bit for bit from
@@ -236,6 +353,28 @@ static inline int omp_threads(void) {
     return omp_get_max_threads();
 #else
     return 1;
+#endif
+}
+
+// OpenMP's idle threads spin by default, and where anything else runs they keep the cores from the
+// threads that work (make train fell from 27k to 1.9k tokens/s under load). Unless the user chose a
+// policy, the program starts again with OMP_WAIT_POLICY=passive (libgomp reads it before main): it
+// costs about 16% on an idle machine, which OMP_WAIT_POLICY=active takes back.
+static inline void passive_wait_by_default(char **argv) {
+#ifdef _OPENMP
+    extern char **environ;
+    if (getenv("OMP_WAIT_POLICY") != NULL) { return; }
+    size_t n = 0;
+    while (environ[n] != NULL) { n++; }
+    char **env = (char **)malloc((n + 2) * sizeof(char *));
+    if (env == NULL) { return; }
+    memcpy(env, environ, n * sizeof(char *));
+    env[n] = (char *)"OMP_WAIT_POLICY=passive";
+    env[n + 1] = NULL;
+    execve("/proc/self/exe", argv, env);  // returns only when it failed: the default policy, then
+    free(env);
+#else
+    (void)argv;
 #endif
 }
 

@@ -59,6 +59,10 @@ static void validate_sizes(const ModelConfig *c, const char *where) {
     if (!in_range(c->vocab_kind, VOCAB_UNKNOWN, VOCAB_BPE)) {
         fail("%s: unknown vocabulary kind %d", where, c->vocab_kind);
     }
+    if (vocab_contradicts(c->vocab_kind, c->vocab_size)) {
+        fail("%s: %s tokens but a vocabulary of %d: the two contradict each other", where,
+             vocab_kind_name(c->vocab_kind), c->vocab_size);
+    }
     check_parameter_count(c, where);
 }
 

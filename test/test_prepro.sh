@@ -127,5 +127,36 @@ check "refuses --eot with the byte vocabulary" refuses "--eot needs --vocab gpt2
 check "refuses a bad --val" refuses "--val must be" "$PREPRO" --val 1.5 "$IN"
 check "refuses an unknown --vocab" refuses "--vocab must be gpt2, bytes or bpe" "$PREPRO" --vocab words "$IN"
 
+# one run, one set: the shards of an earlier run with the same prefix are never mixed in, and a
+# run that fails leaves the earlier set as it was
+"$PREPRO" --vocab bytes --shard-tokens 100000 -o "$T/set" "$IN" > /dev/null 2>&1
+"$PREPRO" --vocab bytes -o "$T/set" "$IN" > /dev/null 2>&1
+check "a second run with the same prefix leaves only its own shards (no numbered shards of the first)" \
+    test "$(cd "$T" && echo set_*)" = "set_train.bin set_val.bin"
+touch "$T/set_train_extra.bin"
+check "refuses a file that the prefix's pattern would take but prepro does not write" \
+    refuses "set_train_extra.bin matches $T/set_train*.bin" "$PREPRO" --vocab bytes -o "$T/set" "$IN"
+rm "$T/set_train_extra.bin"
+"$PREPRO" --vocab bpe --bpe-tokens 300 -o "$T/keep" "$IN" > /dev/null 2>&1
+md5sum "$T"/keep_* > "$T/keep.md5"
+(trap '' XFSZ; ulimit -f 300; "$PREPRO" --vocab bpe --bpe-tokens 400 -o "$T/keep" "$IN" > "$T/full.log" 2>&1)
+check "a run stopped by a full disk says so" grep -q "cannot write $T/keep_train.bin.tmp" "$T/full.log"
+check "... and leaves the earlier set whole: its tokenizer and shards, not a new tokenizer beside old shards" \
+    md5sum -c --quiet "$T/keep.md5"
+check "... and no temporary file" test -z "$(find "$T" -name 'keep_*.tmp')"
+printf 'abc' > "$T/three.txt"
+check "refuses a split without tokens (--val 0.9 of 3 tokens)" \
+    refuses "a split needs 2 tokens or more" "$PREPRO" --vocab bytes --val 0.9 -o "$T/three" "$T/three.txt"
+check "... and writes nothing" test -z "$(find "$T" -name 'three_*')"
+{ head -c 3000 "$IN"; printf '%0300d\n' 0 | tr 0 -; printf '%0300d\n' 0 | tr 0 -; printf '%0600d\n' 0 | tr 0 =; } > "$T/rules.txt"
+check "--vocab bpe on lines of 300 and 600 punctuation marks: merges over 255 bytes are not made" \
+    "$PREPRO" --vocab bpe --bpe-tokens 2000 -o "$T/rules" "$T/rules.txt"
+# a FIFO would make prepro wait forever for a writer (timeout: a hang fails the check instead)
+mkfifo "$T/fifo.txt"
+check "refuses a FIFO as input, naming it" refuses "$T/fifo.txt is not a regular file" timeout 60 "$PREPRO" --vocab bytes -o "$T/fifo" "$T/fifo.txt"
+check "refuses a FIFO as tokenizer, naming it" refuses "$T/fifo.txt is not a regular file" timeout 60 "$PREPRO" --tokenizer "$T/fifo.txt" -o "$T/fifo" "$IN"
+mkfifo "$T/out_train.bin"
+check "refuses a FIFO where an output goes, naming it" refuses "$T/out_train.bin is not a regular file" timeout 60 "$PREPRO" --vocab bytes -o "$T/out" "$IN"
+
 echo "$passed passed, $failed failed"
 [ $failed = 0 ]

@@ -76,7 +76,7 @@ cp "$TMP/split/state_00000006.bin" "$TMP/split/state_00000003.bin"
 "$TRAIN" "${RUN[@]}" --out "$TMP/split" --resume "$TMP/split/" > "$TMP/resume.log" 2>&1
 check "resume says what it resumes" grep -qF "resuming from $TMP/split//model_00000006.bin and $TMP/split//state_00000006.bin: step 6 of 12" "$TMP/resume.log"
 check "resumed run reaches step 12" test -s "$TMP/split/model_00000012.bin"
-check "resume removes what a crash left behind" test "$(cd "$TMP/split" && echo *)" = "log.csv model.bin model_00000012.bin state_00000012.bin"
+check "resume removes what a crash left behind" test "$(cd "$TMP/split" && echo *)" = "log.csv model.bin model_00000012.bin options.txt state_00000012.bin"
 check "resume: identical losses and p at every step" cmp <(cut -d, -f1-3,7-8 "$TMP/straight/log.csv") <(cut -d, -f1-3,7-8 "$TMP/split/log.csv")
 check "resume: identical parameters and controller state" cmp "$TMP/straight/model.bin" "$TMP/split/model.bin"
 check "resume: identical optimizer state" cmp "$TMP/straight/state_00000012.bin" "$TMP/split/state_00000012.bin"
@@ -89,7 +89,7 @@ check "train 3 steps on a trained BPE vocabulary and sample with its tokenizer f
     --train "$TMP/bpe_train.bin" --val "$TMP/bpe_val.bin" "${TINY[@]}" --steps 3 --sample-tokens 8 \
     --tokenizer "$TMP/bpe_tokenizer.bin" --out "$TMP/bpe_run"
 refuses "sampling a BPE model with GPT-2's tokenizer" "holds a gpt2 vocabulary but the model's is bpe" "$TRAIN" \
-    --init "$TMP/bpe_run/model.bin" --generate 4
+    --init "$TMP/bpe_run/model.bin" --generate 4 --tokenizer tokenizer.bin
 refuses "missing shard" "no file matches" "$TRAIN" --train "$TMP/nothing_*.bin" --out "$TMP/bad"
 printf 'not a shard at all, just some text that is long enough to hold a header of 1024 bytes %01000d' 0 > "$TMP/foreign.bin"
 refuses "foreign shard" "magic" "$TRAIN" --train "$TMP/foreign.bin" --out "$TMP/bad"
@@ -214,5 +214,83 @@ check "make train TEXT=other.txt trains on it" cmp "$TMP/data/input.txt" "$TMP/o
 GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2" > "$TMP/make2.log" 2>&1
 check "a later make train without TEXT does not use it" bash -c "! cmp -s '$TMP/data/input.txt' '$TMP/other.txt'"
 refuses "a second make train into the same output" "already holds a run" env GET_DATA_OFFLINE=1 "${MAKE_TRAIN[@]}" OUT="$TMP/make2"
+
+# ----------------------------------------------------------------------------
+# outputs, inputs, locks and names (issue 22)
+
+# every write of log.csv is checked: a file size limit that stops the log stops the run, naming it
+(trap '' XFSZ; ulimit -f 4; "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 30 --eval-every 0 --checkpoint-every 0 \
+    --out "$TMP/log_full" > "$TMP/log_full.log" 2>&1)
+status=$?
+if [[ $status -ne 0 ]] && grep -q "cannot write $TMP/log_full/log.csv" "$TMP/log_full.log"; then
+    pass "a log.csv that cannot be written stops the run (exit $status), naming it"
+else fail "a log.csv that cannot be written stops the run (exit $status: $(tail -1 "$TMP/log_full.log"))"; fi
+refuses "a sample whose standard output is full is an error" "cannot write the standard output" \
+    bash -c "'$TRAIN' --init '$TMP/learn/model.bin' --generate 32 > /dev/full"
+
+# one run at a time in an output directory; a run killed with -9 leaves no lock behind
+"$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 100000 --eval-every 0 --checkpoint-every 2 --out "$TMP/busy" \
+    > "$TMP/busy.log" 2>&1 &
+busy=$!
+for _ in $(seq 600); do [[ -e $TMP/busy/state_00000002.bin ]] && break; sleep 0.1; done
+refuses "a second run on an output directory in use" "$TMP/busy is in use by another run (process $busy" \
+    "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 10 --out "$TMP/busy"
+refuses "... and a resume of it" "is in use by another run" \
+    "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 100000 --eval-every 0 --checkpoint-every 2 --resume "$TMP/busy" --out "$TMP/busy"
+kill -9 $busy
+wait $busy 2> /dev/null
+check "after kill -9 the run resumes: no lock is left stuck" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 100000 \
+    --eval-every 0 --checkpoint-every 2 --stop-at "$(($(ls "$TMP/busy" | sed -n 's/^state_0*\([0-9]*\)\.bin$/\1/p' | sort -n | tail -1) + 1))" \
+    --resume "$TMP/busy" --out "$TMP/busy"
+
+# checkpoint names are parsed strictly: a stray name is neither resumed from nor removed
+cp -r "$TMP/split_copy" "$TMP/names"
+cp "$TMP/names/model_00000006.bin" "$TMP/names/model_00000009.bin"  # an incomplete newer pair
+cp "$TMP/names/state_00000006.bin" "$TMP/names/state_+0000009.bin"  # not a checkpoint's name
+cp "$TMP/names/state_00000006.bin" "$TMP/names/state_99999999999.bin"
+check "a stray state_+0000009.bin does not block --resume" "$TRAIN" "${RUN[@]}" --resume "$TMP/names" --out "$TMP/names"
+check "... the run resumed from step 6 to the same result" cmp "$TMP/straight/model.bin" "$TMP/names/model.bin"
+check "... and files that are not checkpoint names are left alone" \
+    test -e "$TMP/names/state_+0000009.bin" -a -e "$TMP/names/state_99999999999.bin"
+
+# inputs that are not regular files are refused by name; outputs that exist and are not regular
+# files are never written through or replaced (timeout: a hang on a FIFO fails instead of waiting)
+mkfifo "$TMP/fifo.bin"
+refuses "a FIFO as --init" "$TMP/fifo.bin is not a regular file" timeout 60 "$TRAIN" --init "$TMP/fifo.bin" --generate 4
+refuses "a FIFO as a shard" "$TMP/fifo.bin is not a regular file" timeout 60 "$TRAIN" --train "$TMP/fifo.bin" --out "$TMP/bad"
+refuses "a directory as --init" "$TMP/learn is not a regular file (a directory)" "$TRAIN" --init "$TMP/learn" --generate 4
+mkdir -p "$TMP/fifo_out" && mkfifo "$TMP/fifo_out/log.csv"
+refuses "a FIFO where log.csv goes" "$TMP/fifo_out/log.csv is not a regular file" timeout 60 "$TRAIN" "${BYTES[@]}" \
+    "${TINY[@]}" --steps 2 --out "$TMP/fifo_out"
+refuses "a FIFO as --routing-dump" "$TMP/fifo.bin is not a regular file" timeout 60 "$TRAIN" "${BYTES[@]}" "${TINY[@]}" \
+    --steps 2 --routing-dump "$TMP/fifo.bin" --out "$TMP/fifo_dump"
+
+# contradictory or out-of-range header fields: a shard of "bytes" with a vocabulary of 65536, a state
+# whose data position is in epoch 2^62; a refused state leaves nothing allocated (status 1, no
+# LeakSanitizer report under make test SANITIZE=1)
+cp "$TMP/bytes_train.bin" "$TMP/bytes_65536.bin" && set_word "$TMP/bytes_65536.bin" 3 65536
+refuses "a shard of bytes with a vocabulary of 65536" "header says bytes tokens but a vocabulary of 65536" \
+    "$TRAIN" --train "$TMP/bytes_65536.bin" --val "" "${TINY[@]}" --out "$TMP/bad"
+cp -r "$TMP/split_copy" "$TMP/epoch"
+set_word "$TMP/epoch/state_00000006.bin" 5 0x40000000  # the high word of the epoch
+refuses "a state whose data position is in epoch 2^62" "invalid data position (epoch 4611686" \
+    "$TRAIN" "${RUN[@]}" --resume "$TMP/epoch" --out "$TMP/epoch"
+cp -r "$TMP/split_copy" "$TMP/negative"
+set_word "$TMP/negative/state_00000006.bin" $(($(words "$TMP/negative/state_00000006.bin") - 1)) 0xbf800000
+"$TRAIN" "${RUN[@]}" --resume "$TMP/negative" --out "$TMP/negative" > "$TMP/negative.log" 2>&1
+status=$?
+if [[ $status -eq 1 ]] && grep -q "is negative" "$TMP/negative.log" && ! grep -q Sanitizer "$TMP/negative.log"; then
+    pass "a state with a negative second moment is refused with status 1, nothing leaked"
+else fail "a state with a negative second moment: exit $status, $(grep -m1 -E 'error|Sanitizer' "$TMP/negative.log")"; fi
+
+# memory follows what is used: a model whose maximum sequence length is 2^20 trains on 32 positions
+# and samples 8 tokens without tables for the other positions (before: 512 MB of RoPE tables)
+max_rss() { /usr/bin/time -f %M "$@" 2>&1 > /dev/null | tail -1; }
+rss=$(max_rss "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --channels 128 --heads 1 --max-seq-len 1048576 --steps 1 --out "$TMP/long")
+if [[ $rss =~ ^[0-9]+$ && $rss -lt 250000 ]]; then pass "training a model of maximum length 2^20: ${rss} kB"
+else fail "training a model of maximum length 2^20: ${rss} kB (over 250 MB)"; fi
+rss=$(max_rss "$TRAIN" --init "$TMP/long/model.bin" --generate 8)
+if [[ $rss =~ ^[0-9]+$ && $rss -lt 250000 ]]; then pass "sampling 8 tokens from it: ${rss} kB"
+else fail "sampling 8 tokens from it: ${rss} kB (over 250 MB)"; fi
 
 finish

@@ -21,16 +21,21 @@ for f in "$ENCODER" "$TOKENIZER"; do
     if [ ! -e "$f" ]; then echo "tiktoken_compare: $f is missing (build it first)" >&2; exit 1; fi
 done
 
+if ! command -v node > /dev/null; then  # even when an earlier run installed js-tiktoken
+    echo "skipped: the comparison with js-tiktoken: node is not installed (Debian: apt-get install nodejs npm)"
+    echo "0 passed, 0 failed"
+    exit 0
+fi
 if [ ! -f "$JS_DIR/node_modules/js-tiktoken/package.json" ]; then
-    if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
-        echo "skip: node or npm is not installed, no comparison with js-tiktoken"
+    if ! command -v npm > /dev/null; then
+        echo "skipped: the comparison with js-tiktoken: npm is not installed (Debian: apt-get install npm)"
         echo "0 passed, 0 failed"
         exit 0
     fi
     echo "installing js-tiktoken@$JS_VERSION into $JS_DIR"
     if ! timeout 180 npm install --prefix "$JS_DIR" --no-audit --no-fund --loglevel=error \
             --fetch-retries=1 --fetch-timeout=30000 "js-tiktoken@$JS_VERSION" > /dev/null 2>&1; then
-        echo "skip: cannot install js-tiktoken from the npm registry (no network?), no comparison"
+        echo "skipped: the comparison with js-tiktoken: cannot install it from the npm registry (no network?)"
         echo "0 passed, 0 failed"
         exit 0
     fi
