@@ -356,7 +356,7 @@ fuzz: $(addprefix build/fuzz/fuzz_,$(FUZZ_TARGETS))
 # ----------------------------------------------------------------------------
 # benchmarks: speed is reported as a ratio against a peer measured in the same run
 
-bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/bench_matmul
+bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/bench_matmul bench/fma_peak
 	bench/bench_prepro.sh
 	bench/bench_cpu.sh
 	@if [ -n "$(DETECTED_ARCH)" ] && [ -x bench/bench_cuda.sh ]; then bench/bench_cuda.sh; \
@@ -365,7 +365,10 @@ bench: test/tiktoken_compare prepro train_dtopp tools/make_offline_text bench/be
 bench/bench_matmul: bench/bench_matmul.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ bench/bench_matmul.c $(LDLIBS)
 
+bench/fma_peak: bench/fma_peak.c dtopp/utils.h
+	$(CC) $(CFLAGS) -o $@ bench/fma_peak.c $(LDLIBS)
+
 clean:
-	rm -f $(BINARIES) bench/bench_matmul tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
+	rm -f $(BINARIES) bench/bench_matmul bench/fma_peak tools/make_tokenizer tools/make_unicode_tables train_dtopp_cuda test_gpt_cuda train_dtopp_mpi \
 	      train_dtopp_cuda_mpi
 	rm -rf build

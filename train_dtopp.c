@@ -367,6 +367,7 @@ typedef struct {
     int B, T;              // shape of the last forward pass
     float loss;            // total loss of the last forward pass with targets, -1 without targets
     float ce_loss;         // its cross-entropy part
+    Precision precision;   // the operands of the large products: FLOAT32 or BF16 (doc/precision.md)
     Workspace *ws;
 } Model;
 
@@ -778,7 +779,7 @@ static int select_experts(int *selected, const float *P, int E, const RouterConf
 // (renormalised to sum 1, or the raw probabilities).
 void router_forward(RouterView r, const float *m, const LayerWeights *w, float threshold,
                     const RouterConfig *rc, int N, int C, int E) {
-    matmul_forward(r.logits, m, NULL, w->wr, N, C, E);
+    matmul_forward(r.logits, m, NULL, w->wr, N, C, E, FLOAT32);  // the routing decision stays float32
     if (rc->drn) {
         drn_forward(r.probs, r.drn_u, r.drn_rstd, r.logits, w->theta, N, E);
     } else {
@@ -834,7 +835,7 @@ void router_backward(RouterView r, float *dm, const LayerWeights *dw, const floa
         drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, w->theta, N, E);
         for (int n = 0; n < N; n++) { *dw->theta += r.dtheta_token[n]; }  // in token order
     }
-    matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E);
+    matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E, FLOAT32);
 }
 
 // Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
@@ -908,29 +909,30 @@ void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
 }
 
 // Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it: x.out (R, C).
-void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H) {
+void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H,
+                     Precision precision) {
     const int *start = r.expert_start;
     for (int e = 0; e < E; e++) {
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
         matmul_forward(x.h1 + (size_t)first * H, m, x.row_token + first, w->w1 + (size_t)e * H * C, count, C,
-                       H);
+                       H, precision);
         matmul_forward(x.h3 + (size_t)first * H, m, x.row_token + first, w->w3 + (size_t)e * H * C, count, C,
-                       H);
+                       H, precision);
     }
     swiglu_forward(x.hact, x.h1, x.h3, (size_t)start[E] * H);
     for (int e = 0; e < E; e++) {
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
         matmul_forward(x.out + (size_t)first * C, x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H,
-                       count, H, C);
+                       count, H, C, precision);
     }
 }
 
 // From x.dout (R, C) to x.din (R, C), the gradient of the gathered inputs, one row per (token,
 // expert) pair (moe_gather_rows then sums each token's rows); accumulates into dw's W1, W3, W2.
 void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw,
-                      const LayerWeights *w, int E, int C, int H) {
+                      const LayerWeights *w, int E, int C, int H, Precision precision) {
     const int *start = r.expert_start;
     size_t rows = start[E];
     memset(x.dh1, 0, rows * H * sizeof(float));
@@ -939,16 +941,16 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
         matmul_backward(x.dh1 + (size_t)first * H, dw->w2 + (size_t)e * C * H, x.dout + (size_t)first * C,
-                        x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C);
+                        x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C, precision);
     }
     swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
     for (int e = 0; e < E; e++) {
         int first = start[e], count = start[e + 1] - first;
         if (count == 0) { continue; }
         matmul_backward(x.din + (size_t)first * C, dw->w1 + (size_t)e * H * C, x.dh1 + (size_t)first * H, m,
-                        x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H);
+                        x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H, precision);
         matmul_backward(x.din + (size_t)first * C, dw->w3 + (size_t)e * H * C, x.dh3 + (size_t)first * H, m,
-                        x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H);
+                        x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H, precision);
     }
 }
 
@@ -1092,7 +1094,7 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     a->row_offset[l + 1] = r.row_begin + rows;
     ExpertView x = expert_view(a, c, r);
     moe_dispatch(r, x, N, E);
-    experts_forward(x, r, m, &w, E, C, H);
+    experts_forward(x, r, m, &w, E, C, H, model->precision);
     moe_combine_forward(out, x, r, N, C, E);
 }
 
@@ -1108,7 +1110,7 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     expert_row_grads_reserve(&a->row_grads, r.expert_start[E], C, H);
     ExpertView x = expert_view(a, c, r);
     moe_combine_backward(x, r, dout, N, C, E);
-    experts_backward(x, r, m, &dw, &w, E, C, H);
+    experts_backward(x, r, m, &dw, &w, E, C, H, model->precision);
     moe_gather_rows(dm, x, r, N, C, E);
     moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);
     router_backward(r, dm, &dw, m, &w, rc, N, C, E);
@@ -1145,17 +1147,18 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         float *atty = t->atty + (size_t)l * N * C, *res1 = t->res1 + (size_t)l * N * C;
         float *ln2 = t->ln2 + (size_t)l * N * C, *res2 = t->res2 + (size_t)l * N * C;
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
-        matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C);
+        matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C, model->precision);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH, 1);
-        matmul_forward(res1, atty, NULL, w.wo, N, C, C);  // res1 = x + Wo·atty
+        matmul_forward(res1, atty, NULL, w.wo, N, C, C, model->precision);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
         moe_forward(model, a, l, res2, ln2);  // res2 = res1 + MoE(ln2)
         residual_forward(res2, res1, res2, (size_t)N * C);
     }
     rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * N * C, model->params.gf, N, C);
-    matmul_forward(t->logits, t->lnf, NULL, model->params.wte, N, C, V);  // tied head, first V rows only
+    // the tied head: the first V rows of wte
+    matmul_forward(t->logits, t->lnf, NULL, model->params.wte, N, C, V, model->precision);
     if (targets == NULL) {
         model->loss = model->ce_loss = -1.0f;
         return;
@@ -1193,7 +1196,7 @@ void model_backward(Model *model) {
 
     crossentropy_backward(g->dlogits, t->logits, model->ws->targets, N, V, 1.0f / N);
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
-    matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V);
+    matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V, model->precision);
     memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
                      t->lnf_rstd, N, C);
@@ -1208,13 +1211,15 @@ void model_backward(Model *model) {
                          t->ln2_rstd + (size_t)l * N, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
         memset(g->datty, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C);
+        matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C,
+                        model->precision);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
                            t->att + (size_t)l * B * NH * T * T, B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C);
+        matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C,
+                        model->precision);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, N, C);
     }
     encoder_backward(dp->wte, g->dresidual, model->ws->inputs, N, C);

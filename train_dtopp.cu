@@ -29,7 +29,8 @@ Device memory: model->params_memory, grads_memory, m_memory and v_memory are GPU
 threshold and integral (the controller state) stay on the host. The getters (model_get_*) copy
 from the device.
 
-Precision: float32 everywhere. cuBLAS runs in its default math mode, which for float32 products
+Precision: float32 everywhere; --precision bf16 is refused in this build (doc/precision.md
+describes the bf16 design of the CPU build, which the CUDA kernels will follow). cuBLAS runs in its default math mode, which for float32 products
 is true float32 (no TF32). Setting the environment variable DTOPP_TF32=1 (or calling
 cuda_set_tf32(1)) lets cuBLAS use TF32 tensor cores for the matrix products: faster, about 1e-3
 relative error per product, above the tolerance of the reference tests, which run without it.
@@ -1057,7 +1058,10 @@ static void experts_backward_grouped(ExpertView x, const int *expert_start, cons
 // Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it (into x.xg first),
 // expert e on lane e % EXPERT_LANES, or all of them as grouped products (DTOPP_EXPERTS=grouped).
 // x.h3 is x.h1 plus a fixed offset, so one strided-batched product computes both.
-void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H) {
+// precision: FLOAT32 only in this build (check_options refuses bf16); kept to mirror the C file.
+void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H,
+                     Precision precision) {
+    (void)precision;
     const int *expert_start = r.expert_start_host;
     gather_inputs(x.xg, m, x.row_token, expert_start[E], C);
     if (gpu.grouped) {
@@ -1087,7 +1091,8 @@ void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeig
 // From x.dout to x.din (rows, C), the gradient of the gathered inputs, one row per (token,
 // expert) pair; accumulates into dw's W1, W3, W2. x.dh3 is x.dh1 plus a fixed offset.
 void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWeights *dw,
-                      const LayerWeights *w, int E, int C, int H) {
+                      const LayerWeights *w, int E, int C, int H, Precision precision) {
+    (void)precision;
     const int *expert_start = r.expert_start_host;
     gather_inputs(x.xg, m, x.row_token, expert_start[E], C);
     if (gpu.grouped) {
@@ -1382,7 +1387,7 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     ExpertView x = device_expert_view(a, c, r, l);
     moe_dispatch(r, x, N, E);
     PROFILE_MARK("moe: experts");
-    experts_forward(x, r, m, &w, E, C, H);
+    experts_forward(x, r, m, &w, E, C, H, model->precision);
     PROFILE_MARK("moe: combine");
     moe_combine_forward(out, x, r, N, C, E);
 }
@@ -1402,7 +1407,7 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     PROFILE_MARK("moe back: combine");
     moe_combine_backward(x, r, dout, N, C, E);
     PROFILE_MARK("moe back: experts");
-    experts_backward(x, r, m, &dw, &w, E, C, H);
+    experts_backward(x, r, m, &dw, &w, E, C, H, model->precision);
     PROFILE_MARK("moe back: gather+router");
     moe_gather_rows(dm, x, r, N, C, E);
     moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);

@@ -3,12 +3,14 @@ bench_matmul: GFLOP/s of the C matrix products (matmul_forward, matmul_backward)
 one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
 shapes, and bench/bench_cpu.sh prints the two side by side.
 
-    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048
+    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--precision bf16]
 
 N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing). Each
 time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls.
+With --precision bf16 the products the model runs in bf16 do so here (all but the router's,
+doc/precision.md).
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@ together); then the products of a whole step: their GFLOP/s, each shape weighted
 typedef struct {
     const char *name;
     int rows, IC, OC, calls;  // calls per training step (forward; the backward has as many)
+    Precision precision;
 } ProductShape;
 
 static int compare_doubles(const void *a, const void *b) {
@@ -34,9 +37,9 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
     while (n < 1000 && (n < 5 || wall_seconds() - start < 0.3)) {
         double t0 = wall_seconds();
         if (backward) {
-            matmul_backward(dinp, dweight, out, inp, NULL, weight, s.rows, s.IC, s.OC);
+            matmul_backward(dinp, dweight, out, inp, NULL, weight, s.rows, s.IC, s.OC, s.precision);
         } else {
-            matmul_forward(out, inp, NULL, weight, s.rows, s.IC, s.OC);
+            matmul_forward(out, inp, NULL, weight, s.rows, s.IC, s.OC, s.precision);
         }
         times[n++] = wall_seconds() - t0;
     }
@@ -46,7 +49,15 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
 
 int main(int argc, char **argv) {
     int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4;
+    Precision precision = FLOAT32;
     for (int a = 1; a + 1 < argc; a += 2) {
+        if (strcmp(argv[a], "--precision") == 0) {
+            if (strcmp(argv[a + 1], "bf16") != 0 && strcmp(argv[a + 1], "fp32") != 0) {
+                fail("--precision: %s is neither fp32 nor bf16", argv[a + 1]);
+            }
+            precision = strcmp(argv[a + 1], "bf16") == 0 ? BF16 : FLOAT32;
+            continue;
+        }
         int *target = strcmp(argv[a], "--threads") == 0 ? &threads : strcmp(argv[a], "--C") == 0 ? &C
                     : strcmp(argv[a], "--H") == 0 ? &H : strcmp(argv[a], "--V") == 0 ? &V
                     : strcmp(argv[a], "--E") == 0 ? &E : strcmp(argv[a], "--k") == 0 ? &k
@@ -57,12 +68,12 @@ int main(int argc, char **argv) {
     set_num_threads(threads);
     int expert_rows = N * k / E;
     ProductShape shapes[] = {
-        {"qkv", N, C, 3 * C, L},
-        {"attention_out", N, C, C, L},
-        {"expert_w1_w3", expert_rows, C, H, 2 * L * E},
-        {"expert_w2", expert_rows, H, C, L * E},
-        {"router", N, C, E, L},
-        {"output_head", N, C, V, 1},
+        {"qkv", N, C, 3 * C, L, precision},
+        {"attention_out", N, C, C, L, precision},
+        {"expert_w1_w3", expert_rows, C, H, 2 * L * E, precision},
+        {"expert_w2", expert_rows, H, C, L * E, precision},
+        {"router", N, C, E, L, FLOAT32},
+        {"output_head", N, C, V, 1, precision},
     };
     int n_shapes = sizeof(shapes) / sizeof(shapes[0]);
     size_t most = 0;
@@ -77,8 +88,8 @@ int main(int argc, char **argv) {
         buffers[j] = (float *)malloc_check(most * sizeof(float));
         for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
     }
-    printf("C products, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
-           omp_threads());
+    printf("C products, %s, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
+           precision == BF16 ? "bf16" : "fp32", omp_threads());
     double step_flops = 0.0, step_seconds = 0.0;
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];

@@ -461,16 +461,16 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
     trunk->T = T;
     // tokens: patches, embedded, plus their position
     images_to_patches(x->patches, xt, B, S, P);
-    matmul_forward(tr->encoded, x->patches, NULL, p->wpatch, N, PP, C);
+    matmul_forward(tr->encoded, x->patches, NULL, p->wpatch, N, PP, C, FLOAT32);
     for (int b = 0; b < B; b++) {  // the same T positions in every image
         float *tokens = tr->encoded + (size_t)b * T * C;
         residual_forward(tokens, tokens, d->pos_embed, (size_t)T * C);
     }
     // the conditioning vector: time MLP plus class embedding
     time_features(x->tfreq, t, B, C);
-    matmul_forward(x->th, x->tfreq, NULL, p->wt1, B, C, C);
+    matmul_forward(x->th, x->tfreq, NULL, p->wt1, B, C, C, FLOAT32);
     silu_forward(x->ts, x->th, (size_t)B * C);
-    matmul_forward(x->cond, x->ts, NULL, p->wt2, B, C, C);
+    matmul_forward(x->cond, x->ts, NULL, p->wt2, B, C, C, FLOAT32);
     encoder_forward(x->yemb, labels, p->wy, B, C);
     residual_forward(x->cond, x->cond, x->yemb, (size_t)B * C);
     silu_forward(x->cond_act, x->cond, (size_t)B * C);
@@ -481,12 +481,12 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
         const float *in = l == 0 ? tr->encoded : tr->res2 + LN - (size_t)N * C;
         float *mod = x->mod + (size_t)l * B * 6 * C;  // shift1 scale1 gate1 shift2 scale2 gate2
         float *qkv = tr->qkv + (size_t)l * N * 3 * C, *att = tr->att + (size_t)l * B * NH * T * T;
-        matmul_forward(mod, x->cond_act, NULL, p->wada + (size_t)l * 6 * C * C, B, C, 6 * C);
+        matmul_forward(mod, x->cond_act, NULL, p->wada + (size_t)l * 6 * C * C, B, C, 6 * C, FLOAT32);
         rmsnorm_forward(tr->ln1 + LN, tr->ln1_rstd + (size_t)l * N, in, w.g1, N, C);
         modulate_forward(x->mod1 + LN, tr->ln1 + LN, mod, mod + C, B, T, C, 6 * C);
-        matmul_forward(qkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C);
+        matmul_forward(qkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, FLOAT32);
         attention_forward(tr->atty + LN, att, qkv, B, T, C, NH, 0);
-        matmul_forward(x->attproj + LN, tr->atty + LN, NULL, w.wo, N, C, C);
+        matmul_forward(x->attproj + LN, tr->atty + LN, NULL, w.wo, N, C, C, FLOAT32);
         gate_forward(tr->res1 + LN, in, x->attproj + LN, mod + 2 * C, B, T, C, 6 * C);
         rmsnorm_forward(tr->ln2 + LN, tr->ln2_rstd + (size_t)l * N, tr->res1 + LN, w.g2, N, C);
         modulate_forward(x->mod2 + LN, tr->ln2 + LN, mod + 3 * C, mod + 4 * C, B, T, C, 6 * C);
@@ -495,10 +495,10 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
     }
     // the final layer: adaLN, then back to the pixels of each patch
     const float *last = tr->res2 + (size_t)(L - 1) * N * C;
-    matmul_forward(x->modf, x->cond_act, NULL, p->wfinal, B, C, 2 * C);
+    matmul_forward(x->modf, x->cond_act, NULL, p->wfinal, B, C, 2 * C, FLOAT32);
     rmsnorm_forward(tr->lnf, tr->lnf_rstd, last, trunk->params.gf, N, C);
     modulate_forward(x->lnf_mod, tr->lnf, x->modf, x->modf + C, B, T, C, 2 * C);
-    matmul_forward(tr->logits, x->lnf_mod, NULL, p->wout, N, C, PP);
+    matmul_forward(tr->logits, x->lnf_mod, NULL, p->wout, N, C, PP, FLOAT32);
     if (target == NULL) {
         d->loss = d->mse = -1.0f;
         return;
@@ -536,12 +536,12 @@ void dit_backward_output(Dit *d) {
     DitTensors *dp = &d->grads;
 
     memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
-    matmul_backward(dx->dmodulated, dp->wout, g->dlogits, x->lnf_mod, NULL, p->wout, N, C, PP);
+    matmul_backward(dx->dmodulated, dp->wout, g->dlogits, x->lnf_mod, NULL, p->wout, N, C, PP, FLOAT32);
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
     memset(dx->dmodf, 0, (size_t)B * 2 * C * sizeof(float));
     modulate_backward(g->dln, dx->dmodf, dx->dmodf + C, dx->dmodulated, tr->lnf, x->modf + C, B, T, C, 2 * C);
     memset(dx->dcond, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dcond, dp->wfinal, dx->dmodf, x->cond_act, NULL, p->wfinal, B, C, 2 * C);
+    matmul_backward(dx->dcond, dp->wfinal, dx->dmodf, x->cond_act, NULL, p->wfinal, B, C, 2 * C, FLOAT32);
     memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
     rmsnorm_backward(g->dresidual, trunk->grads.gf, g->dln, tr->res2 + (size_t)(L - 1) * N * C,
                      trunk->params.gf, tr->lnf_rstd, N, C);
@@ -564,28 +564,28 @@ void dit_backward_output(Dit *d) {
         // dresidual holds d res1: the attention branch through its gate
         gate_backward(dx->dbranch, dmod + 2 * C, g->dresidual, x->attproj + LN, mod + 2 * C, B, T, C, 6 * C);
         memset(g->datty, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(g->datty, dw.wo, dx->dbranch, tr->atty + LN, NULL, w.wo, N, C, C);
+        matmul_backward(g->datty, dw.wo, dx->dbranch, tr->atty + LN, NULL, w.wo, N, C, C, FLOAT32);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, tr->qkv + (size_t)l * N * 3 * C,
                            tr->att + (size_t)l * B * NH * T * T, B, T, C, NH, 0);
         memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(dx->dmodulated, dw.wqkv, g->dqkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C);
+        matmul_backward(dx->dmodulated, dw.wqkv, g->dqkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, FLOAT32);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         modulate_backward(g->dln, dmod, dmod + C, dx->dmodulated, tr->ln1 + LN, mod + C, B, T, C, 6 * C);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, in, w.g1, tr->ln1_rstd + (size_t)l * N, N, C);
         // dresidual holds d of the block's input; the block's adaLN gets its share of d silu(cond)
         matmul_backward(dx->dcond, dp->wada + (size_t)l * 6 * C * C, dmod, x->cond_act, NULL,
-                        p->wada + (size_t)l * 6 * C * C, B, C, 6 * C);
+                        p->wada + (size_t)l * 6 * C * C, B, C, 6 * C, FLOAT32);
     }
     memset(dx->dpatches, 0, (size_t)N * PP * sizeof(float));
-    matmul_backward(dx->dpatches, dp->wpatch, g->dresidual, x->patches, NULL, p->wpatch, N, PP, C);
+    matmul_backward(dx->dpatches, dp->wpatch, g->dresidual, x->patches, NULL, p->wpatch, N, PP, C, FLOAT32);
     silu_backward(dx->dcond, x->cond, (size_t)B * C);
     encoder_backward(dp->wy, dx->dcond, d->labels, B, C);
     memset(dx->dts, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dts, dp->wt2, dx->dcond, x->ts, NULL, p->wt2, B, C, C);
+    matmul_backward(dx->dts, dp->wt2, dx->dcond, x->ts, NULL, p->wt2, B, C, C, FLOAT32);
     silu_backward(dx->dts, x->th, (size_t)B * C);
     memset(dx->dtfreq, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dtfreq, dp->wt1, dx->dts, x->tfreq, NULL, p->wt1, B, C, C);
+    matmul_backward(dx->dtfreq, dp->wt1, dx->dts, x->tfreq, NULL, p->wt1, B, C, C, FLOAT32);
 }
 
 // Gradient of the total loss of the last forward pass (the mean squared error and the MoE's

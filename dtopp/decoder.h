@@ -85,7 +85,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         float *ln1 = t->ln1 + (size_t)l * C, *atty = t->atty + (size_t)l * C, *res1 = t->res1 + (size_t)l * C;
         float *cache = d->kv_cache + (size_t)l * d->capacity * 3 * C, *qkv = cache + (size_t)pos * 3 * C;
         rmsnorm_forward(ln1, t->ln1_rstd + l, x, w.g1, 1, C);
-        matmul_forward(qkv, ln1, NULL, w.wqkv, 1, C, 3 * C);
+        matmul_forward(qkv, ln1, NULL, w.wqkv, 1, C, 3 * C, FLOAT32);
         rope_forward(qkv, rope_cos, rope_sin, 1, 1, C, NH);  // the tables from position pos
         for (int h = 0; h < NH; h++) {  // scores = q · K^T over positions 0 .. pos; P · V
             const float *q = qkv + h * hd, *k = cache + C + h * hd, *v = cache + 2 * C + h * hd;
@@ -93,7 +93,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
             softmax_row(d->scores, pos + 1, 1.0f / sqrtf((float)hd));
             matmul_nn(atty + h * hd, C, d->scores, pos + 1, v, 3 * C, 1, hd, pos + 1, 0);
         }
-        matmul_forward(res1, atty, NULL, w.wo, 1, C, C);
+        matmul_forward(res1, atty, NULL, w.wo, 1, C, C, FLOAT32);
         residual_forward(res1, x, res1, C);
         float *ln2 = t->ln2 + (size_t)l * C, *res2 = t->res2 + (size_t)l * C;
         rmsnorm_forward(ln2, t->ln2_rstd + l, res1, w.g2, 1, C);
@@ -101,7 +101,7 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         residual_forward(res2, res1, res2, C);
     }
     rmsnorm_forward(t->lnf, t->lnf_rstd, t->res2 + (size_t)(L - 1) * C, model->params.gf, 1, C);
-    matmul_forward(t->logits, t->lnf, NULL, model->params.wte, 1, C, V);
+    matmul_forward(t->logits, t->lnf, NULL, model->params.wte, 1, C, V, FLOAT32);
     return t->logits;
 }
 

@@ -21,6 +21,10 @@ number of threads, so results are bitwise identical for any number of threads.
 #include <stdint.h>
 #include <string.h>
 #include "utils.h"  // defines: fail, checked memory and file I/O, file headers
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BF16_NATIVE_BUILD 1  // the compiler can emit vdpbf16ps; the CPU is asked at run time
+#endif
 
 static inline float dot_product(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -167,6 +171,121 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
     memcpy(tile, acc, sizeof(acc));
 }
 
+// bfloat16: the top 16 bits of a float32 (sign, 8 exponent bits, 7 significand bits), so the same
+// range with 8 significant bits instead of 24. A product of two bfloat16 values is exact in
+// float32, which is what makes them cheap to accumulate there.
+//
+// float32 -> bfloat16, rounding to nearest, ties to even: the result is the top 16 bits of the
+// returned word (the bottom 16 are zero). Values below float32's normal range become a signed zero,
+// as the AVX-512 instructions treat them (DAZ), so both kernels below see the same operands; a NaN
+// stays a NaN (quiet). Written without branches, so that the packing loops vectorize.
+static inline uint32_t bf16_round_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
+    rounded = (bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x00400000u : rounded;  // NaN
+    rounded = (bits & 0x7f800000u) == 0 ? bits & 0x80000000u : rounded;           // zero, subnormal
+    return rounded & 0xffff0000u;
+}
+
+static inline uint16_t bf16_round(float x) { return (uint16_t)(bf16_round_bits(x) >> 16); }
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &bits, sizeof(x));
+    return x;
+}
+
+// The bf16 kernels read pairs of k: pairs[p * width + i] holds element (i, k = 2p) in its low half
+// and (i, 2p + 1) in its high half, from a packed float32 panel (panel[k * width + i], kc values of
+// k), rounded; an odd kc ends in a zero.
+static void pack_pairs_bf16(uint32_t *restrict pairs, const float *restrict panel, int kc, int width) {
+    for (int p = 0; p < kc / 2; p++) {
+        const float *even = panel + 2 * p * width, *odd = even + width;
+        #pragma omp simd
+        for (int i = 0; i < width; i++) { pairs[p * width + i] = bf16_round_bits(even[i]) >> 16 | bf16_round_bits(odd[i]); }
+    }
+    if (kc % 2) {
+        const float *even = panel + (kc - 1) * width;
+        for (int i = 0; i < width; i++) { pairs[kc / 2 * width + i] = bf16_round_bits(even[i]) >> 16; }
+    }
+}
+
+// The bf16 micro-kernel: tile = A panel · B panel over `pairs` pairs of k. Per pair and output it
+// adds the odd product, then the even one, each rounded once to float32 (exact products, so one
+// fused multiply-add each), and flushes a subnormal sum to zero: what AVX-512's vdpbf16ps does
+// (Intel SDM, VDPBF16PS). This portable version and the one below give the same bits, which
+// test_matmul checks.
+static inline float flush_subnormal(float x) { return fabsf(x) < 0x1p-126f ? copysignf(0.0f, x) : x; }
+
+static void micro_kernel_bf16_portable(int pairs, const uint32_t *restrict a, const uint32_t *restrict b,
+                                       float *restrict tile) {
+    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
+    for (int p = 0; p < pairs; p++) {
+        const uint32_t *ap = a + p * GEMM_MR, *bp = b + p * GEMM_NR;
+        for (int i = 0; i < GEMM_MR; i++) {
+            float a_even = bf16_to_float((uint16_t)ap[i]), a_odd = bf16_to_float((uint16_t)(ap[i] >> 16));
+            for (int j = 0; j < GEMM_NR; j++) {
+                float b_even = bf16_to_float((uint16_t)bp[j]), b_odd = bf16_to_float((uint16_t)(bp[j] >> 16));
+                float sum = flush_subnormal(fmaf(a_odd, b_odd, acc[i][j]));
+                acc[i][j] = flush_subnormal(fmaf(a_even, b_even, sum));
+            }
+        }
+    }
+    memcpy(tile, acc, sizeof(acc));
+}
+
+#ifdef BF16_NATIVE_BUILD
+// The same with vdpbf16ps: per pair of k, two loads of B (32 columns), and for each of the 12 rows
+// one broadcast of A's pair and two dot-product instructions, each 32 multiply-adds.
+__attribute__((target("avx512f,avx512bf16"))) static void micro_kernel_bf16_avx512(
+    int pairs, const uint32_t *restrict a, const uint32_t *restrict b, float *restrict tile) {
+    __m512 acc[GEMM_MR][2];
+    for (int i = 0; i < GEMM_MR; i++) { acc[i][0] = acc[i][1] = _mm512_setzero_ps(); }
+    for (int p = 0; p < pairs; p++) {
+        __m512bh b_low = (__m512bh)_mm512_loadu_si512(b + p * GEMM_NR);
+        __m512bh b_high = (__m512bh)_mm512_loadu_si512(b + p * GEMM_NR + 16);
+        for (int i = 0; i < GEMM_MR; i++) {
+            __m512bh a_pair = (__m512bh)_mm512_set1_epi32((int)a[p * GEMM_MR + i]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a_pair, b_low);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a_pair, b_high);
+        }
+    }
+    for (int i = 0; i < GEMM_MR; i++) {
+        _mm512_storeu_ps(tile + i * GEMM_NR, acc[i][0]);
+        _mm512_storeu_ps(tile + i * GEMM_NR + 16, acc[i][1]);
+    }
+}
+#endif
+
+// Which bf16 kernel runs: AVX-512 BF16 where the CPU has it (asked once), unless
+// DTOPP_BF16_PORTABLE=1 asks for the portable one. -1 until asked; the tests set it to compare.
+static int bf16_native_kernel = -1;
+
+static int bf16_native(void) {
+    if (bf16_native_kernel < 0) {
+        int has = 0;
+#ifdef BF16_NATIVE_BUILD
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx512bf16");
+#endif
+        const char *portable = getenv("DTOPP_BF16_PORTABLE");
+        bf16_native_kernel = has && !(portable && strcmp(portable, "1") == 0);
+    }
+    return bf16_native_kernel;
+}
+
+static void micro_kernel_bf16(int pairs, const uint32_t *a, const uint32_t *b, float *tile) {
+#ifdef BF16_NATIVE_BUILD
+    if (bf16_native()) {
+        micro_kernel_bf16_avx512(pairs, a, b, tile);
+        return;
+    }
+#endif
+    micro_kernel_bf16_portable(pairs, a, b, tile);
+}
+
 // The view of the block of v that starts at element (i0, j0).
 static MatrixView view_offset(MatrixView v, int i0, int j0) {
     int row0 = v.transposed ? j0 : i0, col0 = v.transposed ? i0 : j0;
@@ -176,9 +295,11 @@ static MatrixView view_offset(MatrixView v, int i0, int j0) {
 }
 
 // C (M, N) (row-major, ldc floats between rows) = A · B, or += when accumulate is set; on the
-// calling thread. The packed blocks live on its stack (about 400 KB).
+// calling thread. With BF16 operands the packed panels are rounded to bfloat16 pairs (the same
+// blocks, so the same order of sums per block of GEMM_KC). The packed blocks live on its stack
+// (about 600 KB).
 static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc,
-                         int accumulate) {
+                         int accumulate, Precision precision) {
     if (M <= 0 || N <= 0) { return; }
     if (K <= 0) {
         for (int m = 0; !accumulate && m < M; m++) { memset(c + m * ldc, 0, N * sizeof(float)); }
@@ -186,26 +307,36 @@ static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float 
     }
     _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
     _Alignas(64) float packed_b[GEMM_KC * GEMM_NC];
+    _Alignas(64) uint32_t packed_a16[GEMM_MC * GEMM_KC / 2 + GEMM_MR];  // + the odd kc's zero
+    _Alignas(64) uint32_t packed_b16[GEMM_KC * GEMM_NC / 2 + GEMM_NC];
     _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+    int bf16 = precision == BF16;
     for (int nb = 0; nb < N; nb += GEMM_NC) {
         int nb_end = nb + GEMM_NC < N ? nb + GEMM_NC : N;
         for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
-            int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+            int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC, pairs = (kc + 1) / 2;
             int add = accumulate || k0 > 0;
             for (int n0 = nb; n0 < nb_end; n0 += GEMM_NR) {
                 pack_b_panel(packed_b + (n0 - nb) * kc, b, n0, nb_end - n0, k0, kc);
+                if (bf16) { pack_pairs_bf16(packed_b16 + (n0 - nb) * pairs, packed_b + (n0 - nb) * kc, kc, GEMM_NR); }
             }
             for (int mb = 0; mb < M; mb += GEMM_MC) {
                 int mb_end = mb + GEMM_MC < M ? mb + GEMM_MC : M;
                 for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
                     pack_a_panel(packed_a + (m0 - mb) * kc, a, m0, mb_end - m0, k0, kc);
+                    if (bf16) { pack_pairs_bf16(packed_a16 + (m0 - mb) * pairs, packed_a + (m0 - mb) * kc, kc, GEMM_MR); }
                 }
                 for (int n0 = nb; n0 < nb_end;
                      n0 += GEMM_NR) {  // the B panel stays in L1 across the A panels
                     int nr = nb_end - n0 < GEMM_NR ? nb_end - n0 : GEMM_NR;
                     for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
                         int mr = mb_end - m0 < GEMM_MR ? mb_end - m0 : GEMM_MR;
-                        micro_kernel(kc, packed_a + (m0 - mb) * kc, packed_b + (n0 - nb) * kc, tile);
+                        if (bf16) {
+                            micro_kernel_bf16(pairs, packed_a16 + (m0 - mb) * pairs,
+                                              packed_b16 + (n0 - nb) * pairs, tile);
+                        } else {
+                            micro_kernel(kc, packed_a + (m0 - mb) * kc, packed_b + (n0 - nb) * kc, tile);
+                        }
                         for (int i = 0; i < mr; i++) {
                             float *dst = c + (size_t)(m0 + i) * ldc + n0;
                             const float *src = tile + i * GEMM_NR;
@@ -226,8 +357,10 @@ static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float 
 // GEMM_NC columns wide, and rows are split so that there are about four tiles per thread
 // (dynamic scheduling then evens out uneven tiles and a thread slowed by a busy core). The tiling
 // decides who computes an element, never how, so it may depend on the number of threads.
-static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate) {
+static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate,
+                  Precision precision) {
     if (M <= 0 || N <= 0) { return; }
+    if (precision == BF16) { bf16_native(); }  // asked once, before the threads start
     int n_tiles = (N + GEMM_NC - 1) / GEMM_NC, m_panels = (M + GEMM_MR - 1) / GEMM_MR;
     int m_tiles = (4 * omp_threads() + n_tiles - 1) / n_tiles;
     m_tiles = m_tiles < m_panels ? m_tiles : m_panels;
@@ -238,7 +371,7 @@ static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, siz
         int m0 = t / n_tiles * tile_rows, n0 = t % n_tiles * GEMM_NC;
         int m = M - m0 < tile_rows ? M - m0 : tile_rows, n = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
         float *c_tile = c + m0 * ldc + n0;
-        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c_tile, ldc, accumulate);
+        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c_tile, ldc, accumulate, precision);
     }
 }
 
@@ -251,39 +384,39 @@ static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, siz
 static inline void matmul_nt(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
                              int M, int N, int K, int accumulate) {
     MatrixView va = {a, NULL, lda, 0}, vb = {b, NULL, ldb, 1};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
 }
 
 static inline void matmul_nn(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
                              int M, int N, int K, int accumulate) {
     MatrixView va = {a, NULL, lda, 0}, vb = {b, NULL, ldb, 0};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
 }
 
 static inline void matmul_tn(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
                              int M, int N, int K, int accumulate) {
     MatrixView va = {a, NULL, lda, 1}, vb = {b, NULL, ldb, 0};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
 }
 
 void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
-                    int rows, int IC, int OC) {
+                    int rows, int IC, int OC, Precision precision) {
     // With fewer rows than the micro-kernel's, packing the weights would cost more than the
     // products (sampling computes one row at a time): one dot product per output, weights read once.
-    if (rows < GEMM_MR) {
+    if (rows < GEMM_MR && precision == FLOAT32) {
         matmul_forward_reference(out, inp, inp_rows, weight, rows, IC, OC);
         return;
     }
     MatrixView a = {inp, inp_rows, IC, 0}, b = {weight, NULL, IC, 1};
-    sgemm(rows, OC, IC, a, b, out, OC, 0);
+    sgemm(rows, OC, IC, a, b, out, OC, 0, precision);
 }
 
 void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const int *inp_rows, const float *weight, int rows, int IC, int OC) {
+                     const int *inp_rows, const float *weight, int rows, int IC, int OC, Precision precision) {
     MatrixView d = {dout, NULL, OC, 0}, w = {weight, NULL, IC, 0};
-    sgemm(rows, IC, OC, d, w, dinp, IC, 1);
+    sgemm(rows, IC, OC, d, w, dinp, IC, 1, precision);
     MatrixView dt = {dout, NULL, OC, 1}, x = {inp, inp_rows, IC, 0};
-    sgemm(OC, IC, rows, dt, x, dweight, IC, 1);
+    sgemm(OC, IC, rows, dt, x, dweight, IC, 1, precision);
 }
 
 static inline float exp_fast(float x) {

@@ -156,6 +156,8 @@ static void load_or_init_model(Run *run) {
         config.vocab_hash = run->train.vocab_hash;  // which tokenizer: recorded in the model file
         model_init(&run->model, &config, &router, (uint64_t)o->seed);
     }
+    // not in the model file: a checkpoint runs in either precision
+    run->model.precision = strcmp(o->precision, "bf16") == 0 ? BF16 : FLOAT32;
     if ((o->init_path != NULL || o->resume_dir != NULL) && o->model_options_given > 0) {
         fprintf(stderr,
                 "note: the architecture and routing come from the checkpoint; %d model or routing option(s) "

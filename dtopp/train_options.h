@@ -34,6 +34,7 @@ typedef struct {
     int batch, seq_len, steps, warmup, shuffle, threads;
     int schedule_steps, extend;  // the learning-rate schedule's length (0: --steps); steps past a resumed run's
     int grad_accum, check_ranks;  // micro-batches per step and rank; steps between replica checks
+    const char *precision;        // fp32 or bf16: the operands of the large products
     float lr, weight_decay;
     long long seed;
     // evaluation, sampling, checkpoints
@@ -96,6 +97,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"shuffle", 'i', &o->shuffle, 0, 1, "shuffle the training windows 1/0", 0},
         {"seed", 'l', &o->seed, 0, 0, "seed of the initialisation, the shuffle and the sampler", 0},
         {"threads", 'i', &o->threads, 0, MAX_THREADS, "OpenMP threads (0: all)", 0},
+        {"precision", 's', &o->precision, 0, 0, "fp32 or bf16: the operands of the large matrix products "
+         "(bf16: rounded, summed in float32; the router, the master weights and AdamW stay float32)", 0},
         {"grad-accum", 'i', &o->grad_accum, 1, MAX_SIZE,
          "micro-batches per step and rank (--batch is split over all)", 0},
         {"check-ranks", 'i', &o->check_ranks, NOT_NEGATIVE_INT,
@@ -163,6 +166,7 @@ static void default_options(Options *o) {
     o->shuffle = 1;
     o->seed = 1337;
     o->threads = 0;
+    o->precision = "fp32";
     o->grad_accum = 1;
     o->check_ranks = 0;
     o->eval_every = 100;
@@ -354,6 +358,14 @@ static void check_options(const Options *o) {
     if (o->generate > 0 && o->init_path == NULL) { fail("--generate needs --init MODEL.bin"); }
     if (o->explain != NULL && o->init_path == NULL) { fail("--explain needs --init MODEL.bin"); }
     if (o->html != NULL && o->explain == NULL) { fail("--html needs --explain TEXT_FILE"); }
+    if (strcmp(o->precision, "fp32") != 0 && strcmp(o->precision, "bf16") != 0) {
+        fail("--precision %s: fp32 or bf16", o->precision);
+    }
+#ifdef DTOPP_CUDA
+    if (strcmp(o->precision, "bf16") == 0) {
+        fail("--precision bf16: the CUDA build runs float32 only (doc/precision.md has the bf16 design it will follow)");
+    }
+#endif
 }
 
 #endif  // TRAIN_OPTIONS_H

@@ -378,6 +378,10 @@ static inline void passive_wait_by_default(char **argv) {
 #endif
 }
 
+// The operands of a matrix product: FLOAT32, or BF16 (rounded to bfloat16, the products summed in
+// float32; matmul.h). doc/precision.md says which products of the model may be BF16 and why.
+typedef enum { FLOAT32, BF16 } Precision;
+
 static inline double wall_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -84,9 +84,9 @@ static void check_shape(Shape s, uint64_t *rng) {
     for (size_t i = 0; i < (size_t)rows * IC; i++) { mag_dinp[i] += fabs(dinp[i]); }
     for (size_t i = 0; i < (size_t)OC * IC; i++) { mag_dweight[i] += fabs(dweight[i]); }
 
-    matmul_forward(out, inp, inp_rows, weight, rows, IC, OC);
+    matmul_forward(out, inp, inp_rows, weight, rows, IC, OC, FLOAT32);
     matmul_forward_reference(out_ref, inp, inp_rows, weight, rows, IC, OC);
-    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, rows, IC, OC);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, rows, IC, OC, FLOAT32);
     matmul_backward_reference(dinp_ref, dweight_ref, dout, inp, inp_rows, weight, rows, IC, OC);
 
     char name[96];
@@ -120,8 +120,8 @@ static void products_with_threads(int threads, Shape s, const float *inp, const 
     set_num_threads(threads);
     memset(dinp, 0, (size_t)s.rows * s.IC * sizeof(float));
     memset(dweight, 0, (size_t)s.OC * s.IC * sizeof(float));
-    matmul_forward(out, inp, inp_rows, weight, s.rows, s.IC, s.OC);
-    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC);
+    matmul_forward(out, inp, inp_rows, weight, s.rows, s.IC, s.OC, FLOAT32);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, FLOAT32);
 }
 
 static void check_threads(Shape s, uint64_t *rng) {
@@ -257,6 +257,138 @@ static void check_attention(int B, int T, int C, int NH, uint64_t *rng) {
     free(dqkv64);
 }
 
+// bf16 operands (Precision BF16). Rounding each operand to bfloat16 (8 significant bits, unit
+// roundoff u = 2^-8) changes a product x·w by at most (2u + u²)|x·w|; the products are then summed
+// in float32 by one rounded operation each, n of them plus one per block of GEMM_KC and one for an
+// accumulated start: at most γ = m·2^-24 / (1 - m·2^-24) of the sum of the magnitudes, m the number
+// of roundings. Each output is checked against the exact float64 product of the float32 operands
+// within (2u + u² + γ(1 + 2u + u²)) Σ|terms|, and a flushed subnormal (below 2^-126) adds at most
+// 2^-126 per operation. Then the portable and the AVX-512 BF16 kernels must agree bit for bit.
+static double bf16_bound(double magnitude, int terms) {
+    double u = 0x1p-8, m = terms + terms / GEMM_KC + 2, gamma = m * UNIT_ROUNDOFF / (1.0 - m * UNIT_ROUNDOFF);
+    return (2 * u + u * u + gamma * (1 + 2 * u + u * u)) * magnitude + 2 * m * 0x1p-126;
+}
+
+static double worst_bf16_error(const float *got, const double *want, const double *magnitude, size_t n,
+                               int terms) {
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double ratio = fabs((double)got[i] - want[i]) / (bf16_bound(magnitude[i], terms) + 1e-300);
+        if (!(ratio <= worst)) { worst = ratio; }
+    }
+    return worst;
+}
+
+// out, dinp, dweight of one shape in bf16 with the chosen kernel (dinp, dweight start from start_*)
+static void bf16_products(int native, Shape s, const float *inp, const int *inp_rows, const float *weight,
+                          const float *dout, const float *start_dinp, const float *start_dweight, float *out,
+                          float *dinp, float *dweight) {
+    bf16_native_kernel = native;
+    memcpy(dinp, start_dinp, (size_t)s.rows * s.IC * sizeof(float));
+    memcpy(dweight, start_dweight, (size_t)s.OC * s.IC * sizeof(float));
+    matmul_forward(out, inp, inp_rows, weight, s.rows, s.IC, s.OC, BF16);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, BF16);
+}
+
+// tiny: operands near 2^-64, so that products fall below float32's normal range and are flushed
+static void check_bf16(Shape s, int tiny, uint64_t *rng) {
+    int rows = s.rows, IC = s.IC, OC = s.OC;
+    size_t n_out = (size_t)rows * OC, n_dinp = (size_t)rows * IC, n_dw = (size_t)OC * IC;
+    int *inp_rows = (int *)malloc_check((rows > 0 ? rows : 1) * sizeof(int));
+    for (int r = 0; r < rows; r++) { inp_rows[r] = s.gathered ? (int)(random_u64(rng) % rows) : r; }
+    float *inp = random_floats(n_dinp, rng), *weight = random_floats(n_dw, rng), *dout = random_floats(n_out, rng);
+    float *start_dinp = random_floats(n_dinp, rng), *start_dw = random_floats(n_dw, rng);
+    if (tiny) {
+        for (size_t i = 0; i < n_dinp; i++) { inp[i] *= 0x1p-64f; start_dinp[i] = 0.0f; }
+        for (size_t i = 0; i < n_dw; i++) { weight[i] *= 0x1p-64f; start_dw[i] = 0.0f; }
+    }
+    double *want[3], *magnitude[3];
+    size_t sizes[3] = {n_out, n_dinp, n_dw};
+    for (int t = 0; t < 3; t++) {
+        want[t] = (double *)calloc_check(sizes[t] + 1, sizeof(double));
+        magnitude[t] = (double *)calloc_check(sizes[t] + 1, sizeof(double));
+    }
+    for (size_t i = 0; i < n_dinp; i++) { magnitude[1][i] = fabs(want[1][i] = start_dinp[i]); }
+    for (size_t i = 0; i < n_dw; i++) { magnitude[2][i] = fabs(want[2][i] = start_dw[i]); }
+    for (int r = 0; r < rows; r++) {
+        const float *x = inp + (size_t)inp_rows[r] * IC;
+        for (int o = 0; o < OC; o++) {
+            const float *w = weight + (size_t)o * IC;
+            double d = dout[(size_t)r * OC + o];
+            for (int i = 0; i < IC; i++) {
+                want[0][(size_t)r * OC + o] += (double)x[i] * w[i];
+                magnitude[0][(size_t)r * OC + o] += fabs((double)x[i] * w[i]);
+                want[1][(size_t)r * IC + i] += d * w[i];
+                magnitude[1][(size_t)r * IC + i] += fabs(d * w[i]);
+                want[2][(size_t)o * IC + i] += d * x[i];
+                magnitude[2][(size_t)o * IC + i] += fabs(d * x[i]);
+            }
+        }
+    }
+    float *got[2][3];
+    for (int k = 0; k < 2; k++) {
+        for (int t = 0; t < 3; t++) { got[k][t] = (float *)malloc_check((sizes[t] + 1) * sizeof(float)); }
+    }
+    bf16_products(0, s, inp, inp_rows, weight, dout, start_dinp, start_dw, got[0][0], got[0][1], got[0][2]);
+    char name[96];
+    snprintf(name, sizeof name, "bf16 rows %4d IC %4d OC %4d%s%s", rows, IC, OC, s.gathered ? " gathered" : "",
+             tiny ? " tiny" : "");
+    int terms[3] = {IC, OC + 1, rows + 1};
+    const char *what[3] = {"forward", "dinp   ", "dweight"};
+    for (int t = 0; t < 3; t++) {
+        double e = worst_bf16_error(got[0][t], want[t], magnitude[t], sizes[t], terms[t]);
+        check(e <= 1.0, "%-42s %s: error %.3f of the bf16 bound", name, what[t], e);
+    }
+    bf16_native_kernel = -1;
+    if (bf16_native()) {
+        bf16_products(1, s, inp, inp_rows, weight, dout, start_dinp, start_dw, got[1][0], got[1][1], got[1][2]);
+        int same = 1;
+        for (int t = 0; t < 3; t++) { same = same && memcmp(got[0][t], got[1][t], sizes[t] * sizeof(float)) == 0; }
+        check(same, "%-42s AVX-512 BF16 and portable kernels bitwise identical", name);
+    }
+    bf16_native_kernel = -1;
+    for (int t = 0; t < 3; t++) {
+        free(want[t]);
+        free(magnitude[t]);
+        free(got[0][t]);
+        free(got[1][t]);
+    }
+    free(inp_rows);
+    free(inp);
+    free(weight);
+    free(dout);
+    free(start_dinp);
+    free(start_dw);
+}
+
+static float float_of_bits(uint32_t bits) {
+    float x;
+    memcpy(&x, &bits, sizeof(x));
+    return x;
+}
+
+// Round to nearest even at the bfloat16 boundaries, and the special values
+static void check_bf16_rounding(void) {
+    struct { uint32_t in; uint16_t out; const char *what; } cases[] = {
+        {0x3f800000u, 0x3f80, "1 exactly"},
+        {0x3f808000u, 0x3f80, "1 + 2^-8, a tie: to even (down)"},
+        {0x3f818000u, 0x3f82, "1 + 3·2^-8, a tie: to even (up)"},
+        {0x3f808001u, 0x3f81, "just above a tie: up"},
+        {0x3f807fffu, 0x3f80, "just below a tie: down"},
+        {0xbf818000u, 0xbf82, "negative tie: to even"},
+        {0x7f7fffffu, 0x7f80, "largest float: rounds to infinity"},
+        {0x7f800000u, 0x7f80, "infinity"},
+        {0x00400000u, 0x0000, "subnormal: zero"},
+        {0x80000001u, 0x8000, "negative subnormal: -0"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        uint16_t got = bf16_round(float_of_bits(cases[i].in));
+        check(got == cases[i].out, "bf16_round(0x%08x) = 0x%04x (want 0x%04x): %s", cases[i].in, got, cases[i].out,
+              cases[i].what);
+    }
+    check(isnan(bf16_to_float(bf16_round(NAN))), "bf16_round(NaN) is NaN");
+}
+
 int main(void) {
     uint64_t rng = 42;
     // GEMM_MR = 12, GEMM_NR = 32, GEMM_KC = 256, GEMM_MC = 144, GEMM_NC = 256: every tile edge
@@ -279,6 +411,11 @@ int main(void) {
     for (size_t i = 0; i < sizeof(thread_shapes) / sizeof(thread_shapes[0]); i++) {
         check_threads(thread_shapes[i], &rng);
     }
+    check_bf16_rounding();
+    Shape bf16_shapes[] = {{1, 7, 5, 0}, {13, 257, 33, 1}, {145, 513, 291, 1}, {37, 600, 40, 0}, {600, 40, 24, 1}};
+    for (size_t i = 0; i < sizeof(bf16_shapes) / sizeof(bf16_shapes[0]); i++) { check_bf16(bf16_shapes[i], 0, &rng); }
+    check_bf16((Shape){50, 100, 40, 0}, 1, &rng);
+    if (!bf16_native()) { printf("note: this CPU has no AVX512_BF16: only the portable bf16 kernel was tested\n"); }
     // ATTENTION_BLOCK = 64: one partial block, exactly two, and a partial third
     check_attention(2, 1, 32, 2, &rng);
     check_attention(2, 37, 32, 2, &rng);
