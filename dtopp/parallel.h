@@ -67,7 +67,8 @@ void dp_finish(void) {
 // Splits the ranks into expert-parallel groups of `size` consecutive ranks.
 void ep_init(int size) {
     if (size < 1 || dp_ranks % size != 0) {
-        fail("--expert-parallel %d does not divide the %d rank(s) into groups", size, dp_ranks);
+        fail("--expert-parallel %d does not divide the %d rank(s) into groups (--expert-parallel 1: every rank "
+             "holds all experts)", size, dp_ranks);
     }
 #ifdef USE_MPI
     if (size > 1) {
