@@ -1076,23 +1076,13 @@ static void activations_free(Activations *a) {
 }
 
 // Expert parallel forward: the counts, then the rows, go to their experts' ranks; this rank runs
-// its experts on each source's rows in rank order; the outputs come back to x.out. The experts read
-// only a RouterView's expert_start, so each source's block gets a view of its own.
+// its experts on each source's rows in rank order; the outputs come back to x.out.
 static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const float *m,
                                      const LayerWeights *w, int E, int C, int H) {
-    int G = ep_ranks, group = E / G, first_expert = ep_rank * group, counts[E], received[G * group];
-    int send_rows[G], recv_rows[G], total = 0;
+    int G = ep_ranks, counts[E], received[E], send_rows[G], recv_rows[G];  // received: G blocks of E/G
     for (int e = 0; e < E; e++) { counts[e] = r.expert_start[e + 1] - r.expert_start[e]; }
-    ep_exchange_counts(counts, received, group);
-    for (int s = 0; s < G; s++) {
-        int *start = o->start + ((size_t)l * G + s) * (E + 1);
-        start[0] = 0;
-        for (int e = 0; e < E; e++) {
-            int mine = e >= first_expert && e < first_expert + group;
-            start[e + 1] = start[e] + (mine ? received[s * group + e - first_expert] : 0);
-        }
-        total += start[E];
-    }
+    ep_exchange_counts(counts, received, E / G);
+    int total = owned_layout(o, l, received, E);
     owned_reserve(o, o->offset[l] + total, r.expert_start[E], C, H);
     o->offset[l + 1] = o->offset[l] + total;
     owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
@@ -1102,9 +1092,7 @@ static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterVi
     ep_exchange_rows(o->send, send_rows, o->in + (size_t)o->offset[l] * C, recv_rows, C);
     ep_note_rows(l, total);
     for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
-        RouterView block = {0};
-        block.expert_start = o->start + ((size_t)l * G + s) * (E + 1);
-        experts_forward(owned_view(o, l, row, C, H), block, o->in, w, E, C, H);
+        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E, C, H);
     }
     ep_exchange_rows(o->rows.out + (size_t)o->offset[l] * C, recv_rows, x.out, send_rows, C);
 }
@@ -1122,8 +1110,7 @@ static void experts_backward_parallel(OwnedRows *o, int l, ExpertView x, RouterV
     LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + E * HC, .w2 = o->dw + 2 * E * HC};
     float *sums[] = {dw->w1, dw->w3, dw->w2}, *parts[] = {scratch.w1, scratch.w3, scratch.w2};
     for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
-        RouterView block = {0};
-        block.expert_start = o->start + ((size_t)l * G + s) * (E + 1);
+        RouterView block = owned_routing(o, l, s, E);
         for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k] + begin, 0, size * sizeof(float)); }
         experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, E, C, H);
         for (int k = 0; k < 3 && s > 0; k++) {

@@ -74,6 +74,29 @@ static ExpertView owned_view(OwnedRows *o, int l, int row, int C, int H) {
     return x;
 }
 
+// From the counts of every source (G blocks of E/G: its rows of each expert of this rank), the
+// layout of layer l's received rows. Returns their number.
+static int owned_layout(OwnedRows *o, int l, const int *received, int E) {
+    int G = ep_ranks, group = E / G, first_expert = ep_rank * group, total = 0;
+    for (int s = 0; s < G; s++) {
+        int *start = o->start + ((size_t)l * G + s) * (E + 1);
+        start[0] = 0;
+        for (int e = 0; e < E; e++) {
+            int mine = e >= first_expert && e < first_expert + group;
+            start[e + 1] = start[e] + (mine ? received[s * group + e - first_expert] : 0);
+        }
+        total += start[E];
+    }
+    return total;
+}
+
+// Source s's rows of layer l as the experts read a RouterView: only its expert_start.
+static RouterView owned_routing(const OwnedRows *o, int l, int s, int E) {
+    RouterView block = {0};
+    block.expert_start = o->start + ((size_t)l * ep_ranks + s) * (E + 1);
+    return block;
+}
+
 // The rows this rank sends to each rank of its group (its rows of that rank's experts: a block,
 // as rows come by expert) and receives from each, in layer l.
 static void owned_exchange_sizes(const OwnedRows *o, int l, RouterView r, int E, int *send_rows, int *recv_rows) {
