@@ -29,7 +29,7 @@ with G = 1 that is the one-level sum of data parallelism.
 int dp_rank = 0, dp_ranks = 1;  // this process, and how many train together
 int ep_rank = 0, ep_ranks = 1;  // this rank's place in its expert-parallel group, and the group's size
 double ep_bytes_sent = 0.0, dp_bytes_sent = 0.0;  // sent to other ranks so far: expert rows, gradient sums
-static double *ep_rows_owned;   // (layers) expert rows this rank has computed so far, per layer
+static double *ep_imbalance;    // (layers, 3) of the group's expert rows per rank: max/mean summed, worst, passes
 static int ep_layers;
 #ifdef USE_MPI
 static MPI_Comm ep_comm, groups_comm;  // this rank's expert-parallel group; the ranks of its place in every group
@@ -213,39 +213,40 @@ void dp_check_same(uint64_t value, const char *what, int step) {
 #endif
 }
 
-// Load across ranks: layer l's forward pass gave this rank `rows` expert rows to compute.
+// Load across the ranks of a group: in layer l's forward pass this rank got `rows` expert rows to
+// compute. The group compares its ranks' rows (a small all-gather, for the report) and keeps, per
+// layer, the sum and the worst of max/mean over the passes.
 void ep_note_rows(int layer, int rows) {
     if (layer >= ep_layers) {
-        ep_rows_owned = (double *)realloc_check(ep_rows_owned, (layer + 1) * sizeof(double));
-        for (int l = ep_layers; l <= layer; l++) { ep_rows_owned[l] = 0.0; }
+        ep_imbalance = (double *)realloc_check(ep_imbalance, 3 * (layer + 1) * sizeof(double));
+        for (int i = 3 * ep_layers; i < 3 * (layer + 1); i++) { ep_imbalance[i] = 0.0; }
         ep_layers = layer + 1;
     }
-    ep_rows_owned[layer] += rows;
+#ifdef USE_MPI
+    int *all = (int *)malloc_check(ep_ranks * sizeof(int)), max = 0;
+    double sum = 0.0;
+    MPI_Allgather(&rows, 1, MPI_INT, all, 1, MPI_INT, ep_comm);
+    for (int r = 0; r < ep_ranks; r++) { max = all[r] > max ? all[r] : max, sum += all[r]; }
+    free(all);
+    double ratio = sum > 0.0 ? max / (sum / ep_ranks) : 1.0, *stats = ep_imbalance + 3 * layer;
+    stats[0] += ratio, stats[1] = ratio > stats[1] ? ratio : stats[1], stats[2] += 1.0;
+#else
+    (void)rows;
+#endif
 }
 
-// At the end of a run (every rank calls it, rank 0 prints): the bytes this rank sent per step,
-// and per layer the expert rows of the busiest rank against the mean over ranks, summed over the
-// run's forward passes (evaluation's included).
+// At the end of a run (rank 0 prints): the bytes rank 0 sent per step, and per layer the expert
+// rows of the busiest rank of its group against the group's mean, over the run's forward passes
+// (evaluation's included).
 void parallel_report(int steps) {
     if (dp_ranks == 1 || steps < 1) { return; }
     printf("parallel: rank 0 sent %.0f bytes of gradient sums and %.0f bytes of expert rows per step\n",
            dp_bytes_sent / steps, ep_bytes_sent / steps);
-#ifdef USE_MPI
-    if (ep_ranks == 1) { return; }
-    double *all = (double *)malloc_check((size_t)ep_layers * dp_ranks * sizeof(double));
-    MPI_Allgather(ep_rows_owned, ep_layers, MPI_DOUBLE, all, ep_layers, MPI_DOUBLE, MPI_COMM_WORLD);
     for (int l = 0; l < ep_layers; l++) {
-        double max = 0.0, sum = 0.0;
-        for (int r = 0; r < dp_ranks; r++) {
-            double rows = all[(size_t)r * ep_layers + l];
-            max = rows > max ? rows : max;
-            sum += rows;
-        }
-        printf("parallel: layer %d: expert rows per rank, max/mean %.3f (mean %.0f per step)\n", l,
-               max / (sum / dp_ranks), sum / dp_ranks / steps);
+        const double *stats = ep_imbalance + 3 * l;
+        printf("parallel: layer %d: expert rows per rank of a group, max/mean %.3f on average over %.0f "
+               "forward passes, %.3f at worst\n", l, stats[0] / stats[2], stats[2], stats[1]);
     }
-    free(all);
-#endif
 }
 
 #endif  // PARALLEL_H

@@ -120,7 +120,7 @@ check "expert parallel 2 = --grad-accum 2: parameters and controller state after
 check "expert parallel 2 = --grad-accum 2: optimizer moments after 20 steps" \
     cmp <(payload "$TMP/ep2/state_00000020.bin") <(payload "$TMP/accum2/state_00000020.bin")
 check "expert parallel: the run reports its bytes sent and the load of every layer across ranks" \
-    grep -q "layer 1: expert rows per rank, max/mean" "$TMP/ep2.log"
+    grep -q "layer 1: expert rows per rank of a group, max/mean" "$TMP/ep2.log"
 # 4 ranks as 2 groups of 2: sums run within a group, then over the groups, (g0 + g1) + (g2 + g3),
 # which is what 2 ranks of 2 micro-batches each add.
 "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --grad-accum 2 --out "$TMP/dp2accum2" \
