@@ -60,6 +60,10 @@ void dp_init(int *argc, char ***argv) {
 
 void dp_finish(void) {
 #ifdef USE_MPI
+    if (ep_ranks > 1) {
+        MPI_Comm_free(&ep_comm);
+        MPI_Comm_free(&groups_comm);
+    }
     MPI_Finalize();
 #endif
 }
@@ -240,7 +244,8 @@ void ep_note_rows(int layer, int rows) {
 // (evaluation's included).
 void parallel_report(int steps) {
     if (dp_ranks == 1 || steps < 1) { return; }
-    printf("parallel: rank 0 sent %.0f bytes of gradient sums and %.0f bytes of expert rows per step\n",
+    printf("parallel: rank 0 sent %.0f bytes of gradient sums and %.0f bytes of expert rows per step "
+           "(evaluation's rows included)\n",
            dp_bytes_sent / steps, ep_bytes_sent / steps);
     for (int l = 0; l < ep_layers; l++) {
         const double *stats = ep_imbalance + 3 * l;
