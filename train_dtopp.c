@@ -1055,7 +1055,7 @@ static void expert_row_grads_reserve(ExpertRowGrads *g, int rows, int C, int H) 
     g->capacity = capacity;
 }
 
-#include "dtopp/expert_rows.h"  // defines: OwnedRows (expert parallelism's rows), owned_alloc/free/reserve/view
+#include "dtopp/expert_rows.h"  // defines: OwnedRows (expert parallelism's rows), owned_layout/view/routing, ...
 
 static void activations_free(Activations *a) {
     free(a->acts_memory);

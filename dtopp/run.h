@@ -359,7 +359,10 @@ static void check_parallel_options(Options *o) {
              o->grad_accum, dp_ranks);
     }
 #ifdef DTOPP_CUDA
-    if (o->expert_parallel > 1) { fail("--expert-parallel: the CUDA build has no expert parallelism yet (the CPU MPI build has)"); }
+    if (o->expert_parallel > 1) {  // not written without a GPU to run it on
+        fail("--expert-parallel %d: the CUDA build has no expert parallelism yet (the CPU MPI build has)",
+             o->expert_parallel);
+    }
 #endif
     ep_init(o->expert_parallel);
     if (dp_rank > 0) {  // rank 0 alone samples and writes the routing dump
