@@ -36,7 +36,7 @@ order, so results are bitwise identical for any number of threads.
 #include <stdlib.h>
 #include <string.h>
 #include "dtopp/utils.h"     // defines: fail, checked memory and file I/O, file headers, random_*, threads
-#include "dtopp/parallel.h"  // defines: dp_init, dp_finish, dp_sum_floats, dp_sum_doubles, dp_rank, dp_ranks
+#include "dtopp/parallel.h"  // defines: dp_init/finish, dp_sum_floats/doubles, dp_rank(s), ep_rank(s), ep_exchange_*
 
 // ----------------------------------------------------------------------------
 // 1. configuration
@@ -290,6 +290,7 @@ typedef struct {
     float *din;    // (R, C) gradient of the gathered input m
 } ExpertRowGrads;
 
+typedef struct OwnedRows OwnedRows;  // dtopp/expert_rows.h
 typedef struct DeviceScratch DeviceScratch;  // what only train_dtopp.cu needs: it defines it
 
 typedef struct {
@@ -301,6 +302,7 @@ typedef struct {
     int *row_offset;      // (L + 1) host: layer l owns the expert rows row_offset[l] .. row_offset[l+1]-1
     ExpertRows rows;
     ExpertRowGrads row_grads;
+    OwnedRows *owned;     // expert parallel: the rows of this rank's experts (NULL: all experts local)
     GradActivations grads;
     float *grads_memory;  // NULL when only the forward pass is needed
     DeviceScratch *device;  // GPU: streams' scratch, host copies, the batch on the device (NULL here)
@@ -1055,6 +1057,8 @@ static void expert_row_grads_reserve(ExpertRowGrads *g, int rows, int C, int H) 
     g->capacity = capacity;
 }
 
+#include "dtopp/expert_rows.h"  // defines: OwnedRows (expert parallelism's rows), owned_layout/view/routing, ...
+
 static void activations_free(Activations *a) {
     free(a->acts_memory);
     free(a->routing_memory);
@@ -1069,7 +1073,56 @@ static void activations_free(Activations *a) {
     free(a->row_grads.dh1);
     free(a->row_grads.dh3);
     free(a->row_grads.din);
+    owned_free(a->owned);
     memset(a, 0, sizeof(*a));
+}
+
+// Expert parallel forward: the counts, then the rows, go to their experts' ranks; this rank runs
+// its experts on each source's rows in rank order; the outputs come back to x.out.
+static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const float *m,
+                                     const LayerWeights *w, int E, int C, int H, Precision precision) {
+    int G = ep_ranks, counts[E], received[E], send_rows[G], recv_rows[G];  // received: G blocks of E/G
+    for (int e = 0; e < E; e++) { counts[e] = r.expert_start[e + 1] - r.expert_start[e]; }
+    ep_exchange_counts(counts, received, E / G);
+    int total = owned_layout(o, l, received, E);
+    owned_reserve(o, o->offset[l] + total, r.expert_start[E], C, H);
+    o->offset[l + 1] = o->offset[l] + total;
+    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
+    for (int i = 0; i < r.expert_start[E]; i++) {
+        memcpy(o->send + (size_t)i * C, m + (size_t)x.row_token[i] * C, C * sizeof(float));
+    }
+    ep_exchange_rows(o->send, send_rows, o->in + (size_t)o->offset[l] * C, recv_rows, C);
+    ep_note_rows(l, total);
+    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
+        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E, C, H,
+                        precision);
+    }
+    ep_exchange_rows(o->rows.out + (size_t)o->offset[l] * C, recv_rows, x.out, send_rows, C);
+}
+
+// Expert parallel backward, the forward reversed: x.dout goes to the experts' ranks, each source's
+// rows run backward in rank order, and x.din comes back. Source 0's expert gradient lands in dw,
+// each later one in scratch that is then added: ((g0 + g1) + g2) ..., as micro-batches add.
+static void experts_backward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const LayerWeights *dw,
+                                      const LayerWeights *w, int E, int C, int H, Precision precision) {
+    int G = ep_ranks, send_rows[G], recv_rows[G];
+    size_t HC = (size_t)H * C, begin = ep_rank * (E / G) * HC, size = (E / G) * HC;
+    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
+    expert_row_grads_reserve(&o->grads, o->offset[l + 1] - o->offset[l], C, H);
+    ep_exchange_rows(x.dout, send_rows, o->grads.dout, recv_rows, C);
+    LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + E * HC, .w2 = o->dw + 2 * E * HC};
+    float *sums[] = {dw->w1, dw->w3, dw->w2}, *parts[] = {scratch.w1, scratch.w3, scratch.w2};
+    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
+        RouterView block = owned_routing(o, l, s, E);
+        for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k] + begin, 0, size * sizeof(float)); }
+        experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, E, C, H,
+                         precision);
+        for (int k = 0; k < 3 && s > 0; k++) {
+            #pragma omp parallel for
+            for (size_t i = begin; i < begin + size; i++) { sums[k][i] += parts[k][i]; }
+        }
+    }
+    ep_exchange_rows(o->grads.din, recv_rows, x.din, send_rows, C);
 }
 
 struct Workspace {
@@ -1094,7 +1147,11 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     a->row_offset[l + 1] = r.row_begin + rows;
     ExpertView x = expert_view(a, c, r);
     moe_dispatch(r, x, N, E);
-    experts_forward(x, r, m, &w, E, C, H, model->precision);
+    if (a->owned != NULL) {  // expert parallel: exchange, this rank's experts, exchange back
+        experts_forward_parallel(a->owned, l, x, r, m, &w, E, C, H, model->precision);
+    } else {
+        experts_forward(x, r, m, &w, E, C, H, model->precision);
+    }
     moe_combine_forward(out, x, r, N, C, E);
 }
 
@@ -1110,7 +1167,11 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
     expert_row_grads_reserve(&a->row_grads, r.expert_start[E], C, H);
     ExpertView x = expert_view(a, c, r);
     moe_combine_backward(x, r, dout, N, C, E);
-    experts_backward(x, r, m, &dw, &w, E, C, H, model->precision);
+    if (a->owned != NULL) {
+        experts_backward_parallel(a->owned, l, x, r, &dw, &w, E, C, H, model->precision);
+    } else {
+        experts_backward(x, r, m, &dw, &w, E, C, H, model->precision);
+    }
     moe_gather_rows(dm, x, r, N, C, E);
     moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);
     router_backward(r, dm, &dw, m, &w, rc, N, C, E);
@@ -1124,6 +1185,7 @@ static void model_ensure_activations(Model *model, int B, int T) {
     if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
     activations_free(&model->ws->acts);
     activations_alloc(&model->ws->acts, c, B, T, 1);
+    if (ep_ranks > 1) { model->ws->acts.owned = owned_alloc(c); }  // not the decoder's, which samples alone
 }
 
 // inputs, targets: (B, T) token ids; targets may be NULL (no loss). Token ids are trusted here:
@@ -1688,6 +1750,7 @@ int main(int argc, char **argv) {
         }
     }
     if (o->sample_tokens > 0 && run.last_checkpoint == o->steps) { print_sample(&run, -1); }
+    parallel_report(o->steps - run.start_step);  // bytes sent, load across ranks (with several ranks)
     printf("done: %s/model.bin, %s/log.csv\n", o->out_dir, o->out_dir);
     run_free(&run);
     dp_finish();

@@ -360,6 +360,13 @@ static void check_parallel_options(Options *o) {
         fail("--batch %d does not split into --grad-accum %d micro-batches on each of %d rank(s)", o->batch,
              o->grad_accum, dp_ranks);
     }
+#ifdef DTOPP_CUDA
+    if (o->expert_parallel > 1) {  // not written without a GPU to run it on
+        fail("--expert-parallel %d: the CUDA build has no expert parallelism yet (the CPU MPI build has)",
+             o->expert_parallel);
+    }
+#endif
+    ep_init(o->expert_parallel);
     if (dp_rank > 0) {  // rank 0 alone samples and writes the routing dump
         o->sample_tokens = 0;
         o->routing_dump = NULL;
@@ -379,6 +386,9 @@ static void run_setup(Run *run) {
     if (dp_rank == 0) { ensure_directory(o->out_dir); }
     catch_stop_signals();
     load_or_init_model(run);
+    if (run->model.config.num_experts % ep_ranks != 0) {
+        fail("--expert-parallel %d does not divide the model's %d experts", ep_ranks, run->model.config.num_experts);
+    }
     check_data_fits_model(run);
     find_run_tokenizer(run);
     run->log = run->routing_dump = NULL;

@@ -34,6 +34,7 @@ typedef struct {
     int batch, seq_len, steps, warmup, shuffle, threads;
     int schedule_steps, extend;  // the learning-rate schedule's length (0: --steps); steps past a resumed run's
     int grad_accum, check_ranks;  // micro-batches per step and rank; steps between replica checks
+    int expert_parallel;          // ranks that share the experts of every layer (doc/parallel.md)
     const char *precision;        // fp32 or bf16: the operands of the large products
     float lr, weight_decay;
     long long seed;
@@ -101,6 +102,8 @@ static int option_specs(Options *o, OptionSpec *specs) {
          "(bf16: rounded, summed in float32; the router, the master weights and AdamW stay float32)", 0},
         {"grad-accum", 'i', &o->grad_accum, 1, MAX_SIZE,
          "micro-batches per step and rank (--batch is split over all)", 0},
+        {"expert-parallel", 'i', &o->expert_parallel, 1, MAX_SIZE,
+         "ranks that split the experts of every layer between them (MPI build)", 0},
         {"check-ranks", 'i', &o->check_ranks, NOT_NEGATIVE_INT,
          "steps between checks that ranks hold one model (0: never)", 0},
         {"eval-every", 'i', &o->eval_every, NOT_NEGATIVE_INT,
@@ -168,6 +171,7 @@ static void default_options(Options *o) {
     o->threads = 0;
     o->precision = "fp32";
     o->grad_accum = 1;
+    o->expert_parallel = 1;
     o->check_ranks = 0;
     o->eval_every = 100;
     o->eval_batches = 10;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# test_mpi.sh: data-parallel training (MPI) and gradient accumulation on a tiny model: ranks and
-# micro-batches give the same run as one process, every rank holds the same model, resume is
-# exact, and a rank that dies ends the job without a half-written file.
+# test_mpi.sh: data-parallel and expert-parallel training (MPI) and gradient accumulation on a tiny
+# model: ranks and micro-batches give the same run as one process, every rank holds the same model,
+# resume is exact, and a rank that dies ends the job without a half-written file.
 #
 #   test/test_mpi.sh            (run from the repository root, after `make train_dtopp_mpi`)
 #
@@ -103,6 +103,69 @@ refuses "a batch that does not split over the ranks" "--grad-accum 1 micro-batch
     "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --batch 3 --steps 1 --out "$TMP/odd"
 refuses "a batch that does not split into micro-batches" "does not split into --grad-accum 3" \
     "$TRAIN" "${RUN[@]}" --grad-accum 3 --steps 1 --out "$TMP/odd"
+
+# Expert parallelism (--expert-parallel G): each rank of a group of G computes E/G experts for the
+# tokens of the whole group. Rank r's rows reach their experts in rank order and each source's rows
+# of an expert form one product, as micro-batch r's do in one process; the owner adds the sources'
+# expert gradients in rank order, ((g0 + g1) + g2) + ..., as accumulation does. So 2 ranks with
+# --expert-parallel 2 = 1 process with --grad-accum 2, bit for bit, and nothing needs a tolerance.
+check "expert parallel: 2 ranks, --expert-parallel 2, 20 steps, every rank checked after every step" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 20 --threads 1 --check-ranks 1 --expert-parallel 2 \
+    --out "$TMP/ep2"
+cp "$TMP/last.log" "$TMP/ep2.log"
+check "expert parallel 2 = --grad-accum 2: losses, grad norm, a_t, p, per-layer statistics at every step" \
+    cmp <(measured "$TMP/ep2/log.csv") <(measured "$TMP/accum2/log.csv")
+check "expert parallel 2 = --grad-accum 2: parameters and controller state after 20 steps" \
+    cmp "$TMP/ep2/model.bin" "$TMP/accum2/model.bin"
+check "expert parallel 2 = --grad-accum 2: optimizer moments after 20 steps" \
+    cmp <(payload "$TMP/ep2/state_00000020.bin") <(payload "$TMP/accum2/state_00000020.bin")
+check "expert parallel: the run reports its bytes sent and the load of every layer across ranks" \
+    grep -q "layer 1: expert rows per rank of a group, max/mean" "$TMP/ep2.log"
+# 4 ranks as 2 groups of 2: sums run within a group, then over the groups, (g0 + g1) + (g2 + g3),
+# which is what 2 ranks of 2 micro-batches each add.
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --grad-accum 2 --out "$TMP/dp2accum2" \
+    > /dev/null 2>&1
+check "expert parallel: 4 ranks as 2 data-parallel x 2 expert-parallel, 6 steps, ranks checked" \
+    "${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --check-ranks 1 --expert-parallel 2 \
+    --out "$TMP/ep2x2"
+check "2 x 2 = 2 ranks of --grad-accum 2: every step's log" \
+    cmp <(measured "$TMP/ep2x2/log.csv") <(measured "$TMP/dp2accum2/log.csv")
+check "2 x 2 = 2 ranks of --grad-accum 2: parameters and controller state" \
+    cmp "$TMP/ep2x2/model.bin" "$TMP/dp2accum2/model.bin"
+"${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --expert-parallel 4 --out "$TMP/ep4" \
+    > /dev/null 2>&1
+check "4 ranks with --expert-parallel 4 = --grad-accum 4: parameters and controller state" \
+    cmp "$TMP/ep4/model.bin" "$TMP/accum4/model.bin"
+
+# resume, and checkpoints across layouts: the checkpoint is the one file rank 0 writes, every rank
+# holding the whole model, so it continues in any layout; in one that adds in the same order it
+# continues bit for bit.
+EP=("${SPLIT[@]}" --expert-parallel 2)
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${EP[@]}" --out "$TMP/ep_straight" > /dev/null 2>&1
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${EP[@]}" --out "$TMP/ep_split" --stop-at 6 > /dev/null 2>&1
+cp -r "$TMP/ep_split" "$TMP/ep_split_one"
+check "expert parallel: resumed on 2 ranks from step 6 to 12" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${EP[@]}" --out "$TMP/ep_split" --resume "$TMP/ep_split"
+check "expert parallel resume: identical log, parameters, controller and training state" \
+    cmp <(measured "$TMP/ep_straight/log.csv"; cat "$TMP/ep_straight/model.bin" "$TMP/ep_straight/state_00000012.bin") \
+        <(measured "$TMP/ep_split/log.csv"; cat "$TMP/ep_split/model.bin" "$TMP/ep_split/state_00000012.bin")
+check "an expert-parallel checkpoint continues in 1 process (--expert-parallel 1 --grad-accum 2)" \
+    "$TRAIN" "${SPLIT[@]}" --expert-parallel 1 --grad-accum 2 --threads 2 --out "$TMP/ep_split_one" \
+    --resume "$TMP/ep_split_one"
+check "... bit for bit as the expert-parallel run: parameters and controller state" \
+    cmp "$TMP/ep_straight/model.bin" "$TMP/ep_split_one/model.bin"
+"$TRAIN" "${SPLIT[@]}" --grad-accum 2 --out "$TMP/one_split" --stop-at 6 > /dev/null 2>&1
+check "a 1-process checkpoint continues on 2 ranks with --expert-parallel 2 (--grad-accum 1: not the saved 2)" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${EP[@]}" --grad-accum 1 --out "$TMP/one_split" --resume "$TMP/one_split"
+check "... bit for bit as the expert-parallel run: parameters and controller state" \
+    cmp "$TMP/ep_straight/model.bin" "$TMP/one_split/model.bin"
+
+refuses "expert parallel: experts that do not split over the group" "does not divide the model's 8 experts" \
+    "${MPIRUN[@]}" -np 3 "$TRAIN_MPI" "${RUN[@]}" --batch 6 --expert-parallel 3 --steps 1 --out "$TMP/odd"
+refuses "expert parallel: ranks that do not split into groups" "--expert-parallel 4 does not divide the 2 rank(s)" \
+    "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --expert-parallel 4 --steps 1 --out "$TMP/odd"
+refuses "expert parallel in the single-process build" "--expert-parallel 2 does not divide the 1 rank(s)" \
+    "$TRAIN" "${RUN[@]}" --expert-parallel 2 --steps 1 --out "$TMP/odd"
 
 # a rank that dies: the job ends with mpirun's message naming it, and what is on disk is complete
 "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 100000 --eval-every 0 --checkpoint-every 1 --threads 1 \
