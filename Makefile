@@ -75,7 +75,7 @@ BINARIES = train_dtopp prepro test_gpt test/test_matmul test/test_tokenizer test
 
 .PHONY: repro plots tune compare-cuda all train test test-model test-matmul test-tokenizer test-data test-train \
         test-mpi reference check-fixtures selfcheck cuda cuda-mpi test-cuda bench tokenizer unicode_tables clean help \
-        fuzz dit test-dit test-resume plot
+        fuzz dit dit-compare test-dit test-resume plot
 
 all: $(BINARIES)
 
@@ -92,6 +92,7 @@ help:
 	@echo "make dit           Fashion-MNIST: train a DTop-p diffusion transformer (about 21 minutes on 2 cores;"
 	@echo "                   DIT_FLAGS='--steps 1500' for a 4-minute version)"
 	@echo "                   (DIT_FLAGS='--routing topk ...' to change options, DIT_OUT=dir for another output)"
+	@echo "make dit-compare   DTop-p against Top-k, three seeds each, with the paired rules of doc/dit.md (out/dit_compare)"
 	@echo "make reference     regenerate test/fixtures with the PyTorch reference (python3-torch)"
 	@echo "make check-fixtures  regenerate the fixtures and compare with the committed ones"
 	@echo "make cuda          build the CUDA twin (train_dtopp_cuda, test_gpt_cuda) if nvcc is present"
@@ -234,6 +235,13 @@ $(DIT_DATA)/train-images-idx3-ubyte:
 
 dit: dit/train_dit $(DIT_DATA)/train-images-idx3-ubyte
 	dit/train_dit --data $(DIT_DATA) --out $(DIT_OUT) $(DIT_FLAGS)
+
+# DTop-p against Top-k, three seeds, the paired rules and the routing verdicts of doc/dit.md ("Second
+# round"), into out/dit_compare; finished runs and measures are kept (JOBS=3 DIT_FLAGS='--threads 1'
+# trains three at once)
+dit-compare: dit/train_dit dit/eval_dit $(DIT_DATA)/train-images-idx3-ubyte
+	FASHION_MNIST=$(DIT_DATA) scripts/dit_compare.sh out/dit_compare
+	$(PYTHON) scripts/dit_plots.py out/dit_compare
 
 # ----------------------------------------------------------------------------
 # tests

@@ -70,6 +70,7 @@ typedef struct {
     float theta_init;  // initial DRN scale
     float lb_coef;     // load-balance loss coefficient
     float ent_coef;    // router entropy loss coefficient
+    int first_layer_k; // layer 0 on a fixed top-k of this many experts, outside the threshold (0: as the rest)
 } RouterConfig;
 
 // The epsilons of the two normalizations (doc/spec.md, sections 1 and 2).
@@ -1133,6 +1134,17 @@ struct Workspace {
     const int *targets;
 };
 
+// How layer l routes: as configured, except layer 0 with --first-layer-k, which takes a fixed top-k
+// (the first layer's router sees only the embeddings; doc/results.md, second round).
+static RouterConfig layer_router(const RouterConfig *rc, int l) {
+    RouterConfig layer = *rc;
+    if (l == 0 && rc->first_layer_k > 0) {
+        layer.routing = ROUTING_TOPK;
+        layer.k = rc->first_layer_k;
+    }
+    return layer;
+}
+
 // The MoE half of layer l: router, auxiliary terms, dispatch, experts, combine.
 // Writes MoE(m) to out (N, C).
 static void moe_forward(Model *model, Activations *a, int l, float *out, const float *m) {
@@ -1140,7 +1152,8 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden;
     LayerWeights w = layer_weights(&model->params, c, l);
     RouterView r = router_view(a, c, l);
-    router_forward(r, m, &w, model->threshold[l], &model->router, N, C, E);
+    RouterConfig rc = layer_router(&model->router, l);
+    router_forward(r, m, &w, model->threshold[l], &rc, N, C, E);
     int rows = moe_dispatch_count(r, N, E);
     moe_aux_forward(&a->acts.aux_lb[l], &a->acts.aux_ent[l], r, N, E);
     expert_rows_reserve(&a->rows, r.row_begin + rows, C, H);
@@ -1160,7 +1173,7 @@ static void moe_forward(Model *model, Activations *a, int l, float *out, const f
 static void moe_backward(Model *model, Activations *a, int l, float *dm, const float *dout, const float *m) {
     const ModelConfig *c = &model->config;
     int N = a->B * a->T, C = c->channels, E = c->num_experts, H = c->expert_hidden, L = c->num_layers;
-    const RouterConfig *rc = &model->router;
+    RouterConfig rc = layer_router(&model->router, l);
     LayerWeights w = layer_weights(&model->params, c, l);
     LayerWeights dw = layer_weights(&model->grads, c, l);
     RouterView r = router_view(a, c, l);
@@ -1173,8 +1186,8 @@ static void moe_backward(Model *model, Activations *a, int l, float *dm, const f
         experts_backward(x, r, m, &dw, &w, E, C, H, model->precision);
     }
     moe_gather_rows(dm, x, r, N, C, E);
-    moe_aux_backward(r, rc->lb_coef / L, rc->ent_coef / L, N, E);
-    router_backward(r, dm, &dw, m, &w, rc, N, C, E);
+    moe_aux_backward(r, rc.lb_coef / L, rc.ent_coef / L, N, E);
+    router_backward(r, dm, &dw, m, &w, &rc, N, C, E);
 }
 
 static void rope_reserve(Workspace *ws, const ModelConfig *c, int T);  // dtopp/decoder.h
@@ -1395,10 +1408,11 @@ static void controller_reset(Model *model) {
     }
 }
 
-// a_t from the per-layer means of |S|: their mean over the layers.
-static double mean_over_layers(const double *activated, int L) {
+// The mean of the per-layer means of |S| over layers first..L-1: over every layer, the activated
+// experts per token and layer; from the first layer the threshold routes, the controller's a_t.
+static double mean_over_layers(const double *activated, int first, int L) {
     double mean = 0.0;
-    for (int l = 0; l < L; l++) { mean += activated[l] / L; }
+    for (int l = first; l < L; l++) { mean += activated[l] / (L - first); }
     return mean;
 }
 
@@ -1407,7 +1421,7 @@ double model_activated(const Model *model) {
     int L = model->config.num_layers;
     double *activated = (double *)malloc_check(L * sizeof(double));
     model_activated_per_layer(model, activated);
-    double mean = mean_over_layers(activated, L);
+    double mean = mean_over_layers(activated, 0, L);
     free(activated);
     return mean;
 }
@@ -1415,14 +1429,16 @@ double model_activated(const Model *model) {
 // Once per optimizer step, after the backward pass: moves p toward the threshold that activates
 // tgt experts per token on average. e = (tgt − a)/E; I' = I + e; p' = p0 + Kp e + Ki I'; while p'
 // is outside [pmin, pmax] p is clamped and I is left as it was (no wind-up while saturated).
-// The global controller feeds every layer the same a, so every layer keeps the same p and I.
+// The global controller feeds every layer the same a, so every layer keeps the same p and I; a is
+// over the layers the threshold routes, so a layer 0 on a fixed top-k (--first-layer-k) is left out
+// of it, and the model's activated experts are then (k + (L − 1)·tgt)/L per token and layer.
 // activated: (L) the mean |S| of each layer over every token of the optimizer step, which with
 // gradient accumulation or several ranks is more than the last forward pass (doc/spec.md, section 3).
 void controller_update_from(Model *model, const double *activated) {
     const RouterConfig *rc = &model->router;
     if (rc->routing != ROUTING_DTOPP) { return; }
     int L = model->config.num_layers;
-    double global = mean_over_layers(activated, L);
+    double global = mean_over_layers(activated, rc->first_layer_k > 0, L);
     for (int l = 0; l < L; l++) {
         double a = rc->controller == CONTROLLER_GLOBAL ? global : activated[l];
         double error = (rc->tgt - a) / model->config.num_experts;
@@ -1575,8 +1591,9 @@ void model_allreduce_grads(Model *model, float scale) {
 static const int model_versions[] = {1, MODEL_VERSION};
 
 // The header of a model checkpoint (doc/formats.md): integers from word 2 (16-17: the vocabulary hash,
-// 0 when not recorded), float32 values from word 32. Saving and loading both walk this one table.
-#define MODEL_HEADER_FIELDS 25
+// 0 when not recorded; 18: --first-layer-k, 0 in files from before it, whose layer 0 was routed as
+// the rest), float32 values from word 32. Saving and loading both walk this one table.
+#define MODEL_HEADER_FIELDS 26
 static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfig *rc) {
     void *ints[] = {&c->max_seq_len, &c->vocab_size, &c->padded_vocab_size, &c->num_layers, &c->num_heads,
                     &c->channels, &c->num_experts, &c->expert_hidden, &rc->routing, &rc->controller,
@@ -1586,6 +1603,7 @@ static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfi
     for (int i = 0; i < 14; i++) { fields[i] = (HeaderField){2 + i, 4, ints[i]}; }
     for (int i = 0; i < 10; i++) { fields[14 + i] = (HeaderField){32 + i, 4, floats[i]}; }
     fields[24] = (HeaderField){16, 8, &c->vocab_hash};
+    fields[25] = (HeaderField){18, 4, &rc->first_layer_k};
 }
 
 // params: the parameters in host memory.

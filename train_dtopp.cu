@@ -1914,6 +1914,9 @@ void model_allreduce_grads(Model *model, float scale) {
 
 // Takes ownership of params (host memory, filled): copies them to the GPU and frees them.
 static void model_attach(Model *model, float *params) {
+    if (model->router.first_layer_k > 0) {  // the GPU's moe_forward/moe_backward route every layer alike
+        fail("a fixed top-k first layer (--first-layer-k) is only in the CPU build, train_dtopp");
+    }
     gpu_init();
     const ModelConfig *c = &model->config;
     model->params_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));

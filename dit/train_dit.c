@@ -651,6 +651,7 @@ void dit_load(Dit *d, const char *path) {
         open_with_header(path, header, DIT_MAGIC, versions, 1, "diffusion transformer checkpoint", &size);
     DitConfig config;
     ModelConfig trunk;
+    memset(&trunk, 0, sizeof(trunk));  // its padding too, which no header word fills: tests compare it bytewise
     RouterConfig router;
     HeaderField fields[DIT_HEADER_FIELDS];
     dit_header_fields(fields, &config, &trunk, &router);

@@ -9,7 +9,7 @@ so it is included after it.
 #define STATS_H
 
 typedef struct {
-    double activated;         // a_t: mean |S| over tokens and layers
+    double activated;         // mean |S| over tokens and layers (the controller's a_t leaves out a fixed first layer)
     double *layer_mean;       // (L) mean |S|
     double *layer_std;        // (L) population standard deviation of |S|
     int *histogram;           // (L, E + 1) tokens with |S| = 0..E
@@ -86,7 +86,7 @@ static void routing_stats_from_counts(RoutingStats *s, const double *counts, con
         double lmean = lsum / E, lvar = lsumsq / E - lmean * lmean;
         s->load_cv[l] = lmean > 0.0 && lvar > 0.0 ? sqrt(lvar) / lmean : 0.0;
     }
-    s->activated = mean_over_layers(s->layer_mean, L);
+    s->activated = mean_over_layers(s->layer_mean, 0, L);
 }
 
 // The statistics of the last forward pass.

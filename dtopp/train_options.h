@@ -29,6 +29,7 @@ typedef struct {
     // routing
     const char *routing, *controller;
     int drn, renorm, k;  // drn < 0: the mode's default
+    int first_layer_k;   // layer 0 on a fixed top-k (0: routed as the rest)
     float p, tgt, Kp, Ki, p0, pmin, pmax, theta_init, lb_coef, ent_coef;  // ent_coef < 0: the mode's default
     // training
     int batch, seq_len, steps, warmup, shuffle, threads;
@@ -74,6 +75,9 @@ static int option_specs(Options *o, OptionSpec *specs) {
         {"drn", 'i', &o->drn, 0, 1, "Dynamic Routing Normalization 1/0 (default: 1 for dtopp, else 0)", 1},
         {"renorm", 'i', &o->renorm, 0, 1, "renormalise the gates over the selected experts 1/0", 1},
         {"k", 'i', &o->k, 1, MAX_EXPERTS, "topk: experts per token", 1},
+        {"first-layer-k", 'i', &o->first_layer_k, 0, MAX_EXPERTS,
+         "topp, dtopp: layer 0 on a fixed top-k of this many experts, left out of the threshold's budget "
+         "(0: routed as the other layers)", 1},
         {"p", 'f', &o->p, 0, 1, "topp: the fixed threshold", 1},
         {"tgt", 'f', &o->tgt, 1, MAX_EXPERTS, "dtopp: target average number of activated experts", 1},
         {"kp", 'f', &o->Kp, ANY_FLOAT, "dtopp: proportional gain", 1},
@@ -339,6 +343,7 @@ static void configure_model(const Options *o, int V, int vocab_kind, ModelConfig
     rc->drn = o->drn >= 0 ? o->drn : rc->routing == ROUTING_DTOPP;
     rc->renorm = o->renorm;
     rc->k = o->k;
+    rc->first_layer_k = o->first_layer_k;
     rc->p = o->p;
     rc->tgt = o->tgt;
     rc->Kp = o->Kp;

@@ -79,6 +79,11 @@ static void validate_config(const ModelConfig *c, const RouterConfig *rc, const 
     if (rc->routing == ROUTING_TOPK && (rc->k < 1 || rc->k > c->num_experts)) {
         fail("%s: top-k needs 1 <= k <= E (k=%d, E=%d)", where, rc->k, c->num_experts);
     }
+    if (rc->first_layer_k != 0 && (rc->routing == ROUTING_TOPK || c->num_layers < 2 ||
+                                   !in_range(rc->first_layer_k, 1, c->num_experts))) {
+        fail("%s: a fixed top-k first layer needs topp or dtopp routing, 2 or more layers and 1 <= k <= E "
+             "(got %d, L=%d, E=%d)", where, rc->first_layer_k, c->num_layers, c->num_experts);
+    }
     if (rc->routing == ROUTING_TOPP && !(rc->p > 0.0f && rc->p <= 1.0f)) {
         fail("%s: p must be in (0, 1] (got %g)", where, rc->p);
     }

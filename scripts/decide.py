@@ -38,7 +38,13 @@ METHODS = {
     # through the load-balance loss; these runs give Top-1 its router gradient back
     "topk_raw": "Top-k, gates not renormalised (added after the results)",
 }
-TARGET = {8: 1, 16: 2, 32: 4}
+# the second round's runs at E = 16 (doc/results.md, "Second round"; E = 64 uses the names above)
+METHODS_2 = {
+    "dtopp_l0topk": "DTop-p, layer 0 on a fixed Top-2",
+    "dtopp_ep3": "DTop-p, three epochs",
+    "topk_ep3": "Top-k, three epochs",
+}
+TARGET = {8: 1, 16: 2, 32: 4, 64: 8}
 # two-sided 95% quantiles of Student's t, by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -80,12 +86,16 @@ def mean_sd(xs):
     return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
 
 
-def paired(a, b):
-    """b - a over seeds: mean, standard deviation, half-width of the 95% interval."""
-    d = [y - x for x, y in zip(a, b)]
+def interval(d):
+    """Paired differences over seeds: mean, standard deviation, half-width of the 95% interval."""
     m, s = mean_sd(d)
     n = len(d)
     return m, s, T95.get(n - 1, 1.96) * s / math.sqrt(n) if n > 1 else float("inf")
+
+
+def paired(a, b):
+    """b - a over seeds: mean, standard deviation, half-width of the 95% interval."""
+    return interval([y - x for x, y in zip(a, b)])
 
 
 def verdict(m, hw, above, below, neither="not decided"):
@@ -145,7 +155,7 @@ def main():
               "| E | method | seeds | final val loss (mean ± sd) | activated, 2nd half | settled p |",
               "| --- | --- | --- | --- | --- | --- |"]
     for e in sorted(TARGET):
-        for method in METHODS:
+        for method in {**METHODS, **METHODS_2}:
             ss = seeds_of(e, method)
             if not ss:
                 continue
@@ -153,7 +163,7 @@ def main():
             am = np.mean([runs[(e, method, s)]["a_half"] for s in ss])
             pm = np.mean([runs[(e, method, s)]["p_half"] for s in ss])
             settled = "—" if method.startswith("topk") else f"{pm:.3f}" + (" (layer 0)" if method == "dtopp_layer" else "")
-            lines.append(f"| {e} | {METHODS[method]} | {len(ss)} | {fmt(lm, ls)} | {am:.3f} | "
+            lines.append(f"| {e} | {({**METHODS, **METHODS_2})[method]} | {len(ss)} | {fmt(lm, ls)} | {am:.3f} | "
                          f"{settled} |")
     lines.append("")
 
@@ -178,7 +188,7 @@ def main():
               "| verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     results = {}
     for e, other in [(16, "topk"), (16, "topp"), (8, "topk"), (32, "topk"), (16, "pi_only"), (16, "drn_only"),
-                     (16, "dtopp_layer"), (8, "topk_raw")]:
+                     (16, "dtopp_layer"), (8, "topk_raw"), (64, "topk")]:
         c = compare(e, "dtopp", other, "DTop-p better", f"{METHODS[other]} better")
         if c is None:
             continue
@@ -281,14 +291,126 @@ def main():
         decisions.append((f"hard tokens recruit more experts (E = {e})", f"ρ = {', '.join(f'{x:+.3f}' for x in rl)}", vl))
         decisions.append((f"rare tokens recruit more experts (E = {e})", f"ρ = {', '.join(f'{x:+.3f}' for x in rf)}", vf))
 
+    decisions_2 = second_round(runs, seeds, log_freq, compare, lines)
     lines += ["## Decisions", "", "| claim | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {c} | {m} | {v} |" for c, m, v in decisions]
     lines.append("")
+    if decisions_2:
+        lines += ["## Decisions of the second round", "", "| claim | measured | verdict |", "| --- | --- | --- |"]
+        lines += [f"| {c} | {m} | {v} |" for c, m, v in decisions_2]
+        lines.append("")
     with open(os.path.join(DOC, "results_table.md"), "w") as f:
         f.write("\n".join(lines))
-    for c, m, v in decisions:
+    for c, m, v in decisions + decisions_2:
         print(f"decide: {c}: {m}: {v}")
     plots(runs, seeds, log_freq)
+
+
+def tenths(series):
+    """The means of a per-step series over each tenth of the run."""
+    n = len(series)
+    return [float(np.mean(series[i * n // 10:(i + 1) * n // 10])) for i in range(10)]
+
+
+def adaptivity(r, log_freq):
+    """Rule 5's correlations of one run: activated experts (all layers) against token loss, log-frequency."""
+    total = r["experts"].sum(axis=1)
+    return spearman(total, r["loss"]), spearman(total, log_freq[r["tokens"]])
+
+
+def second_round(runs, seeds, log_freq, compare, lines):
+    """Rules 7-9 of doc/results.md ("Second round"): appends their tables to lines, returns their decisions."""
+    decisions = []
+
+    def having(keys):
+        return [s for s in seeds if all((e, m, s) in runs for e, m in keys)]
+
+    def gap(e, dtopp, topk, s):  # loss(Top-k) − loss(DTop-p) of one seed
+        return runs[(e, topk, s)]["final"] - runs[(e, dtopp, s)]["final"]
+
+    def paired_rule(title, claim, d, above, below):
+        m, sd, hw = interval(d)
+        v = verdict(m, hw, above, below)
+        lines.extend([f"{title}: per seed {', '.join(f'{x:+.4f}' for x in d)}; mean {m:+.4f} ± {sd:.4f}, "
+                      f"95% interval [{m - hw:+.4f}, {m + hw:+.4f}]: **{v}**.", ""])
+        decisions.append((claim, f"{m:+.4f} [{m - hw:+.4f}, {m + hw:+.4f}]", v))
+
+    lines.extend(["## Second round (rules 7-9)", ""])
+    # rule 7: granularity at budgets 2, 4, 8
+    both = [(e, m) for e in (16, 64) for m in ("dtopp", "topk")]
+    if having(both):
+        paired_rule("Granularity (rule 7), d(E = 64) − d(E = 16)", "DTop-p's advantage grows from E = 16 to E = 64",
+                    [gap(64, "dtopp", "topk", s) - gap(16, "dtopp", "topk", s) for s in having(both)],
+                    "reproduced", "contradicted")
+        for lo, hi in ((16, 32), (32, 64)):
+            ss = having([(e, m) for e in (lo, hi) for m in ("dtopp", "topk")])
+            if ss:
+                m, sd, hw = interval([gap(hi, "dtopp", "topk", s) - gap(lo, "dtopp", "topk", s) for s in ss])
+                lines.extend([f"d(E = {hi}) − d(E = {lo}), reported without a verdict: {m:+.4f}, 95% interval "
+                              f"[{m - hw:+.4f}, {m + hw:+.4f}].", ""])
+
+    # rule 8: layer 0 on a fixed Top-2; the shallow-to-deep trend over the routed layers 1-7
+    ss = having([(16, "dtopp_l0topk")])
+    if ss:
+        per_layer = np.array([runs[(16, "dtopp_l0topk", s)]["experts"].mean(axis=0) for s in ss])
+        tgt = TARGET[16]
+        shallow, deep = per_layer[:, 1:3].mean(axis=1), per_layer[:, -2:].mean(axis=1)
+        v = ("reproduced" if all((shallow < tgt) & (deep > tgt)) else
+             "contradicted" if all((shallow > tgt) & (deep < tgt)) else "partly")
+        L = per_layer.shape[1]
+        lines.extend(["The first layer (rule 8): mean activated experts per token in each layer, layer 0 on a fixed "
+                      "Top-2, final validation:", "",
+                      "| seed | " + " | ".join(f"layer {l}" for l in range(L)) + " | layers 1-2 | layers 6-7 |",
+                      "| --- | " + " | ".join("---" for _ in range(L)) + " | --- | --- |"])
+        lines.extend(f"| {s} | " + " | ".join(f"{x:.2f}" for x in per_layer[i]) + f" | {shallow[i]:.2f} | {deep[i]:.2f} |"
+                     for i, s in enumerate(ss))
+        lines.extend(["", f"Verdict: **{v}**.", ""])
+        decisions.append(("layer 0 on a fixed Top-2: shallow layers use fewer experts, deep layers more",
+                          f"layers 1-2 {shallow.mean():.2f}, layers 6-7 {deep.mean():.2f}", v))
+        for other in ("dtopp", "topk"):  # the loss, without a claim of the paper behind it
+            c = compare(16, "dtopp_l0topk", other, "layer 0 on Top-2 better", f"{METHODS[other]} better")
+            if c is not None:
+                decisions.append((f"layer 0 on a fixed Top-2 against {METHODS[other]}, loss(other) − loss(it) "
+                                  "(no claim of the paper)", f"{c['d']:+.4f} [{c['d'] - c['hw']:+.4f}, "
+                                  f"{c['d'] + c['hw']:+.4f}]", c["verdict"]))
+    # rule 8, through training: the per-layer pattern of the second tenth against the last tenth
+    for method, first in (("dtopp", 0), ("dtopp_l0topk", 1)):  # over the layers the threshold routes
+        ss = having([(16, method)])
+        if not ss:
+            continue
+        rhos, tops = [], []
+        for s in ss:
+            pattern = np.array([tenths(a) for a in runs[(16, method, s)]["layer_a_train"][first:]])  # (layers, 10)
+            rhos.append(spearman(pattern[:, 1], pattern[:, 9]))
+            tops.append(" ".join(str(first + int(np.argmax(pattern[:, i]))) for i in range(10)))
+        v = "stable" if min(rhos) >= 0.8 else "moving" if max(rhos) < 0.8 else "not decided"
+        label = ({**METHODS, **METHODS_2})[method]
+        lines.extend([f"Per-layer pattern through training, {label}: Spearman ρ(second tenth, last tenth) per seed "
+                      f"{', '.join(f'{x:+.2f}' for x in rhos)}: **{v}**; the layer with the most experts in each tenth: "
+                      + "; ".join(f"seed {s}: {t}" for s, t in zip(ss, tops)) + ".", ""])
+        decisions.append((f"the per-layer pattern holds through training ({label})",
+                          f"ρ = {', '.join(f'{x:+.2f}' for x in rhos)}", v))
+
+    # rule 9: three epochs against one
+    ss = having([(16, m) for m in ("dtopp", "topk", "dtopp_ep3", "topk_ep3")])
+    if ss:
+        paired_rule("Longer training (rule 9), G(3 epochs) − G(1 epoch)", "the DTop-p − Top-k gap grows with training",
+                    [gap(16, "dtopp_ep3", "topk_ep3", s) - gap(16, "dtopp", "topk", s) for s in ss], "grows", "shrinks")
+        c = compare(16, "dtopp_ep3", "topk_ep3", "DTop-p better", "Top-k better")
+        decisions.append(("DTop-p vs Top-k at three epochs (rule 1)", f"{c['d']:+.4f} [{c['d'] - c['hw']:+.4f}, "
+                          f"{c['d'] + c['hw']:+.4f}]", c["verdict"]))
+        one = [adaptivity(runs[(16, "dtopp", s)], log_freq) for s in ss]
+        three = [adaptivity(runs[(16, "dtopp_ep3", s)], log_freq) for s in ss]
+        paired_rule("ρ(experts, token loss), three epochs − one", "hard tokens recruit more experts: stronger with "
+                    "training", [b[0] - a[0] for a, b in zip(one, three)], "stronger", "weaker")
+        paired_rule("ρ(experts, log-frequency), three epochs − one", "rare tokens recruit more experts: stronger with "
+                    "training", [b[1] - a[1] for a, b in zip(one, three)], "weaker", "stronger")
+        rl, rf = [x[0] for x in three], [x[1] for x in three]
+        decisions.append(("hard tokens recruit more experts (three epochs)", f"ρ = {', '.join(f'{x:+.3f}' for x in rl)}",
+                          "reproduced" if min(rl) >= 0.1 else "contradicted" if max(rl) <= -0.1 else "not decided"))
+        decisions.append(("rare tokens recruit more experts (three epochs)", f"ρ = {', '.join(f'{x:+.3f}' for x in rf)}",
+                          "reproduced" if max(rf) <= -0.1 else "contradicted" if min(rf) >= 0.1 else "not decided"))
+    return decisions
 
 
 def plots(runs, seeds, log_freq):
@@ -328,7 +450,7 @@ def plots(runs, seeds, log_freq):
             ax.scatter([i] * len(d), d, color="tab:green")
             ax.errorbar([i + 0.1], [np.mean(d)], yerr=[np.std(d, ddof=1) if len(d) > 1 else 0], fmt="o", color="k")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(3), [f"E = {e}, target {TARGET[e]}" for e in sorted(TARGET)])
+    ax.set_xticks(range(len(TARGET)), [f"E = {e}, target {TARGET[e]}" for e in sorted(TARGET)])
     ax.set(ylabel="loss(Top-k) − loss(DTop-p), nats/token", title="granularity (dots: seeds; bar: mean ± sd)")
     fig.tight_layout()
     fig.savefig(os.path.join(PLOTS, "repro_granularity.png"), dpi=110)

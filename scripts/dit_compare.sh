@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # dit_compare.sh OUTDIR: the diffusion transformer with DTop-p routing against Top-k at the same
-# number of activated experts (a target of 2 against k = 2, of 8 experts), two seeds each, on
-# Fashion-MNIST (doc/dit.md, "Comparing routings"). Every run is `make dit`'s, with its seed.
+# number of activated experts (a target of 2 against k = 2, of 8 experts), three seeds each, on
+# Fashion-MNIST (doc/dit.md, "Comparing routings" and "Second round"). Every run is `make dit`'s,
+# with its seed.
 #
 # Then it measures every run with eval_dit: a classifier trained once on the training set
 # (OUTDIR/classifier.bin), the Fréchet distance of 1,000 samples (100 of each class, the same noise
@@ -9,10 +10,12 @@
 # class (RUN/quality.log), and the activated experts of 1,000 test images at ten noise levels
 # (RUN/routing.csv). It prints a table: the validation loss at t = 0.25, 0.5, 0.75 and their mean,
 # the activated experts over the last tenth of training, the Fréchet distance and the accuracy,
-# each run and each method's mean over the seeds. scripts/dit_plots.py OUTDIR draws the routing.
+# each run and each method's mean over the seeds, then the verdicts of doc/dit.md's paired rules on
+# the loss and the Fréchet distance. scripts/dit_plots.py OUTDIR draws the routing and gives the
+# verdicts on experts by noise level and by patch.
 #
 # A run takes about 21 minutes on 2 cores, the classifier about 5, the measures of a run about 1.5:
-# about 95 minutes in all (doc/dit.md ran three runs at once on one thread each: 62 minutes). SEEDS (default "1337 1338"), STEPS=N (shorter runs), DIT_FLAGS (more options for training),
+# about 140 minutes in all for three seeds (doc/dit.md ran three runs at once on one thread each: 62 minutes). SEEDS (default "1337 1338 1339"), STEPS=N (shorter runs), DIT_FLAGS (more options for training),
 # JOBS=N (runs trained at once; give each --threads in DIT_FLAGS), EVAL_FLAGS (options of eval_dit). Runs go to OUTDIR/ROUTING_sSEED
 # (log.csv, train.log, model.bin, samples.png); a folder that holds a finished run is not trained
 # again and a measure already written is not measured again, so an interrupted comparison goes on.
@@ -27,7 +30,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TRAIN_DIT=${TRAIN_DIT:-$ROOT/dit/train_dit}
 EVAL_DIT=${EVAL_DIT:-$ROOT/dit/eval_dit}
 DATA=${FASHION_MNIST:-$ROOT/data/fashion-mnist}
-SEEDS=${SEEDS:-1337 1338}
+SEEDS=${SEEDS:-1337 1338 1339}
 JOBS=${JOBS:-1}
 for program in "$TRAIN_DIT" "$EVAL_DIT"; do
     [ -x "$program" ] || { echo "dit_compare: $program not found (make dit/train_dit dit/eval_dit)" >&2; exit 1; }
@@ -104,3 +107,28 @@ awk '{ key = substr($1, 1, index($1, "_s") - 1); for (i = 2; i <= 8; i++) sum[ke
                                sum[k, 2] / n[k], sum[k, 3] / n[k], sum[k, 4] / n[k], sum[k, 5] / n[k],
                                sum[k, 6] / n[k], sum[k, 7] / n[k], sum[k, 8] / n[k], n[k] }' \
     "$OUT/summary.txt"
+
+# the paired rules of doc/dit.md ("Second round"): d = Top-k − DTop-p per seed on the final validation
+# loss (column 5) and on the Fréchet distance (column 7), mean ± t·sd/√n; both methods must hold
+# 2 experts per patch within 5% (column 6)
+awk -v order="$SEEDS" 'BEGIN { split("12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262", t95, " ")
+             name[5] = "validation loss"; name[7] = "Fréchet distance"; equal = 1 }
+     { split($1, run, "_s"); method = run[1]; seed = run[2]
+       for (c = 5; c <= 7; c++) value[method, seed, c] = $c
+       if ($6 < 1.9 || $6 > 2.1) equal = 0 }
+     END {
+         for (c = 5; c <= 7; c += 2) {
+             n = 0; sum = 0; sumsq = 0; line = ""
+             for (i = 1; i <= split(order, seeds, " "); i++) {
+                 seed = seeds[i]
+                 if (!(("dtopp", seed, c) in value) || !(("topk", seed, c) in value)) continue
+                 d = value["topk", seed, c] - value["dtopp", seed, c]
+                 n++; sum += d; sumsq += d * d; line = line sprintf(" %+.4f", d)
+             }
+             if (n < 2) { printf "%s: %d paired seed(s), no interval\n", name[c], n; continue }
+             m = sum / n; sd = sqrt((sumsq - n * m * m) / (n - 1)); hw = (n - 1 in t95 ? t95[n - 1] : 1.96) * sd / sqrt(n)
+             verdict = !equal ? "unequal compute" : m - hw > 0 ? "DTop-p better" : m + hw < 0 ? "Top-k better" : "not decided"
+             printf "%s, Top-k − DTop-p per seed:%s; mean %+.4f ± %.4f, 95%% interval [%+.4f, %+.4f]: %s\n",
+                    name[c], line, m, sd, m - hw, m + hw, verdict
+         }
+     }' "$OUT/summary.txt"

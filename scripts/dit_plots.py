@@ -150,11 +150,22 @@ def main():
         region = mean_over(tokens[:, i], experts[:, i], (3,))
         print(f"  t = {t:.2f}: {mean_over(tokens[:, i], experts[:, i], ()):.3f}, {region[0]:.3f}, {region[1]:.3f}")
     print("\nper run (seed), every layer: background, garment; t lowest, highest")
+    noise, patch = [], []  # per run: experts at the highest t − the lowest; garment − background
     for path, (_, tk, ex) in zip(runs, data):
         region = mean_over(tk, ex, (4,))
         by_time = mean_over(tk, ex, (1,))
         print(f"  {os.path.basename(os.path.dirname(path))}: {region[0]:.3f}, {region[1]:.3f}; "
               f"{by_time[0]:.3f}, {by_time[-1]:.3f}")
+        noise.append(by_time[-1] - by_time[0])
+        patch.append(region[1] - region[0])
+    # the rules of doc/dit.md ("Second round")
+    same_sign = all(x > 0 for x in noise) or all(x < 0 for x in noise)
+    v = ("reproduced" if same_sign and min(abs(x) for x in noise) >= 0.1 else
+         "contradicted" if max(abs(x) for x in noise) < 0.05 else "not decided")
+    print(f"\nexperts by noise level, t = {times[-1]:.2f} − t = {times[0]:.2f} per run: "
+          f"{', '.join(f'{x:+.3f}' for x in noise)}: {v}")
+    v = "reproduced" if min(patch) >= 0.1 else "contradicted" if max(patch) <= -0.1 else "not decided"
+    print(f"experts by patch, garment − background per run: {', '.join(f'{x:+.3f}' for x in patch)}: {v}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@
 #       PI controller without DRN, DRN with that fixed p, and the per-layer controller
 #   added after the first results (see doc/results.md): Top-1 at E = 8 with gates not renormalised,
 #       since renormalised gates leave a single expert's gate at 1 and its router without gradient
+#   second round (doc/results.md, "Second round", rules registered before these runs):
+#       E = 64 of width 32, target 8, DTop-p and Top-k; at E = 16, DTop-p with layer 0 on a fixed
+#       Top-2 (--first-layer-k 2); DTop-p and Top-k at E = 16 for three epochs (3 x STEPS steps)
 #
 # Every run is deterministic whatever the number of threads; a run whose log is complete is not run
 # again, so an interrupted repro.sh continues where it stopped. JOBS runs go at once (default 2, one
@@ -30,24 +33,27 @@ mkdir -p "$OUT"
 [ -f "${DATA}_train.bin" ] || { echo "repro: ${DATA}_train.bin is missing: run 'make repro' (it prepares it)" >&2; exit 1; }
 
 COMMON=(--train "${DATA}_train.bin" --val "${DATA}_val.bin" --layers 8 --channels 128 --heads 4 --batch 16 --seq-len 64
-        --steps "$STEPS" --lr 3e-3 --warmup 50 --eval-every 200 --eval-batches 40 --sample-tokens 0
+        --lr 3e-3 --warmup 50 --eval-every 200 --eval-batches 40 --sample-tokens 0
         --checkpoint-every 0 --threads 1)
 E8=(--experts 8 --expert-hidden 256)
 E16=(--experts 16 --expert-hidden 128)
 E32=(--experts 32 --expert-hidden 64)
+E64=(--experts 64 --expert-hidden 32)
 
-done_already() { [ -f "$OUT/$1/log.csv" ] && [ "$(tail -1 "$OUT/$1/log.csv" | cut -d, -f1)" = "$STEPS" ]; }
+done_already() { [ -f "$OUT/$1/log.csv" ] && [ "$(tail -1 "$OUT/$1/log.csv" | cut -d, -f1)" = "$2" ]; }
 
-run() {  # run NAME ARGS...: one training run, in the background once JOBS runs are going
-    local name=$1
-    shift
-    done_already "$name" && return
+run_for() {  # run_for STEPS NAME ARGS...: one training run, in the background once JOBS runs are going
+    local steps=$1 name=$2
+    shift 2
+    done_already "$name" "$steps" && return
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     echo "repro: $name: $*"
     rm -rf "${OUT:?}/$name"  # an interrupted run starts again from step 0
-    { "$TRAIN" "${COMMON[@]}" --out "$OUT/$name" --routing-dump "$OUT/$name/routing.csv" "$@" > "$OUT/$name.txt" 2>&1 ||
+    { "$TRAIN" "${COMMON[@]}" --steps "$steps" --out "$OUT/$name" --routing-dump "$OUT/$name/routing.csv" "$@" > "$OUT/$name.txt" 2>&1 ||
         { echo "repro: $name failed, see $OUT/$name.txt" >&2; exit 1; }; } &
 }
+
+run() { run_for "$STEPS" "$@"; }  # run NAME ARGS...: a run of STEPS steps
 
 finish_all() {  # waits for every run, and stops if one failed
     while [ -n "$(jobs -rp)" ]; do wait -n || { wait; exit 1; }; done
@@ -79,6 +85,17 @@ for seed in $SEEDS; do
     run "e16_topp_s$seed" "${E16[@]}" --routing topp --p "$p" --seed "$seed"
     run "e16_drn_only_s$seed" "${E16[@]}" --routing topp --drn 1 --p "$p" --seed "$seed"
     run "e8_topk_raw_s$seed" "${E8[@]}" --routing topk --k 1 --renorm 0 --seed "$seed"
+done
+finish_all
+# the second round: the longest runs first, so that the two jobs end close together
+for seed in $SEEDS; do
+    run_for $((3 * STEPS)) "e16_dtopp_ep3_s$seed" "${E16[@]}" --routing dtopp --tgt 2 --seed "$seed"
+    run_for $((3 * STEPS)) "e16_topk_ep3_s$seed" "${E16[@]}" --routing topk --k 2 --seed "$seed"
+done
+for seed in $SEEDS; do
+    run "e64_dtopp_s$seed" "${E64[@]}" --routing dtopp --tgt 8 --seed "$seed"
+    run "e64_topk_s$seed" "${E64[@]}" --routing topk --k 8 --seed "$seed"
+    run "e16_dtopp_l0topk_s$seed" "${E16[@]}" --routing dtopp --tgt 2 --first-layer-k 2 --seed "$seed"
 done
 finish_all
 echo "repro: all runs done, logs in $OUT"

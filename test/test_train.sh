@@ -49,6 +49,36 @@ for mode in "--routing topk --k 2" "--routing topp --p 0.6" "--routing dtopp --c
     check "train 3 steps: $mode" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --steps 3 --out "$TMP/mode$n" $mode
 done
 
+# a fixed top-k first layer (--first-layer-k): layer 0 takes exactly k experts, the controller holds
+# the target over layers 1.. only, the checkpoint keeps it (header word 18), and bad uses are refused
+layer_means() {  # layer_means LOG.csv: per step, "activated" and each layer's mean |S| from its histogram
+    awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) h[$i] = i; next }
+             { line = $h["activated"]
+               for (l = 0; ("hist_" l "_0") in h; l++) {
+                   a = 0; n = 0
+                   for (k = 0; ("hist_" l "_" k) in h; k++) { a += k * $h["hist_" l "_" k]; n += $h["hist_" l "_" k] }
+                   line = line " " a / n
+               }
+               print line }' "$1"
+}
+FIRST=("${BYTES[@]}" "${TINY[@]}" --layers 3 --lr 1e-2 --tgt 3 --first-layer-k 1)
+check "train 40 steps with layer 0 on a fixed top-1 (dtopp, target 3)" "$TRAIN" "${FIRST[@]}" --steps 40 --out "$TMP/first"
+check "... layer 0 takes exactly 1 expert at every step" test "$(layer_means "$TMP/first/log.csv" | awk '$2 != 1' | wc -l)" = 0
+# a controller over every layer would hold (1 + 2a) / 3 at 3, so layers 1 and 2 at a = 4
+check "... layers 1 and 2 hold the target 3 over the last 10 steps (not 4: layer 0 is left out)" \
+    awk '{ s += ($3 + $4) / 2 } END { exit !(s / NR > 2.5 && s / NR < 3.5) }' <(layer_means "$TMP/first/log.csv" | tail -10)
+check "... the logged activated experts are every layer's mean, (1 + 3 + 3) / 3" \
+    awk '{ exit !($1 > 2.2 && $1 < 2.45) }' <(layer_means "$TMP/first/log.csv" | tail -1)
+check "... the checkpoint records k = 1 in header word 18" test "$(od -An -t d4 -j 72 -N 4 "$TMP/first/model.bin" | tr -d ' ')" = 1
+check "... and a run from it keeps layer 0 on top-1" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --init "$TMP/first/model.bin" --steps 2 --out "$TMP/first_init"
+check "... (its log)" test "$(layer_means "$TMP/first_init/log.csv" | awk '$2 != 1' | wc -l)" = 0
+refuses "--first-layer-k with top-k routing is refused" "fixed top-k first layer needs" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --routing topk --first-layer-k 1 --steps 1 --out "$TMP/first_topk"
+refuses "--first-layer-k above E is refused" "fixed top-k first layer needs" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --first-layer-k 9 --steps 1 --out "$TMP/first_big"
+refuses "--first-layer-k with one layer is refused" "fixed top-k first layer needs" "$TRAIN" "${BYTES[@]}" "${TINY[@]}" --layers 1 --first-layer-k 1 --steps 1 --out "$TMP/first_one"
+cp "$TMP/first/model.bin" "$TMP/first_bad.bin"
+set_word "$TMP/first_bad.bin" 18 99
+refuses "a checkpoint whose first layer takes 99 of 8 experts is refused" "fixed top-k first layer needs" "$TRAIN" --init "$TMP/first_bad.bin" --generate 4
+
 # sampling from a checkpoint, with a prompt, for bytes and for GPT-2 tokens
 check "generate 64 bytes after a prompt" "$TRAIN" --init "$TMP/learn/model.bin" --generate 64 --prompt "The " --seed 1
 check "train GPT-2 tokens, 3 steps, with samples" "$TRAIN" --train "$TMP/gpt2_train.bin" --val "$TMP/gpt2_val.bin" \
