@@ -6,7 +6,9 @@ For each fixture pair test/fixtures/NAME_model.bin (the starting checkpoint) and
 (what the reference computed from it, doc/formats.md) it checks: the logits and loss terms, the
 routing decisions (identical) and gates, the gradient of every parameter tensor, and a trajectory
 of training steps with controller updates (loss, a_t and p at every step). Then it checks that the
-results do not depend on the number of threads, and that damaged files are refused.
+results do not depend on the number of threads, and that damaged files are refused. The CPU build
+also runs every fixture with --precision bf16 (test_bf16: tolerances derived there, routing
+decisions against float32, threads).
 
 Built against train_dtopp.c by default, or against the CUDA twin with -DTEST_CUDA.
 
@@ -205,13 +207,14 @@ static void test_trajectory(const char *name, Model *model, const Reference *ref
 }
 
 // Two training steps with 1 thread and with 2 threads must give bitwise identical results.
-static void test_threads(const char *name, const char *model_path, const Reference *ref) {
+static void test_threads(const char *name, const char *model_path, const Reference *ref, Precision precision) {
     float *results[2];
     size_t count = 0;
     for (int run = 0; run < 2; run++) {
         set_num_threads(run + 1);
         Model model;
         model_load(&model, model_path);
+        model.precision = precision;
         size_t N = (size_t)ref->B * ref->T;
         count = model.num_parameters * 2 + N * ref->V;
         float *out = results[run] = (float *)malloc_check(count * sizeof(float));
@@ -224,12 +227,86 @@ static void test_threads(const char *name, const char *model_path, const Referen
     }
     set_num_threads(0);
     int same = memcmp(results[0], results[1], count * sizeof(float)) == 0;
-    printf("%-4s %-12s %-22s %s\n", same ? "ok" : "FAIL", name, "1 vs 2 threads",
+    const char *what = precision == BF16 ? "bf16 1 vs 2 threads" : "1 vs 2 threads";
+    printf("%-4s %-12s %-22s %s\n", same ? "ok" : "FAIL", name, what,
            same ? "bitwise identical" : "results differ");
     if (same) { passed++; } else { failed++; }
     free(results[0]);
     free(results[1]);
 }
+
+#ifndef TEST_CUDA
+// --precision bf16 against the float64 reference. The tolerances follow from bf16's unit roundoff
+// u = 2^-8 (round to nearest even, 8 significant bits): a product whose two operands are rounded
+// is off by at most (2u + u²) of the sum of its terms' magnitudes (the float32 sums add about
+// 2^-24 per term, negligible here). Along the forward path a token meets 4 such products per
+// layer (qkv, attention output, the experts' W1/W3 and their W2) and the LM head, P = 4L + 1 in
+// all; with normalised layers each passing a relative error on at most unchanged, the logits are
+// off by at most P(2u + u²) relative. The backward runs the same P levels again with rounded
+// gradients, so gradients get twice that. The bound assumes the same routing as float32: a token
+// whose threshold comparison flips takes another expert, so the test first counts the identical
+// routing decisions (token, layer, expert) against float32, which matches the reference exactly,
+// and requires at least 99% of them. And the logits must be further from the reference than
+// float32's tolerance: otherwise the products were not rounded and the test proves nothing.
+#define BF16_UNIT_ROUNDOFF (1.0 / 256.0)
+#define MIN_IDENTICAL_DECISIONS 0.99
+
+static void check_bf16_tensor(const char *fixture, const char *what, const float *got, const float *want,
+                              size_t n, double tol) {
+    double error = relative_error(got, want, n);
+    report(error <= tol, fixture, what, error, tol);
+}
+
+static void test_bf16(const char *name, const char *model_path, const Reference *ref) {
+    int N = ref->B * ref->T, L = ref->L, E = ref->E;
+    double per_product = 2.0 * BF16_UNIT_ROUNDOFF + BF16_UNIT_ROUNDOFF * BF16_UNIT_ROUNDOFF;
+    double tol_forward = (4 * L + 1) * per_product, tol_backward = 2.0 * tol_forward;
+    Model model;
+    model_load(&model, model_path);
+    model.precision = BF16;
+    model_forward(&model, ref->inputs, ref->targets, ref->B, ref->T);
+    float *logits = (float *)malloc_check((size_t)N * ref->V * sizeof(float));
+    model_get_logits(&model, logits);
+    check_bf16_tensor(name, "bf16 logits", logits, ref->logits, (size_t)N * ref->V, tol_forward);
+    double error = relative_error(logits, ref->logits, (size_t)N * ref->V);
+    printf("%-4s %-12s %-22s error %.3e (float32's tolerance %.0e)\n", error > TOL_TENSOR ? "ok" : "FAIL", name,
+           "bf16 products rounded", error, TOL_TENSOR);
+    if (error > TOL_TENSOR) { passed++; } else { failed++; }
+    free(logits);
+    float losses[2];
+    model_get_losses(&model, losses);  // the first two: the total loss, then cross-entropy
+    check_bf16_tensor(name, "bf16 loss CE", &losses[1], &ref->losses[1], 1, tol_forward);
+
+    int *n_selected = (int *)malloc_check((size_t)L * N * sizeof(int));
+    int *selected = (int *)malloc_check((size_t)L * N * E * sizeof(int));
+    float *gates = (float *)malloc_check((size_t)L * N * E * sizeof(float));
+    model_get_routing(&model, n_selected, selected, gates);
+    size_t same = 0, decisions = (size_t)L * N * E;
+    for (size_t i = 0; i < decisions; i++) { same += selected[i] == ref->selected[i]; }
+    double fraction = (double)same / decisions;
+    int ok = fraction >= MIN_IDENTICAL_DECISIONS;
+    printf("%-4s %-12s %-22s %.4f identical to float32 (%zu of %zu; at least %.2f)\n", ok ? "ok" : "FAIL",
+           name, "bf16 routing", fraction, same, decisions, MIN_IDENTICAL_DECISIONS);
+    if (ok) { passed++; } else { failed++; }
+    free(n_selected);
+    free(selected);
+    free(gates);
+
+    model_zero_grad(&model);
+    model_backward(&model);
+    float *grads = (float *)malloc_check(model.num_parameters * sizeof(float));
+    model_get_grads(&model, grads);
+    size_t offset = 0;
+    for (int k = 0; k < NUM_PARAMETER_TENSORS; k++) {
+        char what[64];
+        snprintf(what, sizeof(what), "bf16 grad %s", param_names[k]);
+        check_bf16_tensor(name, what, grads + offset, ref->grads + offset, model.param_sizes[k], tol_backward);
+        offset += model.param_sizes[k];
+    }
+    free(grads);
+    model_free(&model);
+}
+#endif
 
 // ----------------------------------------------------------------------------
 // damaged files: a child process loads the file; it must exit non-zero with a message that names
@@ -363,7 +440,11 @@ int main(int argc, char **argv) {
         model_load(&model, model_path);
         test_trajectory(name, &model, &ref);
         model_free(&model);
-        test_threads(name, model_path, &ref);
+        test_threads(name, model_path, &ref, FLOAT32);
+#ifndef TEST_CUDA
+        test_bf16(name, model_path, &ref);
+        test_threads(name, model_path, &ref, BF16);
+#endif
         if (i == 0) { test_bad_files(model_path, paths[i]); }
         free(ref.memory);
     }
