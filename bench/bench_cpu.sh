@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# bench_cpu.sh: training speed of the C build against PyTorch (CPU, float32) running the reference
-# model (reference/bench.py) on the same configurations with the same number of threads, in one
-# run; then the GFLOP/s of the C matrix products (bench/bench_matmul) against PyTorch's BLAS
-# (bench/bench_blas.py, OpenBLAS in Debian's python3-torch) on the shapes of each configuration.
+# bench_cpu.sh: training speed of the C build, in float32 and --precision bf16, against PyTorch
+# running the reference model (reference/bench.py) in float32 and under bf16 autocast, on the same
+# configurations with the same number of threads, in one run; each also as GFLOP/s against the
+# peaks bench/fma_peak measures. PyTorch runs both with the environment as it is and without
+# OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower
+# kernel); the C build always runs in the environment as it is. Then the GFLOP/s of the C matrix
+# products (bench/bench_matmul) against PyTorch's BLAS (bench/bench_blas.py) on each configuration's
+# shapes.
 #
 #   bench/bench_cpu.sh            (run from the repository root, after `make train_dtopp prepro
-#                                  tools/make_offline_text bench/bench_matmul`; needs python3-torch)
+#                                  tools/make_offline_text bench/bench_matmul bench/fma_peak`; needs python3-torch)
 #
-# Every configuration has L=4 layers and top-k routing, so that both do exactly the same expert work
-# whatever the data (the C program trains on the project's generated text, PyTorch on random
-# tokens). C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over
+# Every configuration has L=4 layers; all but c256-dtopp use top-k routing, so that both do exactly
+# the same expert work whatever the data (the C program trains on the project's generated text,
+# PyTorch on random tokens); under DTop-p both hold a budget of k experts on average. C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over
 # the steps after the first 3 (allocation and warm-up), and the table gives the median of the runs.
 # Both run with OMP_WAIT_POLICY=passive unless it is set (the README's advice: with the default,
 # threads that wait spin, and on a machine doing anything else the products slow down many times).
@@ -24,11 +28,12 @@ PYTHON=${PYTHON:-/usr/bin/python3}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
-# name | NH C E H V B T k
-CONFIG_TABLE="small|4 128 8 128 256 16 64 2
-c256-bytes|4 256 16 256 256 16 256 4
-c256-gpt2|4 256 16 256 50257 8 256 4
-c512-bytes|8 512 16 512 256 8 256 4"
+# name | NH C E H V B T k routing
+CONFIG_TABLE="small|4 128 8 128 256 16 64 2 topk
+c256-bytes|4 256 16 256 256 16 256 4 topk
+c256-dtopp|4 256 16 256 256 16 256 4 dtopp
+c256-gpt2|4 256 16 256 50257 8 256 4 topk
+c512-bytes|8 512 16 512 256 8 256 4 topk"
 CONFIGS=${CONFIGS:-$(cut -d'|' -f1 <<< "$CONFIG_TABLE" | tr '\n' ' ')}
 
 tools/make_offline_text > "$TMP/text.txt"
@@ -37,40 +42,95 @@ tools/make_offline_text > "$TMP/text.txt"
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-c_run() {  # c_run NH C E H V B T k: mean tokens/s of the steps after the first 3
-    local data=bytes
+routing_args() {  # routing_args ROUTING k: Top-k with k experts, or DTop-p with a budget of k
+    if [ "$1" = topk ]; then echo "--routing topk --k $2"; else echo "--routing dtopp --tgt $2"; fi
+}
+
+c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: mean tokens/s of the steps after the first 3
+    local precision=$1 data=bytes
+    shift
     if [ "$5" -ne 256 ]; then data=gpt2; fi
     rm -rf "$TMP/run"
+    # shellcheck disable=SC2046
     ./train_dtopp --train "$TMP/${data}_train.bin" --val "" --layers 4 --heads "$1" --channels "$2" --experts "$3" \
-        --expert-hidden "$4" --batch "$6" --seq-len "$7" --routing topk --k "$8" --steps "$STEPS" \
-        --sample-tokens 0 --checkpoint-every 0 --threads "$THREADS" --out "$TMP/run" > /dev/null
+        --expert-hidden "$4" --batch "$6" --seq-len "$7" $(routing_args "$9" "$8") --steps "$STEPS" \
+        --sample-tokens 0 --checkpoint-every 0 --threads "$THREADS" --precision "$precision" --out "$TMP/run" > /dev/null
     awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "tokens_per_s") c = i; next }
              NR > 4 { s += $c; n++ } END { printf "%.1f\n", s / n }' "$TMP/run/log.csv"
 }
 
-torch_run() {  # torch_run NH C E H V B T k: mean tokens/s of the steps after the first 3
-    OPENBLAS_NUM_THREADS=$THREADS "$PYTHON" reference/bench.py --device cpu --threads "$THREADS" --L 4 --NH "$1" \
-        --C "$2" --E "$3" --H "$4" --V "$5" --B "$6" --T "$7" --k "$8" --routing topk --steps "$STEPS" \
-        | sed -n 's/.* \([0-9.]*\) tokens\/s$/\1/p'
+# torch_run ENV AUTOCAST NH C E H V B T k ROUTING: mean tokens/s of the steps after the first 3.
+# ENV "unset": without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (OpenBLAS then picks its kernel for
+# this CPU); "as-set": the environment as it is.
+torch_run() {
+    local env_mode=$1 autocast=$2
+    shift 2
+    local -a env_cmd=(env)
+    if [ "$env_mode" = unset ]; then env_cmd=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE); fi
+    # shellcheck disable=SC2046
+    "${env_cmd[@]}" OPENBLAS_NUM_THREADS="$THREADS" "$PYTHON" reference/bench.py --device cpu --threads "$THREADS" \
+        --L 4 --NH "$1" --C "$2" --E "$3" --H "$4" --V "$5" --B "$6" --T "$7" --k "$8" $(routing_args "$9" "$8") \
+        --steps "$STEPS" $autocast | sed -n 's/.* \([0-9.]*\) tokens\/s$/\1/p'
 }
 
+# Training FLOP per token: 6 per weight a token meets (forward 2, backward 4: qkv, attention
+# output, router, k experts' W1 W3 W2, the LM head) plus causal attention's 6 L T C (scores and
+# weighted sum over T/2 keys on average, forward and backward).
+flop_per_token() {  # NH C E H V B T k
+    awk -v C="$2" -v E="$3" -v H="$4" -v V="$5" -v T="$7" -v k="$8" -v L=4 \
+        'BEGIN { printf "%.0f", 6 * (L * (4 * C * C + C * E + 3 * k * C * H) + C * V) + 6 * L * T * C }'
+}
+
+# the ceilings: the float32 FMA and bf16 dot-product loops of bench/fma_peak
+peaks=$(bench/fma_peak --threads "$THREADS")
+echo "$peaks"
+fp32_peak=$(sed -n 's/^float32 FMA peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks")
+bf16_peak=$(sed -n 's/^bf16 dot-product peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks")
+echo "PyTorch: $("$PYTHON" -c 'import torch; print(torch.__version__, "oneDNN (bf16 autocast products):",
+    torch.backends.mkldnn.is_available())')"
+for env_mode in as-set unset; do
+    prefix=()
+    if [ "$env_mode" = unset ]; then prefix=(env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE); fi
+    echo "OpenBLAS with the environment $env_mode: kernel $("${prefix[@]}" "$PYTHON" -c '
+import ctypes, torch
+torch.zeros(2, 2) @ torch.zeros(2, 2)
+lib = next(l.split()[-1] for l in open("/proc/self/maps") if "openblas" in l)
+get = ctypes.CDLL(lib).openblas_get_corename
+get.restype = ctypes.c_char_p
+print(get().decode(), "(" + lib + ")")')"
+done
+
+echo
 echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, median of $RUNS runs of $STEPS steps"
-printf '%-11s %-44s %9s %9s %7s\n' config "NH C E H V B T k" "C tok/s" "PyTorch" ratio
-results=""
+echo "PyTorch: float32, then bf16 autocast; 'unset' runs without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE"
+printf '%-11s %9s %9s %6s | %9s %9s %9s %9s | %6s %6s\n' config "C fp32" "C bf16" bf16/32 "PT fp32" "PT fp32u" \
+    "PT bf16" "PT bf16u" "C32/PT" "C16/PT"
 for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
-    c_all="" t_all=""
+    declare -A all=()
     for _ in $(seq "$RUNS"); do
-        c_all+="$(c_run "${cfg[@]}") "
-        t_all+="$(torch_run "${cfg[@]}") "
+        all[c32]+="$(c_run fp32 "${cfg[@]}") "
+        all[c16]+="$(c_run bf16 "${cfg[@]}") "
+        all[t32]+="$(torch_run as-set "" "${cfg[@]}") "
+        all[t32u]+="$(torch_run unset "" "${cfg[@]}") "
+        all[t16]+="$(torch_run as-set --autocast "${cfg[@]}") "
+        all[t16u]+="$(torch_run unset --autocast "${cfg[@]}") "
     done
-    c_tps=$(tr ' ' '\n' <<< "$c_all" | grep . | median)
-    t_tps=$(tr ' ' '\n' <<< "$t_all" | grep . | median)
-    ratio=$(awk -v c="$c_tps" -v t="$t_tps" 'BEGIN { printf "%.2f", c / t }')
-    printf '%-11s %-44s %9.0f %9.0f %7s   (C runs: %s; PyTorch runs: %s)\n' "$name" \
-        "NH=${cfg[0]} C=${cfg[1]} E=${cfg[2]} H=${cfg[3]} V=${cfg[4]} B=${cfg[5]} T=${cfg[6]} k=${cfg[7]}" \
-        "$c_tps" "$t_tps" "$ratio" "$c_all" "$t_all"
-    results+="$name $c_tps $t_tps $ratio"$'\n'
+    declare -A med=()
+    for key in c32 c16 t32 t32u t16 t16u; do med[$key]=$(tr ' ' '\n' <<< "${all[$key]}" | grep . | median); done
+    best_torch=$(printf '%s\n' "${med[t32]}" "${med[t32u]}" "${med[t16]}" "${med[t16u]}" | sort -g | tail -1)
+    flop=$(flop_per_token "${cfg[@]}")
+    awk -v n="$name" -v c32="${med[c32]}" -v c16="${med[c16]}" -v t32="${med[t32]}" -v t32u="${med[t32u]}" \
+        -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v p32="$fp32_peak" \
+        -v p16="$bf16_peak" -v cfg="${cfg[*]}" 'BEGIN {
+        printf "%-11s %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f | %6.2f %6.2f\n", n, c32, c16, c16 / c32, t32, t32u,
+               t16, t16u, c32 / best, c16 / best
+        g32 = c32 * f / 1e9; g16 = c16 * f / 1e9
+        printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token: C fp32 %.0f GFLOP/s (%.0f%% of %s),",
+               "", cfg, f / 1e6, g32, 100 * g32 / p32, p32
+        if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n" }'
+    for key in c32 c16 t32 t32u t16 t16u; do printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"; done
+    unset all med
 done
 
 echo
@@ -89,4 +149,6 @@ for name in $CONFIGS; do
                            printf "  step products: C %.1f GFLOP/s, BLAS %.1f GFLOP/s: C / BLAS %.2f\n", c, b, c / b; next }
         { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5.2f %5.2f\n", $1, $2, $3, $4, $5, $6, $7,
                  $13, $14, $6 / $13, $7 / $14 }'
+    bench/bench_matmul "${args[@]}" --precision bf16 | awk '/^step products/ {
+        printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }'
 done

@@ -66,7 +66,8 @@ def speed(args):
     for s in range(args.steps):
         sync()
         t0 = time.time()
-        st = R.train_step(model, opt, idx, tgt, R.lr_at(s, 3e-4, 2, args.steps))
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast):
+            st = R.train_step(model, opt, idx, tgt, R.lr_at(s, 3e-4, 2, args.steps))
         sync()
         times.append(time.time() - t0)
         if s % max(1, args.steps // 5) == 0:
@@ -74,7 +75,8 @@ def speed(args):
                   f"{1000 * times[-1]:.1f} ms")
     warm = times[min(3, len(times) - 1):]
     ms = 1000 * sum(warm) / len(warm)
-    print(f"{args.device} {args.dtype} L={cfg.L} C={cfg.C} E={cfg.E} H={cfg.H} B={args.B} T={args.T} "
+    kind = f"{args.dtype} + bf16 autocast" if args.autocast else args.dtype
+    print(f"{args.device} {kind} L={cfg.L} C={cfg.C} E={cfg.E} H={cfg.H} B={args.B} T={args.T} "
           f"params={R.num_params(cfg)}: {ms:.1f} ms/step, {args.B * args.T / ms * 1000:.0f} tokens/s")
 
 
@@ -87,6 +89,7 @@ def main():
     for name, val in dict(L=4, NH=4, C=256, E=16, H=128, V=50257, B=4, T=256, steps=10, k=2).items():
         ap.add_argument(f"--{name}", type=int, default=val)
     ap.add_argument("--tgt", type=float, default=4.0)
+    ap.add_argument("--autocast", action="store_true", help="torch.autocast to bfloat16 around the training step")
     ap.add_argument("--routing", default="dtopp", choices=list(R.ROUTING))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -327,7 +327,7 @@ def moe_layer(m, params_l, cfg, p_l, record):
     out = torch.zeros_like(m)
     if ys:
         Y = torch.cat(ys, dim=0) * gs[:, None]
-        out = out.index_add(0, tok_ids, Y)
+        out = out.index_add(0, tok_ids, Y.to(out.dtype))  # under bf16 autocast: combined in float32
 
     # auxiliary losses (section 4): f is a constant
     n_e = mask.sum(dim=0).to(P.dtype)
