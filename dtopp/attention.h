@@ -13,7 +13,9 @@ maximum m and sum l per query (the online softmax), and the output rescaled when
     for each key tile j:  m' = max(m, rowmax S_ij),  P = e^(S_ij − m'),
                           l = l · e^(m − m') + rowsum P,  O_i = O_i · e^(m − m') + P · v_j,  m = m'
     then O_i /= l and lse_i = m + log l, so that P = e^(S − lse) exactly as the softmax's.
-Backward, with D_i = rowsum(dO_i ⊙ O_i) (= rowsum(P ⊙ dP), the softmax's backward term):
+Backward, for each key tile j and the queries i that see it (in slices of up to
+ATTENTION_BACKWARD_ROWS, larger than the forward's tiles: fewer, larger products), with
+D_i = rowsum(dO_i ⊙ O_i) (= rowsum(P ⊙ dP), the softmax's backward term):
     P = e^(S_ij − lse_i),  dv_j += P^T · dO_i,  dP = dO_i · v_j^T,  dS = P ⊙ (dP − D_i) / sqrt(hd),
     dq_i += dS · k_j,  dk_j += dS^T · q_i.
 The products are matmul_nt / nn / tn (matmul.h) on the calling thread; e^x is exp_fast.
@@ -29,12 +31,14 @@ test/test_matmul checks both passes against the attention that writes P out
 
 #include <math.h>
 #include "matmul.h"  // defines: matmul_nt, matmul_nn, matmul_tn, dot_product, exp_fast
+#include "utils.h"   // defines: malloc_check
 
-// A tile of scores is 64 x 128 floats (32 KB), in cache while it turns into probabilities. Any sizes
-// give the same function: every query sees key 0, in the first key tile, so its running maximum is
-// finite from then on, and a later tile with no key it sees leaves m and l as they were.
+// A forward tile of scores is 64 x 128 floats (32 KB), in cache while it turns into probabilities.
+// Any sizes give the same function: every query sees key 0, in the first key tile, so its running
+// maximum is finite from then on, and a later tile with no key it sees leaves m and l as they were.
 #define ATTENTION_QUERY_TILE 64
 #define ATTENTION_KEY_TILE 128
+#define ATTENTION_BACKWARD_ROWS 256
 
 // One head of one sequence: its (T, hd) queries, keys and values are columns of qkv, rows ld apart.
 typedef struct {
@@ -127,14 +131,14 @@ void attention_forward(float *out, float *lse, const float *qkv, int B, int T, i
     }
 }
 
-// One query tile's rows of P (in s, raw scores on entry) and of dS (in ds, dP on entry), from lse and
-// D; the invisible keys 0.
+// Rows r0 .. r1-1 of P (in s, raw scores on entry) and of dS (in ds, dP on entry) against the n_keys
+// keys from j0, from lse and D (indexed by query); the keys a row does not see 0.
 static void attention_softmax_backward_tile(float *s, float *ds, const float *lse, const float *D,
-                                            const AttentionHead *x, int t0, int n_queries, int j0, int n_keys) {
+                                            const AttentionHead *x, int r0, int r1, int j0, int n_keys) {
     float scale = 1.0f / sqrtf((float)x->hd);
-    for (int i = 0; i < n_queries; i++) {
-        float *p = s + i * n_keys, *dp = ds + i * n_keys, row_lse = lse[t0 + i], row_D = D[i];
-        int seen = keys_seen(x, t0 + i, j0, n_keys);
+    for (int t = r0; t < r1; t++) {
+        float *p = s + (t - r0) * n_keys, *dp = ds + (t - r0) * n_keys, row_lse = lse[t], row_D = D[t];
+        int seen = keys_seen(x, t, j0, n_keys);
         #pragma omp simd
         for (int j = 0; j < seen; j++) {
             p[j] = exp_fast(p[j] * scale - row_lse);
@@ -145,26 +149,28 @@ static void attention_softmax_backward_tile(float *s, float *ds, const float *ls
 }
 
 // The gradient of one head: dq, dk, dv (rows x->ld apart, added to) from dout and out (rows ldo
-// apart) and lse (T).
+// apart) and lse (T). For each key tile j (outer, in order) the queries that see it, r0 .. T-1, go
+// in slices of up to ATTENTION_BACKWARD_ROWS, each a few products much larger than a tile pair's
+// (less packing per multiply-add). Scratch: s and ds (ATTENTION_BACKWARD_ROWS, ATTENTION_KEY_TILE),
+// D (T) = rowsum(dout ⊙ out).
 static void attention_backward_head(float *dq, float *dk, float *dv, const float *dout, const float *out,
-                                    size_t ldo, const float *lse, const AttentionHead *x) {
-    _Alignas(64) float s[ATTENTION_QUERY_TILE * ATTENTION_KEY_TILE], ds[ATTENTION_QUERY_TILE * ATTENTION_KEY_TILE];
-    float D[ATTENTION_QUERY_TILE];
+                                    size_t ldo, const float *lse, const AttentionHead *x, float *s, float *ds,
+                                    float *D) {
     size_t ld = x->ld;
-    for (int t0 = 0; t0 < x->T; t0 += ATTENTION_QUERY_TILE) {
-        int t1 = t0 + ATTENTION_QUERY_TILE < x->T ? t0 + ATTENTION_QUERY_TILE : x->T;
-        int n_queries = t1 - t0, key_end = x->causal ? t1 : x->T, hd = x->hd;
-        const float *q = x->q + t0 * ld, *d = dout + t0 * ldo;
-        for (int i = 0; i < n_queries; i++) { D[i] = dot_product(d + i * ldo, out + (t0 + i) * ldo, hd); }
-        for (int j0 = 0; j0 < key_end; j0 += ATTENTION_KEY_TILE) {
-            int n_keys = key_end - j0 < ATTENTION_KEY_TILE ? key_end - j0 : ATTENTION_KEY_TILE;
-            const float *k = x->k + j0 * ld, *v = x->v + j0 * ld;
-            matmul_nt(s, n_keys, q, ld, k, ld, n_queries, n_keys, hd, 0);   // S (unscaled)
-            matmul_nt(ds, n_keys, d, ldo, v, ld, n_queries, n_keys, hd, 0);  // dP = dO_i · v_j^T
-            attention_softmax_backward_tile(s, ds, lse, D, x, t0, n_queries, j0, n_keys);
-            matmul_tn(dv + j0 * ld, ld, s, n_keys, d, ldo, n_keys, hd, n_queries, 1);   // dv_j += P^T · dO_i
-            matmul_nn(dq + t0 * ld, ld, ds, n_keys, k, ld, n_queries, hd, n_keys, 1);   // dq_i += dS · k_j
-            matmul_tn(dk + j0 * ld, ld, ds, n_keys, q, ld, n_keys, hd, n_queries, 1);   // dk_j += dS^T · q_i
+    int hd = x->hd;
+    for (int t = 0; t < x->T; t++) { D[t] = dot_product(dout + t * ldo, out + t * ldo, hd); }
+    for (int j0 = 0; j0 < x->T; j0 += ATTENTION_KEY_TILE) {
+        int n_keys = x->T - j0 < ATTENTION_KEY_TILE ? x->T - j0 : ATTENTION_KEY_TILE;
+        const float *k = x->k + j0 * ld, *v = x->v + j0 * ld;
+        for (int r0 = x->causal ? j0 : 0; r0 < x->T; r0 += ATTENTION_BACKWARD_ROWS) {
+            int r1 = r0 + ATTENTION_BACKWARD_ROWS < x->T ? r0 + ATTENTION_BACKWARD_ROWS : x->T, rows = r1 - r0;
+            const float *q = x->q + r0 * ld, *d = dout + r0 * ldo;
+            matmul_nt(s, n_keys, q, ld, k, ld, rows, n_keys, hd, 0);   // S (unscaled)
+            matmul_nt(ds, n_keys, d, ldo, v, ld, rows, n_keys, hd, 0);  // dP = dO · v_j^T
+            attention_softmax_backward_tile(s, ds, lse, D, x, r0, r1, j0, n_keys);
+            matmul_tn(dv + j0 * ld, ld, s, n_keys, d, ldo, n_keys, hd, rows, 1);   // dv_j += P^T · dO
+            matmul_tn(dk + j0 * ld, ld, ds, n_keys, q, ld, n_keys, hd, rows, 1);   // dk_j += dS^T · q
+            matmul_nn(dq + r0 * ld, ld, ds, n_keys, k, ld, rows, hd, n_keys, 1);   // dq += dS · k_j
         }
     }
 }
@@ -174,15 +180,24 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                         int B, int T, int C, int NH, int causal) {
     int hd = C / NH;
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal);
-            float *dq = dqkv + (size_t)b * T * x.ld + h * hd;
-            size_t at = (size_t)b * T * C + h * hd;
-            attention_backward_head(dq, dq + C, dq + 2 * C, dout + at, out + at, C, lse + ((size_t)b * NH + h) * T,
-                                    &x);
+    #pragma omp parallel
+    {
+        float *s = (float *)malloc_check((size_t)ATTENTION_BACKWARD_ROWS * ATTENTION_KEY_TILE * sizeof(float));
+        float *ds = (float *)malloc_check((size_t)ATTENTION_BACKWARD_ROWS * ATTENTION_KEY_TILE * sizeof(float));
+        float *D = (float *)malloc_check((size_t)T * sizeof(float));
+        #pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int b = 0; b < B; b++) {
+            for (int h = 0; h < NH; h++) {
+                AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal);
+                float *dq = dqkv + (size_t)b * T * x.ld + h * hd;
+                size_t at = (size_t)b * T * C + h * hd;
+                attention_backward_head(dq, dq + C, dq + 2 * C, dout + at, out + at, C,
+                                        lse + ((size_t)b * NH + h) * T, &x, s, ds, D);
+            }
         }
+        free(s);
+        free(ds);
+        free(D);
     }
 }
 
