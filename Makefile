@@ -257,7 +257,7 @@ test:
 test-model: $(BIN)test_gpt
 	./$(BIN)test_gpt
 
-test/test_matmul: test/test_matmul.c test/check.h train_dtopp.c $(HEADERS)
+test/test_matmul: test/test_matmul.c test/check.h test/attention_reference.h train_dtopp.c $(HEADERS)
 	$(CC) $(CFLAGS) -o $@ test/test_matmul.c $(LDLIBS)
 
 test-matmul: $(BIN)test/test_matmul

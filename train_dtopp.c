@@ -203,7 +203,8 @@ typedef struct {
     float *ln1;            // (L, N, C)
     float *ln1_rstd;       // (L, N)
     float *qkv;            // (L, N, 3C) with RoPE applied to q and k
-    float *att;            // (L, B, NH, T, T) attention probabilities
+    float *att;            // what attention keeps for its backward pass (attention_saved_floats):
+                           // (L, B, NH, T) each query's log-sum-exp on the CPU, (L, B, NH, T, T) P on the GPU
     float *atty;           // (L, N, C) attention output, before Wo
     float *res1;           // (L, N, C) residual stream after attention
     float *ln2;            // (L, N, C) MoE input m
@@ -232,6 +233,17 @@ typedef struct {
 } RoutingTensors;
 #define NUM_ROUTING_TENSORS 4
 
+// Per layer, what attention keeps for its backward pass: the CPU's tiled attention keeps one float
+// per query, the log-sum-exp of its scores (dtopp/attention.h); train_dtopp.cu's keeps the
+// probabilities, T per query.
+static inline size_t attention_saved_floats(size_t B, size_t NH, size_t T) {
+#ifdef DTOPP_CUDA
+    return B * NH * T * T;
+#else
+    return B * NH * T;
+#endif
+}
+
 // The activation and routing tensors of a forward pass of B x T positions, in the order of the
 // structs above; logits rows are `logit_width` floats (V on the CPU, Vp on the GPU).
 static void activation_layout(float **tensors[], size_t *sizes, ActivationTensors *t, const ModelConfig *c,
@@ -242,7 +254,7 @@ static void activation_layout(float **tensors[], size_t *sizes, ActivationTensor
         &t->ln2_rstd, &t->router_logits, &t->drn_u, &t->drn_rstd, &t->probs, &t->gates, &t->res2,
         &t->lnf, &t->lnf_rstd, &t->logits, &t->token_loss, &t->aux_lb, &t->aux_ent};
     size_t size[NUM_ACTIVATION_TENSORS] = {
-        N * C, L * N * C, L * N, L * N * 3 * C, L * B * NH * T * T, L * N * C, L * N * C, L * N * C,
+        N * C, L * N * C, L * N, L * N * 3 * C, L * attention_saved_floats(B, NH, T), L * N * C, L * N * C, L * N * C,
         L * N, L * N * E, L * N * E, L * N, L * N * E, L * N * E, L * N * C,
         N * C, N, N * logit_width, N, L, L};
     memcpy(tensors, list, sizeof(list));
@@ -275,7 +287,7 @@ typedef struct {
     float *datty;      // (N, C)
     float *dqkv;       // (N, 3C)
     float *dscores;    // GPU: (B, NH, T, T) gradient of the attention probabilities, then of the scores
-                       // (NULL on the CPU, whose attention_backward needs one block of it per thread)
+                       // (NULL on the CPU, whose attention_backward recomputes one tile at a time)
     float *dlogits;    // (N, V), padded to Vp on the GPU
     float *dgates;     // (N, E) gradient of each selected gate
     float *drouter;    // (N, E) gradient of the router logits z
@@ -560,7 +572,8 @@ void rope_backward(float *dqkv, const float *cos_table, const float *sin_table, 
     rope_rotate(dqkv, cos_table, sin_table, B, T, C, NH, -1.0f);
 }
 
-// p (n) = softmax(scale · p), in place: the attention's softmax over the keys a query sees.
+// p (n) = softmax(scale · p), in place: the softmax of one query over the keys it sees (sampling's
+// attention, dtopp/decoder.h).
 static void softmax_row(float *p, int n, float scale) {
     float maxval = -INFINITY, sum = 0.0f;
     #pragma omp simd reduction(max : maxval)
@@ -578,78 +591,19 @@ static void softmax_row(float *p, int n, float scale) {
 }
 
 // Self-attention. For sequence b and head h, with q, k, v the head's (T, hd) columns of qkv:
-//   scores = q · k^T / sqrt(hd)                      (T, T)
+//   S = q · k^T / sqrt(hd)                           (T, T) scores
 //   the causal mask: query t sees keys 0 .. t (causal = 0: every key, as the DiT's patches do)
-//   P = the softmax of each row over the keys it sees, 0 elsewhere; att (B, NH, T, T) keeps it
+//   P = the softmax of each row of S over the keys it sees, 0 elsewhere
 //   out = P · v                                      (T, hd), the head's columns of out (B, T, C)
-// The queries go in blocks of ATTENTION_BLOCK, and a block computes only the keys up to its last
-// query: the masked triangle costs at most one block of extra products. Each thread owns whole
-// (b, h) pairs; matmul_nt and matmul_nn (matmul.h) are products on the calling thread.
-#define ATTENTION_BLOCK 64
-
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH, int causal) {
-    int hd = C / NH;
-    size_t ld = 3 * (size_t)C;  // between the rows of q, k and v in qkv
-    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            const float *q = qkv + (size_t)b * T * ld + h * hd, *k = q + C, *v = q + 2 * C;
-            float *P = att + ((size_t)b * NH + h) * T * T, *o = out + (size_t)b * T * C + h * hd;
-            for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
-                int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_keys = causal ? t1 : T;
-                float *scores = P + (size_t)t0 * T;  // rows t0 .. t1-1
-                matmul_nt(scores, T, q + t0 * ld, ld, k, ld, t1 - t0, n_keys, hd, 0);  // q · k^T
-                for (int t = t0; t < t1; t++) {
-                    int seen = causal ? t + 1 : T;
-                    softmax_row(P + (size_t)t * T, seen, 1.0f / sqrtf((float)hd));
-                    for (int j = seen; j < n_keys; j++) { P[(size_t)t * T + j] = 0.0f; }  // the mask
-                }
-                matmul_nn(o + (size_t)t0 * C, C, scores, T, v, ld, t1 - t0, hd, n_keys, 0);  // P · v
-            }
-        }
-    }
-}
-
-// The same reversed: dP = dout · v^T; through the softmax dS = P ⊙ (dP − rowsum(P ⊙ dP)) / sqrt(hd);
-// then dq += dS · k, dk += dS^T · q, dv += P^T · dout. The queries go in blocks in order, so every
-// sum over queries runs in the same order for any number of threads; each thread keeps dS of its
-// current block in a scratch of its own.
-void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att, int B, int T,
-                        int C, int NH, int causal) {
-    int hd = C / NH;
-    size_t ld = 3 * (size_t)C;
-    float scale = 1.0f / sqrtf((float)hd);
-    #pragma omp parallel
-    {
-        float *dS = (float *)malloc_check((size_t)ATTENTION_BLOCK * T * sizeof(float));
-        #pragma omp for collapse(2) schedule(dynamic, 1)
-        for (int b = 0; b < B; b++) {
-            for (int h = 0; h < NH; h++) {
-                const float *q = qkv + (size_t)b * T * ld + h * hd, *k = q + C, *v = q + 2 * C;
-                const float *P = att + ((size_t)b * NH + h) * T * T, *d = dout + (size_t)b * T * C + h * hd;
-                float *dq = dqkv + (size_t)b * T * ld + h * hd, *dk = dq + C, *dv = dq + 2 * C;
-                for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
-                    int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_keys = causal ? t1 : T;
-                    int n_queries = t1 - t0;
-                    matmul_nt(dS, n_keys, d + (size_t)t0 * C, C, v, ld, n_queries, n_keys, hd, 0);  // dP
-                    for (int t = t0; t < t1; t++) {
-                        const float *p = P + (size_t)t * T;
-                        float *ds = dS + (size_t)(t - t0) * n_keys, pdp = 0.0f;
-                        int seen = causal ? t + 1 : T;
-                        #pragma omp simd reduction(+ : pdp)
-                        for (int j = 0; j < seen; j++) { pdp += p[j] * ds[j]; }
-                        for (int j = 0; j < seen; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
-                        for (int j = seen; j < n_keys; j++) { ds[j] = 0.0f; }
-                    }
-                    matmul_nn(dq + t0 * ld, ld, dS, n_keys, k, ld, n_queries, hd, n_keys, 1);
-                    matmul_tn(dk, ld, dS, n_keys, q + t0 * ld, ld, n_keys, hd, n_queries, 1);
-                    matmul_tn(dv, ld, P + (size_t)t0 * T, T, d + (size_t)t0 * C, C, n_keys, hd, n_queries, 1);
-                }
-            }
-        }
-        free(dS);
-    }
-}
+// and its backward pass, with D = rowsum(dout ⊙ out) (one number per query):
+//   dv = P^T · dout,  dP = dout · v^T,  dS = P ⊙ (dP − D) / sqrt(hd),  dq = dS · k,  dk = dS^T · q.
+// attention_forward and attention_backward compute exactly this, but in tiles of queries and keys
+// (FlashAttention-2), never holding S or P whole: the forward pass keeps each query's log-sum-exp
+// of its scores, lse (B, NH, T), and the backward pass recomputes P = e^(S − lse) one tile at a time,
+// so the memory a layer keeps grows with T, not T². Each thread owns whole (sequence, head, query
+// tile)s forward and whole (sequence, head) pairs backward, so results do not depend on the number
+// of threads. test/attention_reference.h writes P out; test/test_matmul checks one against the other.
+#include "dtopp/attention.h"  // defines: attention_forward (out, lse), attention_backward (from out, lse)
 
 void residual_forward(float *out, const float *inp1, const float *inp2, size_t n) {
     #pragma omp parallel for simd if (n >= PARALLEL_MIN_WORK)
@@ -1224,7 +1178,8 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         rmsnorm_forward(ln1, t->ln1_rstd + (size_t)l * N, x, w.g1, N, C);
         matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C, model->precision);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        attention_forward(atty, t->att + (size_t)l * B * NH * T * T, qkv, B, T, C, NH, 1);
+        float *lse = t->att + l * attention_saved_floats(B, NH, T);  // each query's log-sum-exp
+        attention_forward(atty, lse, qkv, B, T, C, NH, 1);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C, model->precision);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
@@ -1289,8 +1244,8 @@ void model_backward(Model *model) {
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C,
                         model->precision);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
-        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C,
-                           t->att + (size_t)l * B * NH * T * T, B, T, C, NH, 1);
+        attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->atty + (size_t)l * N * C,
+                           t->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C,

@@ -3,8 +3,10 @@ test_matmul: checks the fast matrix products of train_dtopp.c (matmul_forward, m
 against the simple reference loops (matmul_forward_reference, matmul_backward_reference), on
 shapes that are not multiples of the kernel's tiles, with 0 and 1 rows, gathered input rows and
 more than one block of k; then checks that the results are bitwise identical for 1, 2 and 3 threads.
-Last, the attention built on the same products, against a float64 computation, at sequence
-lengths that end inside a block of queries, and bitwise for 1 and 2 threads.
+Last, attention, built on the same products: the readable one that writes the probabilities out
+(test/attention_reference.h) against float64, and the model's tiled one (dtopp/attention.h)
+against float64 and against the readable one, causal and not, at sequence lengths of 1 and that
+end inside a tile; each bitwise the same on 1 and 2 threads (tolerance at TOL_ATTENTION).
 
     test_matmul
 
@@ -18,6 +20,8 @@ accumulated output counts its starting value as one more term).
 */
 #define TESTING
 #include "../train_dtopp.c"
+// defines: attention_forward_reference, attention_backward_reference (P written out)
+#include "attention_reference.h"
 
 #include "check.h"
 
@@ -154,13 +158,14 @@ static void check_threads(Shape s, uint64_t *rng) {
     free(dout);
 }
 
-// Attention in float64, one query at a time: out, probabilities (B, NH, T, T) and, for the given
-// dout, the gradient of qkv.
-static void attention_float64(double *out, double *att, double *dqkv, const float *qkv, const float *dout,
-                              int B, int T, int C, int NH) {
+// Attention in float64, one query at a time: out, probabilities (B, NH, T, T), each query's
+// log-sum-exp of its scaled scores lse (B, NH, T) and, for the given dout, the gradient of qkv.
+static void attention_float64(double *out, double *att, double *lse, double *dqkv, const float *qkv,
+                              const float *dout, int B, int T, int C, int NH, int causal) {
     int hd = C / NH;
     double scale = 1.0 / sqrt((double)hd);
     memset(dqkv, 0, (size_t)B * T * 3 * C * sizeof(double));
+    memset(att, 0, (size_t)B * NH * T * T * sizeof(double));
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             for (int t = 0; t < T; t++) {
@@ -169,16 +174,18 @@ static void attention_float64(double *out, double *att, double *dqkv, const floa
                 double *p = att + (((size_t)b * NH + h) * T + t) * T;
                 double *o = out + ((size_t)b * T + t) * C + h * hd;
                 double maxval = -INFINITY, sum = 0.0, pdp = 0.0;
-                for (int j = 0; j <= t; j++) {
+                int seen = causal ? t + 1 : T;
+                for (int j = 0; j < seen; j++) {
                     const float *k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hd;
                     p[j] = 0.0;
                     for (int i = 0; i < hd; i++) { p[j] += (double)q[i] * k[i] * scale; }
                     maxval = p[j] > maxval ? p[j] : maxval;
                 }
-                for (int j = 0; j <= t; j++) { sum += p[j] = exp(p[j] - maxval); }
+                for (int j = 0; j < seen; j++) { sum += p[j] = exp(p[j] - maxval); }
+                lse[((size_t)b * NH + h) * T + t] = maxval + log(sum);
                 for (int i = 0; i < hd; i++) { o[i] = 0.0; }
                 double dp[T];
-                for (int j = 0; j <= t; j++) {
+                for (int j = 0; j < seen; j++) {
                     const float *v = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * hd;
                     p[j] /= sum;
                     dp[j] = 0.0;
@@ -189,7 +196,7 @@ static void attention_float64(double *out, double *att, double *dqkv, const floa
                     pdp += p[j] * dp[j];
                 }
                 double *dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hd;
-                for (int j = 0; j <= t; j++) {
+                for (int j = 0; j < seen; j++) {
                     const float *k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hd;
                     double *dk = dqkv + ((size_t)b * T + j) * 3 * C + C + h * hd, *dv = dk + C;
                     double ds = p[j] * (dp[j] - pdp) * scale;
@@ -215,45 +222,97 @@ static double relative_error64(const float *got, const double *want, size_t n, i
     return isnan(diff) ? INFINITY : sqrt(diff / norm);
 }
 
-// Float32 sums of at most T products differ from the exact ones by at most T·u of the sum of
-// their magnitudes (T·u = 8e-6 at T = 130); in relative L2 norm the error is far smaller.
+static double relative_error32(const float *got, const float *want, size_t n) {
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        diff += ((double)got[i] - want[i]) * ((double)got[i] - want[i]);
+        norm += (double)want[i] * want[i];
+    }
+    return isnan(diff) ? INFINITY : sqrt(diff / norm);
+}
+
+// Tolerance of the attention checks, in relative L2 norm. Every output is a float32 sum of at most
+// T products (T ≤ 300 here) and an e^x within 1.5 units in the last place, in a different order in
+// each version: a worst case of about T·u = 1.8e-5 of the sum of the magnitudes (u = 2^-24), and,
+// the rounding errors of random data having random signs, a typical error near sqrt(T)·u = 1e-6.
+// 1e-5 sits between; a wrong tile edge, mask or rescaling gives errors of order 1e-2 or more.
 #define TOL_ATTENTION 1e-5
 
-static void check_attention(int B, int T, int C, int NH, uint64_t *rng) {
+typedef struct {
+    float *out, *att, *lse, *dqkv;
+} AttentionResult;
+
+// The readable attention (test/attention_reference.h, P written out) or the tiled one
+// (dtopp/attention.h, lse kept), forward and backward, with the given number of threads.
+static AttentionResult run_attention(int tiled, int threads, const float *qkv, const float *dout, int B, int T,
+                                     int C, int NH, int causal) {
     size_t N = (size_t)B * T;
-    float *qkv = random_floats(N * 3 * C, rng), *dout = random_floats(N * C, rng);
-    double *out64 = (double *)malloc_check(N * C * sizeof(double));
-    double *att64 = (double *)malloc_check((size_t)B * NH * T * T * sizeof(double));
-    double *dqkv64 = (double *)malloc_check(N * 3 * C * sizeof(double));
-    attention_float64(out64, att64, dqkv64, qkv, dout, B, T, C, NH);
-    float *out[2], *att[2], *dqkv[2];
-    for (int threads = 1; threads <= 2; threads++) {
-        float *o = out[threads - 1] = (float *)malloc_check(N * C * sizeof(float));
-        float *a = att[threads - 1] = (float *)calloc_check((size_t)B * NH * T * T, sizeof(float));
-        float *d = dqkv[threads - 1] = (float *)calloc_check(N * 3 * C, sizeof(float));
-        set_num_threads(threads);
-        attention_forward(o, a, qkv, B, T, C, NH, 1);
-        attention_backward(d, dout, qkv, a, B, T, C, NH, 1);
+    AttentionResult r = {0};
+    r.out = (float *)malloc_check(N * C * sizeof(float));
+    r.dqkv = (float *)calloc_check(N * 3 * C, sizeof(float));
+    set_num_threads(threads);
+    if (tiled) {
+        r.lse = (float *)malloc_check((size_t)B * NH * T * sizeof(float));
+        attention_forward(r.out, r.lse, qkv, B, T, C, NH, causal);
+        attention_backward(r.dqkv, dout, qkv, r.out, r.lse, B, T, C, NH, causal);
+    } else {
+        r.att = (float *)calloc_check((size_t)B * NH * T * T, sizeof(float));
+        attention_forward_reference(r.out, r.att, qkv, B, T, C, NH, causal);
+        attention_backward_reference(r.dqkv, dout, qkv, r.att, B, T, C, NH, causal);
     }
-    double e_out = relative_error64(out[0], out64, N * C, 0);
-    double e_att = relative_error64(att[0], att64, (size_t)B * NH * T * T, T);
-    double e_dqkv = relative_error64(dqkv[0], dqkv64, N * 3 * C, 0);
-    check(e_out <= TOL_ATTENTION && e_att <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
-          "attention B %d T %3d C %d NH %d vs float64: out %.1e, probabilities %.1e, dqkv %.1e (tol. %.0e)",
-          B, T, C, NH, e_out, e_att, e_dqkv, TOL_ATTENTION);
-    int same = memcmp(out[0], out[1], N * C * sizeof(float)) == 0
-            && memcmp(att[0], att[1], (size_t)B * NH * T * T * sizeof(float)) == 0
-            && memcmp(dqkv[0], dqkv[1], N * 3 * C * sizeof(float)) == 0;
-    check(same, "attention B %d T %3d C %d NH %d: 1 and 2 threads bitwise identical", B, T, C, NH);
-    for (int t = 0; t < 2; t++) {
-        free(out[t]);
-        free(att[t]);
-        free(dqkv[t]);
+    return r;
+}
+
+static int same_floats(const float *a, const float *b, size_t n) {
+    return (a == NULL && b == NULL) || memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+static void free_attention(AttentionResult r) {
+    free(r.out);
+    free(r.att);
+    free(r.lse);
+    free(r.dqkv);
+}
+
+// Both attentions on one shape: the readable one against float64, the tiled one against the
+// readable one and against float64 (its lse too), and each bitwise the same on 1 and 2 threads.
+static void check_attention(int B, int T, int C, int NH, int causal, uint64_t *rng) {
+    size_t N = (size_t)B * T, n_att = (size_t)B * NH * T * T, n_lse = (size_t)B * NH * T;
+    float *qkv = random_floats(N * 3 * C, rng), *dout = random_floats(N * C, rng);
+    double *out64 = (double *)malloc_check(N * C * sizeof(double)), *att64 = (double *)malloc_check(n_att * 8);
+    double *lse64 = (double *)malloc_check(n_lse * sizeof(double)), *dqkv64 = (double *)malloc_check(N * 3 * C * 8);
+    attention_float64(out64, att64, lse64, dqkv64, qkv, dout, B, T, C, NH, causal);
+    char name[64];
+    snprintf(name, sizeof name, "attention B %d T %3d C %d NH %d %s", B, T, C, NH, causal ? "causal" : "full  ");
+    for (int tiled = 0; tiled <= 1; tiled++) {
+        AttentionResult one = run_attention(tiled, 1, qkv, dout, B, T, C, NH, causal);
+        AttentionResult two = run_attention(tiled, 2, qkv, dout, B, T, C, NH, causal);
+        double e_out = relative_error64(one.out, out64, N * C, 0);
+        double e_dqkv = relative_error64(one.dqkv, dqkv64, N * 3 * C, 0);
+        double e_p = tiled ? relative_error64(one.lse, lse64, n_lse, 0)
+                           : relative_error64(one.att, att64, n_att, causal ? T : 0);
+        check(e_out <= TOL_ATTENTION && e_p <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
+              "%s %s vs float64: out %.1e, %s %.1e, dqkv %.1e (tol. %.0e)", name, tiled ? "tiled   " : "readable",
+              e_out, tiled ? "lse" : "P", e_p, e_dqkv, TOL_ATTENTION);
+        if (tiled) {
+            AttentionResult ref = run_attention(0, 1, qkv, dout, B, T, C, NH, causal);
+            e_out = relative_error32(one.out, ref.out, N * C);
+            e_dqkv = relative_error32(one.dqkv, ref.dqkv, N * 3 * C);
+            check(e_out <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
+                  "%s tiled    vs readable: out %.1e, dqkv %.1e (tol. %.0e)", name, e_out, e_dqkv, TOL_ATTENTION);
+            free_attention(ref);
+        }
+        int same = same_floats(one.out, two.out, N * C) && same_floats(one.dqkv, two.dqkv, N * 3 * C)
+                && (tiled ? same_floats(one.lse, two.lse, n_lse) : same_floats(one.att, two.att, n_att));
+        check(same, "%s %s: 1 and 2 threads bitwise identical", name, tiled ? "tiled   " : "readable");
+        free_attention(one);
+        free_attention(two);
     }
     free(qkv);
     free(dout);
     free(out64);
     free(att64);
+    free(lse64);
     free(dqkv64);
 }
 
@@ -416,11 +475,16 @@ int main(void) {
     for (size_t i = 0; i < sizeof(bf16_shapes) / sizeof(bf16_shapes[0]); i++) { check_bf16(bf16_shapes[i], 0, &rng); }
     check_bf16((Shape){50, 100, 40, 0}, 1, &rng);
     if (!bf16_native()) { printf("note: this CPU has no AVX512_BF16: only the portable bf16 kernel was tested\n"); }
-    // ATTENTION_BLOCK = 64: one partial block, exactly two, and a partial third
-    check_attention(2, 1, 32, 2, &rng);
-    check_attention(2, 37, 32, 2, &rng);
-    check_attention(1, 128, 64, 2, &rng);
-    check_attention(3, 130, 96, 3, &rng);
+    // the readable attention's blocks of 64 queries; the tiled one's 64 queries by 128 keys: T = 1, tiles
+    // that end inside a tile, exactly two query tiles, a partial third key tile; causal and not
+    check_attention(2, 1, 32, 2, 1, &rng);
+    check_attention(2, 1, 32, 2, 0, &rng);
+    check_attention(2, 37, 32, 2, 1, &rng);
+    check_attention(1, 128, 64, 2, 1, &rng);
+    check_attention(3, 130, 96, 3, 1, &rng);
+    check_attention(2, 130, 96, 3, 0, &rng);
+    check_attention(1, 300, 64, 2, 1, &rng);
+    check_attention(1, 300, 40, 2, 0, &rng);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
