@@ -100,17 +100,21 @@ typedef struct {
     float *w3;     // (L, E, H, C) SwiGLU value projection
     float *w2;     // (L, E, C, H) SwiGLU output projection
     float *gf;     // (C) final RMSNorm gain
+    int experts;   // the experts W1, W3, W2 hold: E, or with --expert-parallel G this rank's E/G
 } ParameterTensors;
 
 enum { PARAM_WTE, PARAM_G1, PARAM_WQKV, PARAM_WO, PARAM_G2, PARAM_WR, PARAM_THETA, PARAM_W1, PARAM_W3, PARAM_W2,
        PARAM_GF };
-// Which tensors get weight decay (the matrices) and how they are initialised.
+// Which tensors get weight decay (the matrices) and how they are initialised; which hold the experts.
 static const int param_is_matrix[NUM_PARAMETER_TENSORS] = {1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0};
+static const int param_is_expert[NUM_PARAMETER_TENSORS] = {0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0};
 
-static void fill_param_sizes(size_t *sizes, const ModelConfig *c) {
+// The sizes of the tensors with W1, W3, W2 of `experts` experts per layer (all E: the model file's).
+static void fill_param_sizes(size_t *sizes, const ModelConfig *c, int experts) {
     size_t Vp = c->padded_vocab_size, C = c->channels, L = c->num_layers, E = c->num_experts, H = c->expert_hidden;
+    size_t X = experts;
     size_t list[NUM_PARAMETER_TENSORS] = {Vp * C, L * C, L * 3 * C * C, L * C * C, L * C, L * E * C, L,
-                                          L * E * H * C, L * E * H * C, L * E * C * H, C};
+                                          L * X * H * C, L * X * H * C, L * X * C * H, C};
     memcpy(sizes, list, sizeof(list));
 }
 
@@ -136,22 +140,23 @@ static void carve_ints(int **tensors[], const size_t *sizes, int n, int *memory)
     }
 }
 
-static void carve_params(ParameterTensors *t, float *memory, const size_t *sizes) {
+static void carve_params(ParameterTensors *t, float *memory, const size_t *sizes, int experts) {
     float **tensors[NUM_PARAMETER_TENSORS] = {&t->wte, &t->g1, &t->wqkv, &t->wo, &t->g2, &t->wr,
                                               &t->theta, &t->w1, &t->w3, &t->w2, &t->gf};
     carve_floats(tensors, sizes, NUM_PARAMETER_TENSORS, memory);
+    t->experts = experts;
 }
 
-// The tensors of layer l (of the parameters or of their gradients).
+// The tensors of layer l (of the parameters or of their gradients); W1, W3, W2 of the experts t holds.
 typedef struct {
     float *g1, *wqkv, *wo, *g2, *wr, *theta, *w1, *w3, *w2;
 } LayerWeights;
 
 static LayerWeights layer_weights(const ParameterTensors *t, const ModelConfig *c, int l) {
-    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden;
+    size_t C = c->channels, E = c->num_experts, H = c->expert_hidden, X = t->experts;
     LayerWeights w = {t->g1 + l * C, t->wqkv + l * 3 * C * C, t->wo + l * C * C, t->g2 + l * C,
-                      t->wr + l * E * C, t->theta + l, t->w1 + l * E * H * C, t->w3 + l * E * H * C,
-                      t->w2 + l * E * C * H};
+                      t->wr + l * E * C, t->theta + l, t->w1 + l * X * H * C, t->w3 + l * X * H * C,
+                      t->w2 + l * X * C * H};
     return w;
 }
 
@@ -367,8 +372,13 @@ typedef struct Workspace Workspace;  // activations and scratch: each implementa
 typedef struct {
     ModelConfig config;
     RouterConfig router;
-    size_t param_sizes[NUM_PARAMETER_TENSORS];
-    size_t num_parameters;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];  // the tensors this process holds (below)
+    size_t num_parameters;  // the model's, as in its file
+    // With --expert-parallel G a rank holds W1, W3, W2 (and their gradients and moments) of its own
+    // experts first_expert .. first_expert + experts - 1 only; else experts = E and num_held =
+    // num_parameters. Parameters, gradients and moments are laid out as the file, with those experts.
+    int first_expert, experts;
+    size_t num_held;
     float *params_memory;  // on the computing device: host memory here, GPU memory in the CUDA twin
     ParameterTensors params;
     float *grads_memory;   // same device; allocated by the first model_zero_grad
@@ -438,8 +448,15 @@ static void model_setup(Model *model, const ModelConfig *config, const RouterCon
     model->config = *config;
     model->router = *router;
     validate_config(config, router, where);
-    fill_param_sizes(model->param_sizes, config);
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) { model->num_parameters += model->param_sizes[i]; }
+    if (config->num_experts % ep_ranks != 0) {
+        fail("--expert-parallel %d does not divide the model's %d experts", ep_ranks, config->num_experts);
+    }
+    model->experts = config->num_experts / ep_ranks;
+    model->first_expert = ep_rank * model->experts;
+    fill_param_sizes(model->param_sizes, config, config->num_experts);
+    model->num_parameters = total_size(model->param_sizes, NUM_PARAMETER_TENSORS);
+    fill_param_sizes(model->param_sizes, config, model->experts);
+    model->num_held = total_size(model->param_sizes, NUM_PARAMETER_TENSORS);
     model->threshold = (float *)calloc_check(config->num_layers, sizeof(float));
     model->integral = (float *)calloc_check(config->num_layers, sizeof(float));
     model->loss = model->ce_loss = -1.0f;
@@ -447,19 +464,24 @@ static void model_setup(Model *model, const ModelConfig *config, const RouterCon
 
 // Fresh parameters from a seed (doc/spec.md, section 5): matrices normal(0, 0.02), the output
 // projections of each block (Wo, W2) scaled down by sqrt(2L), gains 1, θ = theta_init, padded
-// vocabulary rows zero.
+// vocabulary rows zero. The whole model's stream is drawn; a rank of --expert-parallel keeps its
+// experts' values.
 static void init_params(float *params, const Model *model, uint64_t seed) {
     const ModelConfig *c = &model->config;
     uint64_t rng = seed;
     float *out = params;
     float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
+    size_t full[NUM_PARAMETER_TENSORS], E = c->num_experts, first = model->first_expert, end = first + model->experts;
+    fill_param_sizes(full, c, c->num_experts);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         float std = (i == PARAM_WO || i == PARAM_W2) ? residual_std : 0.02f;
-        for (size_t j = 0; j < model->param_sizes[i]; j++) {
-            out[j] = param_is_matrix[i] ? std * random_normal(&rng)
-                                        : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
+        size_t slice = full[i] / (c->num_layers * E);  // of one expert, in the experts' tensors
+        for (size_t j = 0; j < full[i]; j++) {
+            float value = param_is_matrix[i] ? std * random_normal(&rng)
+                                             : (i == PARAM_THETA ? model->router.theta_init : 1.0f);
+            size_t e = param_is_expert[i] ? j / slice % E : first;
+            if (e >= first && e < end) { *out++ = value; }
         }
-        out += model->param_sizes[i];
     }
     memset(params + (size_t)c->vocab_size * c->channels, 0,
            (size_t)(c->padded_vocab_size - c->vocab_size) * c->channels * sizeof(float));
@@ -1048,8 +1070,8 @@ static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterVi
     }
     ep_exchange_rows(o->send, send_rows, o->in + (size_t)o->offset[l] * C, recv_rows, C);
     ep_note_rows(l, total);
-    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
-        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E, C, H,
+    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {  // w: this rank's E/G experts
+        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E / G, C, H,
                         precision);
     }
     ep_exchange_rows(o->rows.out + (size_t)o->offset[l] * C, recv_rows, x.out, send_rows, C);
@@ -1057,24 +1079,25 @@ static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterVi
 
 // Expert parallel backward, the forward reversed: x.dout goes to the experts' ranks, each source's
 // rows run backward in rank order, and x.din comes back. Source 0's expert gradient lands in dw,
-// each later one in scratch that is then added: ((g0 + g1) + g2) ..., as micro-batches add.
+// each later one in scratch that is then added: ((g0 + g1) + g2) ..., as micro-batches add. w, dw:
+// this rank's E/G experts.
 static void experts_backward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const LayerWeights *dw,
                                       const LayerWeights *w, int E, int C, int H, Precision precision) {
-    int G = ep_ranks, send_rows[G], recv_rows[G];
-    size_t HC = (size_t)H * C, begin = ep_rank * (E / G) * HC, size = (E / G) * HC;
+    int G = ep_ranks, X = E / G, send_rows[G], recv_rows[G];
+    size_t HC = (size_t)H * C, size = X * HC;
     owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
     expert_row_grads_reserve(&o->grads, o->offset[l + 1] - o->offset[l], C, H);
     ep_exchange_rows(x.dout, send_rows, o->grads.dout, recv_rows, C);
-    LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + E * HC, .w2 = o->dw + 2 * E * HC};
+    LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + size, .w2 = o->dw + 2 * size};
     float *sums[] = {dw->w1, dw->w3, dw->w2}, *parts[] = {scratch.w1, scratch.w3, scratch.w2};
     for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
         RouterView block = owned_routing(o, l, s, E);
-        for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k] + begin, 0, size * sizeof(float)); }
-        experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, E, C, H,
+        for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k], 0, size * sizeof(float)); }
+        experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, X, C, H,
                          precision);
         for (int k = 0; k < 3 && s > 0; k++) {
             #pragma omp parallel for
-            for (size_t i = begin; i < begin + size; i++) { sums[k][i] += parts[k][i]; }
+            for (size_t i = 0; i < size; i++) { sums[k][i] += parts[k][i]; }
         }
     }
     ep_exchange_rows(o->grads.din, recv_rows, x.din, send_rows, C);
@@ -1152,7 +1175,7 @@ static void model_ensure_activations(Model *model, int B, int T) {
     if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
     activations_free(&model->ws->acts);
     activations_alloc(&model->ws->acts, c, B, T, 1);
-    if (ep_ranks > 1) { model->ws->acts.owned = owned_alloc(c); }  // not the decoder's, which samples alone
+    if (ep_ranks > 1) { model->ws->acts.owned = owned_alloc(c); }  // the decoder's too (dtopp/decoder.h)
 }
 
 // inputs, targets: (B, T) token ids; targets may be NULL (no loss). Token ids are trusted here:
@@ -1206,10 +1229,10 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
 
 void model_zero_grad(Model *model) {
     if (model->grads_memory == NULL) {
-        model->grads_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
-        carve_params(&model->grads, model->grads_memory, model->param_sizes);
+        model->grads_memory = (float *)calloc_check(model->num_held, sizeof(float));
+        carve_params(&model->grads, model->grads_memory, model->param_sizes, model->experts);
     }
-    memset(model->grads_memory, 0, model->num_parameters * sizeof(float));
+    memset(model->grads_memory, 0, model->num_held * sizeof(float));
 }
 
 // Gradient of the total loss of the last forward pass, accumulated into model->grads.
@@ -1305,12 +1328,14 @@ void model_get_routing(const Model *model, int *n_selected, int *selected, float
     memcpy(gates, model->ws->acts.acts.gates, LN * E * sizeof(float));
 }
 
+// The gradients, parameters and moments this process holds (num_held: with --expert-parallel, of its
+// own experts), laid out as the model file with those experts.
 void model_get_grads(const Model *model, float *out) {
-    memcpy(out, model->grads_memory, model->num_parameters * sizeof(float));
+    memcpy(out, model->grads_memory, model->num_held * sizeof(float));
 }
 
 void model_get_params(const Model *model, float *out) {
-    memcpy(out, model->params_memory, model->num_parameters * sizeof(float));
+    memcpy(out, model->params_memory, model->num_held * sizeof(float));
 }
 
 void model_get_theta(const Model *model, float *out) {
@@ -1332,21 +1357,21 @@ void model_get_router(const Model *model, float *logits, float *probs) {
 
 void model_get_moments(const Model *model, float *m, float *v) {
     if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
-        memset(m, 0, model->num_parameters * sizeof(float));
-        memset(v, 0, model->num_parameters * sizeof(float));
+        memset(m, 0, model->num_held * sizeof(float));
+        memset(v, 0, model->num_held * sizeof(float));
         return;
     }
-    memcpy(m, model->m_memory, model->num_parameters * sizeof(float));
-    memcpy(v, model->v_memory, model->num_parameters * sizeof(float));
+    memcpy(m, model->m_memory, model->num_held * sizeof(float));
+    memcpy(v, model->v_memory, model->num_held * sizeof(float));
 }
 
 void model_set_moments(Model *model, const float *m, const float *v) {
     if (model->m_memory == NULL) {
-        model->m_memory = (float *)malloc_check(model->num_parameters * sizeof(float));
-        model->v_memory = (float *)malloc_check(model->num_parameters * sizeof(float));
+        model->m_memory = (float *)malloc_check(model->num_held * sizeof(float));
+        model->v_memory = (float *)malloc_check(model->num_held * sizeof(float));
     }
-    memcpy(model->m_memory, m, model->num_parameters * sizeof(float));
-    memcpy(model->v_memory, v, model->num_parameters * sizeof(float));
+    memcpy(model->m_memory, m, model->num_held * sizeof(float));
+    memcpy(model->v_memory, v, model->num_held * sizeof(float));
 }
 #endif  // DTOPP_CUDA
 
@@ -1484,12 +1509,19 @@ static double sum_of_squares(const float *x, size_t n) {
 // Clips the gradient (the n floats of `sizes`, tensor by tensor) to global norm CLIP_NORM and takes
 // AdamW step number `step`, with weight decay on the tensors that is_matrix marks. Returns the norm
 // before clipping. The diffusion transformer (train_dit.c) updates its own buffers with it too.
-static float adamw_clipped_step(float *params, const float *grads, float *m, float *v,
+static void adamw_apply(float *params, const float *grads, float *m, float *v, const size_t *sizes,
+                        const int *is_matrix, int num_tensors, int step, float lr, float weight_decay, float norm);
+static inline float adamw_clipped_step(float *params, const float *grads, float *m, float *v,
                                 const size_t *sizes, const int *is_matrix, int num_tensors, int step,
                                 float lr, float weight_decay) {
-    size_t n = 0;
-    for (int k = 0; k < num_tensors; k++) { n += sizes[k]; }
-    float norm = (float)sqrt(sum_of_squares(grads, n));
+    float norm = (float)sqrt(sum_of_squares(grads, total_size(sizes, num_tensors)));
+    adamw_apply(params, grads, m, v, sizes, is_matrix, num_tensors, step, lr, weight_decay, norm);
+    return norm;
+}
+
+// AdamW step number `step` on the tensors of `sizes`, the gradient clipped by its global norm `norm`.
+static void adamw_apply(float *params, const float *grads, float *m, float *v, const size_t *sizes,
+                        const int *is_matrix, int num_tensors, int step, float lr, float weight_decay, float norm) {
     AdamWStep s = adamw_step(step, lr, norm);
     size_t offset = 0;
     for (int k = 0; k < num_tensors; k++) {
@@ -1499,26 +1531,53 @@ static float adamw_clipped_step(float *params, const float *grads, float *m, flo
         for (size_t i = offset; i < end; i++) { adamw_update(&params[i], &m[i], &v[i], grads[i], s, wd); }
         offset = end;
     }
-    return norm;
 }
 
-// Clips the gradient to global norm 1 and takes one AdamW step. Returns the norm before clipping.
+// The gradient's squared norm, added in one order whatever the layout: each tensor's sum of squares,
+// the experts' tensors one (layer, expert) slice at a time, in the file's order. With --expert-parallel
+// each rank sums its experts' slices, and its group adds them up (the others' are zero: exact).
+static double grad_sum_of_squares(const Model *model) {
+    size_t L = model->config.num_layers, E = model->config.num_experts, X = model->experts, offset = 0;
+    double *slices = (double *)calloc_check(3 * L * E, sizeof(double)), tensors[NUM_PARAMETER_TENSORS];
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; offset += model->param_sizes[i++]) {
+        const float *g = model->grads_memory + offset;
+        size_t slice = model->param_sizes[i] / (L * X), k = i - PARAM_W1;
+        if (!param_is_expert[i]) { tensors[i] = sum_of_squares(g, model->param_sizes[i]); }
+        for (size_t l = 0; param_is_expert[i] && l < L; l++) {
+            for (size_t j = 0; j < X; j++) {
+                slices[(k * L + l) * E + model->first_expert + j] = sum_of_squares(g + (l * X + j) * slice, slice);
+            }
+        }
+    }
+    ep_sum_doubles(slices, (int)(3 * L * E));
+    double total = 0.0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (!param_is_expert[i]) { total += tensors[i]; }
+        for (size_t j = 0; param_is_expert[i] && j < L * E; j++) { total += slices[(i - PARAM_W1) * L * E + j]; }
+    }
+    free(slices);
+    return total;
+}
+
+// Clips the gradient to global norm 1 and takes one AdamW step (on the parameters this process
+// holds). Returns the norm before clipping.
 float model_update(Model *model, float lr, float weight_decay) {
     if (model->m_memory == NULL) {
-        model->m_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
-        model->v_memory = (float *)calloc_check(model->num_parameters, sizeof(float));
+        model->m_memory = (float *)calloc_check(model->num_held, sizeof(float));
+        model->v_memory = (float *)calloc_check(model->num_held, sizeof(float));
     }
     model->adam_step++;
-    return adamw_clipped_step(model->params_memory, model->grads_memory, model->m_memory, model->v_memory,
-                              model->param_sizes, param_is_matrix, NUM_PARAMETER_TENSORS, model->adam_step,
-                              lr, weight_decay);
+    float norm = (float)sqrt(grad_sum_of_squares(model));
+    adamw_apply(model->params_memory, model->grads_memory, model->m_memory, model->v_memory, model->param_sizes,
+                param_is_matrix, NUM_PARAMETER_TENSORS, model->adam_step, lr, weight_decay, norm);
+    return norm;
 }
 
 // Gradient accumulation: micro-batch 0 starts the sum, the last adds it into model->grads (float
 // addition commutes, so sum + g and g + sum are the same bits).
 void model_accumulate_grads(Model *model, int micro, int count) {
     if (count == 1) { return; }
-    size_t n = model->num_parameters;
+    size_t n = model->num_held;
     if (model->grads_sum_memory == NULL) {
         model->grads_sum_memory = (float *)malloc_check(n * sizeof(float));
     }
@@ -1532,8 +1591,18 @@ void model_accumulate_grads(Model *model, int micro, int count) {
     for (size_t i = 0; i < n; i++) { into[i] = sum[i] + grads[i]; }
 }
 
+// With --expert-parallel the experts' gradients are summed only over the ranks that hold the same
+// experts (one per group); the rest over all ranks, as without it.
 void model_allreduce_grads(Model *model, float scale) {
-    dp_sum_floats(model->grads_memory, model->num_parameters, scale);
+    if (ep_ranks == 1) {
+        dp_sum_floats(model->grads_memory, model->num_held, scale);
+        return;
+    }
+    size_t *sizes = model->param_sizes, before = total_size(sizes, PARAM_W1);
+    size_t experts = sizes[PARAM_W1] + sizes[PARAM_W3] + sizes[PARAM_W2], after = model->num_held - before - experts;
+    dp_sum_floats(model->grads_memory, before, scale);
+    dp_sum_floats_across_groups(model->grads_memory + before, experts, scale);
+    dp_sum_floats(model->grads_memory + before + experts, after, scale);
 }
 #endif  // DTOPP_CUDA
 
@@ -1561,7 +1630,10 @@ static void model_header_fields(HeaderField *fields, ModelConfig *c, RouterConfi
     fields[25] = (HeaderField){18, 4, &rc->first_layer_k};
 }
 
-// params: the parameters in host memory.
+#include "dtopp/held_params.h"  // defines: write_held, read_held (the file's parameters, a rank's experts)
+
+// params: the parameters this process holds, in host memory. Every rank calls it (with
+// --expert-parallel the group gathers its experts); rank 0 writes.
 static void checkpoint_save(const Model *model, const float *params, const char *path) {
     const ModelConfig *c = &model->config;
     ModelConfig config = model->config;
@@ -1570,17 +1642,18 @@ static void checkpoint_save(const Model *model, const float *params, const char 
     model_header_fields(fields, &config, &router);
     int32_t header[HEADER_WORDS] = {MODEL_MAGIC, MODEL_VERSION};
     header_pack(header, fields, MODEL_HEADER_FIELDS);
-    char tmp[4096];
-    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
-    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
-    fwrite_check(params, sizeof(float), model->num_parameters, f, tmp);
+    char tmp[4096] = "";
+    FILE *f = dp_rank == 0 ? open_for_atomic_write(path, tmp, sizeof(tmp)) : NULL;
+    if (f != NULL) { fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp); }
+    write_held(f, model, params, tmp);
+    if (f == NULL) { return; }
     fwrite_check(model->threshold, sizeof(float), c->num_layers, f, tmp);
     fwrite_check(model->integral, sizeof(float), c->num_layers, f, tmp);
     finish_atomic_write(f, tmp, path);
 }
 
 // Sets up the model's configuration and controller state from the file; returns its parameters
-// in (malloc'ed) host memory.
+// (those this process holds) in (malloc'ed) host memory.
 static float *checkpoint_load(Model *model, const char *path) {
     int32_t header[HEADER_WORDS];
     long size;
@@ -1593,12 +1666,12 @@ static float *checkpoint_load(Model *model, const char *path) {
     if (header[1] == 1) { c->vocab_kind = vocab_kind_of_size(c->vocab_size); }
     model_setup(model, c, rc, path);
     check_payload_size(path, size, (model->num_parameters + 2 * (size_t)c->num_layers) * sizeof(float));
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
-    fread_check(params, sizeof(float), model->num_parameters, f, path);
+    float *params = (float *)malloc_check(model->num_held * sizeof(float));
+    read_held(f, (long)HEADER_BYTES, model, params, path);
     fread_check(model->threshold, sizeof(float), c->num_layers, f, path);
     fread_check(model->integral, sizeof(float), c->num_layers, f, path);
     fclose(f);
-    check_finite(params, model->num_parameters, path, "parameter");
+    check_finite(params, model->num_held, path, "parameter");
     validate_controller_state(model, path);
     return params;
 }
@@ -1607,7 +1680,7 @@ static float *checkpoint_load(Model *model, const char *path) {
 // model_attach of each build puts them where it computes.
 void model_init(Model *model, const ModelConfig *config, const RouterConfig *router, uint64_t seed) {
     model_setup(model, config, router, "model configuration");
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *params = (float *)malloc_check(model->num_held * sizeof(float));
     init_params(params, model, seed);
     model_attach(model, params);
     controller_reset(model);
@@ -1622,7 +1695,7 @@ void model_load(Model *model, const char *path) {
 // Takes ownership of params (host memory, filled).
 static void model_attach(Model *model, float *params) {
     model->params_memory = params;
-    carve_params(&model->params, params, model->param_sizes);
+    carve_params(&model->params, params, model->param_sizes, model->experts);
     model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));  // RoPE tables as sequences need them
 }
 
@@ -1714,9 +1787,7 @@ int main(int argc, char **argv) {
         train_seconds += step > run.start_step ? dt : 0.0;
         double mean_dt = step > run.start_step ? train_seconds / (step - run.start_step) : dt;
         report_step(&run, step, val_loss, lr, grad_norm, dt, mean_dt * (o->steps - step - 1));
-        if ((last || stop || is_due(step + 1, o->checkpoint_every)) && dp_rank == 0) {
-            write_checkpoint(&run, step + 1);
-        }
+        if (last || stop || is_due(step + 1, o->checkpoint_every)) { write_checkpoint(&run, step + 1); }
         if (stop) {
             status = report_stop(&run, step + 1);
             break;

@@ -1503,7 +1503,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
 void model_zero_grad(Model *model) {
     if (model->grads_memory == NULL) {
         model->grads_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
-        carve_params(&model->grads, model->grads_memory, model->param_sizes);
+        carve_params(&model->grads, model->grads_memory, model->param_sizes, model->experts);
     }
     zero_async(model->grads_memory, model->num_parameters * sizeof(float));
 }
@@ -1922,7 +1922,7 @@ static void model_attach(Model *model, float *params) {
     model->params_memory = (float *)cuda_malloc(model->num_parameters * sizeof(float));
     copy_to_device(model->params_memory, params, model->num_parameters * sizeof(float));
     free(params);
-    carve_params(&model->params, model->params_memory, model->param_sizes);
+    carve_params(&model->params, model->params_memory, model->param_sizes, model->experts);
     Workspace *ws = model->ws = (Workspace *)calloc_check(1, sizeof(Workspace));
     int hd = c->channels / c->num_heads;
     size_t table = (size_t)c->max_seq_len * (hd / 2);

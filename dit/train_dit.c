@@ -106,7 +106,7 @@ enum { DIT_WADA = 4, DIT_TRUNK = 5, DIT_WFINAL = 15, DIT_WOUT = 16 };
 static void dit_fill_sizes(size_t *sizes, const DitConfig *d, const ModelConfig *c) {
     size_t C = c->channels, L = c->num_layers, PP = patch_values(d);
     size_t trunk[NUM_PARAMETER_TENSORS];
-    fill_param_sizes(trunk, c);
+    fill_param_sizes(trunk, c, c->num_experts);  // one process: every expert
     sizes[0] = C * PP;
     sizes[1] = C * C;
     sizes[2] = C * C;
@@ -374,6 +374,7 @@ static void dit_allocate(Dit *d) {
     d->v_memory = (float *)calloc_check(d->num_parameters, sizeof(float));
     dit_carve(&d->params, &d->trunk.params, d->params_memory, d->sizes);
     dit_carve(&d->grads, &d->trunk.grads, d->grads_memory, d->sizes);
+    d->trunk.params.experts = d->trunk.grads.experts = d->trunk.experts;  // every expert: one process
     d->pos_embed = (float *)malloc_check((size_t)c->max_seq_len * c->channels * sizeof(float));
     position_embedding_init(d->pos_embed, d->config.image_size / d->config.patch_size, c->channels);
 }

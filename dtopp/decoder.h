@@ -54,6 +54,8 @@ Decoder *decoder_create(const Model *model) {
     const ModelConfig *c = &model->config;
     Decoder *d = (Decoder *)calloc_check(1, sizeof(Decoder));
     activations_alloc(&d->acts, c, 1, 1, 0);
+    // with --expert-parallel every rank samples, its experts computing the group's rows
+    if (ep_ranks > 1) { d->acts.owned = owned_alloc(c); }
     decoder_reserve(model, d, 1);
     return d;
 }

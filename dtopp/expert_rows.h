@@ -13,21 +13,22 @@ experts_forward_parallel and experts_backward_parallel use them; included by it 
 struct OwnedRows {
     ExpertRows rows;       // row_token[i] = i: row i reads in[i]
     float *in;             // (R, C) the MoE inputs received
-    int *start;            // (L, G, E + 1) source s's rows of expert e: start[e] .. start[e+1]-1 of its block
+    int *start;            // (L, G, X + 1) source s's rows of this rank's expert j (of X = E/G): start[j] ..
+                           // start[j+1]-1 of its block
     int *offset;           // (L + 1) layer l's rows are offset[l] .. offset[l+1]-1
     float *send;           // (capacity, C) this rank's inputs, packed for sending
     int send_capacity;
     ExpertRowGrads grads;  // one layer at a time
-    float *dw;             // (3 E H C) one source's gradient of W1, W3, W2, added in source order
+    float *dw;             // (3 X H C) one source's gradient of this rank's W1, W3, W2, added in source order
 };
 
 // For the training passes of a model of config c on ep_ranks ranks per group.
 static OwnedRows *owned_alloc(const ModelConfig *c) {
-    size_t L = c->num_layers, E = c->num_experts;
+    size_t L = c->num_layers, X = c->num_experts / ep_ranks;
     OwnedRows *o = (OwnedRows *)calloc_check(1, sizeof(OwnedRows));
-    o->start = (int *)calloc_check(L * ep_ranks * (E + 1), sizeof(int));
+    o->start = (int *)calloc_check(L * ep_ranks * (X + 1), sizeof(int));
     o->offset = (int *)calloc_check(L + 1, sizeof(int));
-    o->dw = (float *)malloc_check(3 * E * c->expert_hidden * c->channels * sizeof(float));
+    o->dw = (float *)malloc_check(3 * X * c->expert_hidden * c->channels * sizeof(float));
     return o;
 }
 
@@ -74,36 +75,34 @@ static ExpertView owned_view(OwnedRows *o, int l, int row, int C, int H) {
     return x;
 }
 
-// From the counts of every source (G blocks of E/G: its rows of each expert of this rank), the
+// From the counts of every source (G blocks of X = E/G: its rows of each expert of this rank), the
 // layout of layer l's received rows. Returns their number.
 static int owned_layout(OwnedRows *o, int l, const int *received, int E) {
-    int G = ep_ranks, group = E / G, first_expert = ep_rank * group, total = 0;
+    int G = ep_ranks, X = E / G, total = 0;
     for (int s = 0; s < G; s++) {
-        int *start = o->start + ((size_t)l * G + s) * (E + 1);
+        int *start = o->start + ((size_t)l * G + s) * (X + 1);
         start[0] = 0;
-        for (int e = 0; e < E; e++) {
-            int mine = e >= first_expert && e < first_expert + group;
-            start[e + 1] = start[e] + (mine ? received[s * group + e - first_expert] : 0);
-        }
-        total += start[E];
+        for (int j = 0; j < X; j++) { start[j + 1] = start[j] + received[s * X + j]; }
+        total += start[X];
     }
     return total;
 }
 
-// Source s's rows of layer l as the experts read a RouterView: only its expert_start.
+// Source s's rows of layer l as the experts read a RouterView (of this rank's X = E/G experts, whose
+// weights it holds): only its expert_start.
 static RouterView owned_routing(const OwnedRows *o, int l, int s, int E) {
     RouterView block = {0};
-    block.expert_start = o->start + ((size_t)l * ep_ranks + s) * (E + 1);
+    block.expert_start = o->start + ((size_t)l * ep_ranks + s) * (E / ep_ranks + 1);
     return block;
 }
 
 // The rows this rank sends to each rank of its group (its rows of that rank's experts: a block,
 // as rows come by expert) and receives from each, in layer l.
 static void owned_exchange_sizes(const OwnedRows *o, int l, RouterView r, int E, int *send_rows, int *recv_rows) {
-    int G = ep_ranks, group = E / G;
+    int G = ep_ranks, X = E / G;
     for (int s = 0; s < G; s++) {
-        send_rows[s] = r.expert_start[(s + 1) * group] - r.expert_start[s * group];
-        recv_rows[s] = o->start[((size_t)l * G + s) * (E + 1) + E];
+        send_rows[s] = r.expert_start[(s + 1) * X] - r.expert_start[s * X];
+        recv_rows[s] = o->start[((size_t)l * G + s) * (X + 1) + X];
     }
 }
 

@@ -13,7 +13,9 @@ Expert parallelism (--expert-parallel G): the ranks form groups of G consecutive
 group computes experts k·E/G .. (k+1)·E/G - 1 of every layer for the tokens of the whole group.
 The routed rows travel to their experts' ranks and back (ep_exchange_counts, ep_exchange_rows).
 Sums over ranks run in two levels, first within a group, then over the groups, each in rank order:
-with G = 1 that is the one-level sum of data parallelism.
+with G = 1 that is the one-level sum of data parallelism. A rank holds only its own experts' weights
+(train_dtopp.c's Model.experts): their gradients are summed over the groups only
+(dp_sum_floats_across_groups), and checkpoints gather them to rank 0 (ep_gather_floats).
 */
 #ifndef PARALLEL_H
 #define PARALLEL_H
@@ -165,6 +167,42 @@ void dp_sum_floats(float *x, size_t n, float scale) {
     for (size_t i = 0; i < n; i++) { x[i] *= scale; }
 }
 
+// Expert parallelism, the experts' gradients: x (n) = scale * (the sum of x over the ranks that hold
+// the same experts, one per group, in group order). Within a group each rank holds other experts.
+void dp_sum_floats_across_groups(float *x, size_t n, float scale) {
+#ifdef USE_MPI
+    if (comm_size(groups_comm) > 1) {
+        sum_floats_over(groups_comm, x, n, scale);
+        return;
+    }
+#endif
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) { x[i] *= scale; }
+}
+
+// x (n) = the sum of x over the ranks of this rank's expert-parallel group, in rank order.
+void ep_sum_doubles(double *x, int n) {
+#ifdef USE_MPI
+    sum_doubles_over(ep_comm, x, n);
+#else
+    (void)x;
+    (void)n;
+#endif
+}
+
+// Expert parallelism, checkpoints: rank 0 of the group receives every rank's n floats, in rank
+// order, into all (G n; only read on rank 0); with G = 1 a copy.
+void ep_gather_floats(const float *mine, size_t n, float *all) {
+#ifdef USE_MPI
+    if (ep_ranks > 1) {
+        if (n > INT_MAX) { fail("expert parallel: %zu values of a layer do not fit one MPI message", n); }
+        MPI_Gather(mine, (int)n, MPI_FLOAT, all, (int)n, MPI_FLOAT, 0, ep_comm);
+        return;
+    }
+#endif
+    memcpy(all, mine, n * sizeof(float));
+}
+
 // Expert parallelism: each rank of the group sends `per_rank` counts to every rank (block r of
 // `send` to rank r) and receives theirs into `recv`, in rank order.
 void ep_exchange_counts(const int *send, int *recv, int per_rank) {
@@ -201,19 +239,23 @@ void ep_exchange_rows(const float *send, const int *send_rows, float *recv, cons
 #endif
 }
 
-// Fails unless every rank passes the same value (a hash of what must be identical everywhere).
-void dp_check_same(uint64_t value, const char *what, int step) {
+// Fails unless every rank passes the value of rank r mod period (a hash of what must be identical:
+// period 1, everywhere; period G, on the ranks of the same place in every group).
+void dp_check_same(uint64_t value, const char *what, int step, int period) {
 #ifdef USE_MPI
     uint64_t *all = (uint64_t *)malloc_check(dp_ranks * sizeof(uint64_t));
     MPI_Allgather(&value, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, MPI_COMM_WORLD);
-    for (int r = 1; r < dp_ranks; r++) {
-        if (all[r] != all[0]) { fail("after step %d rank %d holds other %s than rank 0", step, r, what); }
+    for (int r = period; r < dp_ranks; r++) {
+        if (all[r] != all[r % period]) {
+            fail("after step %d rank %d holds other %s than rank %d", step, r, what, r % period);
+        }
     }
     free(all);
 #else
     (void)value;
     (void)what;
     (void)step;
+    (void)period;
 #endif
 }
 

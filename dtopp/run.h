@@ -46,15 +46,22 @@ static void fail_diverged(const Run *run, const char *what, double value, int st
 }
 
 // Writes the pair of step `step` (and model.bin), then removes the previous pair. Parameters that
-// are not finite are never written: the previous checkpoint stays the last good one.
+// are not finite are never written: the previous checkpoint stays the last good one. Every rank
+// calls it (with --expert-parallel the groups gather their experts to their rank 0); rank 0 writes.
 static void write_checkpoint(Run *run, int step) {
     const Model *model = &run->model;
     const Options *o = &run->o;
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
-    model_get_params(model, params);
-    for (size_t i = 0; i < model->num_parameters; i++) {
-        if (!isfinite(params[i])) { fail_diverged(run, "a parameter", params[i], step); }
+    if (ep_ranks == 1 && dp_rank > 0) {  // data parallel: rank 0 holds every parameter
+        run->last_checkpoint = step;
+        return;
     }
+    float *params = (float *)malloc_check(model->num_held * sizeof(float));
+    model_get_params(model, params);
+    double bad = -1.0;  // a parameter that is not finite, on some rank
+    for (size_t i = 0; i < model->num_held && bad < 0.0; i++) { bad = isfinite(params[i]) ? -1.0 : (double)i; }
+    double any = bad >= 0.0;
+    if (ep_ranks > 1) { dp_sum_doubles(&any, 1); }  // every rank holds some of the parameters
+    if (any > 0.0) { fail_diverged(run, "a parameter", bad >= 0.0 ? params[(size_t)bad] : NAN, step); }
     char model_path[4096], state_path[4096], latest[4096];
     TrainingState state = {.step = step, .rng = run->rng, .steps = o->steps, .warmup = o->warmup, .lr = o->lr,
                            .weight_decay = o->weight_decay, .schedule_steps = o->schedule_steps};
@@ -62,12 +69,12 @@ static void write_checkpoint(Run *run, int step) {
     checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", step);
     checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", step);
     checkpoint_save(model, params, model_path);
-    state_save(model, state_path, state);
     snprintf(latest, sizeof(latest), "%s/model.bin",
              o->out_dir);  // the latest model under a fixed name, for sampling
     checkpoint_save(model, params, latest);
-    free(params);
-    if (run->last_checkpoint >= 0 && run->last_checkpoint != step) {
+    free(params);  // before the state's copies of the moments: less memory at its peak
+    state_save(model, state_path, state);
+    if (run->last_checkpoint >= 0 && run->last_checkpoint != step && dp_rank == 0) {
         checkpoint_path(model_path, sizeof(model_path), o->out_dir, "model", run->last_checkpoint);
         checkpoint_path(state_path, sizeof(state_path), o->out_dir, "state", run->last_checkpoint);
         remove(state_path);
@@ -208,6 +215,23 @@ static void check_data_fits_model(const Run *run) {
     }
 }
 
+// The parameters each rank holds (with --expert-parallel G: the shared ones and W1, W3, W2 of its
+// E/G experts), 16 bytes each with their gradients and AdamW moments. Every rank calls it.
+static void print_held(const Model *model) {
+    const ModelConfig *c = &model->config;
+    double *held = (double *)calloc_check(dp_ranks, sizeof(double));
+    held[dp_rank] = (double)model->num_held;
+    dp_sum_doubles(held, dp_ranks);
+    size_t per_expert = 3 * (size_t)c->num_layers * c->expert_hidden * c->channels;
+    size_t shared = model->num_parameters - per_expert * c->num_experts;
+    for (int r = 0; r < dp_ranks; r++) {
+        printf("memory: rank %d holds %.0f parameters = %zu shared + %d of %d experts x %zu, %.1f MB with "
+               "gradients and AdamW moments\n", r, held[r], shared, model->experts, c->num_experts, per_expert,
+               16.0 * held[r] / 1e6);
+    }
+    free(held);
+}
+
 static void print_configuration(const Run *run) {
     const ModelConfig *c = &run->model.config;
     const RouterConfig *rc = &run->model.router;
@@ -229,6 +253,7 @@ static void print_configuration(const Run *run) {
     printf("data: %zu training tokens (%zu batches of %dx%d), %zu validation tokens\n", run->train.num_tokens,
            run->train.num_batches, run->o.batch, run->o.seq_len,
            run->have_val ? run->val.num_tokens : (size_t)0);
+    print_held(&run->model);
     printf("threads: %d", omp_threads());
     if (getenv("OMP_WAIT_POLICY") != NULL) { printf(", OMP_WAIT_POLICY=%s", getenv("OMP_WAIT_POLICY")); }
     if (dp_ranks > 1 || run->o.grad_accum > 1) {  // the split of each step's batch
@@ -367,8 +392,8 @@ static void check_parallel_options(Options *o) {
     }
 #endif
     ep_init(o->expert_parallel);
-    if (dp_rank > 0) {  // rank 0 alone samples and writes the routing dump
-        o->sample_tokens = 0;
+    if (dp_rank > 0) {  // rank 0 alone writes the routing dump, and samples unless its experts are spread
+        o->sample_tokens = ep_ranks > 1 ? o->sample_tokens : 0;  // then all ranks sample, each its experts
         o->routing_dump = NULL;
     }
 }
@@ -411,19 +436,30 @@ static void run_free(Run *run) {
 
 static int is_due(int step, int every) { return every > 0 && step % every == 0; }
 
-// --check-ranks: a hash of the parameters and the controller state, compared across the ranks.
+static uint64_t fnv1a(uint64_t hash, const void *data, size_t bytes) {
+    const unsigned char *byte = (const unsigned char *)data;
+    for (size_t j = 0; j < bytes; j++) { hash = (hash ^ byte[j]) * 0x100000001b3ull; }
+    return hash;
+}
+
+// --check-ranks: a hash of the parameters and the controller state, compared across the ranks; with
+// --expert-parallel, the experts' W1, W3, W2 only across the ranks that hold the same experts.
 static void check_ranks_agree(const Model *model, int step) {
-    float *params = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *params = (float *)malloc_check(model->num_held * sizeof(float));
     model_get_params(model, params);
-    const void *parts[] = {params, model->threshold, model->integral};
-    size_t bytes[] = {model->num_parameters * sizeof(float), model->config.num_layers * sizeof(float),
-                      model->config.num_layers * sizeof(float)};
-    uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a
-    for (int i = 0; i < 3; i++) {
-        const unsigned char *byte = (const unsigned char *)parts[i];
-        for (size_t j = 0; j < bytes[i]; j++) { hash = (hash ^ byte[j]) * 0x100000001b3ull; }
+    size_t L = model->config.num_layers * sizeof(float), offset = 0;
+    uint64_t shared = fnv1a(fnv1a(0xcbf29ce484222325ull, model->threshold, L), model->integral, L);
+    uint64_t experts = 0xcbf29ce484222325ull;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; offset += model->param_sizes[i++]) {
+        size_t bytes = model->param_sizes[i] * sizeof(float);
+        if (param_is_expert[i]) {
+            experts = fnv1a(experts, params + offset, bytes);
+        } else {
+            shared = fnv1a(shared, params + offset, bytes);
+        }
     }
-    dp_check_same(hash, "parameters or controller state", step);
+    dp_check_same(shared, "parameters or controller state", step, 1);
+    dp_check_same(experts, "expert parameters", step, ep_ranks);
     free(params);
 }
 

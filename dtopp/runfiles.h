@@ -59,15 +59,15 @@ static void state_save(const Model *model, const char *path, TrainingState s) {
     state_header_fields(fields, &s);
     int32_t header[HEADER_WORDS] = {STATE_MAGIC, STATE_VERSION};
     header_pack(header, fields, STATE_HEADER_FIELDS);
-    float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
-    float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
+    float *m = (float *)malloc_check(model->num_held * sizeof(float));
+    float *v = (float *)malloc_check(model->num_held * sizeof(float));
     model_get_moments(model, m, v);
-    char tmp[4096];
-    FILE *f = open_for_atomic_write(path, tmp, sizeof(tmp));
-    fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp);
-    fwrite_check(m, sizeof(float), model->num_parameters, f, tmp);
-    fwrite_check(v, sizeof(float), model->num_parameters, f, tmp);
-    finish_atomic_write(f, tmp, path);
+    char tmp[4096] = "";
+    FILE *f = dp_rank == 0 ? open_for_atomic_write(path, tmp, sizeof(tmp)) : NULL;  // every rank gathers
+    if (f != NULL) { fwrite_check(header, sizeof(int32_t), HEADER_WORDS, f, tmp); }
+    write_held(f, model, m, tmp);
+    write_held(f, model, v, tmp);
+    if (f != NULL) { finish_atomic_write(f, tmp, path); }
     free(m);
     free(v);
 }
@@ -111,12 +111,12 @@ static TrainingState state_load(Model *model, const char *path) {
     }
     check_payload_size(path, size, 2 * model->num_parameters * sizeof(float));
     model->adam_step = s.adam_step;
-    float *m = (float *)malloc_check(model->num_parameters * sizeof(float));
-    float *v = (float *)malloc_check(model->num_parameters * sizeof(float));
-    fread_check(m, sizeof(float), model->num_parameters, f, path);
-    fread_check(v, sizeof(float), model->num_parameters, f, path);
+    float *m = (float *)malloc_check(model->num_held * sizeof(float));  // this process's experts
+    float *v = (float *)malloc_check(model->num_held * sizeof(float));
+    read_held(f, (long)HEADER_BYTES, model, m, path);
+    read_held(f, (long)(HEADER_BYTES + model->num_parameters * sizeof(float)), model, v, path);
     fclose(f);
-    check_moments(m, v, model->num_parameters, path);
+    check_moments(m, v, model->num_held, path);
     model_set_moments(model, m, v);
     free(m);
     free(v);

@@ -121,6 +121,26 @@ check "expert parallel 2 = --grad-accum 2: optimizer moments after 20 steps" \
     cmp <(payload "$TMP/ep2/state_00000020.bin") <(payload "$TMP/accum2/state_00000020.bin")
 check "expert parallel: the run reports its bytes sent and the load of every layer across ranks" \
     grep -q "layer 1: expert rows per rank of a group, max/mean" "$TMP/ep2.log"
+# Each rank holds the shared parameters and W1, W3, W2 of its own E/G experts only (with their
+# gradients and AdamW moments), as every rank reports; rank 0 gathers the experts into the one file.
+# holds LOG RANKS EXPERTS: every rank of LOG holds shared + EXPERTS experts' parameters, no more
+holds() {
+    awk -v ranks="$2" -v experts="$3" '/^memory: rank/ { n++; if ($5 != $8 + experts * $16 || $11 != experts) bad = 1 }
+        END { exit !(n == ranks && !bad) }' "$1"
+}
+check "expert parallel 2: each rank holds the shared parameters and 4 of the 8 experts (and their moments)" \
+    holds "$TMP/ep2.log" 2 4
+check "expert parallel 2 = --grad-accum 2: the checkpoint of step 20, byte for byte (rank 0 gathers the experts)" \
+    cmp "$TMP/ep2/model_00000020.bin" "$TMP/accum2/model_00000020.bin"
+# Sampling runs on every rank of the group, each computing its experts: the same text as one process.
+SAMPLE=("${RUN[@]}" --steps 10 --sample-tokens 24 --sample-every 5)
+"${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${SAMPLE[@]}" --threads 1 --expert-parallel 2 --out "$TMP/ep2_sample" \
+    > "$TMP/ep2_sample.log" 2>&1
+"$TRAIN" "${SAMPLE[@]}" --threads 2 --grad-accum 2 --out "$TMP/one_sample" > "$TMP/one_sample.log" 2>&1
+samples() { sed -n '/^--- sample/,/^---$/p' "$1"; }
+check "expert parallel 2: the samples during and after training = one process's (--grad-accum 2)" \
+    cmp <(samples "$TMP/ep2_sample.log") <(samples "$TMP/one_sample.log")
+check "... and there are 3 of them" test "$(samples "$TMP/ep2_sample.log" | grep -c '^--- sample')" -eq 3
 # 4 ranks as 2 groups of 2: sums run within a group, then over the groups, (g0 + g1) + (g2 + g3),
 # which is what 2 ranks of 2 micro-batches each add.
 "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --grad-accum 2 --out "$TMP/dp2accum2" \
@@ -128,14 +148,19 @@ check "expert parallel: the run reports its bytes sent and the load of every lay
 check "expert parallel: 4 ranks as 2 data-parallel x 2 expert-parallel, 6 steps, ranks checked" \
     "${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --check-ranks 1 --expert-parallel 2 \
     --out "$TMP/ep2x2"
+cp "$TMP/last.log" "$TMP/ep2x2.log"
+check "expert parallel 2 x 2: each of the 4 ranks holds 4 of the 8 experts" holds "$TMP/ep2x2.log" 4 4
 check "2 x 2 = 2 ranks of --grad-accum 2: every step's log" \
     cmp <(measured "$TMP/ep2x2/log.csv") <(measured "$TMP/dp2accum2/log.csv")
 check "2 x 2 = 2 ranks of --grad-accum 2: parameters and controller state" \
     cmp "$TMP/ep2x2/model.bin" "$TMP/dp2accum2/model.bin"
 "${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${RUN[@]}" --steps 6 --threads 1 --expert-parallel 4 --out "$TMP/ep4" \
-    > /dev/null 2>&1
+    > "$TMP/ep4.log" 2>&1
 check "4 ranks with --expert-parallel 4 = --grad-accum 4: parameters and controller state" \
     cmp "$TMP/ep4/model.bin" "$TMP/accum4/model.bin"
+check "4 ranks with --expert-parallel 4 = --grad-accum 4: optimizer moments (gathered from 4 ranks)" \
+    cmp <(payload "$TMP/ep4/state_00000006.bin") <(payload "$TMP/accum4/state_00000006.bin")
+check "expert parallel 4: each rank holds the shared parameters and 2 of the 8 experts" holds "$TMP/ep4.log" 4 2
 
 # resume, and checkpoints across layouts: the checkpoint is the one file rank 0 writes, every rank
 # holding the whole model, so it continues in any layout; in one that adds in the same order it
@@ -159,6 +184,15 @@ check "a 1-process checkpoint continues on 2 ranks with --expert-parallel 2 (--g
     "${MPIRUN[@]}" -np 2 "$TRAIN_MPI" "${EP[@]}" --grad-accum 1 --out "$TMP/one_split" --resume "$TMP/one_split"
 check "... bit for bit as the expert-parallel run: parameters and controller state" \
     cmp "$TMP/ep_straight/model.bin" "$TMP/one_split/model.bin"
+# each rank of --expert-parallel 4 reads its 2 experts' parameters and moments of a 1-process file
+"$TRAIN" "${SPLIT[@]}" --grad-accum 4 --out "$TMP/accum4_straight" > /dev/null 2>&1
+"$TRAIN" "${SPLIT[@]}" --grad-accum 4 --out "$TMP/accum4_split" --stop-at 6 > /dev/null 2>&1
+check "a 1-process checkpoint (--grad-accum 4) continues on 4 ranks with --expert-parallel 4, ranks checked" \
+    "${MPIRUN[@]}" -np 4 "$TRAIN_MPI" "${SPLIT[@]}" --expert-parallel 4 --grad-accum 1 --check-ranks 1 \
+    --out "$TMP/accum4_split" --resume "$TMP/accum4_split"
+check "... bit for bit as the 1-process run: parameters, controller and optimizer moments" \
+    cmp <(cat "$TMP/accum4_straight/model.bin"; payload "$TMP/accum4_straight/state_00000012.bin") \
+        <(cat "$TMP/accum4_split/model.bin"; payload "$TMP/accum4_split/state_00000012.bin")
 
 refuses "expert parallel: experts that do not split over the group" "does not divide the model's 8 experts" \
     "${MPIRUN[@]}" -np 3 "$TRAIN_MPI" "${RUN[@]}" --batch 6 --expert-parallel 3 --steps 1 --out "$TMP/odd"
