@@ -31,9 +31,10 @@ from the device.
 
 Precision: float32 everywhere; --precision bf16 is refused in this build (doc/precision.md
 describes the bf16 design of the CPU build, which the CUDA kernels will follow). cuBLAS runs in
-its default math mode, which for float32 products is true float32 (no TF32). Setting the environment variable DTOPP_TF32=1 (or calling
-cuda_set_tf32(1)) lets cuBLAS use TF32 tensor cores for the matrix products: faster, about 1e-3
-relative error per product, above the tolerance of the reference tests, which run without it.
+its default math mode, which for float32 products is true float32 (no TF32). Setting the
+environment variable DTOPP_TF32=1 (or calling cuda_set_tf32(1)) lets cuBLAS use TF32 tensor cores
+for the matrix products: faster, about 1e-3 relative error per product, above the tolerance of
+the reference tests, which run without it.
 
 The experts' products: by default one cuBLAS product per expert, spread over EXPERT_LANES
 streams; DTOPP_EXPERTS=grouped (or cuda_set_grouped_experts(1)) issues them as grouped products,
