@@ -1034,7 +1034,7 @@ static void expert_row_grads_reserve(ExpertRowGrads *g, int rows, int C, int H) 
     g->capacity = capacity;
 }
 
-#include "dtopp/expert_rows.h"  // defines: OwnedRows (expert parallelism's rows), owned_layout/view/routing, ...
+#include "dtopp/expert_rows.h"  // defines: OwnedRows, owned_alloc/free, experts_forward/backward_parallel
 
 static void activations_free(Activations *a) {
     free(a->acts_memory);
@@ -1052,55 +1052,6 @@ static void activations_free(Activations *a) {
     free(a->row_grads.din);
     owned_free(a->owned);
     memset(a, 0, sizeof(*a));
-}
-
-// Expert parallel forward: the counts, then the rows, go to their experts' ranks; this rank runs
-// its experts on each source's rows in rank order; the outputs come back to x.out.
-static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const float *m,
-                                     const LayerWeights *w, int E, int C, int H, Precision precision) {
-    int G = ep_ranks, counts[E], received[E], send_rows[G], recv_rows[G];  // received: G blocks of E/G
-    for (int e = 0; e < E; e++) { counts[e] = r.expert_start[e + 1] - r.expert_start[e]; }
-    ep_exchange_counts(counts, received, E / G);
-    int total = owned_layout(o, l, received, E);
-    owned_reserve(o, o->offset[l] + total, r.expert_start[E], C, H);
-    o->offset[l + 1] = o->offset[l] + total;
-    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
-    for (int i = 0; i < r.expert_start[E]; i++) {
-        memcpy(o->send + (size_t)i * C, m + (size_t)x.row_token[i] * C, C * sizeof(float));
-    }
-    ep_exchange_rows(o->send, send_rows, o->in + (size_t)o->offset[l] * C, recv_rows, C);
-    ep_note_rows(l, total);
-    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {  // w: this rank's E/G experts
-        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E / G, C, H,
-                        precision);
-    }
-    ep_exchange_rows(o->rows.out + (size_t)o->offset[l] * C, recv_rows, x.out, send_rows, C);
-}
-
-// Expert parallel backward, the forward reversed: x.dout goes to the experts' ranks, each source's
-// rows run backward in rank order, and x.din comes back. Source 0's expert gradient lands in dw,
-// each later one in scratch that is then added: ((g0 + g1) + g2) ..., as micro-batches add. w, dw:
-// this rank's E/G experts.
-static void experts_backward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const LayerWeights *dw,
-                                      const LayerWeights *w, int E, int C, int H, Precision precision) {
-    int G = ep_ranks, X = E / G, send_rows[G], recv_rows[G];
-    size_t HC = (size_t)H * C, size = X * HC;
-    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
-    expert_row_grads_reserve(&o->grads, o->offset[l + 1] - o->offset[l], C, H);
-    ep_exchange_rows(x.dout, send_rows, o->grads.dout, recv_rows, C);
-    LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + size, .w2 = o->dw + 2 * size};
-    float *sums[] = {dw->w1, dw->w3, dw->w2}, *parts[] = {scratch.w1, scratch.w3, scratch.w2};
-    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
-        RouterView block = owned_routing(o, l, s, E);
-        for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k], 0, size * sizeof(float)); }
-        experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, X, C, H,
-                         precision);
-        for (int k = 0; k < 3 && s > 0; k++) {
-            #pragma omp parallel for
-            for (size_t i = 0; i < size; i++) { sums[k][i] += parts[k][i]; }
-        }
-    }
-    ep_exchange_rows(o->grads.din, recv_rows, x.din, send_rows, C);
 }
 
 struct Workspace {
@@ -1302,77 +1253,7 @@ void model_routing_counts(const Model *model, int *n_selected, int *expert_load)
 
 #include "dtopp/decoder.h"  // defines: Decoder, decoder_create, decoder_step, decoder_free
 
-// ----------------------------------------------------------------------------
-// results of the last forward/backward pass, copied out (the CUDA twin copies them from the
-// device): what tests and tools read
-
-void model_get_logits(const Model *model, float *out) {  // (N, V)
-    memcpy(out, model->ws->acts.acts.logits,
-           (size_t)model->ws->acts.B * model->ws->acts.T * model->config.vocab_size * sizeof(float));
-}
-
-void model_get_losses(const Model *model, float *out) {  // total, CE, LB_l for each l, H_l for each l
-    int L = model->config.num_layers;
-    out[0] = model->loss;
-    out[1] = model->ce_loss;
-    memcpy(out + 2, model->ws->acts.acts.aux_lb, L * sizeof(float));
-    memcpy(out + 2 + L, model->ws->acts.acts.aux_ent, L * sizeof(float));
-}
-
-// n_selected (L, N), selected (L, N, E), gates (L, N, E), as in the reference fixtures.
-void model_get_routing(const Model *model, int *n_selected, int *selected, float *gates) {
-    size_t LN = (size_t)model->config.num_layers * model->ws->acts.B * model->ws->acts.T,
-           E = model->config.num_experts;
-    memcpy(n_selected, model->ws->acts.routing.n_selected, LN * sizeof(int));
-    memcpy(selected, model->ws->acts.routing.selected, LN * E * sizeof(int));
-    memcpy(gates, model->ws->acts.acts.gates, LN * E * sizeof(float));
-}
-
-// The gradients, parameters and moments this process holds (num_held: with --expert-parallel, of its
-// own experts), laid out as the model file with those experts.
-void model_get_grads(const Model *model, float *out) {
-    memcpy(out, model->grads_memory, model->num_held * sizeof(float));
-}
-
-void model_get_params(const Model *model, float *out) {
-    memcpy(out, model->params_memory, model->num_held * sizeof(float));
-}
-
-void model_get_theta(const Model *model, float *out) {
-    memcpy(out, model->params.theta, model->config.num_layers * sizeof(float));
-}
-
-void model_get_token_losses(const Model *model, float *out) {
-    memcpy(out, model->ws->acts.acts.token_loss, (size_t)model->B * model->T * sizeof(float));
-}
-
-// (L, N, E) each: the logits the router's softmax took (the DRN-scaled θ·u, or z without DRN), and P.
-void model_get_router(const Model *model, float *logits, float *probs) {
-    const ActivationTensors *t = &model->ws->acts.acts;
-    size_t NE = (size_t)model->B * model->T * model->config.num_experts, L = model->config.num_layers;
-    memcpy(probs, t->probs, L * NE * sizeof(float));
-    memcpy(logits, model->router.drn ? t->drn_u : t->router_logits, L * NE * sizeof(float));
-    for (size_t i = 0; model->router.drn && i < L * NE; i++) { logits[i] *= model->params.theta[i / NE]; }
-}
-
-void model_get_moments(const Model *model, float *m, float *v) {
-    if (model->m_memory == NULL) {  // no step taken yet: the moments are zero
-        memset(m, 0, model->num_held * sizeof(float));
-        memset(v, 0, model->num_held * sizeof(float));
-        return;
-    }
-    memcpy(m, model->m_memory, model->num_held * sizeof(float));
-    memcpy(v, model->v_memory, model->num_held * sizeof(float));
-}
-
-void model_set_moments(Model *model, const float *m, const float *v) {
-    if (model->m_memory == NULL) {
-        model->m_memory = (float *)malloc_check(model->num_held * sizeof(float));
-        model->v_memory = (float *)malloc_check(model->num_held * sizeof(float));
-    }
-    memcpy(model->m_memory, m, model->num_held * sizeof(float));
-    memcpy(model->v_memory, v, model->num_held * sizeof(float));
-}
+#include "dtopp/host_results.h"  // defines: model_get_logits/losses/routing/grads/params/moments, ...
 #endif  // DTOPP_CUDA
 
 // ----------------------------------------------------------------------------

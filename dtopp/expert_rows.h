@@ -1,7 +1,8 @@
 /*
 expert_rows.h: the memory of expert parallelism on the CPU (--expert-parallel, dtopp/parallel.h): the
-rows a rank computes for its own experts, received from every rank of its group. train_dtopp.c's
-experts_forward_parallel and experts_backward_parallel use them; included by it after ExpertRows.
+rows a rank computes for its own experts, received from every rank of its group, and the passes
+over them: experts_forward_parallel and experts_backward_parallel, which moe_forward and
+moe_backward call instead of experts_forward/backward. Included by train_dtopp.c after those.
 */
 #ifndef EXPERT_ROWS_H
 #define EXPERT_ROWS_H
@@ -104,6 +105,55 @@ static void owned_exchange_sizes(const OwnedRows *o, int l, RouterView r, int E,
         send_rows[s] = r.expert_start[(s + 1) * X] - r.expert_start[s * X];
         recv_rows[s] = o->start[((size_t)l * G + s) * (X + 1) + X];
     }
+}
+
+// Expert parallel forward: the counts, then the rows, go to their experts' ranks; this rank runs
+// its experts on each source's rows in rank order; the outputs come back to x.out.
+static void experts_forward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const float *m,
+                                     const LayerWeights *w, int E, int C, int H, Precision precision) {
+    int G = ep_ranks, counts[E], received[E], send_rows[G], recv_rows[G];  // received: G blocks of E/G
+    for (int e = 0; e < E; e++) { counts[e] = r.expert_start[e + 1] - r.expert_start[e]; }
+    ep_exchange_counts(counts, received, E / G);
+    int total = owned_layout(o, l, received, E);
+    owned_reserve(o, o->offset[l] + total, r.expert_start[E], C, H);
+    o->offset[l + 1] = o->offset[l] + total;
+    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
+    for (int i = 0; i < r.expert_start[E]; i++) {
+        memcpy(o->send + (size_t)i * C, m + (size_t)x.row_token[i] * C, C * sizeof(float));
+    }
+    ep_exchange_rows(o->send, send_rows, o->in + (size_t)o->offset[l] * C, recv_rows, C);
+    ep_note_rows(l, total);
+    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {  // w: this rank's E/G experts
+        experts_forward(owned_view(o, l, row, C, H), owned_routing(o, l, s, E), o->in, w, E / G, C, H,
+                        precision);
+    }
+    ep_exchange_rows(o->rows.out + (size_t)o->offset[l] * C, recv_rows, x.out, send_rows, C);
+}
+
+// Expert parallel backward, the forward reversed: x.dout goes to the experts' ranks, each source's
+// rows run backward in rank order, and x.din comes back. Source 0's expert gradient lands in dw,
+// each later one in scratch that is then added: ((g0 + g1) + g2) ..., as micro-batches add. w, dw:
+// this rank's E/G experts.
+static void experts_backward_parallel(OwnedRows *o, int l, ExpertView x, RouterView r, const LayerWeights *dw,
+                                      const LayerWeights *w, int E, int C, int H, Precision precision) {
+    int G = ep_ranks, X = E / G, send_rows[G], recv_rows[G];
+    size_t HC = (size_t)H * C, size = X * HC;
+    owned_exchange_sizes(o, l, r, E, send_rows, recv_rows);
+    expert_row_grads_reserve(&o->grads, o->offset[l + 1] - o->offset[l], C, H);
+    ep_exchange_rows(x.dout, send_rows, o->grads.dout, recv_rows, C);
+    LayerWeights scratch = {.w1 = o->dw, .w3 = o->dw + size, .w2 = o->dw + 2 * size};
+    float *sums[] = {dw->w1, dw->w3, dw->w2}, *parts[] = {scratch.w1, scratch.w3, scratch.w2};
+    for (int s = 0, row = 0; s < G; row += recv_rows[s++]) {
+        RouterView block = owned_routing(o, l, s, E);
+        for (int k = 0; k < 3 && s > 0; k++) { memset(parts[k], 0, size * sizeof(float)); }
+        experts_backward(owned_view(o, l, row, C, H), block, o->in, s == 0 ? dw : &scratch, w, X, C, H,
+                         precision);
+        for (int k = 0; k < 3 && s > 0; k++) {
+            #pragma omp parallel for
+            for (size_t i = 0; i < size; i++) { sums[k][i] += parts[k][i]; }
+        }
+    }
+    ep_exchange_rows(o->grads.din, recv_rows, x.din, send_rows, C);
 }
 
 #endif  // EXPERT_ROWS_H

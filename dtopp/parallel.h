@@ -153,20 +153,6 @@ void dp_sum_doubles(double *x, int n) {
 #endif
 }
 
-// x (n) = scale * (the sum of x over the ranks), in the order of dp_sum_doubles, the same bits on
-// every rank.
-void dp_sum_floats(float *x, size_t n, float scale) {
-#ifdef USE_MPI
-    if (ep_ranks > 1) { sum_floats_over(ep_comm, x, n, 1.0f); }
-    if (comm_size(groups_comm) > 1) {
-        sum_floats_over(groups_comm, x, n, scale);
-        return;
-    }
-#endif
-    #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) { x[i] *= scale; }
-}
-
 // Expert parallelism, the experts' gradients: x (n) = scale * (the sum of x over the ranks that hold
 // the same experts, one per group, in group order). Within a group each rank holds other experts.
 void dp_sum_floats_across_groups(float *x, size_t n, float scale) {
@@ -178,6 +164,15 @@ void dp_sum_floats_across_groups(float *x, size_t n, float scale) {
 #endif
     #pragma omp parallel for
     for (size_t i = 0; i < n; i++) { x[i] *= scale; }
+}
+
+// x (n) = scale * (the sum of x over the ranks), in the order of dp_sum_doubles, the same bits on
+// every rank: first within the expert-parallel group, then across the groups.
+void dp_sum_floats(float *x, size_t n, float scale) {
+#ifdef USE_MPI
+    if (ep_ranks > 1) { sum_floats_over(ep_comm, x, n, 1.0f); }
+#endif
+    dp_sum_floats_across_groups(x, n, scale);
 }
 
 // x (n) = the sum of x over the ranks of this rank's expert-parallel group, in rank order.
