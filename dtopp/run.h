@@ -499,7 +499,13 @@ static void report_step(Run *run, int step, float val_loss, float lr, float grad
     double tokens_per_s = run->o.batch * run->o.seq_len / dt;
     printf("step %5d/%d | loss %.4f | lr %.2e | p %.3f | experts %.2f", step + 1, run->o.steps,
            run->totals.losses[0], lr, run->p_used[0], run->totals.stats.activated);
-    if (model->router.routing == ROUTING_DTOPP) { printf(" (target %.2f)", model->router.tgt); }
+    if (model->router.first_layer_k > 0) {  // the target is of the layers the threshold routes: 1 .. L-1
+        int L = model->config.num_layers;
+        printf(", layers 1-%d %.2f (target %.2f)", L - 1, mean_over_layers(run->totals.stats.layer_mean, 1, L),
+               model->router.tgt);
+    } else if (model->router.routing == ROUTING_DTOPP) {
+        printf(" (target %.2f)", model->router.tgt);
+    }
     printf(" | %.0f tok/s | %dm%02ds left\n", tokens_per_s, (int)(eta / 60), (int)eta % 60);
     if (step > run->start_step) { watch_speed(run, dt); }  // the first step pays for allocations
     fflush(stdout);
