@@ -239,8 +239,8 @@ dit: dit/train_dit $(DIT_DATA)/train-images-idx3-ubyte
 	dit/train_dit --data $(DIT_DATA) --out $(DIT_OUT) $(DIT_FLAGS)
 
 # DTop-p against Top-k, three seeds, the paired rules and the routing verdicts of doc/dit.md ("Second
-# round"), into out/dit_compare; finished runs and measures are kept (JOBS=3 DIT_FLAGS='--threads 1'
-# trains three at once)
+# round"), into out/dit_compare; finished runs and measures are kept (JOBS=2 DIT_FLAGS='--threads 1'
+# trains two at once, about 2 hours in all)
 dit-compare: dit/train_dit dit/eval_dit $(DIT_DATA)/train-images-idx3-ubyte
 	FASHION_MNIST=$(DIT_DATA) scripts/dit_compare.sh out/dit_compare
 	$(PYTHON) scripts/dit_plots.py out/dit_compare

@@ -15,7 +15,9 @@
 # verdicts on experts by noise level and by patch.
 #
 # A run takes about 21 minutes on 2 cores, the classifier about 5, the measures of a run about 1.5:
-# about 140 minutes in all for three seeds (doc/dit.md ran three runs at once on one thread each: 62 minutes). SEEDS (default "1337 1338 1339"), STEPS=N (shorter runs), DIT_FLAGS (more options for training),
+# about 140 minutes in all for three seeds; two at once on one thread each (JOBS=2 DIT_FLAGS='--threads 1'),
+# about 37 minutes a pair and 2 hours in all (doc/dit.md). SEEDS (default "1337 1338 1339"), STEPS=N
+# (shorter runs), DIT_FLAGS (more options for training),
 # JOBS=N (runs trained at once; give each --threads in DIT_FLAGS), EVAL_FLAGS (options of eval_dit). Runs go to OUTDIR/ROUTING_sSEED
 # (log.csv, train.log, model.bin, samples.png); a folder that holds a finished run is not trained
 # again and a measure already written is not measured again, so an interrupted comparison goes on.
