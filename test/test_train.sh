@@ -63,6 +63,12 @@ layer_means() {  # layer_means LOG.csv: per step, "activated" and each layer's m
 }
 FIRST=("${BYTES[@]}" "${TINY[@]}" --layers 3 --lr 1e-2 --tgt 3 --first-layer-k 1)
 check "train 40 steps with layer 0 on a fixed top-1 (dtopp, target 3)" "$TRAIN" "${FIRST[@]}" --steps 40 --out "$TMP/first"
+cp "$TMP/last.log" "$TMP/first.out"  # the run's output (check keeps the last command's)
+check "... its progress line shows layers 1-2, the controller's a_t, as log.csv has them, against target 3" \
+    awk -v want="$(layer_means "$TMP/first/log.csv" | tail -1 | awk '{ print ($3 + $4) / 2 }')" \
+        '/^step/ { last = $0 } END { if (!match(last, /layers 1-2 [0-9.]+ \(target 3\.00\)/)) exit 1
+                                    split(substr(last, RSTART, RLENGTH), w, " "); d = w[3] - want
+                                    exit !(d < 0.006 && d > -0.006) }' "$TMP/first.out"
 check "... layer 0 takes exactly 1 expert at every step" test "$(layer_means "$TMP/first/log.csv" | awk '$2 != 1' | wc -l)" = 0
 # a controller over every layer would hold (1 + 2a) / 3 at 3, so layers 1 and 2 at a = 4
 check "... layers 1 and 2 hold the target 3 over the last 10 steps (not 4: layer 0 is left out)" \
