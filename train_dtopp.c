@@ -890,22 +890,11 @@ void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
 // Every expert computes W2 (silu(W1 m) ⊙ W3 m) on the rows gathered for it: x.out (R, C).
 void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H,
                      Precision precision) {
-    const int *start = r.expert_start;
-    for (int e = 0; e < E; e++) {
-        int first = start[e], count = start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_forward(x.h1 + (size_t)first * H, m, x.row_token + first, w->w1 + (size_t)e * H * C, count, C,
-                       H, precision);
-        matmul_forward(x.h3 + (size_t)first * H, m, x.row_token + first, w->w3 + (size_t)e * H * C, count, C,
-                       H, precision);
-    }
+    const int *start = r.expert_start;  // expert e's rows: start[e] .. start[e+1]-1, all experts in one pass
+    matmul_forward_grouped(x.h1, m, x.row_token, w->w1, start, E, C, H, precision);
+    matmul_forward_grouped(x.h3, m, x.row_token, w->w3, start, E, C, H, precision);
     swiglu_forward(x.hact, x.h1, x.h3, (size_t)start[E] * H);
-    for (int e = 0; e < E; e++) {
-        int first = start[e], count = start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_forward(x.out + (size_t)first * C, x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H,
-                       count, H, C, precision);
-    }
+    matmul_forward_grouped(x.out, x.hact, NULL, w->w2, start, E, H, C, precision);
 }
 
 // From x.dout (R, C) to x.din (R, C), the gradient of the gathered inputs, one row per (token,
@@ -916,21 +905,10 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
     size_t rows = start[E];
     memset(x.dh1, 0, rows * H * sizeof(float));
     memset(x.din, 0, rows * C * sizeof(float));
-    for (int e = 0; e < E; e++) {
-        int first = start[e], count = start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_backward(x.dh1 + (size_t)first * H, dw->w2 + (size_t)e * C * H, x.dout + (size_t)first * C,
-                        x.hact + (size_t)first * H, NULL, w->w2 + (size_t)e * C * H, count, H, C, precision);
-    }
+    matmul_backward_grouped(x.dh1, dw->w2, x.dout, x.hact, NULL, w->w2, start, E, H, C, precision);
     swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
-    for (int e = 0; e < E; e++) {
-        int first = start[e], count = start[e + 1] - first;
-        if (count == 0) { continue; }
-        matmul_backward(x.din + (size_t)first * C, dw->w1 + (size_t)e * H * C, x.dh1 + (size_t)first * H, m,
-                        x.row_token + first, w->w1 + (size_t)e * H * C, count, C, H, precision);
-        matmul_backward(x.din + (size_t)first * C, dw->w3 + (size_t)e * H * C, x.dh3 + (size_t)first * H, m,
-                        x.row_token + first, w->w3 + (size_t)e * H * C, count, C, H, precision);
-    }
+    matmul_backward_grouped(x.din, dw->w1, x.dh1, m, x.row_token, w->w1, start, E, C, H, precision);
+    matmul_backward_grouped(x.din, dw->w3, x.dh3, m, x.row_token, w->w3, start, E, C, H, precision);
 }
 
 // MoE(m) = Σ_j g_j Expert_j(m): each token gathers its own rows, in selection order. out (N, C).

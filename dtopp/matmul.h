@@ -3,10 +3,11 @@ matmul.h: the CPU's matrix products, and the e^x its softmaxes and SiLU use.
 
 - matmul_forward / matmul_backward: the products of a linear layer, out (rows, OC) = inp (rows, IC)
   · weight (OC, IC)^T and its backward pass, with an optional gather of input rows (the tokens of
-  one expert). They run the packed sgemm below, which reaches most of the FMA units' speed.
+  one expert); matmul_forward_grouped / matmul_backward_grouped: those of all the experts of a
+  layer at once. They run the packed sgemm below, which reaches most of the FMA units' speed.
 - matmul_forward_reference / matmul_backward_reference: the same products as simple loops, which
   test/test_matmul.c checks the fast ones against.
-- sgemm / sgemm_serial on MatrixView operands, and the products on the calling thread that
+- sgemm_batch / sgemm_serial on MatrixView operands, and the products on the calling thread that
   attention is written with: matmul_nt (a · b^T, the scores q · k^T), matmul_nn (a · b, P · v) and
   matmul_tn (a^T · b, in the backward pass).
 - exp_fast: e^x in plain C that the compiler vectorizes.
@@ -129,39 +130,32 @@ static inline const float *view_row(MatrixView v, int r) {
     return v.data + (size_t)(v.rows ? v.rows[r] : r) * v.ld;
 }
 
-// Packs A (m0 .. m0+mr-1, k0 .. k0+kc-1) as packed[k * GEMM_MR + i], zeros for i >= mr.
-static void pack_a_panel(float *restrict packed, MatrixView a, int m0, int mr, int k0, int kc) {
-    if (!a.transposed) {
-        for (int i = 0; i < GEMM_MR; i++) {
-            const float *src = i < mr ? view_row(a, m0 + i) + k0 : NULL;
-            for (int k = 0; k < kc; k++) { packed[k * GEMM_MR + i] = src ? src[k] : 0.0f; }
+// Packs a panel of `width` values of x by kc of k, packed[k * width + x] = element (x0 + x, k0 + k),
+// zeros for x >= nx. Element (x, k) is v's (row x, column k), or (row k, column x) if transposed:
+// A panels are A's rows (x = i), B panels are B's columns (x = j, so B is passed transposed).
+static inline void pack_panel(float *restrict packed, MatrixView v, int x0, int nx, int k0, int kc, int width) {
+    if (!v.transposed) {
+        for (int x = 0; x < width; x++) {
+            const float *src = x < nx ? view_row(v, x0 + x) + k0 : NULL;
+            for (int k = 0; k < kc; k++) { packed[k * width + x] = src ? src[k] : 0.0f; }
         }
     } else {
         for (int k = 0; k < kc; k++) {
-            const float *src = view_row(a, k0 + k) + m0;
-            for (int i = 0; i < GEMM_MR; i++) { packed[k * GEMM_MR + i] = i < mr ? src[i] : 0.0f; }
+            const float *src = view_row(v, k0 + k) + x0;
+            for (int x = 0; x < width; x++) { packed[k * width + x] = x < nx ? src[x] : 0.0f; }
         }
     }
 }
 
-// Packs B (k0 .. k0+kc-1, n0 .. n0+nr-1) as packed[k * GEMM_NR + j], zeros for j >= nr.
-static void pack_b_panel(float *restrict packed, MatrixView b, int n0, int nr, int k0, int kc) {
-    if (!b.transposed) {
-        for (int k = 0; k < kc; k++) {
-            const float *src = view_row(b, k0 + k) + n0;
-            for (int j = 0; j < GEMM_NR; j++) { packed[k * GEMM_NR + j] = j < nr ? src[j] : 0.0f; }
-        }
-    } else {
-        for (int j = 0; j < GEMM_NR; j++) {
-            const float *src = j < nr ? view_row(b, n0 + j) + k0 : NULL;
-            for (int k = 0; k < kc; k++) { packed[k * GEMM_NR + j] = src ? src[k] : 0.0f; }
-        }
-    }
+static MatrixView transposed_view(MatrixView v) {
+    v.transposed = !v.transposed;
+    return v;
 }
 
 // tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
-// -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j.
-static void micro_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict tile) {
+// -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j. Not
+// inlined: inside sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
+__attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict tile) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
     for (int k = 0; k < kc; k++) {
         for (int i = 0; i < GEMM_MR; i++) {
@@ -286,93 +280,200 @@ static void micro_kernel_bf16(int pairs, const uint32_t *a, const uint32_t *b, f
     micro_kernel_bf16_portable(pairs, a, b, tile);
 }
 
-// The view of the block of v that starts at element (i0, j0).
-static MatrixView view_offset(MatrixView v, int i0, int j0) {
-    int row0 = v.transposed ? j0 : i0, col0 = v.transposed ? i0 : j0;
-    if (v.rows) { v.rows += row0; } else { v.data += (size_t)row0 * v.ld; }
-    v.data += col0;
-    return v;
-}
-
-// C (M, N) (row-major, ldc floats between rows) = A · B, or += when accumulate is set; on the
-// calling thread. With BF16 operands the packed panels are rounded to bfloat16 pairs (the same
-// blocks, so the same order of sums per block of GEMM_KC). The packed blocks live on its stack
-// (about 600 KB).
-static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc,
-                         int accumulate, Precision precision) {
-    if (M <= 0 || N <= 0) { return; }
-    if (K <= 0) {
-        for (int m = 0; !accumulate && m < M; m++) { memset(c + m * ldc, 0, N * sizeof(float)); }
-        return;
-    }
-    _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
-    _Alignas(64) float packed_b[GEMM_KC * GEMM_NC];
-    _Alignas(64) uint32_t packed_a16[GEMM_MC * GEMM_KC / 2 + GEMM_MR];  // + the odd kc's zero
-    _Alignas(64) uint32_t packed_b16[GEMM_KC * GEMM_NC / 2 + GEMM_NC];
+// Rows m_begin .. m_end-1 of C (at most GEMM_MC) against the packed panels of B for columns
+// n_begin .. n_end-1, over one block of k (k0, kc values): packs these rows of A into packed_a (and
+// packed_a16), then runs the micro-kernel on every pair of row panel and B panel, each B panel
+// staying in L1 across the row panels. C is written, or added to when add is set.
+static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int n_end, int k0, int kc,
+                          const float *packed_b, const uint32_t *packed_b16, float *c, size_t ldc, int add,
+                          int bf16, float *packed_a, uint32_t *packed_a16) {
     _Alignas(64) float tile[GEMM_MR * GEMM_NR];
-    int bf16 = precision == BF16;
-    for (int nb = 0; nb < N; nb += GEMM_NC) {
-        int nb_end = nb + GEMM_NC < N ? nb + GEMM_NC : N;
-        for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
-            int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC, pairs = (kc + 1) / 2;
-            int add = accumulate || k0 > 0;
-            for (int n0 = nb; n0 < nb_end; n0 += GEMM_NR) {
-                pack_b_panel(packed_b + (n0 - nb) * kc, b, n0, nb_end - n0, k0, kc);
-                if (bf16) { pack_pairs_bf16(packed_b16 + (n0 - nb) * pairs, packed_b + (n0 - nb) * kc, kc, GEMM_NR); }
+    int pairs = (kc + 1) / 2;
+    for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
+        pack_panel(packed_a + (m0 - m_begin) * kc, a, m0, m_end - m0, k0, kc, GEMM_MR);
+        if (bf16) { pack_pairs_bf16(packed_a16 + (m0 - m_begin) * pairs, packed_a + (m0 - m_begin) * kc, kc, GEMM_MR); }
+    }
+    for (int n0 = n_begin; n0 < n_end; n0 += GEMM_NR) {
+        int nr = n_end - n0 < GEMM_NR ? n_end - n0 : GEMM_NR, panel = n0 - n_begin;
+        for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
+            int mr = m_end - m0 < GEMM_MR ? m_end - m0 : GEMM_MR;
+            if (bf16) {
+                micro_kernel_bf16(pairs, packed_a16 + (m0 - m_begin) * pairs, packed_b16 + panel * pairs, tile);
+            } else {
+                micro_kernel(kc, packed_a + (m0 - m_begin) * kc, packed_b + panel * kc, tile);
             }
-            for (int mb = 0; mb < M; mb += GEMM_MC) {
-                int mb_end = mb + GEMM_MC < M ? mb + GEMM_MC : M;
-                for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
-                    pack_a_panel(packed_a + (m0 - mb) * kc, a, m0, mb_end - m0, k0, kc);
-                    if (bf16) { pack_pairs_bf16(packed_a16 + (m0 - mb) * pairs, packed_a + (m0 - mb) * kc, kc, GEMM_MR); }
-                }
-                for (int n0 = nb; n0 < nb_end;
-                     n0 += GEMM_NR) {  // the B panel stays in L1 across the A panels
-                    int nr = nb_end - n0 < GEMM_NR ? nb_end - n0 : GEMM_NR;
-                    for (int m0 = mb; m0 < mb_end; m0 += GEMM_MR) {
-                        int mr = mb_end - m0 < GEMM_MR ? mb_end - m0 : GEMM_MR;
-                        if (bf16) {
-                            micro_kernel_bf16(pairs, packed_a16 + (m0 - mb) * pairs,
-                                              packed_b16 + (n0 - nb) * pairs, tile);
-                        } else {
-                            micro_kernel(kc, packed_a + (m0 - mb) * kc, packed_b + (n0 - nb) * kc, tile);
-                        }
-                        for (int i = 0; i < mr; i++) {
-                            float *dst = c + (size_t)(m0 + i) * ldc + n0;
-                            const float *src = tile + i * GEMM_NR;
-                            if (add) {
-                                for (int j = 0; j < nr; j++) { dst[j] += src[j]; }
-                            } else {
-                                for (int j = 0; j < nr; j++) { dst[j] = src[j]; }
-                            }
-                        }
-                    }
+            for (int i = 0; i < mr; i++) {
+                float *dst = c + (size_t)(m0 + i) * ldc + n0;
+                const float *src = tile + i * GEMM_NR;
+                if (add) {
+                    for (int j = 0; j < nr; j++) { dst[j] += src[j]; }
+                } else {
+                    for (int j = 0; j < nr; j++) { dst[j] = src[j]; }
                 }
             }
         }
     }
 }
 
-// The same on all threads: each computes whole tiles of C with sgemm_serial. Tiles are
-// GEMM_NC columns wide, and rows are split so that there are about four tiles per thread
-// (dynamic scheduling then evens out uneven tiles and a thread slowed by a busy core). The tiling
-// decides who computes an element, never how, so it may depend on the number of threads.
-static void sgemm(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate,
-                  Precision precision) {
-    if (M <= 0 || N <= 0) { return; }
-    if (precision == BF16) { bf16_native(); }  // asked once, before the threads start
-    int n_tiles = (N + GEMM_NC - 1) / GEMM_NC, m_panels = (M + GEMM_MR - 1) / GEMM_MR;
-    int m_tiles = (4 * omp_threads() + n_tiles - 1) / n_tiles;
-    m_tiles = m_tiles < m_panels ? m_tiles : m_panels;
-    int tile_rows = (m_panels + m_tiles - 1) / m_tiles * GEMM_MR;
-    m_tiles = (M + tile_rows - 1) / tile_rows;
-    #pragma omp parallel for schedule(dynamic, 1) if ((size_t)M * N * K >= PARALLEL_MIN_WORK)
-    for (int t = 0; t < m_tiles * n_tiles; t++) {
-        int m0 = t / n_tiles * tile_rows, n0 = t % n_tiles * GEMM_NC;
-        int m = M - m0 < tile_rows ? M - m0 : tile_rows, n = N - n0 < GEMM_NC ? N - n0 : GEMM_NC;
-        float *c_tile = c + m0 * ldc + n0;
-        sgemm_serial(m, n, K, view_offset(a, m0, 0), view_offset(b, 0, n0), c_tile, ldc, accumulate, precision);
+// One product of a batch: C (M, N) (row-major, ldc floats between rows) = A (M, K) · B (K, N), or
+// += when the batch accumulates. N is the batch's; the products of a batch write disjoint C.
+typedef struct {
+    int M, K;
+    MatrixView a, b;
+    float *c;
+    size_t ldc;
+} GemmProduct;
+
+// The products of a batch (the experts of a layer, or one product alone). With BF16 operands the
+// packed panels are rounded to bfloat16 pairs (the same blocks, so the same order of sums per
+// block of GEMM_KC).
+//
+// Threads (use_threads): for each GEMM_NC columns and up to GEMM_KB values of k (fewer per product
+// in larger batches), they first pack every product's B panels together, so that B is packed once
+// whatever the number of threads, then take work items: chunks of a product's rows (each thread
+// packing its own rows of A, one block of GEMM_KC at a time) by groups of the packed panels.
+// Chunks are whole micro-panels of rows, about four items per thread over the batch, so that
+// dynamic scheduling evens out uneven items and a thread slowed by a busy core; groups of panels
+// split the columns only when there are too few rows for that. A batch is one parallel loop, not
+// one per product: each costs a few wake-ups of sleeping threads. Each item goes through the blocks
+// of k in order, so every element of C is summed in the same order whatever the number of threads;
+// the split decides only who computes it. Without threads (attention calls it from its own
+// threads) everything runs on the calling thread, product by product and one block of k at a
+// time, with the packed blocks on its stack (about 600 KB).
+#define GEMM_KB (4 * GEMM_KC)
+
+// How sgemm_batch splits a batch: the products, their work items, the shared packed B.
+typedef struct {
+    const GemmProduct *products;
+    int count, N, accumulate, bf16;
+    int chunk_rows, m_chunks, groups_wanted, k_blocks, blocks_per_pack;
+    const int *first_chunk;  // product g's chunks of rows: first_chunk[g] .. first_chunk[g+1]-1
+    float *packed_b;         // product g, block t of the pack: block g * blocks_per_pack + t
+    uint32_t *packed_b16;
+} GemmPlan;
+
+// The B panels of one pack: columns nb .. nb_end-1, blocks first .. first+blocks-1 of k.
+typedef struct {
+    int nb, nb_end, panels, groups, group_panels, first, blocks;
+} GemmPack;
+
+static size_t packed_offset(const GemmPlan *plan, int g, int t, int q, int kc, int bf16) {
+    size_t block = (size_t)g * plan->blocks_per_pack + t;
+    return bf16 ? block * GEMM_KC / 2 * GEMM_NC + q * GEMM_NR * ((kc + 1) / 2) : block * GEMM_KC * GEMM_NC + q * GEMM_NR * kc;
+}
+
+// Work item i of packing: panel i % panels of block i / panels % blocks of product i / (blocks·panels).
+static void pack_b_item(const GemmPlan *plan, GemmPack pk, int i) {
+    int g = i / (pk.blocks * pk.panels), t = i / pk.panels % pk.blocks, q = i % pk.panels;
+    GemmProduct p = plan->products[g];
+    int n0 = pk.nb + q * GEMM_NR, k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
+    if (p.M <= 0 || kc <= 0) { return; }
+    float *panel = plan->packed_b + packed_offset(plan, g, t, q, kc, 0);
+    pack_panel(panel, transposed_view(p.b), n0, pk.nb_end - n0, k0, kc, GEMM_NR);
+    if (plan->bf16) { pack_pairs_bf16(plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), panel, kc, GEMM_NR); }
+}
+
+// Work item of multiplying: one chunk of a product's rows by one group of the pack's panels.
+static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *packed_a, uint32_t *packed_a16) {
+    int chunk = item / pk.groups, g = 0, q = item % pk.groups * pk.group_panels;
+    while (plan->first_chunk[g + 1] <= chunk) { g++; }
+    GemmProduct p = plan->products[g];
+    int m_begin = (chunk - plan->first_chunk[g]) * plan->chunk_rows;
+    int m_end = m_begin + plan->chunk_rows < p.M ? m_begin + plan->chunk_rows : p.M;
+    int n_begin = pk.nb + q * GEMM_NR, n_end = n_begin + pk.group_panels * GEMM_NR;
+    n_end = n_end < pk.nb_end ? n_end : pk.nb_end;
+    for (int t = 0; t < pk.blocks && (pk.first + t) * GEMM_KC < p.K; t++) {
+        int k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
+        multiply_rows(p.a, m_begin, m_end, n_begin, n_end, k0, kc, plan->packed_b + packed_offset(plan, g, t, q, kc, 0),
+                      plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), p.c, p.ldc, plan->accumulate || k0 > 0,
+                      plan->bf16, packed_a, packed_a16);
     }
+}
+
+// The loops over packs, run by every thread of a team (threads set: the work items are shared out
+// by the enclosing parallel region) or by the calling thread alone. Without threads it opens no
+// parallel region: attention calls it from its own threads, and an inner parallel region, even of
+// one thread, costs system calls.
+static void sgemm_loops(const GemmPlan *plan, int threads) {
+    _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
+    _Alignas(64) uint32_t packed_a16[GEMM_MC * GEMM_KC / 2];
+    for (int nb = 0; nb < plan->N; nb += GEMM_NC) {
+        GemmPack pk = {nb, nb + GEMM_NC < plan->N ? nb + GEMM_NC : plan->N, 0, 0, 0, 0, 0};
+        pk.panels = (pk.nb_end - nb + GEMM_NR - 1) / GEMM_NR;
+        pk.groups = plan->groups_wanted < pk.panels ? plan->groups_wanted : pk.panels;
+        pk.group_panels = (pk.panels + pk.groups - 1) / pk.groups;
+        pk.groups = (pk.panels + pk.group_panels - 1) / pk.group_panels;
+        for (pk.first = 0; pk.first < plan->k_blocks; pk.first += plan->blocks_per_pack) {
+            pk.blocks = plan->k_blocks - pk.first < plan->blocks_per_pack ? plan->k_blocks - pk.first
+                                                                           : plan->blocks_per_pack;
+            int packs = plan->count * pk.blocks * pk.panels, items = plan->m_chunks * pk.groups;
+            if (threads) {
+                #pragma omp for schedule(static)
+                for (int i = 0; i < packs; i++) { pack_b_item(plan, pk, i); }
+                #pragma omp for schedule(dynamic, 1)
+                for (int item = 0; item < items; item++) { multiply_item(plan, pk, item, packed_a, packed_a16); }
+            } else {
+                for (int i = 0; i < packs; i++) { pack_b_item(plan, pk, i); }
+                for (int item = 0; item < items; item++) { multiply_item(plan, pk, item, packed_a, packed_a16); }
+            }
+        }
+    }
+}
+
+static void sgemm_batch(int count, const GemmProduct *products, int N, int accumulate, Precision precision,
+                        int use_threads) {
+    if (N <= 0) { return; }
+    size_t work = 0;
+    int k_blocks = 0, m_panels = 0;
+    for (int g = 0; g < count; g++) {
+        GemmProduct p = products[g];
+        for (int m = 0; p.K <= 0 && !accumulate && m < p.M; m++) { memset(p.c + m * p.ldc, 0, N * sizeof(float)); }
+        if (p.M <= 0 || p.K <= 0) { continue; }
+        work += (size_t)p.M * N * p.K;
+        k_blocks = (p.K + GEMM_KC - 1) / GEMM_KC > k_blocks ? (p.K + GEMM_KC - 1) / GEMM_KC : k_blocks;
+        m_panels += (p.M + GEMM_MR - 1) / GEMM_MR;
+    }
+    if (work == 0) { return; }
+    use_threads = use_threads && omp_threads() > 1 && work >= PARALLEL_MIN_WORK;
+    if (!use_threads && count > 1) {
+        for (int g = 0; g < count; g++) { sgemm_batch(1, products + g, N, accumulate, precision, 0); }
+        return;
+    }
+    if (precision == BF16) { bf16_native(); }  // asked once, before the threads start
+    int items = use_threads ? 4 * omp_threads() : 1, chunk_panels = (m_panels + items - 1) / items;
+    chunk_panels = chunk_panels < GEMM_MC / GEMM_MR ? chunk_panels : GEMM_MC / GEMM_MR;
+    int chunk_rows = chunk_panels * GEMM_MR, first_chunk[count + 1];
+    first_chunk[0] = 0;
+    for (int g = 0; g < count; g++) {
+        int has_work = products[g].M > 0 && products[g].K > 0;
+        first_chunk[g + 1] = first_chunk[g] + (has_work ? (products[g].M + chunk_rows - 1) / chunk_rows : 0);
+    }
+    int blocks_per_pack = use_threads ? GEMM_KB / GEMM_KC / count : 1;
+    blocks_per_pack = blocks_per_pack < 1 ? 1 : blocks_per_pack < k_blocks ? blocks_per_pack : k_blocks;
+    _Alignas(64) float stack_b[GEMM_KC * GEMM_NC];
+    _Alignas(64) uint32_t stack_b16[GEMM_KC / 2 * GEMM_NC];
+    size_t pack_blocks = (size_t)count * blocks_per_pack;
+    GemmPlan plan = {products, count, N, accumulate, precision == BF16, chunk_rows, first_chunk[count],
+                     (items + first_chunk[count] - 1) / first_chunk[count], k_blocks, blocks_per_pack, first_chunk,
+                     pack_blocks > 1 ? (float *)malloc_check(pack_blocks * sizeof(stack_b)) : stack_b,
+                     pack_blocks > 1 ? (uint32_t *)malloc_check(pack_blocks * sizeof(stack_b16)) : stack_b16};
+    if (use_threads) {
+        #pragma omp parallel
+        sgemm_loops(&plan, 1);
+    } else {
+        sgemm_loops(&plan, 0);
+    }
+    if (plan.packed_b != stack_b) {
+        free(plan.packed_b);
+        free(plan.packed_b16);
+    }
+}
+
+// C (M, N) = or += A · B on the calling thread only.
+static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate,
+                         Precision precision) {
+    GemmProduct product = {M, K, a, b, c, ldc};
+    sgemm_batch(1, &product, N, accumulate, precision, 0);
 }
 
 // Products of row-major matrices on the calling thread, for code that splits the work between
@@ -399,24 +500,65 @@ static inline void matmul_tn(float *c, size_t ldc, const float *a, size_t lda, c
     sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
 }
 
-void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
-                    int rows, int IC, int OC, Precision precision) {
+// The products of E linear layers at once, the experts of a layer: rows start[e] .. start[e+1]-1
+// of inp (gathered through inp_rows when given) go through weights e (OC, IC) into the same rows of
+// out, in one parallel loop (sgemm_batch). matmul_forward and matmul_backward are the case E = 1.
+static MatrixView expert_rows(const float *inp, const int *inp_rows, const int *start, int e, int IC) {
+    MatrixView v = {inp_rows ? inp : inp + (size_t)start[e] * IC, inp_rows ? inp_rows + start[e] : NULL, IC, 0};
+    return v;
+}
+
+void matmul_forward_grouped(float *out, const float *inp, const int *inp_rows, const float *weights,
+                            const int *start, int E, int IC, int OC, Precision precision) {
+    GemmProduct products[E];
+    memset(products, 0, sizeof(products));
+    int batched = 0;
+    for (int e = 0; e < E; e++) {
+        int rows = start[e + 1] - start[e];
+        if (rows < GEMM_MR && precision == FLOAT32) { continue; }  // below, without packing
+        MatrixView b = {weights + (size_t)e * OC * IC, NULL, IC, 1};
+        products[batched++] = (GemmProduct){rows, IC, expert_rows(inp, inp_rows, start, e, IC), b,
+                                            out + (size_t)start[e] * OC, OC};
+    }
+    sgemm_batch(batched, products, OC, 0, precision, 1);
     // With fewer rows than the micro-kernel's, packing the weights would cost more than the
     // products (sampling computes one row at a time): one dot product per output, weights read once.
-    if (rows < GEMM_MR && precision == FLOAT32) {
-        matmul_forward_reference(out, inp, inp_rows, weight, rows, IC, OC);
-        return;
+    for (int e = 0; e < E && precision == FLOAT32; e++) {
+        int rows = start[e + 1] - start[e];
+        if (rows == 0 || rows >= GEMM_MR) { continue; }
+        MatrixView x = expert_rows(inp, inp_rows, start, e, IC);
+        matmul_forward_reference(out + (size_t)start[e] * OC, x.data, x.rows, weights + (size_t)e * OC * IC, rows, IC,
+                                 OC);
     }
-    MatrixView a = {inp, inp_rows, IC, 0}, b = {weight, NULL, IC, 1};
-    sgemm(rows, OC, IC, a, b, out, OC, 0, precision);
+}
+
+void matmul_backward_grouped(float *dinp, float *dweights, const float *dout, const float *inp, const int *inp_rows,
+                             const float *weights, const int *start, int E, int IC, int OC, Precision precision) {
+    GemmProduct products[E];
+    memset(products, 0, sizeof(products));
+    for (int e = 0; e < E; e++) {  // dinp (rows, IC) += dout · weight
+        MatrixView d = {dout + (size_t)start[e] * OC, NULL, OC, 0}, w = {weights + (size_t)e * OC * IC, NULL, IC, 0};
+        products[e] = (GemmProduct){start[e + 1] - start[e], OC, d, w, dinp + (size_t)start[e] * IC, IC};
+    }
+    sgemm_batch(E, products, IC, 1, precision, 1);
+    for (int e = 0; e < E; e++) {  // dweight (OC, IC) += dout^T · inp
+        MatrixView dt = {dout + (size_t)start[e] * OC, NULL, OC, 1};
+        products[e] = (GemmProduct){OC, start[e + 1] - start[e], dt, expert_rows(inp, inp_rows, start, e, IC),
+                                    dweights + (size_t)e * OC * IC, IC};
+    }
+    sgemm_batch(E, products, IC, 1, precision, 1);
+}
+
+void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,
+                    int rows, int IC, int OC, Precision precision) {
+    int start[2] = {0, rows};
+    matmul_forward_grouped(out, inp, inp_rows, weight, start, 1, IC, OC, precision);
 }
 
 void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                      const int *inp_rows, const float *weight, int rows, int IC, int OC, Precision precision) {
-    MatrixView d = {dout, NULL, OC, 0}, w = {weight, NULL, IC, 0};
-    sgemm(rows, IC, OC, d, w, dinp, IC, 1, precision);
-    MatrixView dt = {dout, NULL, OC, 1}, x = {inp, inp_rows, IC, 0};
-    sgemm(OC, IC, rows, dt, x, dweight, IC, 1, precision);
+    int start[2] = {0, rows};
+    matmul_backward_grouped(dinp, dweight, dout, inp, inp_rows, weight, start, 1, IC, OC, precision);
 }
 
 static inline float exp_fast(float x) {

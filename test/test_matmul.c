@@ -2,7 +2,9 @@
 test_matmul: checks the fast matrix products of train_dtopp.c (matmul_forward, matmul_backward)
 against the simple reference loops (matmul_forward_reference, matmul_backward_reference), on
 shapes that are not multiples of the kernel's tiles, with 0 and 1 rows, gathered input rows and
-more than one block of k; then checks that the results are bitwise identical for 1, 2 and 3 threads.
+more than one block of k; then checks that the results are bitwise identical for 1, 2 and 3 threads,
+and that the experts of a layer multiplied in one batch (matmul_forward_grouped,
+matmul_backward_grouped) give bitwise what one expert at a time gives.
 Last, attention, built on the same products: the readable one that writes the probabilities out
 (test/attention_reference.h) against float64, and the model's tiled one (dtopp/attention.h)
 against float64 and against the readable one, causal and not, at sequence lengths of 1 and that
@@ -156,6 +158,58 @@ static void check_threads(Shape s, uint64_t *rng) {
     free(inp);
     free(weight);
     free(dout);
+}
+
+// The experts of a layer in one batch (matmul_forward_grouped, matmul_backward_grouped): each
+// expert's rows must come out bitwise as matmul_forward / matmul_backward give them one expert at
+// a time (checked above against the reference), in float32 and bf16, on 1, 2 and 3 threads. Row
+// counts: none, fewer than the kernel's 12 (float32 multiplies those without packing), and more
+// than a chunk of 144 rows and a block of 256 values of k (the dweight products' k is the rows).
+static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
+    enum { E = 6 };
+    int counts[E] = {0, 5, 13, 150, 300, 1}, start[E + 1] = {0};
+    for (int e = 0; e < E; e++) { start[e + 1] = start[e] + counts[e]; }
+    int rows = start[E], source_rows = rows + 9;
+    int *inp_rows = (int *)malloc_check(rows * sizeof(int));
+    for (int r = 0; r < rows; r++) { inp_rows[r] = (int)(random_u64(rng) % source_rows); }
+    float *inp = random_floats((size_t)source_rows * IC, rng), *weights = random_floats((size_t)E * OC * IC, rng);
+    float *dout = random_floats((size_t)rows * OC, rng), *dinp_start = random_floats((size_t)rows * IC, rng);
+    size_t n_out = (size_t)rows * OC, n_dinp = (size_t)rows * IC, n_dw = (size_t)E * OC * IC;
+    float *out[4], *dinp[4], *dweights[4];  // [0]: one expert at a time; [1..3]: grouped on 1..3 threads
+    for (int v = 0; v < 4; v++) {
+        out[v] = (float *)malloc_check(n_out * sizeof(float));
+        dinp[v] = copy_floats(dinp_start, n_dinp);
+        dweights[v] = copy_floats(weights, n_dw);  // accumulate onto nonzero values
+        set_num_threads(v == 0 ? 2 : v);
+        if (v == 0) {
+            for (int e = 0; e < E; e++) {
+                float *w = weights + (size_t)e * OC * IC, *dw = dweights[0] + (size_t)e * OC * IC;
+                matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, counts[e], IC, OC, precision);
+                matmul_backward(dinp[0] + (size_t)start[e] * IC, dw, dout + (size_t)start[e] * OC, inp,
+                                inp_rows + start[e], w, counts[e], IC, OC, precision);
+            }
+        } else {
+            matmul_forward_grouped(out[v], inp, inp_rows, weights, start, E, IC, OC, precision);
+            matmul_backward_grouped(dinp[v], dweights[v], dout, inp, inp_rows, weights, start, E, IC, OC, precision);
+        }
+    }
+    for (int v = 1; v < 4; v++) {
+        int same = memcmp(out[0], out[v], n_out * sizeof(float)) == 0
+                && memcmp(dinp[0], dinp[v], n_dinp * sizeof(float)) == 0
+                && memcmp(dweights[0], dweights[v], n_dw * sizeof(float)) == 0;
+        check(same, "grouped %s, %d experts, IC %d OC %d, %d thread%s: bitwise as one expert at a time",
+              precision == BF16 ? "bf16" : "fp32", E, IC, OC, v, v > 1 ? "s" : "");
+    }
+    for (int v = 0; v < 4; v++) {
+        free(out[v]);
+        free(dinp[v]);
+        free(dweights[v]);
+    }
+    free(inp_rows);
+    free(inp);
+    free(weights);
+    free(dout);
+    free(dinp_start);
 }
 
 // Attention in float64, one query at a time: out, probabilities (B, NH, T, T), each query's
@@ -470,6 +524,10 @@ int main(void) {
     for (size_t i = 0; i < sizeof(thread_shapes) / sizeof(thread_shapes[0]); i++) {
         check_threads(thread_shapes[i], &rng);
     }
+    check_grouped(FLOAT32, 100, 70, &rng);
+    check_grouped(FLOAT32, 40, 300, &rng);
+    check_grouped(BF16, 100, 70, &rng);
+    check_grouped(BF16, 40, 300, &rng);
     check_bf16_rounding();
     Shape bf16_shapes[] = {{1, 7, 5, 0}, {13, 257, 33, 1}, {145, 513, 291, 1}, {37, 600, 40, 0}, {600, 40, 24, 1}};
     for (size_t i = 0; i < sizeof(bf16_shapes) / sizeof(bf16_shapes[0]); i++) { check_bf16(bf16_shapes[i], 0, &rng); }
