@@ -155,7 +155,8 @@ static MatrixView transposed_view(MatrixView v) {
 // tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
 // -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j. Not
 // inlined: inside sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
-__attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b, float *restrict tile) {
+__attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
+                                                   float *restrict tile) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
     for (int k = 0; k < kc; k++) {
         for (int i = 0; i < GEMM_MR; i++) {
@@ -191,18 +192,27 @@ static inline float bf16_to_float(uint16_t h) {
     return x;
 }
 
-// The bf16 kernels read pairs of k: pairs[p * width + i] holds element (i, k = 2p) in its low half
-// and (i, 2p + 1) in its high half, from a packed float32 panel (panel[k * width + i], kc values of
-// k), rounded; an odd kc ends in a zero.
-static void pack_pairs_bf16(uint32_t *restrict pairs, const float *restrict panel, int kc, int width) {
-    for (int p = 0; p < kc / 2; p++) {
-        const float *even = panel + 2 * p * width, *odd = even + width;
-        #pragma omp simd
-        for (int i = 0; i < width; i++) { pairs[p * width + i] = bf16_round_bits(even[i]) >> 16 | bf16_round_bits(odd[i]); }
-    }
-    if (kc % 2) {
-        const float *even = panel + (kc - 1) * width;
-        for (int i = 0; i < width; i++) { pairs[kc / 2 * width + i] = bf16_round_bits(even[i]) >> 16; }
+// The bf16 kernels read pairs of k: the same panel as pack_panel's, rounded, with pairs[p * width + x]
+// holding element (x, k = 2p) in its low half and (x, 2p + 1) in its high half; an odd kc ends in
+// a zero.
+static inline uint32_t bf16_pair(float even, float odd) { return bf16_round_bits(even) >> 16 | bf16_round_bits(odd); }
+
+static inline void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc,
+                                   int width) {
+    if (!v.transposed) {
+        for (int x = 0; x < width; x++) {
+            const float *src = x < nx ? view_row(v, x0 + x) + k0 : NULL;
+            for (int p = 0; p < kc / 2; p++) { pairs[p * width + x] = src ? bf16_pair(src[2 * p], src[2 * p + 1]) : 0; }
+            if (kc % 2) { pairs[kc / 2 * width + x] = src ? bf16_pair(src[kc - 1], 0.0f) : 0; }
+        }
+    } else {
+        for (int p = 0; p < (kc + 1) / 2; p++) {
+            const float *even = view_row(v, k0 + 2 * p) + x0;
+            const float *odd = 2 * p + 1 < kc ? view_row(v, k0 + 2 * p + 1) + x0 : NULL;
+            for (int x = 0; x < width; x++) {
+                pairs[p * width + x] = x < nx ? bf16_pair(even[x], odd ? odd[x] : 0.0f) : 0;
+            }
+        }
     }
 }
 
@@ -290,8 +300,11 @@ static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int
     _Alignas(64) float tile[GEMM_MR * GEMM_NR];
     int pairs = (kc + 1) / 2;
     for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
-        pack_panel(packed_a + (m0 - m_begin) * kc, a, m0, m_end - m0, k0, kc, GEMM_MR);
-        if (bf16) { pack_pairs_bf16(packed_a16 + (m0 - m_begin) * pairs, packed_a + (m0 - m_begin) * kc, kc, GEMM_MR); }
+        if (bf16) {
+            pack_panel_bf16(packed_a16 + (m0 - m_begin) * pairs, a, m0, m_end - m0, k0, kc, GEMM_MR);
+        } else {
+            pack_panel(packed_a + (m0 - m_begin) * kc, a, m0, m_end - m0, k0, kc, GEMM_MR);
+        }
     }
     for (int n0 = n_begin; n0 < n_end; n0 += GEMM_NR) {
         int nr = n_end - n0 < GEMM_NR ? n_end - n0 : GEMM_NR, panel = n0 - n_begin;
@@ -359,7 +372,8 @@ typedef struct {
 
 static size_t packed_offset(const GemmPlan *plan, int g, int t, int q, int kc, int bf16) {
     size_t block = (size_t)g * plan->blocks_per_pack + t;
-    return bf16 ? block * GEMM_KC / 2 * GEMM_NC + q * GEMM_NR * ((kc + 1) / 2) : block * GEMM_KC * GEMM_NC + q * GEMM_NR * kc;
+    if (bf16) { return block * GEMM_KC / 2 * GEMM_NC + q * GEMM_NR * ((kc + 1) / 2); }
+    return block * GEMM_KC * GEMM_NC + q * GEMM_NR * kc;
 }
 
 // Work item i of packing: panel i % panels of block i / panels % blocks of product i / (blocks·panels).
@@ -368,9 +382,13 @@ static void pack_b_item(const GemmPlan *plan, GemmPack pk, int i) {
     GemmProduct p = plan->products[g];
     int n0 = pk.nb + q * GEMM_NR, k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
     if (p.M <= 0 || kc <= 0) { return; }
-    float *panel = plan->packed_b + packed_offset(plan, g, t, q, kc, 0);
-    pack_panel(panel, transposed_view(p.b), n0, pk.nb_end - n0, k0, kc, GEMM_NR);
-    if (plan->bf16) { pack_pairs_bf16(plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), panel, kc, GEMM_NR); }
+    if (plan->bf16) {
+        pack_panel_bf16(plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), transposed_view(p.b), n0,
+                        pk.nb_end - n0, k0, kc, GEMM_NR);
+    } else {
+        pack_panel(plan->packed_b + packed_offset(plan, g, t, q, kc, 0), transposed_view(p.b), n0, pk.nb_end - n0,
+                   k0, kc, GEMM_NR);
+    }
 }
 
 // Work item of multiplying: one chunk of a product's rows by one group of the pack's panels.

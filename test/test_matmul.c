@@ -184,7 +184,8 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
         if (v == 0) {
             for (int e = 0; e < E; e++) {
                 float *w = weights + (size_t)e * OC * IC, *dw = dweights[0] + (size_t)e * OC * IC;
-                matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, counts[e], IC, OC, precision);
+                matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, counts[e], IC, OC,
+                               precision);
                 matmul_backward(dinp[0] + (size_t)start[e] * IC, dw, dout + (size_t)start[e] * OC, inp,
                                 inp_rows + start[e], w, counts[e], IC, OC, precision);
             }
