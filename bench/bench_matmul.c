@@ -1,12 +1,14 @@
 /*
-bench_matmul: GFLOP/s of the C matrix products (matmul_forward, matmul_backward) on the shapes of
-one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
+bench_matmul: GFLOP/s of the C matrix products (matmul_forward_grouped, matmul_backward_grouped) on
+the shapes of one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
 shapes, and bench/bench_cpu.sh prints the two side by side.
 
     bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--precision bf16]
 
-N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing). Each
-time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
+N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing), and the
+E experts of a layer are multiplied in one batch, as the model does (matmul_forward_grouped,
+matmul_backward_grouped): an expert's time is the batch's over E. Each time is the median of
+repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls.
 With --precision bf16 the products the model runs in bf16 do so here (all but the router's,
@@ -15,12 +17,13 @@ doc/precision.md).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "../dtopp/matmul.h"  // defines: matmul_forward, matmul_backward (the products measured)
+#include "../dtopp/matmul.h"  // defines: matmul_forward_grouped, matmul_backward_grouped (the products measured)
 
 typedef struct {
     const char *name;
     int rows, IC, OC, calls;  // calls per training step (forward; the backward has as many)
     Precision precision;
+    int batch;                // products multiplied in one call (the experts of a layer), each rows x IC -> OC
 } ProductShape;
 
 static int compare_doubles(const void *a, const void *b) {
@@ -28,23 +31,26 @@ static int compare_doubles(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-// Median seconds of one call of the forward (backward = 0) or backward (backward = 1) product.
+// Median seconds of one product of the forward (backward = 0) or backward (backward = 1) pass: one
+// call, over s.batch when it multiplies a batch.
 static double median_seconds(ProductShape s, int backward, float *inp, float *weight, float *out, float *dinp,
                              float *dweight) {
+    int start[s.batch + 1];
+    for (int e = 0; e <= s.batch; e++) { start[e] = e * s.rows; }
     double times[1000];
     int n = 0;
-    double start = wall_seconds();
-    while (n < 1000 && (n < 5 || wall_seconds() - start < 0.3)) {
+    double begin = wall_seconds();
+    while (n < 1000 && (n < 5 || wall_seconds() - begin < 0.3)) {
         double t0 = wall_seconds();
         if (backward) {
-            matmul_backward(dinp, dweight, out, inp, NULL, weight, s.rows, s.IC, s.OC, s.precision);
+            matmul_backward_grouped(dinp, dweight, out, inp, NULL, weight, start, s.batch, s.IC, s.OC, s.precision);
         } else {
-            matmul_forward(out, inp, NULL, weight, s.rows, s.IC, s.OC, s.precision);
+            matmul_forward_grouped(out, inp, NULL, weight, start, s.batch, s.IC, s.OC, s.precision);
         }
         times[n++] = wall_seconds() - t0;
     }
     qsort(times, n, sizeof(double), compare_doubles);
-    return times[n / 2];
+    return times[n / 2] / s.batch;
 }
 
 int main(int argc, char **argv) {
@@ -68,18 +74,19 @@ int main(int argc, char **argv) {
     set_num_threads(threads);
     int expert_rows = N * k / E;
     ProductShape shapes[] = {
-        {"qkv", N, C, 3 * C, L, precision},
-        {"attention_out", N, C, C, L, precision},
-        {"expert_w1_w3", expert_rows, C, H, 2 * L * E, precision},
-        {"expert_w2", expert_rows, H, C, L * E, precision},
-        {"router", N, C, E, L, FLOAT32},
-        {"output_head", N, C, V, 1, precision},
+        {"qkv", N, C, 3 * C, L, precision, 1},
+        {"attention_out", N, C, C, L, precision, 1},
+        {"expert_w1_w3", expert_rows, C, H, 2 * L * E, precision, E},
+        {"expert_w2", expert_rows, H, C, L * E, precision, E},
+        {"router", N, C, E, L, FLOAT32, 1},
+        {"output_head", N, C, V, 1, precision, 1},
     };
     int n_shapes = sizeof(shapes) / sizeof(shapes[0]);
     size_t most = 0;
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];
-        size_t sizes[3] = {(size_t)s.rows * s.IC, (size_t)s.OC * s.IC, (size_t)s.rows * s.OC};
+        size_t sizes[3] = {(size_t)s.batch * s.rows * s.IC, (size_t)s.batch * s.OC * s.IC,
+                           (size_t)s.batch * s.rows * s.OC};
         for (int j = 0; j < 3; j++) { most = sizes[j] > most ? sizes[j] : most; }
     }
     uint64_t rng = 1;

@@ -205,13 +205,12 @@ static inline void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x
             for (int p = 0; p < kc / 2; p++) { pairs[p * width + x] = src ? bf16_pair(src[2 * p], src[2 * p + 1]) : 0; }
             if (kc % 2) { pairs[kc / 2 * width + x] = src ? bf16_pair(src[kc - 1], 0.0f) : 0; }
         }
-    } else {
+    } else {  // two rows of k at a time, copied as pack_panel does, then rounded in vectors of x
+        _Alignas(64) float rows[2 * GEMM_NR];
         for (int p = 0; p < (kc + 1) / 2; p++) {
-            const float *even = view_row(v, k0 + 2 * p) + x0;
-            const float *odd = 2 * p + 1 < kc ? view_row(v, k0 + 2 * p + 1) + x0 : NULL;
-            for (int x = 0; x < width; x++) {
-                pairs[p * width + x] = x < nx ? bf16_pair(even[x], odd ? odd[x] : 0.0f) : 0;
-            }
+            pack_panel(rows, v, x0, nx, k0 + 2 * p, 2 * p + 1 < kc ? 2 : 1, width);
+            if (2 * p + 1 == kc) { memset(rows + width, 0, width * sizeof(float)); }
+            for (int x = 0; x < width; x++) { pairs[p * width + x] = bf16_pair(rows[x], rows[width + x]); }
         }
     }
 }
