@@ -199,18 +199,23 @@ static inline uint32_t bf16_pair(float even, float odd) { return bf16_round_bits
 
 static inline void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc,
                                    int width) {
-    if (!v.transposed) {
+    if (!v.transposed) {  // each x's values of k are contiguous: pairs straight from them
         for (int x = 0; x < width; x++) {
             const float *src = x < nx ? view_row(v, x0 + x) + k0 : NULL;
             for (int p = 0; p < kc / 2; p++) { pairs[p * width + x] = src ? bf16_pair(src[2 * p], src[2 * p + 1]) : 0; }
             if (kc % 2) { pairs[kc / 2 * width + x] = src ? bf16_pair(src[kc - 1], 0.0f) : 0; }
         }
-    } else {  // two rows of k at a time, copied as pack_panel does, then rounded in vectors of x
-        _Alignas(64) float rows[2 * GEMM_NR];
-        for (int p = 0; p < (kc + 1) / 2; p++) {
-            pack_panel(rows, v, x0, nx, k0 + 2 * p, 2 * p + 1 < kc ? 2 : 1, width);
-            if (2 * p + 1 == kc) { memset(rows + width, 0, width * sizeof(float)); }
-            for (int x = 0; x < width; x++) { pairs[p * width + x] = bf16_pair(rows[x], rows[width + x]); }
+        return;
+    }
+    enum { K_CHUNK = 16 };  // rows of k copied as pack_panel does, then rounded in vectors of x
+    _Alignas(64) float chunk[(K_CHUNK + 1) * GEMM_NR];
+    for (int k = 0; k < kc; k += K_CHUNK) {
+        int n = kc - k < K_CHUNK ? kc - k : K_CHUNK;
+        pack_panel(chunk, v, x0, nx, k0 + k, n, width);
+        memset(chunk + n * width, 0, width * sizeof(float));  // the odd kc's zero
+        for (int p = 0; p < (n + 1) / 2; p++) {
+            const float *even = chunk + 2 * p * width, *odd = even + width;
+            for (int x = 0; x < width; x++) { pairs[(k / 2 + p) * width + x] = bf16_pair(even[x], odd[x]); }
         }
     }
 }
