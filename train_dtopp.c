@@ -903,8 +903,8 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
                       const LayerWeights *w, int E, int C, int H, Precision precision) {
     const int *start = r.expert_start;
     size_t rows = start[E];
-    memset(x.dh1, 0, rows * H * sizeof(float));
-    memset(x.din, 0, rows * C * sizeof(float));
+    zero_floats(x.dh1, rows * H);
+    zero_floats(x.din, rows * C);
     matmul_backward_grouped(x.dh1, dw->w2, x.dout, x.hact, NULL, w->w2, start, E, H, C, precision);
     swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
     matmul_backward_grouped(x.din, dw->w1, x.dh1, m, x.row_token, w->w1, start, E, C, H, precision);
@@ -1161,7 +1161,7 @@ void model_zero_grad(Model *model) {
         model->grads_memory = (float *)calloc_check(model->num_held, sizeof(float));
         carve_params(&model->grads, model->grads_memory, model->param_sizes, model->experts);
     }
-    memset(model->grads_memory, 0, model->num_held * sizeof(float));
+    zero_floats(model->grads_memory, model->num_held);
 }
 
 // Gradient of the total loss of the last forward pass, accumulated into model->grads.
@@ -1177,9 +1177,9 @@ void model_backward(Model *model) {
     ParameterTensors *dp = &model->grads;
 
     crossentropy_backward(g->dlogits, t->logits, model->ws->targets, N, V, 1.0f / N);
-    memset(g->dln, 0, (size_t)N * C * sizeof(float));
+    zero_floats(g->dln, (size_t)N * C);
     matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V, model->precision);
-    memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
+    zero_floats(g->dresidual, (size_t)N * C);
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
                      t->lnf_rstd, N, C);
     for (int l = L - 1; l >= 0; l--) {
@@ -1187,19 +1187,19 @@ void model_backward(Model *model) {
         LayerWeights dw = layer_weights(dp, c, l);
         const float *x = l == 0 ? t->encoded : t->res2 + (size_t)(l - 1) * N * C;
         // dresidual holds d res2; the MoE branch adds its share of d res1
-        memset(g->dln, 0, (size_t)N * C * sizeof(float));
+        zero_floats(g->dln, (size_t)N * C);
         moe_backward(model, a, l, g->dln, g->dresidual, t->ln2 + (size_t)l * N * C);
         rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2,
                          t->ln2_rstd + (size_t)l * N, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
-        memset(g->datty, 0, (size_t)N * C * sizeof(float));
+        zero_floats(g->datty, (size_t)N * C);
         matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C,
                         model->precision);
-        memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
+        zero_floats(g->dqkv, (size_t)N * 3 * C);
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->atty + (size_t)l * N * C,
                            t->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        memset(g->dln, 0, (size_t)N * C * sizeof(float));
+        zero_floats(g->dln, (size_t)N * C);
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C,
                         model->precision);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, N, C);

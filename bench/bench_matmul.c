@@ -10,7 +10,8 @@ E experts of a layer are multiplied in one batch, as the model does (matmul_forw
 matmul_backward_grouped): an expert's time is the batch's over E. Each time is the median of
 repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
-together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls.
+together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls;
+last the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest.
 With --precision bf16 the products the model runs in bf16 do so here (all but the router's,
 doc/precision.md).
 */
@@ -51,6 +52,38 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
     }
     qsort(times, n, sizeof(double), compare_doubles);
     return times[n / 2] / s.batch;
+}
+
+// The micro-kernel alone on the calling thread, as multiply_rows runs it: one packed B panel (in L1)
+// against the GEMM_MC / GEMM_MR packed A panels of a block (in L2) in turn, GEMM_KC values of k.
+static double tile_gflops(Precision precision) {
+    enum { PANELS = GEMM_MC / GEMM_MR, A_SIZE = PANELS * GEMM_MR * GEMM_KC, B_SIZE = GEMM_NR * GEMM_KC };
+    float *a = (float *)malloc_check(A_SIZE * sizeof(float)), *b = (float *)malloc_check(B_SIZE * sizeof(float));
+    uint32_t *a16 = (uint32_t *)malloc_check(A_SIZE / 2 * sizeof(uint32_t));
+    uint32_t *b16 = (uint32_t *)malloc_check(B_SIZE / 2 * sizeof(uint32_t));
+    for (int i = 0; i < A_SIZE; i++) { a[i] = 0.001f * (i % 13); }
+    for (int i = 0; i < B_SIZE; i++) { b[i] = 0.001f * (i % 7); }
+    for (int i = 0; i < A_SIZE / 2; i++) { a16[i] = bf16_pair(a[2 * i], a[2 * i + 1]); }
+    for (int i = 0; i < B_SIZE / 2; i++) { b16[i] = bf16_pair(b[2 * i], b[2 * i + 1]); }
+    _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+    if (precision == BF16) { bf16_native(); }
+    long calls = 0;
+    double begin = wall_seconds(), seconds = 0.0;
+    while (seconds < 0.5) {
+        for (int panel = 0; panel < PANELS; panel++, calls++) {
+            if (precision == BF16) {
+                micro_kernel_bf16(GEMM_KC / 2, a16 + panel * GEMM_MR * GEMM_KC / 2, b16, tile);
+            } else {
+                micro_kernel(GEMM_KC, a + panel * GEMM_MR * GEMM_KC, b, tile);
+            }
+        }
+        seconds = wall_seconds() - begin;
+    }
+    free(a);
+    free(b);
+    free(a16);
+    free(b16);
+    return 2.0 * GEMM_MR * GEMM_NR * GEMM_KC * calls / seconds * 1e-9;
 }
 
 int main(int argc, char **argv) {
@@ -110,6 +143,7 @@ int main(int argc, char **argv) {
     }
     printf("step products: %.1f GFLOP in %.1f ms: %.1f GFLOP/s\n", step_flops * 1e-9, step_seconds * 1e3,
            step_flops / step_seconds * 1e-9);
+    printf("register tile alone, 1 thread: %.1f GFLOP/s\n", tile_gflops(precision));
     for (int j = 0; j < 5; j++) { free(buffers[j]); }
     return 0;
 }

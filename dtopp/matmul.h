@@ -101,15 +101,15 @@ void matmul_backward_reference(float *dinp, float *dweight, const float *dout, c
 // sgemm computes it the way optimized BLAS libraries do (K. Goto and R. van de Geijn, "Anatomy of
 // high-performance matrix multiplication", 2008). A micro-kernel keeps a GEMM_MR x GEMM_NR block
 // of C in vector registers (12 x 32 floats: 24 of the 32 AVX-512 registers) and adds one outer
-// product per k: 24 fused multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
-// speed of the FMA units rather than of memory. It reads A and B from packed copies laid out in
+// product per k: 24 vector multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
+// speed of the arithmetic units rather than of memory. It reads A and B from packed copies laid out in
 // the order it uses them: GEMM_KC values of k at a time, a GEMM_MC x GEMM_KC block of A that
 // stays in the L2 cache and a GEMM_KC x GEMM_NC block of B whose GEMM_NR-wide panels stay in L1.
 // Packing also gathers rows, transposes, and pads the edges with zeros, so the kernel has a
 // single shape; the padded results are never stored.
 //
 // Determinism: C[m][n] is summed over k in order within each block of GEMM_KC (one register,
-// one FMA per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
+// one multiply and one add per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
 // the same for any number of threads. Threads take disjoint tiles of C.
 #define GEMM_MR 12
 #define GEMM_NR 32
@@ -153,8 +153,10 @@ static MatrixView transposed_view(MatrixView v) {
 }
 
 // tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
-// -O3 the compiler keeps acc in registers and unrolls i into broadcast + FMA on vectors of j. Not
-// inlined: inside sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
+// -O3 the compiler keeps acc in registers and unrolls i into broadcast, multiply and add on
+// vectors of j (-std=c11 does not contract them into FMAs; on the AMD Zen 5 cores measured in
+// doc/cpu.md, with their own adders, it still runs at about 92% of bench/fma_peak's FMA rate).
+// Not inlined: inside sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
 __attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                                                    float *restrict tile) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
@@ -197,8 +199,8 @@ static inline float bf16_to_float(uint16_t h) {
 // a zero.
 static inline uint32_t bf16_pair(float even, float odd) { return bf16_round_bits(even) >> 16 | bf16_round_bits(odd); }
 
-static inline void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc,
-                                   int width) {
+static inline void pack_panel_bf16_portable(uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc,
+                                            int width) {
     if (!v.transposed) {  // each x's values of k are contiguous: pairs straight from them
         for (int x = 0; x < width; x++) {
             const float *src = x < nx ? view_row(v, x0 + x) + k0 : NULL;
@@ -265,6 +267,78 @@ __attribute__((target("avx512f,avx512bf16"))) static void micro_kernel_bf16_avx5
         _mm512_storeu_ps(tile + i * GEMM_NR + 16, acc[i][1]);
     }
 }
+
+// 16 x 16 transpose of 32-bit elements in registers: afterwards r[j] holds what was column j.
+// Pairs of rows interleaved by 32 bits, then by 64 bits (a 4 x 4 block per 128-bit lane), then the
+// 128-bit lanes of four registers swapped as a 4 x 4 transpose of lanes.
+__attribute__((target("avx512f"))) static inline void transpose_16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: rows i .. i+3 of column 4L + j
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i low = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), high = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
+        __m512i low2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+        __m512i high2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
+        t[j] = _mm512_shuffle_i32x4(low, low2, 0x88);
+        t[4 + j] = _mm512_shuffle_i32x4(low, low2, 0xdd);
+        t[8 + j] = _mm512_shuffle_i32x4(high, high2, 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(high, high2, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) { r[i] = t[i]; }
+}
+
+static inline __mmask16 first_lanes(int n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
+// pack_panel_bf16_portable with AVX-512 BF16, the same bits: vcvtne2ps2bf16 rounds to nearest even,
+// turns subnormals into signed zeros and quiets NaNs, as bf16_round_bits does (Intel SDM,
+// VCVTNE2PS2BF16), which test_matmul checks on such values. Groups of 16 values of x: where each x's
+// values of k are contiguous, 32 of them become 16 pairs in one register, and 16 such registers
+// (one per x) are transposed; where each k's values of x are, two rows of k are rounded together
+// and their halves interleaved.
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_panel_bf16_avx512(
+    uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc, int width) {
+    int n_pairs = (kc + 1) / 2;
+    for (int xg = 0; xg < width; xg += 16) {
+        int lanes = width - xg < 16 ? width - xg : 16;
+        __mmask16 store = first_lanes(lanes), valid = first_lanes(nx - xg < lanes ? nx - xg : lanes);
+        if (!v.transposed) {
+            for (int k = 0; k < kc; k += 32) {
+                __m512i r[16];
+                for (int x = 0; x < 16; x++) {
+                    r[x] = _mm512_setzero_si512();
+                    if (!(valid >> x & 1)) { continue; }
+                    const float *src = view_row(v, x0 + xg + x) + k0 + k;
+                    __m512 low = _mm512_maskz_loadu_ps(first_lanes(kc - k), src);
+                    __m512 high = _mm512_maskz_loadu_ps(first_lanes(kc - k - 16), src + 16);
+                    r[x] = (__m512i)_mm512_cvtne2ps_pbh(high, low);  // pair q: k + 2q in its low half
+                }
+                transpose_16x16(r);
+                for (int q = 0; q < 16 && k / 2 + q < n_pairs; q++) {
+                    _mm512_mask_storeu_epi32(pairs + (size_t)(k / 2 + q) * width + xg, store, r[q]);
+                }
+            }
+        } else {
+            // word 2x from the even row's x, word 2x + 1 from the odd row's (words 16 + x)
+            const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            for (int p = 0; p < n_pairs; p++) {
+                __m512 even = _mm512_maskz_loadu_ps(valid, view_row(v, k0 + 2 * p) + x0 + xg);
+                __m512 odd = 2 * p + 1 < kc ? _mm512_maskz_loadu_ps(valid, view_row(v, k0 + 2 * p + 1) + x0 + xg)
+                                            : _mm512_setzero_ps();
+                __m512i words = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+                _mm512_mask_storeu_epi32(pairs + (size_t)p * width + xg, store, words);
+            }
+        }
+    }
+}
 #endif
 
 // Which bf16 kernel runs: AVX-512 BF16 where the CPU has it (asked once), unless
@@ -294,6 +368,16 @@ static void micro_kernel_bf16(int pairs, const uint32_t *a, const uint32_t *b, f
     micro_kernel_bf16_portable(pairs, a, b, tile);
 }
 
+static void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc, int width) {
+#ifdef BF16_NATIVE_BUILD
+    if (bf16_native()) {
+        pack_panel_bf16_avx512(pairs, v, x0, nx, k0, kc, width);
+        return;
+    }
+#endif
+    pack_panel_bf16_portable(pairs, v, x0, nx, k0, kc, width);
+}
+
 // Rows m_begin .. m_end-1 of C (at most GEMM_MC) against the packed panels of B for columns
 // n_begin .. n_end-1, over one block of k (k0, kc values): packs these rows of A into packed_a (and
 // packed_a16), then runs the micro-kernel on every pair of row panel and B panel, each B panel
@@ -314,6 +398,10 @@ static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int
         int nr = n_end - n0 < GEMM_NR ? n_end - n0 : GEMM_NR, panel = n0 - n_begin;
         for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
             int mr = m_end - m0 < GEMM_MR ? m_end - m0 : GEMM_MR;
+            for (int i = 0; i < mr; i++) {  // C's tile, fetched while the kernel runs (its 32 floats: 2 lines)
+                __builtin_prefetch(c + (size_t)(m0 + i) * ldc + n0, 1);
+                __builtin_prefetch(c + (size_t)(m0 + i) * ldc + n0 + nr - 1, 1);
+            }
             if (bf16) {
                 micro_kernel_bf16(pairs, packed_a16 + (m0 - m_begin) * pairs, packed_b16 + panel * pairs, tile);
             } else {

@@ -13,7 +13,7 @@ utils.h: what every program of the project shares about errors and files.
 - atomic writes: a file is written to "path.tmp" and renamed over "path" only once complete.
 - splitmix64, the project's random number generator: its whole state is one integer; uniform
   and normal floats from it.
-- threads and the clock: set_num_threads, omp_threads, PARALLEL_MIN_WORK, wall_seconds.
+- threads and the clock: set_num_threads, omp_threads, PARALLEL_MIN_WORK, zero_floats, wall_seconds.
 - HOST_DEVICE, which marks a function that both the C compiler and nvcc compile (the AdamW rule).
 */
 #ifndef UTILS_H
@@ -354,6 +354,18 @@ static inline int omp_threads(void) {
 #else
     return 1;
 #endif
+}
+
+// x[0 .. n-1] = 0 on all the threads: one thread's memset reaches only part of the memory bandwidth,
+// and the gradients and the backward pass's buffers are zeroed every step (tens of MB).
+static inline void zero_floats(float *x, size_t n) {
+    enum { CHUNK = 16384 };  // floats per piece of work: 64 KB
+    long chunks = (long)((n + CHUNK - 1) / CHUNK);
+    #pragma omp parallel for schedule(static) if (n >= 4 * PARALLEL_MIN_WORK)
+    for (long c = 0; c < chunks; c++) {
+        size_t begin = (size_t)c * CHUNK, count = n - begin < CHUNK ? n - begin : CHUNK;
+        memset(x + begin, 0, count * sizeof(float));
+    }
 }
 
 // OpenMP's idle threads spin by default, and where anything else runs they keep the cores from the
