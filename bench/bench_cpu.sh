@@ -147,8 +147,10 @@ for name in $CONFIGS; do
                   "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "fwd", "bwd"; next }
         /^step products/ { c = $(NF / 2 - 1); b = $(NF - 1)
                            printf "  step products: C %.1f GFLOP/s, BLAS %.1f GFLOP/s: C / BLAS %.2f\n", c, b, c / b; next }
+        /^register tile/ { split($0, part, "\t"); print "  C " part[1]; next }
         { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5.2f %5.2f\n", $1, $2, $3, $4, $5, $6, $7,
                  $13, $14, $6 / $13, $7 / $14 }'
     bench/bench_matmul "${args[@]}" --precision bf16 | awk '/^step products/ {
-        printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }'
+        printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }
+        /^register tile/ { print "  C bf16 " $0 }'
 done

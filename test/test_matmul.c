@@ -4,7 +4,10 @@ against the simple reference loops (matmul_forward_reference, matmul_backward_re
 shapes that are not multiples of the kernel's tiles, with 0 and 1 rows, gathered input rows and
 more than one block of k; then checks that the results are bitwise identical for 1, 2 and 3 threads,
 and that the experts of a layer multiplied in one batch (matmul_forward_grouped,
-matmul_backward_grouped) give bitwise what one expert at a time gives.
+matmul_backward_grouped) give bitwise what one expert at a time gives. In bf16: the products
+against float64 within the bound derived below, the AVX-512 BF16 kernel and packing bitwise against
+the portable ones (the packing also on panels of ties, subnormals, infinities and NaNs), and the
+rounding's special cases one by one.
 Last, attention, built on the same products: the readable one that writes the probabilities out
 (test/attention_reference.h) against float64, and the model's tiled one (dtopp/attention.h)
 against float64 and against the readable one, causal and not, at sequence lengths of 1 and that
