@@ -101,15 +101,15 @@ void matmul_backward_reference(float *dinp, float *dweight, const float *dout, c
 // sgemm computes it the way optimized BLAS libraries do (K. Goto and R. van de Geijn, "Anatomy of
 // high-performance matrix multiplication", 2008). A micro-kernel keeps a GEMM_MR x GEMM_NR block
 // of C in vector registers (12 x 32 floats: 24 of the 32 AVX-512 registers) and adds one outer
-// product per k: 24 vector multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
-// speed of the arithmetic units rather than of memory. It reads A and B from packed copies laid out in
+// product per k: 24 fused multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
+// speed of the FMA units rather than of memory. It reads A and B from packed copies laid out in
 // the order it uses them: GEMM_KC values of k at a time, a GEMM_MC x GEMM_KC block of A that
 // stays in the L2 cache and a GEMM_KC x GEMM_NC block of B whose GEMM_NR-wide panels stay in L1.
 // Packing also gathers rows, transposes, and pads the edges with zeros, so the kernel has a
 // single shape; the padded results are never stored.
 //
 // Determinism: C[m][n] is summed over k in order within each block of GEMM_KC (one register,
-// one multiply and one add per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
+// one FMA per k), and the blocks are added to C in order; GEMM_KC is a constant, so the sum is
 // the same for any number of threads. Threads take disjoint tiles of C.
 #define GEMM_MR 12
 #define GEMM_NR 32
@@ -152,17 +152,28 @@ static MatrixView transposed_view(MatrixView v) {
     return v;
 }
 
+// acc + x·y, rounded once (a fused multiply-add) where the compiler targets FMA units; else rounded
+// twice, as ISO C's a * b + c is (-std=c11 does not contract it).
+static inline float multiply_add(float x, float y, float acc) {
+#ifdef __FMA__
+    return fmaf(x, y, acc);
+#else
+    return acc + x * y;
+#endif
+}
+
 // tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
-// -O3 the compiler keeps acc in registers and unrolls i into broadcast, multiply and add on
-// vectors of j (-std=c11 does not contract them into FMAs; on the AMD Zen 5 cores measured in
-// doc/cpu.md, with their own adders, it still runs at about 92% of bench/fma_peak's FMA rate).
-// Not inlined: inside sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
+// -O3 -march=native the compiler keeps acc in registers and unrolls i into a broadcast and fused
+// multiply-adds on vectors of j (multiply_add: written as acc + a * b, -std=c11 would keep the
+// multiply and the add apart, two instructions instead of one). Not inlined: inside sgemm's
+// threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
 __attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                                                    float *restrict tile) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
     for (int k = 0; k < kc; k++) {
         for (int i = 0; i < GEMM_MR; i++) {
-            for (int j = 0; j < GEMM_NR; j++) { acc[i][j] += a[k * GEMM_MR + i] * b[k * GEMM_NR + j]; }
+            float a_ik = a[k * GEMM_MR + i];
+            for (int j = 0; j < GEMM_NR; j++) { acc[i][j] = multiply_add(a_ik, b[k * GEMM_NR + j], acc[i][j]); }
         }
     }
     memcpy(tile, acc, sizeof(acc));
