@@ -164,9 +164,9 @@ static inline float multiply_add(float x, float y, float acc) {
 
 // tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
 // -O3 -march=native the compiler keeps acc in registers and unrolls i into a broadcast and fused
-// multiply-adds on vectors of j (multiply_add: written as acc + a * b, -std=c11 would keep the
-// multiply and the add apart, two instructions instead of one). Not inlined: inside sgemm's
-// threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
+// multiply-adds on vectors of j. multiply_add asks for the FMA explicitly: written acc + a * b,
+// -std=c11 keeps the multiply and the add apart, two instructions per term. Not inlined: inside
+// sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
 __attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                                                    float *restrict tile) {
     float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
