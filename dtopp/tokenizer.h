@@ -99,7 +99,7 @@ void tokenizer_init(Tokenizer *t, const char *path) {
     if (kind != VOCAB_GPT2 && kind != VOCAB_BPE) fail("%s: unknown vocabulary kind %d", path, kind);
     // token ids must fit the uint16 of the token shards; merges come after the 256 bytes and
     // before the special tokens, and end-of-text is a special token
-    if (V < 257 || V > 65536 || M < 0 || 256 + M >= V || eot < 256 + M || eot >= V || total < V)
+    if (V < 257 || V > 65536 || M < 0 || M >= V - 256 || eot < 256 + M || eot >= V || total < V)
         fail("%s: header holds inconsistent sizes", path);
     check_payload_size(path, file_bytes, 8 * (size_t)M + (size_t)V + (size_t)total);
 
