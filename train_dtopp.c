@@ -508,7 +508,9 @@ void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd
 // N = B*T token positions. Backward functions accumulate (+=) into parameter gradients and,
 // unless their comment says otherwise, into the input gradient they are given. Loops below
 // PARALLEL_MIN_WORK (utils.h) run on the calling thread. A linear layer is matmul_forward /
-// matmul_backward (matmul.h): out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T.
+// matmul_backward (matmul.h): out (rows, OC) = inp (rows, IC) · weight (OC, IC)^T; matmul_backward
+// writes its input gradient instead of adding to it when told (add_to_dinp 0), where that gradient
+// has no other term, which saves zeroing it first.
 
 void encoder_forward(float *out, const int *inp, const float *wte, int N, int C) {
     #pragma omp parallel for if ((size_t)N * C >= PARALLEL_MIN_WORK)
@@ -814,7 +816,7 @@ void router_backward(RouterView r, float *dm, const LayerWeights *dw, const floa
         drn_backward(r.drouter, r.dtheta_token, r.drn_u, r.drn_rstd, w->theta, N, E);
         for (int n = 0; n < N; n++) { *dw->theta += r.dtheta_token[n]; }  // in token order
     }
-    matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E, FLOAT32);
+    matmul_backward(dm, dw->wr, r.drouter, m, NULL, w->wr, N, C, E, 1, FLOAT32);
 }
 
 // Fraction of the layer's (token, expert) pairs that went to expert e: the f_e of the
@@ -903,12 +905,11 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
                       const LayerWeights *w, int E, int C, int H, Precision precision) {
     const int *start = r.expert_start;
     size_t rows = start[E];
-    zero_floats(x.dh1, rows * H);
-    zero_floats(x.din, rows * C);
-    matmul_backward_grouped(x.dh1, dw->w2, x.dout, x.hact, NULL, w->w2, start, E, H, C, precision);
+    // every row belongs to one expert, so the first product into dh1 and into din writes every row
+    matmul_backward_grouped(x.dh1, dw->w2, x.dout, x.hact, NULL, w->w2, start, E, H, C, 0, precision);
     swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
-    matmul_backward_grouped(x.din, dw->w1, x.dh1, m, x.row_token, w->w1, start, E, C, H, precision);
-    matmul_backward_grouped(x.din, dw->w3, x.dh3, m, x.row_token, w->w3, start, E, C, H, precision);
+    matmul_backward_grouped(x.din, dw->w1, x.dh1, m, x.row_token, w->w1, start, E, C, H, 0, precision);
+    matmul_backward_grouped(x.din, dw->w3, x.dh3, m, x.row_token, w->w3, start, E, C, H, 1, precision);
 }
 
 // MoE(m) = Σ_j g_j Expert_j(m): each token gathers its own rows, in selection order. out (N, C).
@@ -1177,8 +1178,7 @@ void model_backward(Model *model) {
     ParameterTensors *dp = &model->grads;
 
     crossentropy_backward(g->dlogits, t->logits, model->ws->targets, N, V, 1.0f / N);
-    zero_floats(g->dln, (size_t)N * C);
-    matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V, model->precision);
+    matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V, 0, model->precision);
     zero_floats(g->dresidual, (size_t)N * C);
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
                      t->lnf_rstd, N, C);
@@ -1192,15 +1192,13 @@ void model_backward(Model *model) {
         rmsnorm_backward(g->dresidual, dw.g2, g->dln, t->res1 + (size_t)l * N * C, w.g2,
                          t->ln2_rstd + (size_t)l * N, N, C);
         // dresidual holds d res1; the attention branch adds its share of d x
-        zero_floats(g->datty, (size_t)N * C);
-        matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C,
+        matmul_backward(g->datty, dw.wo, g->dresidual, t->atty + (size_t)l * N * C, NULL, w.wo, N, C, C, 0,
                         model->precision);
         zero_floats(g->dqkv, (size_t)N * 3 * C);
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->atty + (size_t)l * N * C,
                            t->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 1);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
-        zero_floats(g->dln, (size_t)N * C);
-        matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C,
+        matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C, 0,
                         model->precision);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, x, w.g1, t->ln1_rstd + (size_t)l * N, N, C);
     }

@@ -44,7 +44,8 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
     while (n < 1000 && (n < 5 || wall_seconds() - begin < 0.3)) {
         double t0 = wall_seconds();
         if (backward) {
-            matmul_backward_grouped(dinp, dweight, out, inp, NULL, weight, start, s.batch, s.IC, s.OC, s.precision);
+            matmul_backward_grouped(dinp, dweight, out, inp, NULL, weight, start, s.batch, s.IC, s.OC, 1,
+                                    s.precision);
         } else {
             matmul_forward_grouped(out, inp, NULL, weight, start, s.batch, s.IC, s.OC, s.precision);
         }

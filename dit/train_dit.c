@@ -537,12 +537,12 @@ void dit_backward_output(Dit *d) {
     DitTensors *dp = &d->grads;
 
     memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
-    matmul_backward(dx->dmodulated, dp->wout, g->dlogits, x->lnf_mod, NULL, p->wout, N, C, PP, FLOAT32);
+    matmul_backward(dx->dmodulated, dp->wout, g->dlogits, x->lnf_mod, NULL, p->wout, N, C, PP, 1, FLOAT32);
     memset(g->dln, 0, (size_t)N * C * sizeof(float));
     memset(dx->dmodf, 0, (size_t)B * 2 * C * sizeof(float));
     modulate_backward(g->dln, dx->dmodf, dx->dmodf + C, dx->dmodulated, tr->lnf, x->modf + C, B, T, C, 2 * C);
     memset(dx->dcond, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dcond, dp->wfinal, dx->dmodf, x->cond_act, NULL, p->wfinal, B, C, 2 * C, FLOAT32);
+    matmul_backward(dx->dcond, dp->wfinal, dx->dmodf, x->cond_act, NULL, p->wfinal, B, C, 2 * C, 1, FLOAT32);
     memset(g->dresidual, 0, (size_t)N * C * sizeof(float));
     rmsnorm_backward(g->dresidual, trunk->grads.gf, g->dln, tr->res2 + (size_t)(L - 1) * N * C,
                      trunk->params.gf, tr->lnf_rstd, N, C);
@@ -565,28 +565,28 @@ void dit_backward_output(Dit *d) {
         // dresidual holds d res1: the attention branch through its gate
         gate_backward(dx->dbranch, dmod + 2 * C, g->dresidual, x->attproj + LN, mod + 2 * C, B, T, C, 6 * C);
         memset(g->datty, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(g->datty, dw.wo, dx->dbranch, tr->atty + LN, NULL, w.wo, N, C, C, FLOAT32);
+        matmul_backward(g->datty, dw.wo, dx->dbranch, tr->atty + LN, NULL, w.wo, N, C, C, 1, FLOAT32);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, tr->qkv + (size_t)l * N * 3 * C, tr->atty + LN,
                            tr->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 0);
         memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
-        matmul_backward(dx->dmodulated, dw.wqkv, g->dqkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, FLOAT32);
+        matmul_backward(dx->dmodulated, dw.wqkv, g->dqkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, 1, FLOAT32);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));
         modulate_backward(g->dln, dmod, dmod + C, dx->dmodulated, tr->ln1 + LN, mod + C, B, T, C, 6 * C);
         rmsnorm_backward(g->dresidual, dw.g1, g->dln, in, w.g1, tr->ln1_rstd + (size_t)l * N, N, C);
         // dresidual holds d of the block's input; the block's adaLN gets its share of d silu(cond)
         matmul_backward(dx->dcond, dp->wada + (size_t)l * 6 * C * C, dmod, x->cond_act, NULL,
-                        p->wada + (size_t)l * 6 * C * C, B, C, 6 * C, FLOAT32);
+                        p->wada + (size_t)l * 6 * C * C, B, C, 6 * C, 1, FLOAT32);
     }
     memset(dx->dpatches, 0, (size_t)N * PP * sizeof(float));
-    matmul_backward(dx->dpatches, dp->wpatch, g->dresidual, x->patches, NULL, p->wpatch, N, PP, C, FLOAT32);
+    matmul_backward(dx->dpatches, dp->wpatch, g->dresidual, x->patches, NULL, p->wpatch, N, PP, C, 1, FLOAT32);
     silu_backward(dx->dcond, x->cond, (size_t)B * C);
     encoder_backward(dp->wy, dx->dcond, d->labels, B, C);
     memset(dx->dts, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dts, dp->wt2, dx->dcond, x->ts, NULL, p->wt2, B, C, C, FLOAT32);
+    matmul_backward(dx->dts, dp->wt2, dx->dcond, x->ts, NULL, p->wt2, B, C, C, 1, FLOAT32);
     silu_backward(dx->dts, x->th, (size_t)B * C);
     memset(dx->dtfreq, 0, (size_t)B * C * sizeof(float));
-    matmul_backward(dx->dtfreq, dp->wt1, dx->dts, x->tfreq, NULL, p->wt1, B, C, C, FLOAT32);
+    matmul_backward(dx->dtfreq, dp->wt1, dx->dts, x->tfreq, NULL, p->wt1, B, C, C, 1, FLOAT32);
 }
 
 // Gradient of the total loss of the last forward pass (the mean squared error and the MoE's

@@ -2,9 +2,10 @@
 matmul.h: the CPU's matrix products, and the e^x its softmaxes and SiLU use.
 
 - matmul_forward / matmul_backward: the products of a linear layer, out (rows, OC) = inp (rows, IC)
-  · weight (OC, IC)^T and its backward pass, with an optional gather of input rows (the tokens of
-  one expert); matmul_forward_grouped / matmul_backward_grouped: those of all the experts of a
-  layer at once. They run the packed sgemm below, which reaches most of the FMA units' speed.
+  · weight (OC, IC)^T and its backward pass (adding to the weight's gradient, and to the input's or
+  writing it), with an optional gather of input rows (the tokens of one expert);
+  matmul_forward_grouped / matmul_backward_grouped: those of all the experts of a layer at once.
+  They run the packed sgemm below, which reaches most of the FMA units' speed.
 - matmul_forward_reference / matmul_backward_reference: the same products as simple loops, which
   test/test_matmul.c checks the fast ones against.
 - sgemm_batch / sgemm_serial on MatrixView operands, and the products on the calling thread that
@@ -24,7 +25,7 @@ number of threads, so results are bitwise identical for any number of threads.
 #include "utils.h"  // defines: fail, checked memory and file I/O, file headers
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define BF16_NATIVE_BUILD 1  // the compiler can emit vdpbf16ps; the CPU is asked at run time
+#define BF16_NATIVE_BUILD 1  // the compiler can emit AVX-512 and vdpbf16ps; the CPU is asked at run time
 #endif
 
 static inline float dot_product(const float *a, const float *b, int n) {
@@ -133,18 +134,83 @@ static inline const float *view_row(MatrixView v, int r) {
 // Packs a panel of `width` values of x by kc of k, packed[k * width + x] = element (x0 + x, k0 + k),
 // zeros for x >= nx. Element (x, k) is v's (row x, column k), or (row k, column x) if transposed:
 // A panels are A's rows (x = i), B panels are B's columns (x = j, so B is passed transposed).
-static inline void pack_panel(float *restrict packed, MatrixView v, int x0, int nx, int k0, int kc, int width) {
+static inline void pack_panel_portable(float *restrict packed, MatrixView v, int x0, int nx, int k0, int kc,
+                                       int width) {
     if (!v.transposed) {
         for (int x = 0; x < width; x++) {
             const float *src = x < nx ? view_row(v, x0 + x) + k0 : NULL;
             for (int k = 0; k < kc; k++) { packed[k * width + x] = src ? src[k] : 0.0f; }
         }
+    } else if (nx >= width) {  // the common case apart: a copy of a known size becomes vector moves
+        for (int k = 0; k < kc; k++) { memcpy(packed + k * width, view_row(v, k0 + k) + x0, width * sizeof(float)); }
     } else {
         for (int k = 0; k < kc; k++) {
             const float *src = view_row(v, k0 + k) + x0;
             for (int x = 0; x < width; x++) { packed[k * width + x] = x < nx ? src[x] : 0.0f; }
         }
     }
+}
+
+#ifdef BF16_NATIVE_BUILD
+// 16 x 16 transpose of 32-bit elements in registers: afterwards r[j] holds what was column j.
+// Pairs of rows interleaved by 32 bits, then by 64 bits (a 4 x 4 block per 128-bit lane), then the
+// 128-bit lanes of four registers swapped as a 4 x 4 transpose of lanes.
+__attribute__((target("avx512f"))) static inline void transpose_16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: rows i .. i+3 of column 4L + j
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i low = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), high = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
+        __m512i low2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+        __m512i high2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
+        t[j] = _mm512_shuffle_i32x4(low, low2, 0x88);
+        t[4 + j] = _mm512_shuffle_i32x4(low, low2, 0xdd);
+        t[8 + j] = _mm512_shuffle_i32x4(high, high2, 0x88);
+        t[12 + j] = _mm512_shuffle_i32x4(high, high2, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) { r[i] = t[i]; }
+}
+
+static inline __mmask16 first_lanes(int n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+#endif
+
+#if defined(BF16_NATIVE_BUILD) && defined(__AVX512F__)
+// pack_panel_portable's rows case for A's panels (at most 16 rows, all of them in the matrix) in
+// vectors: 16 values of k of each row loaded at once, transposed in registers, one store per k
+// instead of one per value; it moves the same bits (test_matmul compares the two). Built where the
+// compiler targets AVX-512, as -march=native does on such CPUs.
+static void pack_rows_avx512(float *restrict packed, MatrixView v, int x0, int k0, int kc, int width) {
+    const float *rows[16];
+    for (int x = 0; x < width; x++) { rows[x] = view_row(v, x0 + x) + k0; }
+    for (int k = 0; k < kc; k += 16) {
+        __m512i r[16];
+        for (int x = 0; x < 16; x++) {
+            r[x] = x < width ? _mm512_maskz_loadu_epi32(first_lanes(kc - k), rows[x] + k) : _mm512_setzero_si512();
+        }
+        transpose_16x16(r);
+        for (int q = 0; q < 16 && k + q < kc; q++) {
+            _mm512_mask_storeu_epi32(packed + (size_t)(k + q) * width, first_lanes(width), r[q]);
+        }
+    }
+}
+#endif
+
+static inline void pack_panel(float *restrict packed, MatrixView v, int x0, int nx, int k0, int kc, int width) {
+#if defined(BF16_NATIVE_BUILD) && defined(__AVX512F__)
+    if (!v.transposed && nx >= width && width <= 16) {
+        pack_rows_avx512(packed, v, x0, k0, kc, width);
+        return;
+    }
+#endif
+    pack_panel_portable(packed, v, x0, nx, k0, kc, width);
 }
 
 static MatrixView transposed_view(MatrixView v) {
@@ -162,21 +228,26 @@ static inline float multiply_add(float x, float y, float acc) {
 #endif
 }
 
-// tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc values of k. Plain C: with
+// tile (GEMM_MR, GEMM_NR) = packed A panel · packed B panel over kc >= 1 values of k. Plain C: with
 // -O3 -march=native the compiler keeps acc in registers and unrolls i into a broadcast and fused
 // multiply-adds on vectors of j. multiply_add asks for the FMA explicitly: written acc + a * b,
 // -std=c11 keeps the multiply and the add apart, two instructions per term. Not inlined: inside
-// sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower.
+// sgemm's threaded loops GCC 12 kept acc in memory instead, and ran 3x slower. acc starts from the
+// first k's terms, and goes out row by row: initialized with = {0} and copied whole, it became calls
+// to memset and memcpy of 1.5 KB at every call of the kernel.
 __attribute__((noinline)) static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                                                    float *restrict tile) {
-    float acc[GEMM_MR][GEMM_NR] = {{0.0f}};
-    for (int k = 0; k < kc; k++) {
+    float acc[GEMM_MR][GEMM_NR];
+    for (int i = 0; i < GEMM_MR; i++) {
+        for (int j = 0; j < GEMM_NR; j++) { acc[i][j] = multiply_add(a[i], b[j], 0.0f); }
+    }
+    for (int k = 1; k < kc; k++) {
         for (int i = 0; i < GEMM_MR; i++) {
             float a_ik = a[k * GEMM_MR + i];
             for (int j = 0; j < GEMM_NR; j++) { acc[i][j] = multiply_add(a_ik, b[k * GEMM_NR + j], acc[i][j]); }
         }
     }
-    memcpy(tile, acc, sizeof(acc));
+    for (int i = 0; i < GEMM_MR; i++) { memcpy(tile + i * GEMM_NR, acc[i], sizeof(acc[i])); }
 }
 
 // bfloat16: the top 16 bits of a float32 (sign, 8 exponent bits, 7 significand bits), so the same
@@ -279,42 +350,14 @@ __attribute__((target("avx512f,avx512bf16"))) static void micro_kernel_bf16_avx5
     }
 }
 
-// 16 x 16 transpose of 32-bit elements in registers: afterwards r[j] holds what was column j.
-// Pairs of rows interleaved by 32 bits, then by 64 bits (a 4 x 4 block per 128-bit lane), then the
-// 128-bit lanes of four registers swapped as a 4 x 4 transpose of lanes.
-__attribute__((target("avx512f"))) static inline void transpose_16x16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  // r[i + j], lane L: rows i .. i+3 of column 4L + j
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int j = 0; j < 4; j++) {
-        __m512i low = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44), high = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xee);
-        __m512i low2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
-        __m512i high2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xee);
-        t[j] = _mm512_shuffle_i32x4(low, low2, 0x88);
-        t[4 + j] = _mm512_shuffle_i32x4(low, low2, 0xdd);
-        t[8 + j] = _mm512_shuffle_i32x4(high, high2, 0x88);
-        t[12 + j] = _mm512_shuffle_i32x4(high, high2, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) { r[i] = t[i]; }
-}
-
-static inline __mmask16 first_lanes(int n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
-
 // pack_panel_bf16_portable with AVX-512 BF16, the same bits: vcvtne2ps2bf16 rounds to nearest even,
 // turns subnormals into signed zeros and quiets NaNs, as bf16_round_bits does (Intel SDM,
 // VCVTNE2PS2BF16), which test_matmul checks on such values. Groups of 16 values of x: where each x's
 // values of k are contiguous, 32 of them become 16 pairs in one register, and 16 such registers
 // (one per x) are transposed; where each k's values of x are, two rows of k are rounded together
-// and their halves interleaved.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void pack_panel_bf16_avx512(
+// and their halves interleaved. Not inlined: GCC 12 inlined it into multiply_rows once that had
+// room, and the bf16 products ran 3 to 5% slower.
+__attribute__((noinline, target("avx512f,avx512bw,avx512bf16"))) static void pack_panel_bf16_avx512(
     uint32_t *restrict pairs, MatrixView v, int x0, int nx, int k0, int kc, int width) {
     int n_pairs = (kc + 1) / 2;
     for (int xg = 0; xg < width; xg += 16) {
@@ -389,6 +432,18 @@ static void pack_panel_bf16(uint32_t *restrict pairs, MatrixView v, int x0, int 
     pack_panel_bf16_portable(pairs, v, x0, nx, k0, kc, width);
 }
 
+// dst (n) = or += src (n), n <= GEMM_NR: a row of the micro-kernel's tile into C. Full rows apart, so
+// that they are two vector moves instead of a call to memcpy (which GCC makes of the variable copy).
+static inline void store_tile_row(float *restrict dst, const float *restrict src, int n, int add) {
+    if (n == GEMM_NR && add) {
+        for (int j = 0; j < GEMM_NR; j++) { dst[j] += src[j]; }
+    } else if (n == GEMM_NR) {
+        for (int j = 0; j < GEMM_NR; j++) { dst[j] = src[j]; }
+    } else {
+        for (int j = 0; j < n; j++) { dst[j] = add ? dst[j] + src[j] : src[j]; }
+    }
+}
+
 // Rows m_begin .. m_end-1 of C (at most GEMM_MC) against the packed panels of B for columns
 // n_begin .. n_end-1, over one block of k (k0, kc values): packs these rows of A into packed_a (and
 // packed_a16), then runs the micro-kernel on every pair of row panel and B panel, each B panel
@@ -419,13 +474,7 @@ static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int
                 micro_kernel(kc, packed_a + (m0 - m_begin) * kc, packed_b + panel * kc, tile);
             }
             for (int i = 0; i < mr; i++) {
-                float *dst = c + (size_t)(m0 + i) * ldc + n0;
-                const float *src = tile + i * GEMM_NR;
-                if (add) {
-                    for (int j = 0; j < nr; j++) { dst[j] += src[j]; }
-                } else {
-                    for (int j = 0; j < nr; j++) { dst[j] = src[j]; }
-                }
+                store_tile_row(c + (size_t)(m0 + i) * ldc + n0, tile + i * GEMM_NR, nr, add);
             }
         }
     }
@@ -653,15 +702,18 @@ void matmul_forward_grouped(float *out, const float *inp, const int *inp_rows, c
     }
 }
 
+// The backward pass adds to dweights, and to dinp when add_to_dinp is set; otherwise it writes dinp,
+// so that a caller whose dinp would start at zero need not zero it first.
 void matmul_backward_grouped(float *dinp, float *dweights, const float *dout, const float *inp, const int *inp_rows,
-                             const float *weights, const int *start, int E, int IC, int OC, Precision precision) {
+                             const float *weights, const int *start, int E, int IC, int OC, int add_to_dinp,
+                             Precision precision) {
     GemmProduct products[E];
     memset(products, 0, sizeof(products));
-    for (int e = 0; e < E; e++) {  // dinp (rows, IC) += dout · weight
+    for (int e = 0; e < E; e++) {  // dinp (rows, IC) = or += dout · weight
         MatrixView d = {dout + (size_t)start[e] * OC, NULL, OC, 0}, w = {weights + (size_t)e * OC * IC, NULL, IC, 0};
         products[e] = (GemmProduct){start[e + 1] - start[e], OC, d, w, dinp + (size_t)start[e] * IC, IC};
     }
-    sgemm_batch(E, products, IC, 1, precision, 1);
+    sgemm_batch(E, products, IC, add_to_dinp, precision, 1);
     for (int e = 0; e < E; e++) {  // dweight (OC, IC) += dout^T · inp
         MatrixView dt = {dout + (size_t)start[e] * OC, NULL, OC, 1};
         products[e] = (GemmProduct){OC, start[e + 1] - start[e], dt, expert_rows(inp, inp_rows, start, e, IC),
@@ -676,10 +728,10 @@ void matmul_forward(float *out, const float *inp, const int *inp_rows, const flo
     matmul_forward_grouped(out, inp, inp_rows, weight, start, 1, IC, OC, precision);
 }
 
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const int *inp_rows, const float *weight, int rows, int IC, int OC, Precision precision) {
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp, const int *inp_rows,
+                     const float *weight, int rows, int IC, int OC, int add_to_dinp, Precision precision) {
     int start[2] = {0, rows};
-    matmul_backward_grouped(dinp, dweight, dout, inp, inp_rows, weight, start, 1, IC, OC, precision);
+    matmul_backward_grouped(dinp, dweight, dout, inp, inp_rows, weight, start, 1, IC, OC, add_to_dinp, precision);
 }
 
 static inline float exp_fast(float x) {

@@ -95,7 +95,7 @@ static void check_shape(Shape s, uint64_t *rng) {
 
     matmul_forward(out, inp, inp_rows, weight, rows, IC, OC, FLOAT32);
     matmul_forward_reference(out_ref, inp, inp_rows, weight, rows, IC, OC);
-    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, rows, IC, OC, FLOAT32);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, rows, IC, OC, 1, FLOAT32);
     matmul_backward_reference(dinp_ref, dweight_ref, dout, inp, inp_rows, weight, rows, IC, OC);
 
     char name[96];
@@ -130,7 +130,7 @@ static void products_with_threads(int threads, Shape s, const float *inp, const 
     memset(dinp, 0, (size_t)s.rows * s.IC * sizeof(float));
     memset(dweight, 0, (size_t)s.OC * s.IC * sizeof(float));
     matmul_forward(out, inp, inp_rows, weight, s.rows, s.IC, s.OC, FLOAT32);
-    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, FLOAT32);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, 1, FLOAT32);
 }
 
 static void check_threads(Shape s, uint64_t *rng) {
@@ -190,13 +190,28 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
                 matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, counts[e], IC, OC,
                                precision);
                 matmul_backward(dinp[0] + (size_t)start[e] * IC, dw, dout + (size_t)start[e] * OC, inp,
-                                inp_rows + start[e], w, counts[e], IC, OC, precision);
+                                inp_rows + start[e], w, counts[e], IC, OC, 1, precision);
             }
         } else {
             matmul_forward_grouped(out[v], inp, inp_rows, weights, start, E, IC, OC, precision);
-            matmul_backward_grouped(dinp[v], dweights[v], dout, inp, inp_rows, weights, start, E, IC, OC, precision);
+            matmul_backward_grouped(dinp[v], dweights[v], dout, inp, inp_rows, weights, start, E, IC, OC, 1,
+                                    precision);
         }
     }
+    // add_to_dinp = 0 writes every row of dinp (here over NaNs): the same as adding onto zeros
+    float *dinp_zeros = (float *)calloc(n_dinp, sizeof(float)), *dinp_nans = copy_floats(dinp_start, n_dinp);
+    float *dw_add = copy_floats(weights, n_dw), *dw_write = copy_floats(weights, n_dw);
+    for (size_t i = 0; i < n_dinp; i++) { dinp_nans[i] = NAN; }
+    matmul_backward_grouped(dinp_zeros, dw_add, dout, inp, inp_rows, weights, start, E, IC, OC, 1, precision);
+    matmul_backward_grouped(dinp_nans, dw_write, dout, inp, inp_rows, weights, start, E, IC, OC, 0, precision);
+    int equal = memcmp(dw_add, dw_write, n_dw * sizeof(float)) == 0;
+    for (size_t i = 0; i < n_dinp; i++) { equal = equal && dinp_nans[i] == dinp_zeros[i]; }
+    check(equal, "grouped %s, IC %d OC %d: dinp written (over NaNs) equals dinp added onto zeros",
+          precision == BF16 ? "bf16" : "fp32", IC, OC);
+    free(dinp_zeros);
+    free(dinp_nans);
+    free(dw_add);
+    free(dw_write);
     for (int v = 1; v < 4; v++) {
         int same = memcmp(out[0], out[v], n_out * sizeof(float)) == 0
                 && memcmp(dinp[0], dinp[v], n_dinp * sizeof(float)) == 0
@@ -404,7 +419,7 @@ static void bf16_products(int native, Shape s, const float *inp, const int *inp_
     memcpy(dinp, start_dinp, (size_t)s.rows * s.IC * sizeof(float));
     memcpy(dweight, start_dweight, (size_t)s.OC * s.IC * sizeof(float));
     matmul_forward(out, inp, inp_rows, weight, s.rows, s.IC, s.OC, BF16);
-    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, BF16);
+    matmul_backward(dinp, dweight, dout, inp, inp_rows, weight, s.rows, s.IC, s.OC, 1, BF16);
 }
 
 // tiny: operands near 2^-64, so that products fall below float32's normal range and are flushed
@@ -506,12 +521,16 @@ static void check_bf16_rounding(void) {
     check(isnan(bf16_to_float(bf16_round(NAN))), "bf16_round(NaN) is NaN");
 }
 
-// The AVX-512 BF16 packing against the portable one, bitwise: both layouts of the source (x's values
-// of k contiguous, or k's values of x), panel widths of A and B, edges of x and odd kc, gathered
-// rows, and operands that mix ties, subnormals, infinities and NaNs among random values.
-static void check_bf16_packing(uint64_t *rng) {
+// The vector packings against the portable ones they replace, bitwise, on panels of both widths with
+// every edge, plain and gathered, rows and transposed, and values that round specially in bf16
+// (ties, subnormals, infinities, NaNs): float32 where the compiler targets AVX-512, bf16 where the
+// CPU has AVX-512 BF16.
+static void check_packing(int bf16, uint64_t *rng) {
 #ifdef BF16_NATIVE_BUILD
-    if (!bf16_native()) { return; }
+#ifndef __AVX512F__
+    if (!bf16) { return; }
+#endif
+    if (bf16 && !bf16_native()) { return; }
     enum { ROWS = 80, COLS = 80 };
     float *data = random_floats(ROWS * COLS, rng);
     const uint32_t special[] = {0x3f808000u, 0x3f818000u, 0xbf818000u, 0x00400000u, 0x80000001u,
@@ -520,7 +539,7 @@ static void check_bf16_packing(uint64_t *rng) {
     int gather[ROWS];
     for (int r = 0; r < ROWS; r++) { gather[r] = (r * 37 + 11) % ROWS; }
     const int widths[] = {GEMM_MR, GEMM_NR}, x_counts[] = {1, 11, 12, 17, 32}, k_counts[] = {1, 2, 31, 33, 64};
-    uint32_t portable[(64 / 2 + 1) * GEMM_NR], native[(64 / 2 + 1) * GEMM_NR];
+    uint32_t portable[64 * GEMM_NR], vector[64 * GEMM_NR];
     int differ = 0, panels = 0;
     for (int t = 0; t < 2; t++) {
         for (int g = 0; g < 2; g++) {
@@ -531,22 +550,28 @@ static void check_bf16_packing(uint64_t *rng) {
                     for (int ki = 0; ki < 5; ki++) {
                         int kc = k_counts[ki];
                         // both buffers start as the same filler and are compared whole, so that a
-                        // store past the panel's (kc + 1) / 2 rows of pairs shows as a difference
+                        // store past the panel's rows of k (or of bf16 pairs) shows as a difference
                         memset(portable, 0xab, sizeof(portable));
-                        memset(native, 0xab, sizeof(native));
-                        pack_panel_bf16_portable(portable, v, 3, nx, 5, kc, widths[w]);
-                        pack_panel_bf16_avx512(native, v, 3, nx, 5, kc, widths[w]);
-                        differ += memcmp(portable, native, sizeof(portable)) != 0;
+                        memset(vector, 0xab, sizeof(vector));
+                        if (bf16) {
+                            pack_panel_bf16_portable(portable, v, 3, nx, 5, kc, widths[w]);
+                            pack_panel_bf16_avx512(vector, v, 3, nx, 5, kc, widths[w]);
+                        } else {
+                            pack_panel_portable((float *)portable, v, 3, nx, 5, kc, widths[w]);
+                            pack_panel((float *)vector, v, 3, nx, 5, kc, widths[w]);
+                        }
+                        differ += memcmp(portable, vector, sizeof(portable)) != 0;
                         panels++;
                     }
                 }
             }
         }
     }
-    check(differ == 0, "bf16 packing: AVX-512 BF16 and portable bitwise identical on %d panels with special values "
-                       "(%d differ)", panels, differ);
+    check(differ == 0, "%s packing: AVX-512 and portable bitwise identical on %d panels with special values "
+                       "(%d differ)", bf16 ? "bf16" : "float32", panels, differ);
     free(data);
 #else
+    (void)bf16;
     (void)rng;
 #endif
 }
@@ -578,7 +603,8 @@ int main(void) {
     check_grouped(BF16, 100, 70, &rng);
     check_grouped(BF16, 40, 300, &rng);
     check_bf16_rounding();
-    check_bf16_packing(&rng);
+    check_packing(0, &rng);
+    check_packing(1, &rng);
     Shape bf16_shapes[] = {{1, 7, 5, 0}, {13, 257, 33, 1}, {145, 513, 291, 1}, {37, 600, 40, 0}, {600, 40, 24, 1}};
     for (size_t i = 0; i < sizeof(bf16_shapes) / sizeof(bf16_shapes[0]); i++) { check_bf16(bf16_shapes[i], 0, &rng); }
     check_bf16((Shape){50, 100, 40, 0}, 1, &rng);

@@ -291,14 +291,21 @@ int main(int argc, char **argv) {
     write_file(bad, file, flen);
     check_refuses("an unknown vocabulary kind", load, bad, "kind.bin: unknown vocabulary kind 7");
     file[24] = VOCAB_GPT2;
+    snprintf(bad, sizeof bad, "%s/merges.bin", dirbuf);
+    int32_t merges, huge = 0x7fffffdd;  // word 4, the number of merges: 256 + huge overflows an int
+    memcpy(&merges, file + 16, 4);
+    memcpy(file + 16, &huge, 4);
+    write_file(bad, file, flen);
+    check_refuses("a merge count near INT_MAX", load, bad, "merges.bin: header holds inconsistent sizes");
+    memcpy(file + 16, &merges, 4);
     snprintf(bad, sizeof bad, "%s/corrupt.bin", dirbuf);
     file[flen - 100] ^= 0x20;  // one byte of a token's text
     write_file(bad, file, flen);
     check_refuses("a corrupted token", load, bad, "corrupt.bin: a merged token");
     check_trained_vocabulary(dirbuf);
-    const char *names[] = {"empty.bin", "truncated.bin", "magic.bin", "version.bin", "kind.bin", "corrupt.bin",
-                           "bpe_a.bin", "bpe_b.bin"};
-    for (int i = 0; i < 8; i++) {
+    const char *names[] = {"empty.bin", "truncated.bin", "magic.bin", "version.bin", "kind.bin", "merges.bin",
+                           "corrupt.bin", "bpe_a.bin", "bpe_b.bin"};
+    for (int i = 0; i < 9; i++) {
         snprintf(bad, sizeof bad, "%s/%s", dirbuf, names[i]);
         remove(bad);
     }
