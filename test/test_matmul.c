@@ -199,7 +199,8 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
         }
     }
     // add_to_dinp = 0 writes every row of dinp (here over NaNs): the same as adding onto zeros
-    float *dinp_zeros = (float *)calloc(n_dinp, sizeof(float)), *dinp_nans = copy_floats(dinp_start, n_dinp);
+    float *dinp_zeros = (float *)calloc_check(n_dinp, sizeof(float));
+    float *dinp_nans = (float *)malloc_check(n_dinp * sizeof(float));
     float *dw_add = copy_floats(weights, n_dw), *dw_write = copy_floats(weights, n_dw);
     for (size_t i = 0; i < n_dinp; i++) { dinp_nans[i] = NAN; }
     matmul_backward_grouped(dinp_zeros, dw_add, dout, inp, inp_rows, weights, start, E, IC, OC, 1, precision);
