@@ -105,7 +105,10 @@ void matmul_backward_reference(float *dinp, float *dweight, const float *dout, c
 // product per k: 24 fused multiply-adds for 2 vector loads and 12 broadcasts, so it runs at the
 // speed of the FMA units rather than of memory. It reads A and B from packed copies laid out in
 // the order it uses them: GEMM_KC values of k at a time, a GEMM_MC x GEMM_KC block of A that
-// stays in the L2 cache and a GEMM_KC x GEMM_NC block of B whose GEMM_NR-wide panels stay in L1.
+// stays in the L2 cache and a GEMM_KC x GEMM_NC block of B (in L3, shared by the threads) whose
+// GEMM_NR-wide panels stay in L1. Rows of A are packed again for every GEMM_NC columns, so wide
+// products (qkv's 3C, the LM head's vocabulary) want GEMM_NC large: at 256 the LM head's input
+// was packed 197 times for the GPT-2 vocabulary.
 // Packing also gathers rows, transposes, and pads the edges with zeros, so the kernel has a
 // single shape; the padded results are never stored.
 //
@@ -116,7 +119,7 @@ void matmul_backward_reference(float *dinp, float *dweight, const float *dout, c
 #define GEMM_NR 32
 #define GEMM_KC 256
 #define GEMM_MC 144
-#define GEMM_NC 256
+#define GEMM_NC 1024
 
 // One operand: element (i, j) is data[row(i) * ld + j], or data[row(j) * ld + i] if transposed;
 // row(x) = rows[x] when a gather index is given, else x.
@@ -504,13 +507,31 @@ typedef struct {
 // of k in order, so every element of C is summed in the same order whatever the number of threads;
 // the split decides only who computes it. Without threads (attention calls it from its own
 // threads) everything runs on the calling thread, product by product and one block of k at a
-// time, with the packed blocks on its stack (about 600 KB).
+// time, GEMM_STACK_NC columns at a time, with the packed blocks on its stack (about 600 KB).
 #define GEMM_KB (4 * GEMM_KC)
+#define GEMM_STACK_NC 256
+
+// The threaded path's packed B (GEMM_KB values of k by GEMM_NC columns, or a block of k of each
+// product of a batch: 4 MB at C = 256), kept for the next call and never freed. Allocated and freed
+// by every call, its pages went back to the system and were faulted in again (glibc trims the
+// heap), which slowed some products by a third.
+static float *gemm_pack_buffer;
+static size_t gemm_pack_floats;
+
+static float *gemm_pack_reserve(size_t floats) {
+    if (floats > gemm_pack_floats) {
+        free(gemm_pack_buffer);
+        gemm_pack_buffer = (float *)malloc_check(floats * sizeof(float));
+        gemm_pack_floats = floats;
+    }
+    return gemm_pack_buffer;
+}
 
 // How sgemm_batch splits a batch: the products, their work items, the shared packed B.
 typedef struct {
     const GemmProduct *products;
     int count, N, accumulate, bf16;
+    int nc;  // columns per pack: GEMM_NC, or N in whole panels when that is fewer
     int chunk_rows, m_chunks, groups_wanted, k_blocks, blocks_per_pack;
     const int *first_chunk;  // product g's chunks of rows: first_chunk[g] .. first_chunk[g+1]-1
     float *packed_b;         // product g, block t of the pack: block g * blocks_per_pack + t
@@ -524,8 +545,8 @@ typedef struct {
 
 static size_t packed_offset(const GemmPlan *plan, int g, int t, int q, int kc, int bf16) {
     size_t block = (size_t)g * plan->blocks_per_pack + t;
-    if (bf16) { return block * GEMM_KC / 2 * GEMM_NC + q * GEMM_NR * ((kc + 1) / 2); }
-    return block * GEMM_KC * GEMM_NC + q * GEMM_NR * kc;
+    if (bf16) { return block * GEMM_KC / 2 * plan->nc + q * GEMM_NR * ((kc + 1) / 2); }
+    return block * GEMM_KC * plan->nc + q * GEMM_NR * kc;
 }
 
 // Work item i of packing: panel i % panels of block i / panels % blocks of product i / (blocks·panels).
@@ -567,8 +588,8 @@ static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *pa
 static void sgemm_loops(const GemmPlan *plan, int threads) {
     _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
     _Alignas(64) uint32_t packed_a16[GEMM_MC * GEMM_KC / 2];
-    for (int nb = 0; nb < plan->N; nb += GEMM_NC) {
-        GemmPack pk = {nb, nb + GEMM_NC < plan->N ? nb + GEMM_NC : plan->N, 0, 0, 0, 0, 0};
+    for (int nb = 0; nb < plan->N; nb += plan->nc) {
+        GemmPack pk = {nb, nb + plan->nc < plan->N ? nb + plan->nc : plan->N, 0, 0, 0, 0, 0};
         pk.panels = (pk.nb_end - nb + GEMM_NR - 1) / GEMM_NR;
         pk.groups = plan->groups_wanted < pk.panels ? plan->groups_wanted : pk.panels;
         pk.group_panels = (pk.panels + pk.groups - 1) / pk.groups;
@@ -620,22 +641,19 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
     }
     int blocks_per_pack = use_threads ? GEMM_KB / GEMM_KC / count : 1;
     blocks_per_pack = blocks_per_pack < 1 ? 1 : blocks_per_pack < k_blocks ? blocks_per_pack : k_blocks;
-    _Alignas(64) float stack_b[GEMM_KC * GEMM_NC];
-    _Alignas(64) uint32_t stack_b16[GEMM_KC / 2 * GEMM_NC];
-    size_t pack_blocks = (size_t)count * blocks_per_pack;
-    GemmPlan plan = {products, count, N, accumulate, precision == BF16, chunk_rows, first_chunk[count],
+    int nc_max = use_threads ? GEMM_NC : GEMM_STACK_NC, nc = (N + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    nc = nc < nc_max ? nc : nc_max;
+    _Alignas(64) float stack_b[GEMM_KC * GEMM_STACK_NC];  // without threads: one product, one block of k
+    _Alignas(64) uint32_t stack_b16[GEMM_KC / 2 * GEMM_STACK_NC];
+    float *packed_b = use_threads ? gemm_pack_reserve((size_t)count * blocks_per_pack * GEMM_KC * nc) : stack_b;
+    GemmPlan plan = {products, count, N, accumulate, precision == BF16, nc, chunk_rows, first_chunk[count],
                      (items + first_chunk[count] - 1) / first_chunk[count], k_blocks, blocks_per_pack, first_chunk,
-                     pack_blocks > 1 ? (float *)malloc_check(pack_blocks * sizeof(stack_b)) : stack_b,
-                     pack_blocks > 1 ? (uint32_t *)malloc_check(pack_blocks * sizeof(stack_b16)) : stack_b16};
+                     packed_b, use_threads ? (uint32_t *)packed_b : stack_b16};  // one of the two is used
     if (use_threads) {
         #pragma omp parallel
         sgemm_loops(&plan, 1);
     } else {
         sgemm_loops(&plan, 0);
-    }
-    if (plan.packed_b != stack_b) {
-        free(plan.packed_b);
-        free(plan.packed_b16);
     }
 }
 

@@ -579,7 +579,7 @@ static void check_packing(int bf16, uint64_t *rng) {
 
 int main(void) {
     uint64_t rng = 42;
-    // GEMM_MR = 12, GEMM_NR = 32, GEMM_KC = 256, GEMM_MC = 144, GEMM_NC = 256: every tile edge
+    // GEMM_MR = 12, GEMM_NR = 32, GEMM_KC = 256, GEMM_MC = 144, GEMM_NC = 1024: every tile edge
     Shape shapes[] = {
         {0, 64, 48, 0},     // an empty expert
         {0, 64, 48, 1},
@@ -590,12 +590,14 @@ int main(void) {
         {13, 257, 33, 0},   // one more of each
         {100, 300, 50, 1},
         {145, 513, 291, 1}, // more than a block of rows, of k, and of columns
-        {300, 64, 1003, 0}, // a vocabulary-like output, not a multiple of anything
+        {300, 64, 2051, 0}, // a vocabulary-like output over three blocks of columns, not a multiple of anything
         {37, 600, 40, 0},   // dinp: k = OC over three blocks
         {600, 40, 24, 1},   // dweight: k = rows over three blocks, gathered
+        {1100, 1030, 20, 1}, // dweight: more blocks of k than a pack holds with a full block of columns
+        {40, 1100, 1030, 0}, // forward and dinp: the same, and C written, not added to
     };
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) { check_shape(shapes[i], &rng); }
-    Shape thread_shapes[] = {{145, 513, 291, 1}, {600, 40, 1003, 1}, {50, 256, 16, 1}};
+    Shape thread_shapes[] = {{145, 513, 291, 1}, {600, 40, 2051, 1}, {50, 256, 16, 1}, {1100, 1030, 20, 1}};
     for (size_t i = 0; i < sizeof(thread_shapes) / sizeof(thread_shapes[0]); i++) {
         check_threads(thread_shapes[i], &rng);
     }
@@ -603,6 +605,8 @@ int main(void) {
     check_grouped(FLOAT32, 40, 300, &rng);
     check_grouped(BF16, 100, 70, &rng);
     check_grouped(BF16, 40, 300, &rng);
+    check_grouped(FLOAT32, 400, 40, &rng);  // dinp, dweight: more columns than GEMM_STACK_NC
+    check_grouped(BF16, 400, 40, &rng);
     check_bf16_rounding();
     check_packing(0, &rng);
     check_packing(1, &rng);
