@@ -22,7 +22,7 @@ number of threads, so results are bitwise identical for any number of threads.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#include "utils.h"  // defines: fail, checked memory and file I/O, file headers
+#include "utils.h"  // defines: fail, checked memory and file I/O, file headers, omp_threads, in_parallel_region
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define BF16_NATIVE_BUILD 1  // the compiler can emit AVX-512 and vdpbf16ps; the CPU is asked at run time
@@ -625,7 +625,8 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
         m_panels += (p.M + GEMM_MR - 1) / GEMM_MR;
     }
     if (work == 0) { return; }
-    use_threads = use_threads && omp_threads() > 1 && work >= PARALLEL_MIN_WORK;
+    // inside a parallel region the threads would share gemm_pack_buffer: the calling thread alone then
+    use_threads = use_threads && omp_threads() > 1 && work >= PARALLEL_MIN_WORK && !in_parallel_region();
     if (!use_threads && count > 1) {
         for (int g = 0; g < count; g++) { sgemm_batch(1, products + g, N, accumulate, precision, 0); }
         return;

@@ -13,7 +13,8 @@ utils.h: what every program of the project shares about errors and files.
 - atomic writes: a file is written to "path.tmp" and renamed over "path" only once complete.
 - splitmix64, the project's random number generator: its whole state is one integer; uniform
   and normal floats from it.
-- threads and the clock: set_num_threads, omp_threads, PARALLEL_MIN_WORK, zero_floats, wall_seconds.
+- threads and the clock: set_num_threads, omp_threads, in_parallel_region, PARALLEL_MIN_WORK, zero_floats,
+  wall_seconds.
 - HOST_DEVICE, which marks a function that both the C compiler and nvcc compile (the AdamW rule).
 */
 #ifndef UTILS_H
@@ -353,6 +354,14 @@ static inline int omp_threads(void) {
     return omp_get_max_threads();
 #else
     return 1;
+#endif
+}
+
+static inline int in_parallel_region(void) {
+#ifdef _OPENMP
+    return omp_in_parallel();
+#else
+    return 0;
 #endif
 }
 

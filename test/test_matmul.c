@@ -163,6 +163,42 @@ static void check_threads(Shape s, uint64_t *rng) {
     free(dout);
 }
 
+// Products called from the threads of a parallel region (each thread its own): each must run on its
+// calling thread alone, since the threaded path's packed B is one buffer, and give what it gives
+// when called outside.
+static void check_inside_parallel_region(uint64_t *rng) {
+#ifdef _OPENMP
+    enum { THREADS = 2, ROWS = 200, IC = 300, OC = 600 };
+    float *inp = random_floats((size_t)THREADS * ROWS * IC, rng);
+    float *weight = random_floats((size_t)THREADS * OC * IC, rng);  // each thread its own weights and B
+    float *inside = (float *)malloc_check((size_t)THREADS * ROWS * OC * sizeof(float));
+    float *outside = (float *)malloc_check((size_t)THREADS * ROWS * OC * sizeof(float));
+    set_num_threads(THREADS);
+    for (int t = 0; t < THREADS; t++) {
+        matmul_forward(outside + (size_t)t * ROWS * OC, inp + (size_t)t * ROWS * IC, NULL,
+                       weight + (size_t)t * OC * IC, ROWS, IC, OC, FLOAT32);
+    }
+    int same = 1;
+    for (int round = 0; round < 20; round++) {
+        #pragma omp parallel num_threads(THREADS)
+        {
+            int t = omp_get_thread_num();
+            matmul_forward(inside + (size_t)t * ROWS * OC, inp + (size_t)t * ROWS * IC, NULL,
+                           weight + (size_t)t * OC * IC, ROWS, IC, OC, FLOAT32);
+        }
+        same = same && memcmp(inside, outside, (size_t)THREADS * ROWS * OC * sizeof(float)) == 0;
+    }
+    check(same, "products called from %d threads of a parallel region: bitwise as called outside (20 rounds)",
+          THREADS);
+    free(inp);
+    free(weight);
+    free(inside);
+    free(outside);
+#else
+    (void)rng;  // no threads, so no region to call from
+#endif
+}
+
 // The experts of a layer in one batch (matmul_forward_grouped, matmul_backward_grouped): each
 // expert's rows must come out bitwise as matmul_forward / matmul_backward give them one expert at
 // a time (checked above against the reference), in float32 and bf16, on 1, 2 and 3 threads. Row
@@ -607,6 +643,7 @@ int main(void) {
     check_grouped(BF16, 40, 300, &rng);
     check_grouped(FLOAT32, 400, 40, &rng);  // dinp, dweight: more columns than GEMM_STACK_NC
     check_grouped(BF16, 400, 40, &rng);
+    check_inside_parallel_region(&rng);
     check_bf16_rounding();
     check_packing(0, &rng);
     check_packing(1, &rng);
