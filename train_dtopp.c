@@ -1132,7 +1132,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         matmul_forward(qkv, ln1, NULL, w.wqkv, N, C, 3 * C, model->precision);
         rope_forward(qkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         float *lse = t->att + l * attention_saved_floats(B, NH, T);  // each query's log-sum-exp
-        attention_forward(atty, lse, qkv, B, T, C, NH, 1);
+        attention_forward(atty, lse, qkv, B, T, C, NH, 1, model->precision);
         matmul_forward(res1, atty, NULL, w.wo, N, C, C, model->precision);  // res1 = x + Wo·atty
         residual_forward(res1, x, res1, (size_t)N * C);
         rmsnorm_forward(ln2, t->ln2_rstd + (size_t)l * N, res1, w.g2, N, C);
@@ -1196,7 +1196,7 @@ void model_backward(Model *model) {
                         model->precision);
         zero_floats(g->dqkv, (size_t)N * 3 * C);
         attention_backward(g->dqkv, g->datty, t->qkv + (size_t)l * N * 3 * C, t->atty + (size_t)l * N * C,
-                           t->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 1);
+                           t->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 1, model->precision);
         rope_backward(g->dqkv, model->ws->rope_cos, model->ws->rope_sin, B, T, C, NH);
         matmul_backward(g->dln, dw.wqkv, g->dqkv, t->ln1 + (size_t)l * N * C, NULL, w.wqkv, N, C, 3 * C, 0,
                         model->precision);

@@ -33,6 +33,7 @@ CONFIG_TABLE="small|4 128 8 128 256 16 64 2 topk
 c256-bytes|4 256 16 256 256 16 256 4 topk
 c256-dtopp|4 256 16 256 256 16 256 4 dtopp
 c256-gpt2|4 256 16 256 50257 8 256 4 topk
+c256-t1024|4 256 16 256 256 4 1024 4 topk
 c512-bytes|8 512 16 512 256 8 256 4 topk"
 CONFIGS=${CONFIGS:-$(cut -d'|' -f1 <<< "$CONFIG_TABLE" | tr '\n' ' ')}
 

@@ -486,7 +486,7 @@ void dit_forward(Dit *d, const float *xt, const float *t, const int *labels, con
         rmsnorm_forward(tr->ln1 + LN, tr->ln1_rstd + (size_t)l * N, in, w.g1, N, C);
         modulate_forward(x->mod1 + LN, tr->ln1 + LN, mod, mod + C, B, T, C, 6 * C);
         matmul_forward(qkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, FLOAT32);
-        attention_forward(tr->atty + LN, lse, qkv, B, T, C, NH, 0);
+        attention_forward(tr->atty + LN, lse, qkv, B, T, C, NH, 0, FLOAT32);
         matmul_forward(x->attproj + LN, tr->atty + LN, NULL, w.wo, N, C, C, FLOAT32);
         gate_forward(tr->res1 + LN, in, x->attproj + LN, mod + 2 * C, B, T, C, 6 * C);
         rmsnorm_forward(tr->ln2 + LN, tr->ln2_rstd + (size_t)l * N, tr->res1 + LN, w.g2, N, C);
@@ -568,7 +568,7 @@ void dit_backward_output(Dit *d) {
         matmul_backward(g->datty, dw.wo, dx->dbranch, tr->atty + LN, NULL, w.wo, N, C, C, 1, FLOAT32);
         memset(g->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         attention_backward(g->dqkv, g->datty, tr->qkv + (size_t)l * N * 3 * C, tr->atty + LN,
-                           tr->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 0);
+                           tr->att + l * attention_saved_floats(B, NH, T), B, T, C, NH, 0, FLOAT32);
         memset(dx->dmodulated, 0, (size_t)N * C * sizeof(float));
         matmul_backward(dx->dmodulated, dw.wqkv, g->dqkv, x->mod1 + LN, NULL, w.wqkv, N, C, 3 * C, 1, FLOAT32);
         memset(g->dln, 0, (size_t)N * C * sizeof(float));

@@ -18,7 +18,10 @@ ATTENTION_BACKWARD_ROWS, larger than the forward's tiles: fewer, larger products
 D_i = rowsum(dO_i ⊙ O_i) (= rowsum(P ⊙ dP), the softmax's backward term):
     P = e^(S_ij − lse_i),  dv_j += P^T · dO_i,  dP = dO_i · v_j^T,  dS = P ⊙ (dP − D_i) / sqrt(hd),
     dq_i += dS · k_j,  dk_j += dS^T · q_i.
-The products are matmul_nt / nn / tn (matmul.h) on the calling thread; e^x is exp_fast.
+The products are matmul_nt / nn / tn (matmul.h) on the calling thread, in the model's precision:
+with BF16 their operands (q, k, v, P, dO, dS) are rounded to bfloat16 and summed in float32, as
+FlashAttention does on GPUs; the softmax, its maximum, sum and log-sum-exp, D and dS are float32
+in both (doc/precision.md). e^x is exp_fast.
 
 Determinism: the forward gives each (sequence, head, query tile) to one thread; the backward gives
 each (sequence, head) to one thread, since a head's dk and dv rows take gradient from every query
@@ -40,18 +43,21 @@ test/test_matmul checks both passes against the attention that writes P out
 #define ATTENTION_KEY_TILE 128
 #define ATTENTION_BACKWARD_ROWS 256
 
-// One head of one sequence: its (T, hd) queries, keys and values are columns of qkv, rows ld apart.
+// One head of one sequence: its (T, hd) queries, keys and values are columns of qkv, rows ld apart;
+// and the precision of its products.
 typedef struct {
     const float *q, *k, *v;
     size_t ld;
     int T, hd, causal;
+    Precision precision;
 } AttentionHead;
 
-static AttentionHead attention_head(const float *qkv, int b, int h, int T, int C, int NH, int causal) {
+static AttentionHead attention_head(const float *qkv, int b, int h, int T, int C, int NH, int causal,
+                                    Precision precision) {
     size_t ld = 3 * (size_t)C;
     int hd = C / NH;
     const float *q = qkv + (size_t)b * T * ld + h * hd;
-    AttentionHead x = {q, q + C, q + 2 * C, ld, T, hd, causal};
+    AttentionHead x = {q, q + C, q + 2 * C, ld, T, hd, causal, precision};
     return x;
 }
 
@@ -96,7 +102,8 @@ static void attention_forward_tile(float *out, size_t ldo, float *lse, const Att
     }
     for (int j0 = 0; j0 < key_end; j0 += ATTENTION_KEY_TILE) {
         int n_keys = key_end - j0 < ATTENTION_KEY_TILE ? key_end - j0 : ATTENTION_KEY_TILE;
-        matmul_nt(s, n_keys, x->q + t0 * x->ld, x->ld, x->k + j0 * x->ld, x->ld, n_queries, n_keys, x->hd, 0);
+        matmul_nt(s, n_keys, x->q + t0 * x->ld, x->ld, x->k + j0 * x->ld, x->ld, n_queries, n_keys, x->hd, 0,
+                  x->precision);
         for (int i = 0; i < n_queries; i++) {
             float factor = online_softmax_row(s + i * n_keys, keys_seen(x, t0 + i, j0, n_keys), n_keys, scale,
                                               &m[i], &l[i]);
@@ -106,7 +113,8 @@ static void attention_forward_tile(float *out, size_t ldo, float *lse, const Att
             }
         }
         // O_i (+)= P · v_j; the first key tile writes
-        matmul_nn(out + t0 * ldo, ldo, s, n_keys, x->v + j0 * x->ld, x->ld, n_queries, x->hd, n_keys, j0 > 0);
+        matmul_nn(out + t0 * ldo, ldo, s, n_keys, x->v + j0 * x->ld, x->ld, n_queries, x->hd, n_keys, j0 > 0,
+                  x->precision);
     }
     for (int i = 0; i < n_queries; i++) {
         float *o = out + (t0 + i) * ldo, inv = 1.0f / l[i];
@@ -116,13 +124,14 @@ static void attention_forward_tile(float *out, size_t ldo, float *lse, const Att
 }
 
 // out (B, T, C), each head's columns; lse (B, NH, T). qkv (B, T, 3C): q, k, v, RoPE applied.
-void attention_forward(float *out, float *lse, const float *qkv, int B, int T, int C, int NH, int causal) {
+void attention_forward(float *out, float *lse, const float *qkv, int B, int T, int C, int NH, int causal,
+                       Precision precision) {
     int tiles = (T + ATTENTION_QUERY_TILE - 1) / ATTENTION_QUERY_TILE, hd = C / NH;
     #pragma omp parallel for collapse(3) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             for (int tile = 0; tile < tiles; tile++) {
-                AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal);
+                AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal, precision);
                 int t0 = tile * ATTENTION_QUERY_TILE, t1 = t0 + ATTENTION_QUERY_TILE;
                 float *o = out + (size_t)b * T * C + h * hd, *head_lse = lse + ((size_t)b * NH + h) * T;
                 attention_forward_tile(o, C, head_lse, &x, t0, t1 < T ? t1 : T);
@@ -165,12 +174,13 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
         for (int r0 = x->causal ? j0 : 0; r0 < x->T; r0 += ATTENTION_BACKWARD_ROWS) {
             int r1 = r0 + ATTENTION_BACKWARD_ROWS < x->T ? r0 + ATTENTION_BACKWARD_ROWS : x->T, rows = r1 - r0;
             const float *q = x->q + r0 * ld, *d = dout + r0 * ldo;
-            matmul_nt(s, n_keys, q, ld, k, ld, rows, n_keys, hd, 0);   // S (unscaled)
-            matmul_nt(ds, n_keys, d, ldo, v, ld, rows, n_keys, hd, 0);  // dP = dO · v_j^T
+            Precision precision = x->precision;
+            matmul_nt(s, n_keys, q, ld, k, ld, rows, n_keys, hd, 0, precision);   // S (unscaled)
+            matmul_nt(ds, n_keys, d, ldo, v, ld, rows, n_keys, hd, 0, precision);  // dP = dO · v_j^T
             attention_softmax_backward_tile(s, ds, lse, D, x, r0, r1, j0, n_keys);
-            matmul_tn(dv + j0 * ld, ld, s, n_keys, d, ldo, n_keys, hd, rows, 1);   // dv_j += P^T · dO
-            matmul_tn(dk + j0 * ld, ld, ds, n_keys, q, ld, n_keys, hd, rows, 1);   // dk_j += dS^T · q
-            matmul_nn(dq + r0 * ld, ld, ds, n_keys, k, ld, rows, hd, n_keys, 1);   // dq += dS · k_j
+            matmul_tn(dv + j0 * ld, ld, s, n_keys, d, ldo, n_keys, hd, rows, 1, precision);   // dv_j += P^T · dO
+            matmul_tn(dk + j0 * ld, ld, ds, n_keys, q, ld, n_keys, hd, rows, 1, precision);   // dk_j += dS^T · q
+            matmul_nn(dq + r0 * ld, ld, ds, n_keys, k, ld, rows, hd, n_keys, 1, precision);   // dq += dS · k_j
         }
     }
 }
@@ -178,7 +188,7 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
 // dqkv (B, T, 3C) += the gradient of attention_forward's out, given dout (B, T, C), and the out and
 // lse that attention_forward wrote.
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
-                        int B, int T, int C, int NH, int causal) {
+                        int B, int T, int C, int NH, int causal, Precision precision) {
     int hd = C / NH;
     #pragma omp parallel
     {
@@ -188,7 +198,7 @@ void attention_backward(float *dqkv, const float *dout, const float *qkv, const 
         #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int b = 0; b < B; b++) {
             for (int h = 0; h < NH; h++) {
-                AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal);
+                AttentionHead x = attention_head(qkv, b, h, T, C, NH, causal, precision);
                 float *dq = dqkv + (size_t)b * T * x.ld + h * hd;
                 size_t at = (size_t)b * T * C + h * hd;
                 attention_backward_head(dq, dq + C, dq + 2 * C, dout + at, out + at, C,

@@ -91,9 +91,9 @@ const float *decoder_step(Model *model, Decoder *d, int token, int pos) {
         rope_forward(qkv, rope_cos, rope_sin, 1, 1, C, NH);  // the tables from position pos
         for (int h = 0; h < NH; h++) {  // scores = q · K^T over positions 0 .. pos; P · V
             const float *q = qkv + h * hd, *k = cache + C + h * hd, *v = cache + 2 * C + h * hd;
-            matmul_nt(d->scores, pos + 1, q, 3 * C, k, 3 * C, 1, pos + 1, hd, 0);
+            matmul_nt(d->scores, pos + 1, q, 3 * C, k, 3 * C, 1, pos + 1, hd, 0, FLOAT32);
             softmax_row(d->scores, pos + 1, 1.0f / sqrtf((float)hd));
-            matmul_nn(atty + h * hd, C, d->scores, pos + 1, v, 3 * C, 1, hd, pos + 1, 0);
+            matmul_nn(atty + h * hd, C, d->scores, pos + 1, v, 3 * C, 1, hd, pos + 1, 0, FLOAT32);
         }
         matmul_forward(res1, atty, NULL, w.wo, 1, C, C, FLOAT32);
         residual_forward(res1, x, res1, C);

@@ -667,26 +667,27 @@ static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float 
 
 // Products of row-major matrices on the calling thread, for code that splits the work between
 // threads itself (attention: each thread owns whole heads). c (M, N) = a · b, or += when
-// accumulate is set; ld* is the distance between the rows of each matrix, in floats.
+// accumulate is set, with FLOAT32 or BF16 operands; ld* is the distance between the rows of each
+// matrix, in floats.
 //   matmul_nt: a (M, K) · b^T, b (N, K)
 //   matmul_nn: a (M, K) · b,   b (K, N)
 //   matmul_tn: a^T · b,        a (K, M), b (K, N)
 static inline void matmul_nt(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
-                             int M, int N, int K, int accumulate) {
+                             int M, int N, int K, int accumulate, Precision precision) {
     MatrixView va = {a, NULL, lda, 0}, vb = {b, NULL, ldb, 1};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, precision);
 }
 
 static inline void matmul_nn(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
-                             int M, int N, int K, int accumulate) {
+                             int M, int N, int K, int accumulate, Precision precision) {
     MatrixView va = {a, NULL, lda, 0}, vb = {b, NULL, ldb, 0};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, precision);
 }
 
 static inline void matmul_tn(float *c, size_t ldc, const float *a, size_t lda, const float *b, size_t ldb,
-                             int M, int N, int K, int accumulate) {
+                             int M, int N, int K, int accumulate, Precision precision) {
     MatrixView va = {a, NULL, lda, 1}, vb = {b, NULL, ldb, 0};
-    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, FLOAT32);
+    sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, precision);
 }
 
 // The products of E linear layers at once, the experts of a layer: rows start[e] .. start[e+1]-1

@@ -30,13 +30,13 @@ void attention_forward_reference(float *out, float *att, const float *qkv, int B
             for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                 int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_keys = causal ? t1 : T;
                 float *scores = P + (size_t)t0 * T;  // rows t0 .. t1-1
-                matmul_nt(scores, T, q + t0 * ld, ld, k, ld, t1 - t0, n_keys, hd, 0);  // q · k^T
+                matmul_nt(scores, T, q + t0 * ld, ld, k, ld, t1 - t0, n_keys, hd, 0, FLOAT32);  // q · k^T
                 for (int t = t0; t < t1; t++) {
                     int seen = causal ? t + 1 : T;
                     softmax_row(P + (size_t)t * T, seen, 1.0f / sqrtf((float)hd));
                     for (int j = seen; j < n_keys; j++) { P[(size_t)t * T + j] = 0.0f; }  // the mask
                 }
-                matmul_nn(o + (size_t)t0 * C, C, scores, T, v, ld, t1 - t0, hd, n_keys, 0);  // P · v
+                matmul_nn(o + (size_t)t0 * C, C, scores, T, v, ld, t1 - t0, hd, n_keys, 0, FLOAT32);  // P · v
             }
         }
     }
@@ -63,7 +63,7 @@ void attention_backward_reference(float *dqkv, const float *dout, const float *q
                 for (int t0 = 0; t0 < T; t0 += ATTENTION_BLOCK) {
                     int t1 = t0 + ATTENTION_BLOCK < T ? t0 + ATTENTION_BLOCK : T, n_keys = causal ? t1 : T;
                     int n_queries = t1 - t0;
-                    matmul_nt(dS, n_keys, d + (size_t)t0 * C, C, v, ld, n_queries, n_keys, hd, 0);  // dP
+                    matmul_nt(dS, n_keys, d + (size_t)t0 * C, C, v, ld, n_queries, n_keys, hd, 0, FLOAT32);  // dP
                     for (int t = t0; t < t1; t++) {
                         const float *p = P + (size_t)t * T;
                         float *ds = dS + (size_t)(t - t0) * n_keys, pdp = 0.0f;
@@ -73,9 +73,9 @@ void attention_backward_reference(float *dqkv, const float *dout, const float *q
                         for (int j = 0; j < seen; j++) { ds[j] = p[j] * (ds[j] - pdp) * scale; }
                         for (int j = seen; j < n_keys; j++) { ds[j] = 0.0f; }
                     }
-                    matmul_nn(dq + t0 * ld, ld, dS, n_keys, k, ld, n_queries, hd, n_keys, 1);
-                    matmul_tn(dk, ld, dS, n_keys, q + t0 * ld, ld, n_keys, hd, n_queries, 1);
-                    matmul_tn(dv, ld, P + (size_t)t0 * T, T, d + (size_t)t0 * C, C, n_keys, hd, n_queries, 1);
+                    matmul_nn(dq + t0 * ld, ld, dS, n_keys, k, ld, n_queries, hd, n_keys, 1, FLOAT32);
+                    matmul_tn(dk, ld, dS, n_keys, q + t0 * ld, ld, n_keys, hd, n_queries, 1, FLOAT32);
+                    matmul_tn(dv, ld, P + (size_t)t0 * T, T, d + (size_t)t0 * C, C, n_keys, hd, n_queries, 1, FLOAT32);
                 }
             }
         }

@@ -11,7 +11,9 @@ rounding's special cases one by one.
 Last, attention, built on the same products: the readable one that writes the probabilities out
 (test/attention_reference.h) against float64, and the model's tiled one (dtopp/attention.h)
 against float64 and against the readable one, causal and not, at sequence lengths of 1 and that
-end inside a tile; each bitwise the same on 1 and 2 threads (tolerance at TOL_ATTENTION).
+end inside a tile; each bitwise the same on 1 and 2 threads (tolerance at TOL_ATTENTION). And the
+tiled one with bf16 products against float64 within the bound derived at attention_bf16_bounds,
+bitwise the same on 1 and 2 threads and with the portable bf16 kernel.
 
     test_matmul
 
@@ -352,23 +354,56 @@ typedef struct {
     float *out, *att, *lse, *dqkv;
 } AttentionResult;
 
+// One shape's random inputs and their attention in float64 (attention_float64).
+typedef struct {
+    int B, T, C, NH, causal;
+    size_t N, n_att, n_lse;  // B·T positions; B·NH·T·T probabilities; B·NH·T log-sum-exps
+    float *qkv, *dout;
+    double *out, *att, *lse, *dqkv;
+    char name[64];
+} AttentionCase;
+
+static AttentionCase attention_case(int B, int T, int C, int NH, int causal, uint64_t *rng) {
+    AttentionCase x = {0};
+    x.B = B, x.T = T, x.C = C, x.NH = NH, x.causal = causal;
+    x.N = (size_t)B * T, x.n_att = (size_t)B * NH * T * T, x.n_lse = (size_t)B * NH * T;
+    x.qkv = random_floats(x.N * 3 * C, rng);
+    x.dout = random_floats(x.N * C, rng);
+    x.out = (double *)malloc_check(x.N * C * sizeof(double));
+    x.att = (double *)malloc_check(x.n_att * sizeof(double));
+    x.lse = (double *)malloc_check(x.n_lse * sizeof(double));
+    x.dqkv = (double *)malloc_check(x.N * 3 * C * sizeof(double));
+    attention_float64(x.out, x.att, x.lse, x.dqkv, x.qkv, x.dout, B, T, C, NH, causal);
+    snprintf(x.name, sizeof x.name, "attention B %d T %3d C %d NH %d %s", B, T, C, NH, causal ? "causal" : "full  ");
+    return x;
+}
+
+static void attention_case_free(AttentionCase *x) {
+    free(x->qkv);
+    free(x->dout);
+    free(x->out);
+    free(x->att);
+    free(x->lse);
+    free(x->dqkv);
+}
+
 // The readable attention (test/attention_reference.h, P written out) or the tiled one
-// (dtopp/attention.h, lse kept), forward and backward, with the given number of threads.
-static AttentionResult run_attention(int tiled, int threads, const float *qkv, const float *dout, int B, int T,
-                                     int C, int NH, int causal) {
-    size_t N = (size_t)B * T;
+// (dtopp/attention.h, lse kept, its products in the given precision), forward and backward, with
+// the given number of threads.
+static AttentionResult run_attention(int tiled, int threads, Precision precision, const AttentionCase *x) {
+    int B = x->B, T = x->T, C = x->C, NH = x->NH, causal = x->causal;
     AttentionResult r = {0};
-    r.out = (float *)malloc_check(N * C * sizeof(float));
-    r.dqkv = (float *)calloc_check(N * 3 * C, sizeof(float));
+    r.out = (float *)malloc_check(x->N * C * sizeof(float));
+    r.dqkv = (float *)calloc_check(x->N * 3 * C, sizeof(float));
     set_num_threads(threads);
     if (tiled) {
-        r.lse = (float *)malloc_check((size_t)B * NH * T * sizeof(float));
-        attention_forward(r.out, r.lse, qkv, B, T, C, NH, causal);
-        attention_backward(r.dqkv, dout, qkv, r.out, r.lse, B, T, C, NH, causal);
+        r.lse = (float *)malloc_check(x->n_lse * sizeof(float));
+        attention_forward(r.out, r.lse, x->qkv, B, T, C, NH, causal, precision);
+        attention_backward(r.dqkv, x->dout, x->qkv, r.out, r.lse, B, T, C, NH, causal, precision);
     } else {
-        r.att = (float *)calloc_check((size_t)B * NH * T * T, sizeof(float));
-        attention_forward_reference(r.out, r.att, qkv, B, T, C, NH, causal);
-        attention_backward_reference(r.dqkv, dout, qkv, r.att, B, T, C, NH, causal);
+        r.att = (float *)calloc_check(x->n_att, sizeof(float));
+        attention_forward_reference(r.out, r.att, x->qkv, B, T, C, NH, causal);
+        attention_backward_reference(r.dqkv, x->dout, x->qkv, r.att, B, T, C, NH, causal);
     }
     return r;
 }
@@ -387,43 +422,33 @@ static void free_attention(AttentionResult r) {
 // Both attentions on one shape: the readable one against float64, the tiled one against the
 // readable one and against float64 (its lse too), and each bitwise the same on 1 and 2 threads.
 static void check_attention(int B, int T, int C, int NH, int causal, uint64_t *rng) {
-    size_t N = (size_t)B * T, n_att = (size_t)B * NH * T * T, n_lse = (size_t)B * NH * T;
-    float *qkv = random_floats(N * 3 * C, rng), *dout = random_floats(N * C, rng);
-    double *out64 = (double *)malloc_check(N * C * sizeof(double)), *att64 = (double *)malloc_check(n_att * 8);
-    double *lse64 = (double *)malloc_check(n_lse * sizeof(double)), *dqkv64 = (double *)malloc_check(N * 3 * C * 8);
-    attention_float64(out64, att64, lse64, dqkv64, qkv, dout, B, T, C, NH, causal);
-    char name[64];
-    snprintf(name, sizeof name, "attention B %d T %3d C %d NH %d %s", B, T, C, NH, causal ? "causal" : "full  ");
+    AttentionCase x = attention_case(B, T, C, NH, causal, rng);
+    size_t n_out = x.N * C, n_dqkv = x.N * 3 * C;
     for (int tiled = 0; tiled <= 1; tiled++) {
-        AttentionResult one = run_attention(tiled, 1, qkv, dout, B, T, C, NH, causal);
-        AttentionResult two = run_attention(tiled, 2, qkv, dout, B, T, C, NH, causal);
-        double e_out = relative_error64(one.out, out64, N * C, 0);
-        double e_dqkv = relative_error64(one.dqkv, dqkv64, N * 3 * C, 0);
-        double e_p = tiled ? relative_error64(one.lse, lse64, n_lse, 0)
-                           : relative_error64(one.att, att64, n_att, causal ? T : 0);
+        AttentionResult one = run_attention(tiled, 1, FLOAT32, &x);
+        AttentionResult two = run_attention(tiled, 2, FLOAT32, &x);
+        double e_out = relative_error64(one.out, x.out, n_out, 0);
+        double e_dqkv = relative_error64(one.dqkv, x.dqkv, n_dqkv, 0);
+        double e_p = tiled ? relative_error64(one.lse, x.lse, x.n_lse, 0)
+                           : relative_error64(one.att, x.att, x.n_att, causal ? T : 0);
         check(e_out <= TOL_ATTENTION && e_p <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
-              "%s %s vs float64: out %.1e, %s %.1e, dqkv %.1e (tol. %.0e)", name, tiled ? "tiled   " : "readable",
+              "%s %s vs float64: out %.1e, %s %.1e, dqkv %.1e (tol. %.0e)", x.name, tiled ? "tiled   " : "readable",
               e_out, tiled ? "lse" : "P", e_p, e_dqkv, TOL_ATTENTION);
         if (tiled) {
-            AttentionResult ref = run_attention(0, 1, qkv, dout, B, T, C, NH, causal);
-            e_out = relative_error32(one.out, ref.out, N * C);
-            e_dqkv = relative_error32(one.dqkv, ref.dqkv, N * 3 * C);
+            AttentionResult ref = run_attention(0, 1, FLOAT32, &x);
+            e_out = relative_error32(one.out, ref.out, n_out);
+            e_dqkv = relative_error32(one.dqkv, ref.dqkv, n_dqkv);
             check(e_out <= TOL_ATTENTION && e_dqkv <= TOL_ATTENTION,
-                  "%s tiled    vs readable: out %.1e, dqkv %.1e (tol. %.0e)", name, e_out, e_dqkv, TOL_ATTENTION);
+                  "%s tiled    vs readable: out %.1e, dqkv %.1e (tol. %.0e)", x.name, e_out, e_dqkv, TOL_ATTENTION);
             free_attention(ref);
         }
-        int same = same_floats(one.out, two.out, N * C) && same_floats(one.dqkv, two.dqkv, N * 3 * C)
-                && (tiled ? same_floats(one.lse, two.lse, n_lse) : same_floats(one.att, two.att, n_att));
-        check(same, "%s %s: 1 and 2 threads bitwise identical", name, tiled ? "tiled   " : "readable");
+        int same = same_floats(one.out, two.out, n_out) && same_floats(one.dqkv, two.dqkv, n_dqkv)
+                && (tiled ? same_floats(one.lse, two.lse, x.n_lse) : same_floats(one.att, two.att, x.n_att));
+        check(same, "%s %s: 1 and 2 threads bitwise identical", x.name, tiled ? "tiled   " : "readable");
         free_attention(one);
         free_attention(two);
     }
-    free(qkv);
-    free(dout);
-    free(out64);
-    free(att64);
-    free(lse64);
-    free(dqkv64);
+    attention_case_free(&x);
 }
 
 // bf16 operands (Precision BF16). Rounding each operand to bfloat16 (8 significant bits, unit
@@ -613,6 +638,115 @@ static void check_packing(int bf16, uint64_t *rng) {
 #endif
 }
 
+// Attention with BF16 products (dtopp/attention.h): q·k, P·v and the backward's products round
+// their operands; the softmax and everything else stay float32. Each output is checked against the
+// float64 attention within a bound derived from the same float64 quantities. ε is the error of one
+// product of rounded operands summed in float32, bf16_bound(1, T) (the float32 rescaling and e^x
+// of the online softmax add a few roundings per output, within its γ). A query's scores are off by
+// at most δ = ε·a, a = max over the keys it sees of Σ|q_i k_i| / sqrt(hd), so each of its
+// probabilities by a factor within e^(±2δ): ρ = e^(2δ) − 1 relative. The terms of its output's sum
+// are then off by at most (1 + ρ)(1 + ε) − 1 each:
+//   out_i:  ((1 + ρ)(1 + ε) − 1) Σ_j P_j |v_ji|.
+// The backward: dP_j = dO · v_j is off by δdP_j ≤ ε Σ_i |dO_i v_ji|, D = dO · out by δD ≤
+// Σ_i |dO_i| bound(out_i), and dS_j = P_j (dP_j − D) / sqrt(hd) by
+//   δdS_j ≤ P_j (ρ |dP_j − D| + (1 + ρ)(δdP_j + δD)) / sqrt(hd),
+// so, each rounded product adding ε of its magnitude,
+//   dq_i:   Σ_j ((1 + ε) δdS_j + ε |dS_j|) |k_ji|,   dk_ji: the same terms times |q_i|, over queries,
+//   dv_ji:  ((1 + ρ)(1 + ε) − 1) P_j |dO_i|, over queries.
+static void attention_bf16_bounds(double *bound_out, double *bound_dqkv, const double *att64, const float *qkv,
+                                  const float *dout, int B, int T, int C, int NH, int causal) {
+    int hd = C / NH;
+    double scale = 1.0 / sqrt((double)hd), eps = bf16_bound(1.0, T);
+    memset(bound_out, 0, (size_t)B * T * C * sizeof(double));
+    memset(bound_dqkv, 0, (size_t)B * T * 3 * C * sizeof(double));
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                size_t row = (size_t)b * T + t;
+                const float *q = qkv + row * 3 * C + h * hd, *dy = dout + row * C + h * hd;
+                const double *p = att64 + (((size_t)b * NH + h) * T + t) * T;
+                double *bo = bound_out + row * C + h * hd, *bdq = bound_dqkv + row * 3 * C + h * hd;
+                int seen = causal ? t + 1 : T;
+                double a = 0.0, D = 0.0, dD = 0.0, dp[T];
+                for (int j = 0; j < seen; j++) {
+                    const float *k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hd;
+                    double magnitude = 0.0;
+                    for (int i = 0; i < hd; i++) { magnitude += fabs((double)q[i] * k[i]); }
+                    a = magnitude * scale > a ? magnitude * scale : a;
+                }
+                double rho = expm1(2.0 * eps * a), term = (1.0 + rho) * (1.0 + eps) - 1.0;
+                for (int j = 0; j < seen; j++) {
+                    const float *v = qkv + ((size_t)b * T + j) * 3 * C + 2 * C + h * hd;
+                    dp[j] = 0.0;
+                    for (int i = 0; i < hd; i++) {
+                        bo[i] += term * p[j] * fabs(v[i]);
+                        dp[j] += (double)dy[i] * v[i];
+                    }
+                    D += p[j] * dp[j];
+                }
+                for (int i = 0; i < hd; i++) { dD += fabs(dy[i]) * bo[i]; }
+                for (int j = 0; j < seen; j++) {
+                    const float *k = qkv + ((size_t)b * T + j) * 3 * C + C + h * hd, *v = k + C;
+                    double *bdk = bound_dqkv + ((size_t)b * T + j) * 3 * C + C + h * hd, *bdv = bdk + C, ddp = 0.0;
+                    for (int i = 0; i < hd; i++) { ddp += eps * fabs((double)dy[i] * v[i]); }
+                    double ds = p[j] * (dp[j] - D) * scale;
+                    double dds = p[j] * (rho * fabs(dp[j] - D) + (1.0 + rho) * (ddp + dD)) * scale;
+                    double w = (1.0 + eps) * dds + eps * fabs(ds);
+                    for (int i = 0; i < hd; i++) {
+                        bdq[i] += w * fabs(k[i]);
+                        bdk[i] += w * fabs(q[i]);
+                        bdv[i] += term * p[j] * fabs(dy[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The largest |got − want| / bound over n outputs.
+static double worst_ratio(const float *got, const double *want, const double *bound, size_t n) {
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double ratio = fabs((double)got[i] - want[i]) / (bound[i] + 1e-300);
+        if (!(ratio <= worst)) { worst = ratio; }
+    }
+    return worst;
+}
+
+// The tiled attention with BF16 products on one shape: within the bounds above, further from
+// float64 than float32's tolerance (so its products were rounded), the same bits on 1 and 2
+// threads and with the portable bf16 kernel.
+static void check_attention_bf16(int B, int T, int C, int NH, int causal, uint64_t *rng) {
+    AttentionCase x = attention_case(B, T, C, NH, causal, rng);
+    size_t n_out = x.N * C, n_dqkv = x.N * 3 * C;
+    double *bound_out = (double *)malloc_check(n_out * sizeof(double));
+    double *bound_dqkv = (double *)malloc_check(n_dqkv * sizeof(double));
+    attention_bf16_bounds(bound_out, bound_dqkv, x.att, x.qkv, x.dout, B, T, C, NH, causal);
+    AttentionResult one = run_attention(1, 1, BF16, &x), two = run_attention(1, 2, BF16, &x);
+    bf16_native_kernel = 0;
+    AttentionResult portable = run_attention(1, 1, BF16, &x);
+    bf16_native_kernel = -1;
+    double w_out = worst_ratio(one.out, x.out, bound_out, n_out);
+    double w_dqkv = worst_ratio(one.dqkv, x.dqkv, bound_dqkv, n_dqkv);
+    check(w_out <= 1.0 && w_dqkv <= 1.0, "%s bf16     vs float64: error / bound at most %.2f (out), %.2f (dqkv)",
+          x.name, w_out, w_dqkv);
+    double e_out = relative_error64(one.out, x.out, n_out, 0), e_dqkv = relative_error64(one.dqkv, x.dqkv, n_dqkv, 0);
+    check(e_out > TOL_ATTENTION && e_dqkv > TOL_ATTENTION,
+          "%s bf16     rounded: out %.1e, dqkv %.1e from float64 (float32's tolerance %.0e)", x.name, e_out, e_dqkv,
+          TOL_ATTENTION);
+    int same = same_floats(one.out, two.out, n_out) && same_floats(one.dqkv, two.dqkv, n_dqkv)
+            && same_floats(one.lse, two.lse, x.n_lse);
+    check(same, "%s bf16    : 1 and 2 threads bitwise identical", x.name);
+    same = same_floats(one.out, portable.out, n_out) && same_floats(one.dqkv, portable.dqkv, n_dqkv);
+    check(same, "%s bf16    : portable kernel bitwise identical", x.name);
+    free_attention(one);
+    free_attention(two);
+    free_attention(portable);
+    free(bound_out);
+    free(bound_dqkv);
+    attention_case_free(&x);
+}
+
 int main(void) {
     uint64_t rng = 42;
     // GEMM_MR = 12, GEMM_NR = 32, GEMM_KC = 256, GEMM_MC = 144, GEMM_NC = 1024: every tile edge
@@ -661,6 +795,10 @@ int main(void) {
     check_attention(2, 130, 96, 3, 0, &rng);
     check_attention(1, 300, 64, 2, 1, &rng);
     check_attention(1, 300, 40, 2, 0, &rng);
+    check_attention_bf16(2, 37, 32, 2, 1, &rng);
+    check_attention_bf16(3, 130, 96, 3, 1, &rng);
+    check_attention_bf16(2, 130, 96, 3, 0, &rng);
+    check_attention_bf16(1, 300, 64, 2, 1, &rng);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
