@@ -663,22 +663,24 @@ static double log_sum_exp(const float *z, int V) {
     return log(sum) + maxval;
 }
 
-// Mean cross-entropy over the first V logits; per-position losses go to token_loss.
-void crossentropy_forward(float *token_loss, const float *logits, const int *targets, int N, int V) {
+// Mean cross-entropy over the first V logits: per-position losses to token_loss, log-sum-exps to token_lse.
+void crossentropy_forward(float *token_loss, float *token_lse, const float *logits, const int *targets, int N, int V) {
     #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        token_loss[n] = (float)(log_sum_exp(z, V) - z[targets[n]]);
+        double lse = log_sum_exp(z, V);
+        token_lse[n] = (float)lse;
+        token_loss[n] = (float)(lse - z[targets[n]]);
     }
 }
 
-// Writes (not accumulates) dlogits: scale · (softmax − onehot).
-void crossentropy_backward(float *dlogits, const float *logits, const int *targets, int N, int V,
-                           float scale) {
+// Writes (not accumulates) dlogits: scale · (softmax − onehot), from the forward pass's token_lse.
+void crossentropy_backward(float *dlogits, const float *logits, const float *token_lse, const int *targets, int N,
+                           int V, float scale) {
     #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
     for (int n = 0; n < N; n++) {
         const float *z = logits + (size_t)n * V;
-        float *dz = dlogits + (size_t)n * V, lse = (float)log_sum_exp(z, V);
+        float *dz = dlogits + (size_t)n * V, lse = token_lse[n];
         #pragma omp simd
         for (int i = 0; i < V; i++) { dz[i] = scale * exp_fast(z[i] - lse); }
         dz[targets[n]] -= scale;
@@ -1039,6 +1041,7 @@ struct Workspace {
     int rope_len;
     const int *inputs;    // the batch of the last forward pass
     const int *targets;
+    float *token_lse;     // (N) log-sum-exp of each row of logits, reused by the backward pass
 };
 
 // How layer l routes: as configured, except layer 0 with --first-layer-k, which takes a fixed top-k
@@ -1105,6 +1108,7 @@ static void model_ensure_activations(Model *model, int B, int T) {
     if (model->ws->acts.acts_memory != NULL && model->ws->acts.B == B && model->ws->acts.T == T) { return; }
     activations_free(&model->ws->acts);
     activations_alloc(&model->ws->acts, c, B, T, 1);
+    model->ws->token_lse = (float *)realloc_check(model->ws->token_lse, (size_t)B * T * sizeof(float));
     if (ep_ranks > 1) { model->ws->acts.owned = owned_alloc(c); }  // the decoder's too (dtopp/decoder.h)
 }
 
@@ -1146,7 +1150,7 @@ void model_forward(Model *model, const int *inputs, const int *targets, int B, i
         model->loss = model->ce_loss = -1.0f;
         return;
     }
-    crossentropy_forward(t->token_loss, t->logits, targets, N, V);
+    crossentropy_forward(t->token_loss, model->ws->token_lse, t->logits, targets, N, V);
     double ce = 0.0, lb = 0.0, ent = 0.0;
     for (int n = 0; n < N; n++) { ce += t->token_loss[n]; }
     for (int l = 0; l < L; l++) {
@@ -1177,7 +1181,7 @@ void model_backward(Model *model) {
     int V = c->vocab_size;
     ParameterTensors *dp = &model->grads;
 
-    crossentropy_backward(g->dlogits, t->logits, model->ws->targets, N, V, 1.0f / N);
+    crossentropy_backward(g->dlogits, t->logits, model->ws->token_lse, model->ws->targets, N, V, 1.0f / N);
     matmul_backward(g->dln, dp->wte, g->dlogits, t->lnf, NULL, model->params.wte, N, C, V, 0, model->precision);
     zero_floats(g->dresidual, (size_t)N * C);
     rmsnorm_backward(g->dresidual, dp->gf, g->dln, t->res2 + (size_t)(L - 1) * N * C, model->params.gf,
@@ -1603,6 +1607,7 @@ void model_free(Model *model) {
     free(model->integral);
     free(model->ws->rope_cos);
     free(model->ws->rope_sin);
+    free(model->ws->token_lse);
     activations_free(&model->ws->acts);
     free(model->ws);
 }

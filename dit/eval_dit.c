@@ -352,13 +352,13 @@ static void train_classifier(const EvalOptions *o) {
     float *scores = (float *)malloc_check((size_t)B * K * sizeof(float));
     float *dscores = (float *)malloc_check((size_t)B * K * sizeof(float));
     float *features = (float *)malloc_check((size_t)B * C * sizeof(float));
-    float *losses = (float *)malloc_check(B * sizeof(float));
+    float *losses = (float *)malloc_check(B * sizeof(float)), *lse = (float *)malloc_check(B * sizeof(float));
     double start = wall_seconds(), loss_sum = 0.0, right = 0.0;
     for (int step = 0; step < o->steps; step++) {
         next_batch(&s, B, 0.0f);  // clean images x0 with their true classes; t and noise go unused
         classifier_forward(&cl, s.x0, B, scores, features);
-        crossentropy_forward(losses, scores, s.classes, B, K);
-        crossentropy_backward(dscores, scores, s.classes, B, K, 1.0f / B);
+        crossentropy_forward(losses, lse, scores, s.classes, B, K);
+        crossentropy_backward(dscores, scores, lse, s.classes, B, K, 1.0f / B);
         dit_zero_grad(net);
         classifier_backward(&cl, dscores, B);
         float norm = dit_update(net, learning_rate(step, o->steps, o->warmup, o->lr), 0.0f);
@@ -389,6 +389,7 @@ static void train_classifier(const EvalOptions *o) {
     free(dscores);
     free(features);
     free(losses);
+    free(lse);
     batches_close(&s);
     classifier_free(&cl);
 }

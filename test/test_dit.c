@@ -554,9 +554,9 @@ static void test_frechet(void) {
 
 // The classifier's mean cross-entropy on a batch.
 static double classifier_loss(Classifier *cl, const float *images, const int *classes, int B) {
-    float scores[4 * NUM_CLASSES], features[4 * 64], losses[4];
+    float scores[4 * NUM_CLASSES], features[4 * 64], losses[4], lse[4];
     classifier_forward(cl, images, B, scores, features);
-    crossentropy_forward(losses, scores, classes, B, NUM_CLASSES);
+    crossentropy_forward(losses, lse, scores, classes, B, NUM_CLASSES);
     double sum = 0.0;
     for (int b = 0; b < B; b++) { sum += losses[b] / B; }
     return sum;
@@ -580,9 +580,10 @@ static void test_classifier(void) {
     int B = 4, D = 28 * 28, classes[4] = {0, 3, 7, 9};
     float *images = (float *)malloc_check((size_t)B * D * sizeof(float));
     for (int i = 0; i < B * D; i++) { images[i] = 2.0f * random_f32(&rng) - 1.0f; }
-    float scores[4 * NUM_CLASSES], dscores[4 * NUM_CLASSES], features[4 * 16];
+    float scores[4 * NUM_CLASSES], dscores[4 * NUM_CLASSES], features[4 * 16], losses[4], lse[4];
     classifier_forward(&cl, images, B, scores, features);
-    crossentropy_backward(dscores, scores, classes, B, NUM_CLASSES, 1.0f / B);
+    crossentropy_forward(losses, lse, scores, classes, B, NUM_CLASSES);
+    crossentropy_backward(dscores, scores, lse, classes, B, NUM_CLASSES, 1.0f / B);
     dit_zero_grad(net);
     classifier_backward(&cl, dscores, B);
     float *grads = (float *)malloc_check(net->num_parameters * sizeof(float));
