@@ -33,7 +33,7 @@ test/test_matmul checks both passes against the attention that writes P out
 #define ATTENTION_H
 
 #include <math.h>
-#include "matmul.h"  // defines: matmul_nt, matmul_nn, matmul_tn, dot_product, exp_fast, bf16_native
+#include "matmul.h"  // defines: matmul_nt, matmul_nn, matmul_tn, dot_product, exp_fast
 #include "utils.h"   // defines: malloc_check
 
 // A forward tile of scores is 64 x 128 floats (32 KB), in cache while it turns into probabilities.
@@ -127,7 +127,6 @@ static void attention_forward_tile(float *out, size_t ldo, float *lse, const Att
 void attention_forward(float *out, float *lse, const float *qkv, int B, int T, int C, int NH, int causal,
                        Precision precision) {
     int tiles = (T + ATTENTION_QUERY_TILE - 1) / ATTENTION_QUERY_TILE, hd = C / NH;
-    if (precision == BF16) { bf16_native(); }  // which bf16 kernel: asked once, before the threads start
     #pragma omp parallel for collapse(3) schedule(dynamic, 1)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
@@ -191,7 +190,6 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
 void attention_backward(float *dqkv, const float *dout, const float *qkv, const float *out, const float *lse,
                         int B, int T, int C, int NH, int causal, Precision precision) {
     int hd = C / NH;
-    if (precision == BF16) { bf16_native(); }  // as in attention_forward
     #pragma omp parallel
     {
         float *s = (float *)malloc_check((size_t)ATTENTION_BACKWARD_ROWS * ATTENTION_KEY_TILE * sizeof(float));

@@ -20,6 +20,7 @@ number of threads, so results are bitwise identical for any number of threads.
 #define MATMUL_H
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #include "utils.h"  // defines: fail, checked memory and file I/O, file headers, omp_threads, in_parallel_region
@@ -398,21 +399,25 @@ __attribute__((noinline, target("avx512f,avx512bw,avx512bf16"))) static void pac
 }
 #endif
 
-// Which bf16 kernel runs: AVX-512 BF16 where the CPU has it (asked once), unless
-// DTOPP_BF16_PORTABLE=1 asks for the portable one. -1 until asked; the tests set it to compare.
-static int bf16_native_kernel = -1;
+// Which bf16 kernel runs: AVX-512 BF16 where the CPU has it, unless DTOPP_BF16_PORTABLE=1 asks for
+// the portable one. -1 until asked; the tests set it to compare. Asked on first use, which may be
+// from several threads at once (attention's products run inside its own parallel region): they
+// all find the same answer, and the atomic load and store keep that from being a data race.
+static atomic_int bf16_native_kernel = -1;
 
 static int bf16_native(void) {
-    if (bf16_native_kernel < 0) {
+    int native = atomic_load_explicit(&bf16_native_kernel, memory_order_relaxed);
+    if (native < 0) {
         int has = 0;
 #ifdef BF16_NATIVE_BUILD
         __builtin_cpu_init();
         has = __builtin_cpu_supports("avx512bf16");
 #endif
         const char *portable = getenv("DTOPP_BF16_PORTABLE");
-        bf16_native_kernel = has && !(portable && strcmp(portable, "1") == 0);
+        native = has && !(portable && strcmp(portable, "1") == 0);
+        atomic_store_explicit(&bf16_native_kernel, native, memory_order_relaxed);
     }
-    return bf16_native_kernel;
+    return native;
 }
 
 static void micro_kernel_bf16(int pairs, const uint32_t *a, const uint32_t *b, float *tile) {
@@ -631,7 +636,6 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
         for (int g = 0; g < count; g++) { sgemm_batch(1, products + g, N, accumulate, precision, 0); }
         return;
     }
-    if (precision == BF16) { bf16_native(); }  // asked once, before the threads start
     int items = use_threads ? 4 * omp_threads() : 1, chunk_panels = (m_panels + items - 1) / items;
     chunk_panels = chunk_panels < GEMM_MC / GEMM_MR ? chunk_panels : GEMM_MC / GEMM_MR;
     int chunk_rows = chunk_panels * GEMM_MR, first_chunk[count + 1];
