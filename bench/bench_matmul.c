@@ -3,7 +3,7 @@ bench_matmul: GFLOP/s of the C matrix products (matmul_forward_grouped, matmul_b
 the shapes of one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
 shapes, and bench/bench_cpu.sh prints the two side by side.
 
-    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--precision bf16]
+    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--precision bf16] [--cold MB]
 
 N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing), and the
 E experts of a layer are multiplied in one batch, as the model does (matmul_forward_grouped,
@@ -13,7 +13,10 @@ name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and 
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls;
 last the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest.
 With --precision bf16 the products the model runs in bf16 do so here (all but the router's,
-doc/precision.md).
+doc/precision.md). Called repeatedly, a product finds its operands in the caches; in a training
+step they were mostly written long before (a layer's inputs, by the time its backward pass reads
+them). --cold MB sweeps MB megabytes of other memory before every timed call, so that the operands
+come from main memory, as in a step.
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +35,15 @@ static int compare_doubles(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// --cold: memory written before each timed call, one float of every cache line, which evicts the
+// operands from the caches.
+static float *sweep_buffer;
+static size_t sweep_floats;
+
+static void sweep_caches(void) {
+    for (size_t i = 0; i < sweep_floats; i += 16) { sweep_buffer[i] += 1.0f; }
+}
+
 // Median seconds of one product of the forward (backward = 0) or backward (backward = 1) pass: one
 // call, over s.batch when it multiplies a batch.
 static double median_seconds(ProductShape s, int backward, float *inp, float *weight, float *out, float *dinp,
@@ -42,6 +54,7 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
     int n = 0;
     double begin = wall_seconds();
     while (n < 1000 && (n < 5 || wall_seconds() - begin < 0.3)) {
+        sweep_caches();
         double t0 = wall_seconds();
         if (backward) {
             matmul_backward_grouped(dinp, dweight, out, inp, NULL, weight, start, s.batch, s.IC, s.OC, 1,
@@ -88,7 +101,7 @@ static double tile_gflops(Precision precision) {
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4;
+    int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4, cold_mb = 0;
     Precision precision = FLOAT32;
     for (int a = 1; a + 1 < argc; a += 2) {
         if (strcmp(argv[a], "--precision") == 0) {
@@ -101,11 +114,16 @@ int main(int argc, char **argv) {
         int *target = strcmp(argv[a], "--threads") == 0 ? &threads : strcmp(argv[a], "--C") == 0 ? &C
                     : strcmp(argv[a], "--H") == 0 ? &H : strcmp(argv[a], "--V") == 0 ? &V
                     : strcmp(argv[a], "--E") == 0 ? &E : strcmp(argv[a], "--k") == 0 ? &k
-                    : strcmp(argv[a], "--N") == 0 ? &N : strcmp(argv[a], "--L") == 0 ? &L : NULL;
+                    : strcmp(argv[a], "--N") == 0 ? &N : strcmp(argv[a], "--L") == 0 ? &L
+                    : strcmp(argv[a], "--cold") == 0 ? &cold_mb : NULL;
         if (target == NULL) { fail("unknown option %s", argv[a]); }
         *target = atoi(argv[a + 1]);
     }
     set_num_threads(threads);
+    if (cold_mb < 0) { fail("--cold: %d MB is negative", cold_mb); }
+    sweep_floats = (size_t)cold_mb * (1 << 20) / sizeof(float);
+    sweep_buffer = (float *)calloc(sweep_floats ? sweep_floats : 1, sizeof(float));
+    if (sweep_buffer == NULL) { fail("--cold: cannot allocate %d MB", cold_mb); }
     int expert_rows = N * k / E;
     ProductShape shapes[] = {
         {"qkv", N, C, 3 * C, L, precision, 1},
@@ -129,8 +147,8 @@ int main(int argc, char **argv) {
         buffers[j] = (float *)malloc_check(most * sizeof(float));
         for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
     }
-    printf("C products, %s, %d threads: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
-           precision == BF16 ? "bf16" : "fp32", omp_threads());
+    printf("C products, %s, %d threads%s: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
+           precision == BF16 ? "bf16" : "fp32", omp_threads(), cold_mb ? ", operands out of cache (--cold)" : "");
     double step_flops = 0.0, step_seconds = 0.0;
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];
@@ -146,5 +164,6 @@ int main(int argc, char **argv) {
            step_flops / step_seconds * 1e-9);
     printf("register tile alone, 1 thread: %.1f GFLOP/s\n", tile_gflops(precision));
     for (int j = 0; j < 5; j++) { free(buffers[j]); }
+    free(sweep_buffer);
     return 0;
 }
