@@ -167,6 +167,7 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
                                     float *D) {
     size_t ld = x->ld;
     int hd = x->hd;
+    Precision precision = x->precision;
     for (int t = 0; t < x->T; t++) { D[t] = dot_product(dout + t * ldo, out + t * ldo, hd); }
     for (int j0 = 0; j0 < x->T; j0 += ATTENTION_KEY_TILE) {
         int n_keys = x->T - j0 < ATTENTION_KEY_TILE ? x->T - j0 : ATTENTION_KEY_TILE;
@@ -174,7 +175,6 @@ static void attention_backward_head(float *dq, float *dk, float *dv, const float
         for (int r0 = x->causal ? j0 : 0; r0 < x->T; r0 += ATTENTION_BACKWARD_ROWS) {
             int r1 = r0 + ATTENTION_BACKWARD_ROWS < x->T ? r0 + ATTENTION_BACKWARD_ROWS : x->T, rows = r1 - r0;
             const float *q = x->q + r0 * ld, *d = dout + r0 * ldo;
-            Precision precision = x->precision;
             matmul_nt(s, n_keys, q, ld, k, ld, rows, n_keys, hd, 0, precision);   // S (unscaled)
             matmul_nt(ds, n_keys, d, ldo, v, ld, rows, n_keys, hd, 0, precision);  // dP = dO · v_j^T
             attention_softmax_backward_tile(s, ds, lse, D, x, r0, r1, j0, n_keys);
