@@ -501,7 +501,7 @@ void rope_table_init(float *cos_table, float *sin_table, int max_seq_len, int hd
 }
 
 #ifndef DTOPP_CUDA  // sections 4 and 5 on the CPU; train_dtopp.cu has them on the GPU
-#include "dtopp/matmul.h"  // defines: matmul_forward/backward (packed sgemm), matmul_nt/nn/tn, exp_fast
+#include "dtopp/matmul.h"  // defines: matmul_forward/backward (+ _grouped, _grouped_pair), matmul_nt/nn/tn, exp_fast
 
 // ----------------------------------------------------------------------------
 // 4. the layers, each a forward/backward pair
@@ -895,8 +895,7 @@ void moe_dispatch(RouterView r, ExpertView x, int N, int E) {
 void experts_forward(ExpertView x, RouterView r, const float *m, const LayerWeights *w, int E, int C, int H,
                      Precision precision) {
     const int *start = r.expert_start;  // expert e's rows: start[e] .. start[e+1]-1, all experts in one pass
-    matmul_forward_grouped(x.h1, m, x.row_token, w->w1, start, E, C, H, precision);
-    matmul_forward_grouped(x.h3, m, x.row_token, w->w3, start, E, C, H, precision);
+    matmul_forward_grouped_pair(x.h1, x.h3, m, x.row_token, w->w1, w->w3, start, E, C, H, precision);
     swiglu_forward(x.hact, x.h1, x.h3, (size_t)start[E] * H);
     matmul_forward_grouped(x.out, x.hact, NULL, w->w2, start, E, H, C, precision);
 }
@@ -910,8 +909,8 @@ void experts_backward(ExpertView x, RouterView r, const float *m, const LayerWei
     // every row belongs to one expert, so the first product into dh1 and into din writes every row
     matmul_backward_grouped(x.dh1, dw->w2, x.dout, x.hact, NULL, w->w2, start, E, H, C, 0, precision);
     swiglu_backward(x.dh1, x.dh3, x.h1, x.h3, rows * H);
-    matmul_backward_grouped(x.din, dw->w1, x.dh1, m, x.row_token, w->w1, start, E, C, H, 0, precision);
-    matmul_backward_grouped(x.din, dw->w3, x.dh3, m, x.row_token, w->w3, start, E, C, H, 1, precision);
+    matmul_backward_grouped_pair(x.din, dw->w1, dw->w3, x.dh1, x.dh3, m, x.row_token, w->w1, w->w3, start, E, C, H,
+                                 precision);
 }
 
 // MoE(m) = Σ_j g_j Expert_j(m): each token gathers its own rows, in selection order. out (N, C).

@@ -7,8 +7,9 @@ shapes, and bench/bench_cpu.sh prints the two side by side.
 
 N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing), and the
 E experts of a layer are multiplied in one batch, as the model does (matmul_forward_grouped,
-matmul_backward_grouped): an expert's time is the batch's over E. Each time is the median of
-repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
+matmul_backward_grouped): an expert's time is the batch's over E; W1 and W3 together, as the
+model multiplies them (matmul_forward_grouped_pair, matmul_backward_grouped_pair), each half the
+pair's time. Each time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls;
 last the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest.
@@ -28,6 +29,7 @@ typedef struct {
     int rows, IC, OC, calls;  // calls per training step (forward; the backward has as many)
     Precision precision;
     int batch;                // products multiplied in one call (the experts of a layer), each rows x IC -> OC
+    int pair;                 // two layers on the same inputs, as the model runs W1 and W3 (the _pair calls)
 } ProductShape;
 
 static int compare_doubles(const void *a, const void *b) {
@@ -45,9 +47,9 @@ static void sweep_caches(void) {
 }
 
 // Median seconds of one product of the forward (backward = 0) or backward (backward = 1) pass: one
-// call, over s.batch when it multiplies a batch.
-static double median_seconds(ProductShape s, int backward, float *inp, float *weight, float *out, float *dinp,
-                             float *dweight) {
+// call, over s.batch when it multiplies a batch, and over 2 for a pair. b: the buffers, inp, weight,
+// out, dinp, dweight, then the second layer's weight, out and dweight.
+static double median_seconds(ProductShape s, int backward, float **b) {
     int start[s.batch + 1];
     for (int e = 0; e <= s.batch; e++) { start[e] = e * s.rows; }
     double times[1000];
@@ -56,16 +58,20 @@ static double median_seconds(ProductShape s, int backward, float *inp, float *we
     while (n < 1000 && (n < 5 || wall_seconds() - begin < 0.3)) {
         sweep_caches();
         double t0 = wall_seconds();
-        if (backward) {
-            matmul_backward_grouped(dinp, dweight, out, inp, NULL, weight, start, s.batch, s.IC, s.OC, 1,
-                                    s.precision);
+        if (backward && s.pair) {
+            matmul_backward_grouped_pair(b[3], b[4], b[7], b[2], b[6], b[0], NULL, b[1], b[5], start, s.batch, s.IC,
+                                         s.OC, s.precision);
+        } else if (backward) {
+            matmul_backward_grouped(b[3], b[4], b[2], b[0], NULL, b[1], start, s.batch, s.IC, s.OC, 1, s.precision);
+        } else if (s.pair) {
+            matmul_forward_grouped_pair(b[2], b[6], b[0], NULL, b[1], b[5], start, s.batch, s.IC, s.OC, s.precision);
         } else {
-            matmul_forward_grouped(out, inp, NULL, weight, start, s.batch, s.IC, s.OC, s.precision);
+            matmul_forward_grouped(b[2], b[0], NULL, b[1], start, s.batch, s.IC, s.OC, s.precision);
         }
         times[n++] = wall_seconds() - t0;
     }
     qsort(times, n, sizeof(double), compare_doubles);
-    return times[n / 2] / s.batch;
+    return times[n / 2] / s.batch / (s.pair ? 2 : 1);
 }
 
 // The micro-kernel alone on the calling thread, as multiply_rows runs it: one packed B panel (in L1)
@@ -126,12 +132,12 @@ int main(int argc, char **argv) {
     if (sweep_buffer == NULL) { fail("--cold: cannot allocate %d MB", cold_mb); }
     int expert_rows = N * k / E;
     ProductShape shapes[] = {
-        {"qkv", N, C, 3 * C, L, precision, 1},
-        {"attention_out", N, C, C, L, precision, 1},
-        {"expert_w1_w3", expert_rows, C, H, 2 * L * E, precision, E},
-        {"expert_w2", expert_rows, H, C, L * E, precision, E},
-        {"router", N, C, E, L, FLOAT32, 1},
-        {"output_head", N, C, V, 1, precision, 1},
+        {"qkv", N, C, 3 * C, L, precision, 1, 0},
+        {"attention_out", N, C, C, L, precision, 1, 0},
+        {"expert_w1_w3", expert_rows, C, H, 2 * L * E, precision, E, 1},
+        {"expert_w2", expert_rows, H, C, L * E, precision, E, 0},
+        {"router", N, C, E, L, FLOAT32, 1, 0},
+        {"output_head", N, C, V, 1, precision, 1, 0},
     };
     int n_shapes = sizeof(shapes) / sizeof(shapes[0]);
     size_t most = 0;
@@ -142,8 +148,8 @@ int main(int argc, char **argv) {
         for (int j = 0; j < 3; j++) { most = sizes[j] > most ? sizes[j] : most; }
     }
     uint64_t rng = 1;
-    float *buffers[5];
-    for (int j = 0; j < 5; j++) {
+    float *buffers[8];
+    for (int j = 0; j < 8; j++) {
         buffers[j] = (float *)malloc_check(most * sizeof(float));
         for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
     }
@@ -153,8 +159,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];
         double flops = 2.0 * s.rows * s.IC * s.OC;
-        double forward = median_seconds(s, 0, buffers[0], buffers[1], buffers[2], buffers[3], buffers[4]);
-        double backward = median_seconds(s, 1, buffers[0], buffers[1], buffers[2], buffers[3], buffers[4]);
+        double forward = median_seconds(s, 0, buffers), backward = median_seconds(s, 1, buffers);
         printf("%-14s %6d %5d %6d %4d %8.1f %8.1f\n", s.name, s.rows, s.IC, s.OC, s.calls,
                flops / forward * 1e-9, 2 * flops / backward * 1e-9);
         step_flops += s.calls * 3 * flops;
@@ -163,7 +168,7 @@ int main(int argc, char **argv) {
     printf("step products: %.1f GFLOP in %.1f ms: %.1f GFLOP/s\n", step_flops * 1e-9, step_seconds * 1e3,
            step_flops / step_seconds * 1e-9);
     printf("register tile alone, 1 thread: %.1f GFLOP/s\n", tile_gflops(precision));
-    for (int j = 0; j < 5; j++) { free(buffers[j]); }
+    for (int j = 0; j < 8; j++) { free(buffers[j]); }
     free(sweep_buffer);
     return 0;
 }

@@ -4,7 +4,9 @@ matmul.h: the CPU's matrix products, and the e^x its softmaxes and SiLU use.
 - matmul_forward / matmul_backward: the products of a linear layer, out (rows, OC) = inp (rows, IC)
   · weight (OC, IC)^T and its backward pass (adding to the weight's gradient, and to the input's or
   writing it), with an optional gather of input rows (the tokens of one expert);
-  matmul_forward_grouped / matmul_backward_grouped: those of all the experts of a layer at once.
+  matmul_forward_grouped / matmul_backward_grouped: those of all the experts of a layer at once;
+  matmul_forward_grouped_pair / matmul_backward_grouped_pair: of two such layers on the same inputs
+  (SwiGLU's W1 and W3), each expert's input rows packed once for both.
   They run the packed sgemm below, which reaches most of the FMA units' speed.
 - matmul_forward_reference / matmul_backward_reference: the same products as simple loops, which
   test/test_matmul.c checks the fast ones against.
@@ -452,14 +454,10 @@ static inline void store_tile_row(float *restrict dst, const float *restrict src
     }
 }
 
-// Rows m_begin .. m_end-1 of C (at most GEMM_MC) against the packed panels of B for columns
-// n_begin .. n_end-1, over one block of k (k0, kc values): packs these rows of A into packed_a (and
-// packed_a16), then runs the micro-kernel on every pair of row panel and B panel, each B panel
-// staying in L1 across the row panels. C is written, or added to when add is set.
-static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int n_end, int k0, int kc,
-                          const float *packed_b, const uint32_t *packed_b16, float *c, size_t ldc, int add,
-                          int bf16, float *packed_a, uint32_t *packed_a16) {
-    _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+// Rows m_begin .. m_end-1 of A (at most GEMM_MC) over one block of k (k0, kc values) into
+// packed_a, or packed_a16 with bf16 operands, for multiply_rows.
+static void pack_rows(MatrixView a, int m_begin, int m_end, int k0, int kc, int bf16, float *packed_a,
+                      uint32_t *packed_a16) {
     int pairs = (kc + 1) / 2;
     for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
         if (bf16) {
@@ -468,6 +466,16 @@ static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int
             pack_panel(packed_a + (m0 - m_begin) * kc, a, m0, m_end - m0, k0, kc, GEMM_MR);
         }
     }
+}
+
+// Rows m_begin .. m_end-1 of C, packed by pack_rows, against the packed panels of B for columns
+// n_begin .. n_end-1: the micro-kernel on every pair of row panel and B panel, each B panel
+// staying in L1 across the row panels. C is written, or added to when add is set.
+static void multiply_rows(int m_begin, int m_end, int n_begin, int n_end, int kc, const float *packed_a,
+                          const uint32_t *packed_a16, const float *packed_b, const uint32_t *packed_b16, float *c,
+                          size_t ldc, int add, int bf16) {
+    _Alignas(64) float tile[GEMM_MR * GEMM_NR];
+    int pairs = (kc + 1) / 2;
     for (int n0 = n_begin; n0 < n_end; n0 += GEMM_NR) {
         int nr = n_end - n0 < GEMM_NR ? n_end - n0 : GEMM_NR, panel = n0 - n_begin;
         for (int m0 = m_begin; m0 < m_end; m0 += GEMM_MR) {
@@ -490,14 +498,19 @@ static void multiply_rows(MatrixView a, int m_begin, int m_end, int n_begin, int
 
 // One product of a batch: C (M, N) (row-major, ldc floats between rows) = A (M, K) · B (K, N), or
 // += when the batch accumulates. N is the batch's; the products of a batch write disjoint C.
+// a_from_previous: A is the previous product's (the same view, M and K), whose packed rows this
+// product reuses; b_from_previous: likewise B (the same view, M and K), packed once for both. Each
+// product still holds its own views, and gives the same bits as alone.
 typedef struct {
     int M, K;
     MatrixView a, b;
     float *c;
     size_t ldc;
+    int a_from_previous, b_from_previous;
 } GemmProduct;
 
-// The products of a batch (the experts of a layer, or one product alone). With BF16 operands the
+// The products of a batch (the experts of a layer, or one product alone; products that share an
+// operand with the previous one use its packed copy, GemmProduct). With BF16 operands the
 // packed panels are rounded to bfloat16 pairs (the same blocks, so the same order of sums per
 // block of GEMM_KC).
 //
@@ -554,12 +567,15 @@ static size_t packed_offset(const GemmPlan *plan, int g, int t, int q, int kc, i
     return block * GEMM_KC * plan->nc + q * GEMM_NR * kc;
 }
 
+static int shares_a(const GemmPlan *plan, int g) { return g > 0 && plan->products[g].a_from_previous; }
+static int shares_b(const GemmPlan *plan, int g) { return g > 0 && plan->products[g].b_from_previous; }
+
 // Work item i of packing: panel i % panels of block i / panels % blocks of product i / (blocks·panels).
 static void pack_b_item(const GemmPlan *plan, GemmPack pk, int i) {
     int g = i / (pk.blocks * pk.panels), t = i / pk.panels % pk.blocks, q = i % pk.panels;
     GemmProduct p = plan->products[g];
     int n0 = pk.nb + q * GEMM_NR, k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
-    if (p.M <= 0 || kc <= 0) { return; }
+    if (p.M <= 0 || kc <= 0 || shares_b(plan, g)) { return; }
     if (plan->bf16) {
         pack_panel_bf16(plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), transposed_view(p.b), n0,
                         pk.nb_end - n0, k0, kc, GEMM_NR);
@@ -569,20 +585,28 @@ static void pack_b_item(const GemmPlan *plan, GemmPack pk, int i) {
     }
 }
 
-// Work item of multiplying: one chunk of a product's rows by one group of the pack's panels.
+// Work item of multiplying: one chunk of a product's rows by one group of the pack's panels, and
+// the same rows of the products after it that share its A (one packing of the rows for all).
 static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *packed_a, uint32_t *packed_a16) {
     int chunk = item / pk.groups, g = 0, q = item % pk.groups * pk.group_panels;
     while (plan->first_chunk[g + 1] <= chunk) { g++; }
     GemmProduct p = plan->products[g];
+    int last = g;
+    while (last + 1 < plan->count && shares_a(plan, last + 1)) { last++; }
     int m_begin = (chunk - plan->first_chunk[g]) * plan->chunk_rows;
     int m_end = m_begin + plan->chunk_rows < p.M ? m_begin + plan->chunk_rows : p.M;
     int n_begin = pk.nb + q * GEMM_NR, n_end = n_begin + pk.group_panels * GEMM_NR;
     n_end = n_end < pk.nb_end ? n_end : pk.nb_end;
     for (int t = 0; t < pk.blocks && (pk.first + t) * GEMM_KC < p.K; t++) {
         int k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
-        multiply_rows(p.a, m_begin, m_end, n_begin, n_end, k0, kc, plan->packed_b + packed_offset(plan, g, t, q, kc, 0),
-                      plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), p.c, p.ldc, plan->accumulate || k0 > 0,
-                      plan->bf16, packed_a, packed_a16);
+        pack_rows(p.a, m_begin, m_end, k0, kc, plan->bf16, packed_a, packed_a16);
+        for (int h = g; h <= last; h++) {
+            int owner = shares_b(plan, h) ? h - 1 : h;  // whose packed B this product reads
+            multiply_rows(m_begin, m_end, n_begin, n_end, kc, packed_a, packed_a16,
+                          plan->packed_b + packed_offset(plan, owner, t, q, kc, 0),
+                          plan->packed_b16 + packed_offset(plan, owner, t, q, kc, 1), plan->products[h].c,
+                          plan->products[h].ldc, plan->accumulate || k0 > 0, plan->bf16);
+        }
     }
 }
 
@@ -627,7 +651,7 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
         if (p.M <= 0 || p.K <= 0) { continue; }
         work += (size_t)p.M * N * p.K;
         k_blocks = (p.K + GEMM_KC - 1) / GEMM_KC > k_blocks ? (p.K + GEMM_KC - 1) / GEMM_KC : k_blocks;
-        m_panels += (p.M + GEMM_MR - 1) / GEMM_MR;
+        m_panels += g > 0 && p.a_from_previous ? 0 : (p.M + GEMM_MR - 1) / GEMM_MR;  // its rows go with the previous
     }
     if (work == 0) { return; }
     // inside a parallel region the threads would share gemm_pack_buffer: the calling thread alone then
@@ -641,7 +665,7 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
     int chunk_rows = chunk_panels * GEMM_MR, first_chunk[count + 1];
     first_chunk[0] = 0;
     for (int g = 0; g < count; g++) {
-        int has_work = products[g].M > 0 && products[g].K > 0;
+        int has_work = products[g].M > 0 && products[g].K > 0 && !(g > 0 && products[g].a_from_previous);
         first_chunk[g + 1] = first_chunk[g] + (has_work ? (products[g].M + chunk_rows - 1) / chunk_rows : 0);
     }
     int blocks_per_pack = use_threads ? GEMM_KB / GEMM_KC / count : 1;
@@ -665,7 +689,7 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
 // C (M, N) = or += A · B on the calling thread only.
 static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float *c, size_t ldc, int accumulate,
                          Precision precision) {
-    GemmProduct product = {M, K, a, b, c, ldc};
+    GemmProduct product = {M, K, a, b, c, ldc, 0, 0};
     sgemm_batch(1, &product, N, accumulate, precision, 0);
 }
 
@@ -694,25 +718,29 @@ static inline void matmul_tn(float *c, size_t ldc, const float *a, size_t lda, c
     sgemm_serial(M, N, K, va, vb, c, ldc, accumulate, precision);
 }
 
-// The products of E linear layers at once, the experts of a layer: rows start[e] .. start[e+1]-1
-// of inp (gathered through inp_rows when given) go through weights e (OC, IC) into the same rows of
-// out, in one parallel loop (sgemm_batch). matmul_forward and matmul_backward are the case E = 1.
+// Expert e's rows of inp: rows start[e] .. start[e+1]-1, gathered through inp_rows when given.
 static MatrixView expert_rows(const float *inp, const int *inp_rows, const int *start, int e, int IC) {
     MatrixView v = {inp_rows ? inp : inp + (size_t)start[e] * IC, inp_rows ? inp_rows + start[e] : NULL, IC, 0};
     return v;
 }
 
-void matmul_forward_grouped(float *out, const float *inp, const int *inp_rows, const float *weights,
-                            const int *start, int E, int IC, int OC, Precision precision) {
-    GemmProduct products[E];
+// The products of `count` linear layers that read the same inputs (W1 and W3 of SwiGLU experts
+// when count = 2): outs[w] = inp · weights[w]^T, in one batch in which each expert's input rows
+// are packed once for all of them.
+static void forward_grouped(int count, float *const *outs, const float *inp, const int *inp_rows,
+                            const float *const *weights, const int *start, int E, int IC, int OC,
+                            Precision precision) {
+    GemmProduct products[count * E];
     memset(products, 0, sizeof(products));
     int batched = 0;
     for (int e = 0; e < E; e++) {
         int rows = start[e + 1] - start[e];
         if (rows < GEMM_MR && precision == FLOAT32) { continue; }  // below, without packing
-        MatrixView b = {weights + (size_t)e * OC * IC, NULL, IC, 1};
-        products[batched++] = (GemmProduct){rows, IC, expert_rows(inp, inp_rows, start, e, IC), b,
-                                            out + (size_t)start[e] * OC, OC};
+        for (int w = 0; w < count; w++, batched++) {
+            MatrixView b = {weights[w] + (size_t)e * OC * IC, NULL, IC, 1};
+            products[batched] = (GemmProduct){rows, IC, expert_rows(inp, inp_rows, start, e, IC), b,
+                                              outs[w] + (size_t)start[e] * OC, OC, w > 0, 0};
+        }
     }
     sgemm_batch(batched, products, OC, 0, precision, 1);
     // With fewer rows than the micro-kernel's, packing the weights would cost more than the
@@ -721,29 +749,73 @@ void matmul_forward_grouped(float *out, const float *inp, const int *inp_rows, c
         int rows = start[e + 1] - start[e];
         if (rows == 0 || rows >= GEMM_MR) { continue; }
         MatrixView x = expert_rows(inp, inp_rows, start, e, IC);
-        matmul_forward_reference(out + (size_t)start[e] * OC, x.data, x.rows, weights + (size_t)e * OC * IC, rows, IC,
-                                 OC);
+        for (int w = 0; w < count; w++) {
+            matmul_forward_reference(outs[w] + (size_t)start[e] * OC, x.data, x.rows,
+                                     weights[w] + (size_t)e * OC * IC, rows, IC, OC);
+        }
     }
 }
 
-// The backward pass adds to dweights, and to dinp when add_to_dinp is set; otherwise it writes dinp,
-// so that a caller whose dinp would start at zero need not zero it first.
+// Their backward pass: dinp = or += Σ_w douts[w] · weights[w] (w in order), and dweights[w] +=
+// douts[w]^T · inp, each expert's input rows packed once for all the weight gradients. It adds
+// to dinp when add_to_dinp is set; otherwise it writes dinp, so that a caller whose dinp would
+// start at zero need not zero it first.
+static void backward_grouped(int count, float *dinp, float *const *dweights, const float *const *douts,
+                             const float *inp, const int *inp_rows, const float *const *weights, const int *start,
+                             int E, int IC, int OC, int add_to_dinp, Precision precision) {
+    GemmProduct products[count * E];
+    memset(products, 0, sizeof(products));
+    for (int w = 0; w < count; w++) {
+        for (int e = 0; e < E; e++) {  // dinp (rows, IC) = or += dout · weight
+            MatrixView d = {douts[w] + (size_t)start[e] * OC, NULL, OC, 0};
+            MatrixView wt = {weights[w] + (size_t)e * OC * IC, NULL, IC, 0};
+            products[e] = (GemmProduct){start[e + 1] - start[e], OC, d, wt, dinp + (size_t)start[e] * IC, IC, 0, 0};
+        }
+        sgemm_batch(E, products, IC, add_to_dinp || w > 0, precision, 1);
+    }
+    for (int e = 0; e < E; e++) {  // dweight (OC, IC) += dout^T · inp
+        for (int w = 0; w < count; w++) {
+            MatrixView dt = {douts[w] + (size_t)start[e] * OC, NULL, OC, 1};
+            MatrixView x = expert_rows(inp, inp_rows, start, e, IC);
+            products[e * count + w] = (GemmProduct){OC, start[e + 1] - start[e], dt, x,
+                                                    dweights[w] + (size_t)e * OC * IC, IC, 0, w > 0};
+        }
+    }
+    sgemm_batch(count * E, products, IC, 1, precision, 1);
+}
+
+// The experts of a layer at once: rows start[e] .. start[e+1]-1 of inp (gathered through inp_rows
+// when given) go through weights e (OC, IC) into the same rows of out, in one parallel loop
+// (sgemm_batch). matmul_forward and matmul_backward are the case E = 1.
+void matmul_forward_grouped(float *out, const float *inp, const int *inp_rows, const float *weights,
+                            const int *start, int E, int IC, int OC, Precision precision) {
+    forward_grouped(1, &out, inp, inp_rows, &weights, start, E, IC, OC, precision);
+}
+
 void matmul_backward_grouped(float *dinp, float *dweights, const float *dout, const float *inp, const int *inp_rows,
                              const float *weights, const int *start, int E, int IC, int OC, int add_to_dinp,
                              Precision precision) {
-    GemmProduct products[E];
-    memset(products, 0, sizeof(products));
-    for (int e = 0; e < E; e++) {  // dinp (rows, IC) = or += dout · weight
-        MatrixView d = {dout + (size_t)start[e] * OC, NULL, OC, 0}, w = {weights + (size_t)e * OC * IC, NULL, IC, 0};
-        products[e] = (GemmProduct){start[e + 1] - start[e], OC, d, w, dinp + (size_t)start[e] * IC, IC};
-    }
-    sgemm_batch(E, products, IC, add_to_dinp, precision, 1);
-    for (int e = 0; e < E; e++) {  // dweight (OC, IC) += dout^T · inp
-        MatrixView dt = {dout + (size_t)start[e] * OC, NULL, OC, 1};
-        products[e] = (GemmProduct){OC, start[e + 1] - start[e], dt, expert_rows(inp, inp_rows, start, e, IC),
-                                    dweights + (size_t)e * OC * IC, IC};
-    }
-    sgemm_batch(E, products, IC, 1, precision, 1);
+    backward_grouped(1, dinp, &dweights, &dout, inp, inp_rows, &weights, start, E, IC, OC, add_to_dinp, precision);
+}
+
+// Two layers of the experts on the same inputs, SwiGLU's W1 and W3: the same results as
+// matmul_forward_grouped for each, and as matmul_backward_grouped for a (writing dinp) then b
+// (adding to it), but each expert's input rows are packed once for both.
+void matmul_forward_grouped_pair(float *out_a, float *out_b, const float *inp, const int *inp_rows,
+                                 const float *weights_a, const float *weights_b, const int *start, int E, int IC,
+                                 int OC, Precision precision) {
+    float *outs[2] = {out_a, out_b};
+    const float *weights[2] = {weights_a, weights_b};
+    forward_grouped(2, outs, inp, inp_rows, weights, start, E, IC, OC, precision);
+}
+
+void matmul_backward_grouped_pair(float *dinp, float *dweights_a, float *dweights_b, const float *dout_a,
+                                  const float *dout_b, const float *inp, const int *inp_rows, const float *weights_a,
+                                  const float *weights_b, const int *start, int E, int IC, int OC,
+                                  Precision precision) {
+    float *dweights[2] = {dweights_a, dweights_b};
+    const float *douts[2] = {dout_a, dout_b}, *weights[2] = {weights_a, weights_b};
+    backward_grouped(2, dinp, dweights, douts, inp, inp_rows, weights, start, E, IC, OC, 0, precision);
 }
 
 void matmul_forward(float *out, const float *inp, const int *inp_rows, const float *weight,

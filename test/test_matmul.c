@@ -4,7 +4,8 @@ against the simple reference loops (matmul_forward_reference, matmul_backward_re
 shapes that are not multiples of the kernel's tiles, with 0 and 1 rows, gathered input rows and
 more than one block of k; then checks that the results are bitwise identical for 1, 2 and 3 threads,
 and that the experts of a layer multiplied in one batch (matmul_forward_grouped,
-matmul_backward_grouped) give bitwise what one expert at a time gives. In bf16: the products
+matmul_backward_grouped) give bitwise what one expert at a time gives, and two layers on the same
+inputs (the _pair versions) what each layer alone gives. In bf16: the products
 against float64 within the bound derived below, the AVX-512 BF16 kernel and packing bitwise against
 the portable ones (the packing also on panels of ties, subnormals, infinities and NaNs), and the
 rounding's special cases one by one.
@@ -206,13 +207,24 @@ static void check_inside_parallel_region(uint64_t *rng) {
 // a time (checked above against the reference), in float32 and bf16, on 1, 2 and 3 threads. Row
 // counts: none, fewer than the kernel's 12 (float32 multiplies those without packing), and more
 // than a chunk of 144 rows and a block of 256 values of k (the dweight products' k is the rows).
-static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
-    enum { E = 6 };
-    int counts[E] = {0, 5, 13, 150, 300, 1}, start[E + 1] = {0};
+enum { GROUPED_EXPERTS = 6 };
+
+// The experts' rows of check_grouped and check_grouped_pair: expert e's are start[e] .. start[e+1]-1,
+// gathered through the returned inp_rows from source_rows rows of input.
+static int *grouped_rows(int start[GROUPED_EXPERTS + 1], int *source_rows, uint64_t *rng) {
+    enum { E = GROUPED_EXPERTS };
+    int counts[E] = {0, 5, 13, 150, 300, 1};
+    start[0] = 0;
     for (int e = 0; e < E; e++) { start[e + 1] = start[e] + counts[e]; }
-    int rows = start[E], source_rows = rows + 9;
-    int *inp_rows = (int *)malloc_check(rows * sizeof(int));
-    for (int r = 0; r < rows; r++) { inp_rows[r] = (int)(random_u64(rng) % source_rows); }
+    *source_rows = start[E] + 9;
+    int *inp_rows = (int *)malloc_check(start[E] * sizeof(int));
+    for (int r = 0; r < start[E]; r++) { inp_rows[r] = (int)(random_u64(rng) % *source_rows); }
+    return inp_rows;
+}
+
+static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
+    enum { E = GROUPED_EXPERTS };
+    int start[E + 1], source_rows, *inp_rows = grouped_rows(start, &source_rows, rng), rows = start[E];
     float *inp = random_floats((size_t)source_rows * IC, rng), *weights = random_floats((size_t)E * OC * IC, rng);
     float *dout = random_floats((size_t)rows * OC, rng), *dinp_start = random_floats((size_t)rows * IC, rng);
     size_t n_out = (size_t)rows * OC, n_dinp = (size_t)rows * IC, n_dw = (size_t)E * OC * IC;
@@ -225,10 +237,10 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
         if (v == 0) {
             for (int e = 0; e < E; e++) {
                 float *w = weights + (size_t)e * OC * IC, *dw = dweights[0] + (size_t)e * OC * IC;
-                matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, counts[e], IC, OC,
-                               precision);
+                int count = start[e + 1] - start[e];
+                matmul_forward(out[0] + (size_t)start[e] * OC, inp, inp_rows + start[e], w, count, IC, OC, precision);
                 matmul_backward(dinp[0] + (size_t)start[e] * IC, dw, dout + (size_t)start[e] * OC, inp,
-                                inp_rows + start[e], w, counts[e], IC, OC, 1, precision);
+                                inp_rows + start[e], w, count, IC, OC, 1, precision);
             }
         } else {
             matmul_forward_grouped(out[v], inp, inp_rows, weights, start, E, IC, OC, precision);
@@ -268,6 +280,63 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
     free(weights);
     free(dout);
     free(dinp_start);
+}
+
+// Two layers on the same inputs (matmul_forward_grouped_pair, matmul_backward_grouped_pair: W1 and
+// W3 of the experts, each expert's rows packed once for both): bitwise what matmul_forward_grouped
+// gives for each, and matmul_backward_grouped for a (writing dinp) then b (adding to it), on 1, 2
+// and 3 threads; the same row counts as check_grouped.
+static void check_grouped_pair(Precision precision, int IC, int OC, uint64_t *rng) {
+    enum { E = GROUPED_EXPERTS };
+    int start[E + 1], source_rows, *inp_rows = grouped_rows(start, &source_rows, rng), rows = start[E];
+    size_t n_out = (size_t)rows * OC, n_dinp = (size_t)rows * IC, n_dw = (size_t)E * OC * IC;
+    float *inp = random_floats((size_t)source_rows * IC, rng);
+    float *weights_a = random_floats(n_dw, rng), *weights_b = random_floats(n_dw, rng);
+    float *dout_a = random_floats(n_out, rng), *dout_b = random_floats(n_out, rng);
+    float *out[4][2], *dinp[4], *dweights[4][2];  // [0]: a, then b; [1..3]: the pair on 1..3 threads
+    for (int v = 0; v < 4; v++) {
+        dinp[v] = (float *)malloc_check(n_dinp * sizeof(float));
+        for (int i = 0; i < 2; i++) {
+            out[v][i] = (float *)malloc_check(n_out * sizeof(float));
+            dweights[v][i] = copy_floats(i ? weights_b : weights_a, n_dw);  // accumulate onto nonzero values
+        }
+        set_num_threads(v == 0 ? 2 : v);
+        if (v == 0) {
+            matmul_forward_grouped(out[0][0], inp, inp_rows, weights_a, start, E, IC, OC, precision);
+            matmul_forward_grouped(out[0][1], inp, inp_rows, weights_b, start, E, IC, OC, precision);
+            matmul_backward_grouped(dinp[0], dweights[0][0], dout_a, inp, inp_rows, weights_a, start, E, IC, OC, 0,
+                                    precision);
+            matmul_backward_grouped(dinp[0], dweights[0][1], dout_b, inp, inp_rows, weights_b, start, E, IC, OC, 1,
+                                    precision);
+        } else {
+            matmul_forward_grouped_pair(out[v][0], out[v][1], inp, inp_rows, weights_a, weights_b, start, E, IC, OC,
+                                        precision);
+            matmul_backward_grouped_pair(dinp[v], dweights[v][0], dweights[v][1], dout_a, dout_b, inp, inp_rows,
+                                         weights_a, weights_b, start, E, IC, OC, precision);
+        }
+    }
+    for (int v = 1; v < 4; v++) {
+        int same = memcmp(dinp[0], dinp[v], n_dinp * sizeof(float)) == 0;
+        for (int i = 0; i < 2; i++) {
+            same = same && memcmp(out[0][i], out[v][i], n_out * sizeof(float)) == 0
+                && memcmp(dweights[0][i], dweights[v][i], n_dw * sizeof(float)) == 0;
+        }
+        check(same, "grouped pair %s, %d experts, IC %d OC %d, %d thread%s: bitwise as each layer alone",
+              precision == BF16 ? "bf16" : "fp32", E, IC, OC, v, v > 1 ? "s" : "");
+    }
+    for (int v = 0; v < 4; v++) {
+        free(dinp[v]);
+        for (int i = 0; i < 2; i++) {
+            free(out[v][i]);
+            free(dweights[v][i]);
+        }
+    }
+    free(inp_rows);
+    free(inp);
+    free(weights_a);
+    free(weights_b);
+    free(dout_a);
+    free(dout_b);
 }
 
 // Attention in float64, one query at a time: out, probabilities (B, NH, T, T), each query's
@@ -777,6 +846,11 @@ int main(void) {
     check_grouped(BF16, 40, 300, &rng);
     check_grouped(FLOAT32, 400, 40, &rng);  // dinp, dweight: more columns than GEMM_STACK_NC
     check_grouped(BF16, 400, 40, &rng);
+    check_grouped_pair(FLOAT32, 100, 70, &rng);
+    check_grouped_pair(BF16, 100, 70, &rng);
+    check_grouped_pair(FLOAT32, 40, 300, &rng);  // with threads, the dweight products' columns in groups
+    check_grouped_pair(BF16, 40, 300, &rng);
+    check_grouped_pair(FLOAT32, 400, 40, &rng);
     check_inside_parallel_region(&rng);
     check_bf16_rounding();
     check_packing(0, &rng);
