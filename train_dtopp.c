@@ -442,8 +442,7 @@ static inline int num_losses(const ModelConfig *c) { return 2 + 2 * c->num_layer
 
 // What both builds share on the host: the model's sizes, its starting parameters, RoPE's table.
 
-static void model_setup(Model *model, const ModelConfig *config, const RouterConfig *router,
-                        const char *where) {
+static void model_setup(Model *model, const ModelConfig *config, const RouterConfig *router, const char *where) {
     memset(model, 0, sizeof(*model));
     model->config = *config;
     model->router = *router;
@@ -717,8 +716,7 @@ void drn_forward(float *scaled, float *u, float *rstd, const float *z, const flo
 // In place: d (N, E) holds dẑ on entry and dz on exit; each token's share of dθ = <dẑ, u> goes to
 // dtheta_token (N), for the caller to sum in order.
 // du = θ dẑ; dz = (du − mean(du) − u mean(du u)) rstd.
-void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N,
-                  int E) {
+void drn_backward(float *d, float *dtheta_token, const float *u, const float *rstd, const float *theta, int N, int E) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float *dn = d + (size_t)n * E;
@@ -1328,8 +1326,7 @@ static AdamWStep adamw_step(int step, float lr, float grad_norm) {
 }
 
 // One parameter: its moments m1, m2 and its value w move by the clipped gradient.
-static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s,
-                                            float wd) {
+static inline HOST_DEVICE void adamw_update(float *w, float *m1, float *m2, float grad, AdamWStep s, float wd) {
     grad *= s.clip;
     float first = *m1 = ADAMW_BETA1 * *m1 + (1.0f - ADAMW_BETA1) * grad;
     float second = *m2 = ADAMW_BETA2 * *m2 + (1.0f - ADAMW_BETA2) * grad * grad;
@@ -1351,7 +1348,8 @@ float learning_rate(int step, int total_steps, int warmup, float peak) {
 // Sum of squares in fixed blocks, so the rounding does not depend on the number of threads.
 // Sums of squares of `count` arrays, out[a] = Σ x[a][i]², in one parallel loop for all of them
 // (each loop wakes the threads, and the experts' gradient has 3·L·E slices). Each array is added
-// in blocks of 4096 in double, and the blocks in order, so the sums do not depend on the threads.
+// in blocks of 4096 in double, and the blocks in order, so the sums do not depend on the threads;
+// in a block, into 16 sums (element i to sum i % 16, in vectors) then added pairwise.
 static void sums_of_squares(const float *const *x, const size_t *n, int count, double *out) {
     enum { BLOCK = 4096 };
     size_t *first_block = (size_t *)malloc_check((count + 1) * sizeof(size_t));
@@ -1367,9 +1365,12 @@ static void sums_of_squares(const float *const *x, const size_t *n, int count, d
     for (size_t b = 0; b < blocks; b++) {
         int a = array_of[b];
         size_t begin = (b - first_block[a]) * BLOCK, end = begin + BLOCK < n[a] ? begin + BLOCK : n[a];
-        double sum = 0.0;
-        for (size_t i = begin; i < end; i++) { sum += (double)x[a][i] * x[a][i]; }
-        partial[b] = sum;
+        double sum[16] = {0.0};
+        for (size_t i = begin; i < end; i += 16) {
+            for (size_t j = 0; j < 16 && i + j < end; j++) { sum[j] += (double)x[a][i + j] * x[a][i + j]; }
+        }
+        for (int width = 8; width >= 1; width /= 2) { for (int j = 0; j < width; j++) { sum[j] += sum[j + width]; } }
+        partial[b] = sum[0];
     }
     for (int a = 0; a < count; a++) {
         out[a] = 0.0;
