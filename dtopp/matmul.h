@@ -509,6 +509,11 @@ typedef struct {
     int a_from_previous, b_from_previous;
 } GemmProduct;
 
+// The first product of a batch has no previous one to share with (without threads, sgemm_batch
+// runs a batch's products as batches of one).
+static int shares_a(const GemmProduct *products, int g) { return g > 0 && products[g].a_from_previous; }
+static int shares_b(const GemmProduct *products, int g) { return g > 0 && products[g].b_from_previous; }
+
 // The products of a batch (the experts of a layer, or one product alone; products that share an
 // operand with the previous one use its packed copy, GemmProduct). With BF16 operands the
 // packed panels are rounded to bfloat16 pairs (the same blocks, so the same order of sums per
@@ -567,15 +572,12 @@ static size_t packed_offset(const GemmPlan *plan, int g, int t, int q, int kc, i
     return block * GEMM_KC * plan->nc + q * GEMM_NR * kc;
 }
 
-static int shares_a(const GemmPlan *plan, int g) { return g > 0 && plan->products[g].a_from_previous; }
-static int shares_b(const GemmPlan *plan, int g) { return g > 0 && plan->products[g].b_from_previous; }
-
 // Work item i of packing: panel i % panels of block i / panels % blocks of product i / (blocks·panels).
 static void pack_b_item(const GemmPlan *plan, GemmPack pk, int i) {
     int g = i / (pk.blocks * pk.panels), t = i / pk.panels % pk.blocks, q = i % pk.panels;
     GemmProduct p = plan->products[g];
     int n0 = pk.nb + q * GEMM_NR, k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
-    if (p.M <= 0 || kc <= 0 || shares_b(plan, g)) { return; }
+    if (p.M <= 0 || kc <= 0 || shares_b(plan->products, g)) { return; }
     if (plan->bf16) {
         pack_panel_bf16(plan->packed_b16 + packed_offset(plan, g, t, q, kc, 1), transposed_view(p.b), n0,
                         pk.nb_end - n0, k0, kc, GEMM_NR);
@@ -592,7 +594,7 @@ static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *pa
     while (plan->first_chunk[g + 1] <= chunk) { g++; }
     GemmProduct p = plan->products[g];
     int last = g;
-    while (last + 1 < plan->count && shares_a(plan, last + 1)) { last++; }
+    while (last + 1 < plan->count && shares_a(plan->products, last + 1)) { last++; }
     int m_begin = (chunk - plan->first_chunk[g]) * plan->chunk_rows;
     int m_end = m_begin + plan->chunk_rows < p.M ? m_begin + plan->chunk_rows : p.M;
     int n_begin = pk.nb + q * GEMM_NR, n_end = n_begin + pk.group_panels * GEMM_NR;
@@ -601,7 +603,7 @@ static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *pa
         int k0 = (pk.first + t) * GEMM_KC, kc = p.K - k0 < GEMM_KC ? p.K - k0 : GEMM_KC;
         pack_rows(p.a, m_begin, m_end, k0, kc, plan->bf16, packed_a, packed_a16);
         for (int h = g; h <= last; h++) {
-            int owner = shares_b(plan, h) ? h - 1 : h;  // whose packed B this product reads
+            int owner = shares_b(plan->products, h) ? h - 1 : h;  // whose packed B this product reads
             multiply_rows(m_begin, m_end, n_begin, n_end, kc, packed_a, packed_a16,
                           plan->packed_b + packed_offset(plan, owner, t, q, kc, 0),
                           plan->packed_b16 + packed_offset(plan, owner, t, q, kc, 1), plan->products[h].c,
@@ -651,7 +653,7 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
         if (p.M <= 0 || p.K <= 0) { continue; }
         work += (size_t)p.M * N * p.K;
         k_blocks = (p.K + GEMM_KC - 1) / GEMM_KC > k_blocks ? (p.K + GEMM_KC - 1) / GEMM_KC : k_blocks;
-        m_panels += g > 0 && p.a_from_previous ? 0 : (p.M + GEMM_MR - 1) / GEMM_MR;  // its rows go with the previous
+        m_panels += shares_a(products, g) ? 0 : (p.M + GEMM_MR - 1) / GEMM_MR;  // its rows go with the previous
     }
     if (work == 0) { return; }
     // inside a parallel region the threads would share gemm_pack_buffer: the calling thread alone then
@@ -665,7 +667,7 @@ static void sgemm_batch(int count, const GemmProduct *products, int N, int accum
     int chunk_rows = chunk_panels * GEMM_MR, first_chunk[count + 1];
     first_chunk[0] = 0;
     for (int g = 0; g < count; g++) {
-        int has_work = products[g].M > 0 && products[g].K > 0 && !(g > 0 && products[g].a_from_previous);
+        int has_work = products[g].M > 0 && products[g].K > 0 && !shares_a(products, g);
         first_chunk[g + 1] = first_chunk[g] + (has_work ? (products[g].M + chunk_rows - 1) / chunk_rows : 0);
     }
     int blocks_per_pack = use_threads ? GEMM_KB / GEMM_KC / count : 1;
