@@ -189,21 +189,25 @@ static inline __mmask16 first_lanes(int n) { return n <= 0 ? 0 : n >= 16 ? 0xfff
 #endif
 
 #if defined(BF16_NATIVE_BUILD) && defined(__AVX512F__)
-// pack_panel_portable's rows case for A's panels (at most 16 rows, all of them in the matrix) in
-// vectors: 16 values of k of each row loaded at once, transposed in registers, one store per k
-// instead of one per value; it moves the same bits (test_matmul compares the two). Built where the
-// compiler targets AVX-512, as -march=native does on such CPUs.
+// pack_panel_portable's rows case (all of the panel's rows in the matrix) in vectors, 16 rows at a
+// time: 16 values of k of each row loaded at once, transposed in registers, one store per k
+// instead of one per value; it moves the same bits (test_matmul compares the two). A's panels of
+// 12 rows, and B's of 32 where B is a matrix transposed (the weights in the forward pass, and
+// attention's k and v). Built where the compiler targets AVX-512, as -march=native does on such CPUs.
 static void pack_rows_avx512(float *restrict packed, MatrixView v, int x0, int k0, int kc, int width) {
-    const float *rows[16];
-    for (int x = 0; x < width; x++) { rows[x] = view_row(v, x0 + x) + k0; }
-    for (int k = 0; k < kc; k += 16) {
-        __m512i r[16];
-        for (int x = 0; x < 16; x++) {
-            r[x] = x < width ? _mm512_maskz_loadu_epi32(first_lanes(kc - k), rows[x] + k) : _mm512_setzero_si512();
-        }
-        transpose_16x16(r);
-        for (int q = 0; q < 16 && k + q < kc; q++) {
-            _mm512_mask_storeu_epi32(packed + (size_t)(k + q) * width, first_lanes(width), r[q]);
+    for (int xg = 0; xg < width; xg += 16) {
+        int lanes = width - xg < 16 ? width - xg : 16;
+        const float *rows[16];
+        for (int x = 0; x < lanes; x++) { rows[x] = view_row(v, x0 + xg + x) + k0; }
+        for (int k = 0; k < kc; k += 16) {
+            __m512i r[16];
+            for (int x = 0; x < 16; x++) {
+                r[x] = x < lanes ? _mm512_maskz_loadu_epi32(first_lanes(kc - k), rows[x] + k) : _mm512_setzero_si512();
+            }
+            transpose_16x16(r);
+            for (int q = 0; q < 16 && k + q < kc; q++) {
+                _mm512_mask_storeu_epi32(packed + (size_t)(k + q) * width + xg, first_lanes(lanes), r[q]);
+            }
         }
     }
 }
@@ -211,7 +215,7 @@ static void pack_rows_avx512(float *restrict packed, MatrixView v, int x0, int k
 
 static inline void pack_panel(float *restrict packed, MatrixView v, int x0, int nx, int k0, int kc, int width) {
 #if defined(BF16_NATIVE_BUILD) && defined(__AVX512F__)
-    if (!v.transposed && nx >= width && width <= 16) {
+    if (!v.transposed && nx >= width) {
         pack_rows_avx512(packed, v, x0, k0, kc, width);
         return;
     }
