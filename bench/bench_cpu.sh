@@ -6,7 +6,8 @@
 # OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower
 # kernel); the C build always runs in the environment as it is. Then the GFLOP/s of the C matrix
 # products (bench/bench_matmul) against PyTorch's BLAS (bench/bench_blas.py) on each configuration's
-# shapes.
+# shapes, and the GFLOP/s of the C build's attention (no peer: it is there to show how far the
+# step's least efficient part is from the products).
 #
 #   bench/bench_cpu.sh            (run from the repository root, after `make train_dtopp prepro
 #                                  tools/make_offline_text bench/bench_matmul bench/fma_peak`; needs python3-torch)
@@ -140,18 +141,19 @@ for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     args=(--threads "$THREADS" --C "${cfg[1]}" --E "${cfg[2]}" --H "${cfg[3]}" --V "${cfg[4]}" --k "${cfg[7]}"
           --N $((cfg[5] * cfg[6])))
+    attention=(--T "${cfg[6]}" --NH "${cfg[0]}")  # bench_matmul's attention line (bench_blas.py has none)
     echo "== $name"
-    bench/bench_matmul "${args[@]}" > "$TMP/c_products.txt"
+    bench/bench_matmul "${args[@]}" "${attention[@]}" > "$TMP/c_products.txt"
     OPENBLAS_NUM_THREADS=$THREADS "$PYTHON" bench/bench_blas.py "${args[@]}" > "$TMP/blas_products.txt"
     paste "$TMP/c_products.txt" "$TMP/blas_products.txt" | awk '
         NR == 1 { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5s %5s\n", "shape", "rows", "IC", "OC",
                   "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "fwd", "bwd"; next }
         /^step products/ { c = $(NF / 2 - 1); b = $(NF - 1)
                            printf "  step products: C %.1f GFLOP/s, BLAS %.1f GFLOP/s: C / BLAS %.2f\n", c, b, c / b; next }
-        /^register tile/ { split($0, part, "\t"); print "  C " part[1]; next }
+        /^register tile|^attention \(/ { split($0, part, "\t"); print "  C " part[1]; next }
         { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5.2f %5.2f\n", $1, $2, $3, $4, $5, $6, $7,
                  $13, $14, $6 / $13, $7 / $14 }'
-    bench/bench_matmul "${args[@]}" --precision bf16 | awk '/^step products/ {
+    bench/bench_matmul "${args[@]}" "${attention[@]}" --precision bf16 | awk '/^step products/ {
         printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }
-        /^register tile/ { print "  C bf16 " $0 }'
+        /^register tile|^attention \(/ { print "  C bf16 " $0 }'
 done

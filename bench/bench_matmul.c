@@ -3,7 +3,8 @@ bench_matmul: GFLOP/s of the C matrix products (matmul_forward_grouped, matmul_b
 the shapes of one model configuration; bench/bench_blas.py measures OpenBLAS (through PyTorch) on the same
 shapes, and bench/bench_cpu.sh prints the two side by side.
 
-    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--precision bf16] [--cold MB]
+    bench_matmul --threads 2 --C 256 --H 256 --V 50257 --E 16 --k 4 --N 2048 [--T 256 --NH 4]
+                 [--precision bf16] [--cold MB]
 
 N = B·T positions; an expert's products get N·k/E rows (the average under top-k routing), and the
 E experts of a layer are multiplied in one batch, as the model does (matmul_forward_grouped,
@@ -12,7 +13,11 @@ model multiplies them (matmul_forward_grouped_pair, matmul_backward_grouped_pair
 pair's time. Each time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
 together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls;
-last the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest.
+then the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest;
+last causal self-attention (attention_forward, attention_backward) on N / T sequences of T
+positions with NH heads: GFLOP/s of the multiply-adds a causal mask leaves (a query sees itself and
+the keys before it), counted as bench/bench_cpu.sh counts a step's (the backward pass twice the
+forward's, its recomputed scores not counted), so that it compares with the products'.
 With --precision bf16 the products the model runs in bf16 do so here (all but the router's,
 doc/precision.md). Called repeatedly, a product finds its operands in the caches; in a training
 step they were mostly written long before (a layer's inputs, by the time its backward pass reads
@@ -22,7 +27,8 @@ come from main memory, as in a step.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "../dtopp/matmul.h"  // defines: matmul_forward_grouped, matmul_backward_grouped (the products measured)
+#include "../dtopp/matmul.h"     // defines: matmul_forward_grouped, matmul_backward_grouped (the products measured)
+#include "../dtopp/attention.h"  // defines: attention_forward, attention_backward (measured last)
 
 typedef struct {
     const char *name;
@@ -46,32 +52,55 @@ static void sweep_caches(void) {
     for (size_t i = 0; i < sweep_floats; i += 16) { sweep_buffer[i] += 1.0f; }
 }
 
-// Median seconds of one product of the forward (backward = 0) or backward (backward = 1) pass: one
-// call, over s.batch when it multiplies a batch, and over 2 for a pair. b: the buffers, inp, weight,
-// out, dinp, dweight, then the second layer's weight, out and dweight.
-static double median_seconds(ProductShape s, int backward, float **b) {
-    int start[s.batch + 1];
-    for (int e = 0; e <= s.batch; e++) { start[e] = e * s.rows; }
+// Median seconds of repeated calls of run(call) (at least 5, for at least 0.3 s), the caches swept
+// before each (--cold).
+static double median_call_seconds(void (*run)(const void *call), const void *call) {
     double times[1000];
     int n = 0;
     double begin = wall_seconds();
     while (n < 1000 && (n < 5 || wall_seconds() - begin < 0.3)) {
         sweep_caches();
         double t0 = wall_seconds();
-        if (backward && s.pair) {
-            matmul_backward_grouped_pair(b[3], b[4], b[7], b[2], b[6], b[0], NULL, b[1], b[5], start, s.batch, s.IC,
-                                         s.OC, s.precision);
-        } else if (backward) {
-            matmul_backward_grouped(b[3], b[4], b[2], b[0], NULL, b[1], start, s.batch, s.IC, s.OC, 1, s.precision);
-        } else if (s.pair) {
-            matmul_forward_grouped_pair(b[2], b[6], b[0], NULL, b[1], b[5], start, s.batch, s.IC, s.OC, s.precision);
-        } else {
-            matmul_forward_grouped(b[2], b[0], NULL, b[1], start, s.batch, s.IC, s.OC, s.precision);
-        }
+        run(call);
         times[n++] = wall_seconds() - t0;
     }
     qsort(times, n, sizeof(double), compare_doubles);
-    return times[n / 2] / s.batch / (s.pair ? 2 : 1);
+    return times[n / 2];
+}
+
+// One call of a shape's products, forward (backward = 0) or backward (1). b: the buffers, inp,
+// weight, out, dinp, dweight, then the second layer's weight, out and dweight; start: the rows of
+// each product of the batch.
+typedef struct {
+    ProductShape s;
+    int backward;
+    float **b;
+    const int *start;
+} ProductCall;
+
+static void run_products(const void *call) {
+    const ProductCall *c = (const ProductCall *)call;
+    ProductShape s = c->s;
+    float **b = c->b;
+    if (c->backward && s.pair) {
+        matmul_backward_grouped_pair(b[3], b[4], b[7], b[2], b[6], b[0], NULL, b[1], b[5], c->start, s.batch, s.IC,
+                                     s.OC, s.precision);
+    } else if (c->backward) {
+        matmul_backward_grouped(b[3], b[4], b[2], b[0], NULL, b[1], c->start, s.batch, s.IC, s.OC, 1, s.precision);
+    } else if (s.pair) {
+        matmul_forward_grouped_pair(b[2], b[6], b[0], NULL, b[1], b[5], c->start, s.batch, s.IC, s.OC, s.precision);
+    } else {
+        matmul_forward_grouped(b[2], b[0], NULL, b[1], c->start, s.batch, s.IC, s.OC, s.precision);
+    }
+}
+
+// Median seconds of one product of the forward or backward pass: one call, over s.batch when it
+// multiplies a batch, and over 2 for a pair.
+static double median_seconds(ProductShape s, int backward, float **b) {
+    int start[s.batch + 1];
+    for (int e = 0; e <= s.batch; e++) { start[e] = e * s.rows; }
+    ProductCall call = {s, backward, b, start};
+    return median_call_seconds(run_products, &call) / s.batch / (s.pair ? 2 : 1);
 }
 
 // The micro-kernel alone on the calling thread, as multiply_rows runs it: one packed B panel (in L1)
@@ -106,8 +135,26 @@ static double tile_gflops(Precision precision) {
     return 2.0 * GEMM_MR * GEMM_NR * GEMM_KC * calls / seconds * 1e-9;
 }
 
+// One call of causal attention_forward (backward = 0) or attention_backward (1) on B sequences of
+// T positions, C channels, NH heads: qkv (B, T, 3C), out and dout (B, T, C), lse (B, NH, T), dqkv
+// (B, T, 3C), which the backward pass adds to.
+typedef struct {
+    int backward, B, T, C, NH;
+    Precision precision;
+    float *qkv, *out, *lse, *dout, *dqkv;
+} AttentionCall;
+
+static void run_attention(const void *call) {
+    const AttentionCall *a = (const AttentionCall *)call;
+    if (a->backward) {
+        attention_backward(a->dqkv, a->dout, a->qkv, a->out, a->lse, a->B, a->T, a->C, a->NH, 1, a->precision);
+    } else {
+        attention_forward(a->out, a->lse, a->qkv, a->B, a->T, a->C, a->NH, 1, a->precision);
+    }
+}
+
 int main(int argc, char **argv) {
-    int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4, cold_mb = 0;
+    int threads = 0, C = 256, H = 256, V = 256, E = 16, k = 4, N = 4096, L = 4, T = 256, NH = 4, cold_mb = 0;
     Precision precision = FLOAT32;
     for (int a = 1; a + 1 < argc; a += 2) {
         if (strcmp(argv[a], "--precision") == 0) {
@@ -121,12 +168,15 @@ int main(int argc, char **argv) {
                     : strcmp(argv[a], "--H") == 0 ? &H : strcmp(argv[a], "--V") == 0 ? &V
                     : strcmp(argv[a], "--E") == 0 ? &E : strcmp(argv[a], "--k") == 0 ? &k
                     : strcmp(argv[a], "--N") == 0 ? &N : strcmp(argv[a], "--L") == 0 ? &L
+                    : strcmp(argv[a], "--T") == 0 ? &T : strcmp(argv[a], "--NH") == 0 ? &NH
                     : strcmp(argv[a], "--cold") == 0 ? &cold_mb : NULL;
         if (target == NULL) { fail("unknown option %s", argv[a]); }
         *target = atoi(argv[a + 1]);
     }
     set_num_threads(threads);
     if (cold_mb < 0) { fail("--cold: %d MB is negative", cold_mb); }
+    if (T <= 0 || N % T != 0) { fail("--T: %d positions do not divide --N %d into sequences", T, N); }
+    if (NH <= 0 || C % NH != 0) { fail("--NH: %d heads do not divide --C %d channels", NH, C); }
     sweep_floats = (size_t)cold_mb * (1 << 20) / sizeof(float);
     sweep_buffer = (float *)calloc(sweep_floats ? sweep_floats : 1, sizeof(float));
     if (sweep_buffer == NULL) { fail("--cold: cannot allocate %d MB", cold_mb); }
@@ -168,6 +218,15 @@ int main(int argc, char **argv) {
     printf("step products: %.1f GFLOP in %.1f ms: %.1f GFLOP/s\n", step_flops * 1e-9, step_seconds * 1e3,
            step_flops / step_seconds * 1e-9);
     printf("register tile alone, 1 thread: %.1f GFLOP/s\n", tile_gflops(precision));
+    // the buffers hold N x 3C floats at least (qkv's output); the forward pass writes out and lse
+    int B = N / T;
+    double attention_flops = 4.0 * B * NH * (C / NH) * ((double)T * (T + 1) / 2);
+    AttentionCall attention = {0, B, T, C, NH, precision, buffers[0], buffers[2], buffers[3], buffers[4], buffers[6]};
+    double forward = median_call_seconds(run_attention, &attention);
+    attention.backward = 1;
+    double backward = median_call_seconds(run_attention, &attention);
+    printf("attention (causal, %d x %d positions, %d heads): forward %.1f GFLOP/s, backward %.1f GFLOP/s\n", B, T,
+           NH, attention_flops / forward * 1e-9, 2 * attention_flops / backward * 1e-9);
     for (int j = 0; j < 8; j++) { free(buffers[j]); }
     free(sweep_buffer);
     return 0;
