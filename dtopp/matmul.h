@@ -11,8 +11,10 @@ matmul.h: the CPU's matrix products, and the e^x its softmaxes and SiLU use.
 - matmul_forward_reference / matmul_backward_reference: the same products as simple loops, which
   test/test_matmul.c checks the fast ones against.
 - sgemm_batch / sgemm_serial on MatrixView operands, and the products on the calling thread that
-  attention is written with: matmul_nt (a · b^T, the scores q · k^T), matmul_nn (a · b, P · v) and
-  matmul_tn (a^T · b, in the backward pass).
+  sampling's attention (decoder.h) and the readable attention of the tests are written with:
+  matmul_nt (a · b^T, the scores q · k^T), matmul_nn (a · b, P · v) and matmul_tn (a^T · b).
+- the register tiles and the packing under them (micro_kernel, micro_kernel_bf16, pack_panel,
+  pack_panel_bf16), which the model's attention (attention.h) calls directly on panels it packs once.
 - exp_fast: e^x in plain C that the compiler vectorizes.
 
 Determinism: every output is computed by one thread, in an order that does not depend on the
@@ -193,7 +195,7 @@ static inline __mmask16 first_lanes(int n) { return n <= 0 ? 0 : n >= 16 ? 0xfff
 // time: 16 values of k of each row loaded at once, transposed in registers, one store per k
 // instead of one per value; it moves the same bits (test_matmul compares the two). A's panels of
 // 12 rows, and B's of 32 where B is a matrix transposed (the weights in the forward pass, and
-// attention's k and v). Built where the compiler targets AVX-512, as -march=native does on such CPUs.
+// attention's q, k, v and dO). Built where the compiler targets AVX-512, as -march=native does on such CPUs.
 static void pack_rows_avx512(float *restrict packed, MatrixView v, int x0, int k0, int kc, int width) {
     for (int xg = 0; xg < width; xg += 16) {
         int lanes = width - xg < 16 ? width - xg : 16;
@@ -532,9 +534,10 @@ static int shares_b(const GemmProduct *products, int g) { return g > 0 && produc
 // split the columns only when there are too few rows for that. A batch is one parallel loop, not
 // one per product: each costs a few wake-ups of sleeping threads. Each item goes through the blocks
 // of k in order, so every element of C is summed in the same order whatever the number of threads;
-// the split decides only who computes it. Without threads (attention calls it from its own
-// threads) everything runs on the calling thread, product by product and one block of k at a
-// time, GEMM_STACK_NC columns at a time, with the packed blocks on its stack (about 600 KB).
+// the split decides only who computes it. Without threads (matmul_nt and the others below, which
+// the tests' readable attention calls from its own threads) everything runs on the calling thread,
+// product by product and one block of k at a time, GEMM_STACK_NC columns at a time, with the packed
+// blocks on its stack (about 600 KB).
 #define GEMM_KB (4 * GEMM_KC)
 #define GEMM_STACK_NC 256
 
@@ -618,8 +621,8 @@ static void multiply_item(const GemmPlan *plan, GemmPack pk, int item, float *pa
 
 // The loops over packs, run by every thread of a team (threads set: the work items are shared out
 // by the enclosing parallel region) or by the calling thread alone. Without threads it opens no
-// parallel region: attention calls it from its own threads, and an inner parallel region, even of
-// one thread, costs system calls.
+// parallel region: the tests' readable attention calls it from its own threads, and an inner
+// parallel region, even of one thread, costs system calls.
 static void sgemm_loops(const GemmPlan *plan, int threads) {
     _Alignas(64) float packed_a[GEMM_MC * GEMM_KC];
     _Alignas(64) uint32_t packed_a16[GEMM_MC * GEMM_KC / 2];
@@ -700,9 +703,9 @@ static void sgemm_serial(int M, int N, int K, MatrixView a, MatrixView b, float 
 }
 
 // Products of row-major matrices on the calling thread, for code that splits the work between
-// threads itself (attention: each thread owns whole heads). c (M, N) = a · b, or += when
-// accumulate is set, with FLOAT32 or BF16 operands; ld* is the distance between the rows of each
-// matrix, in floats.
+// threads itself (the tests' readable attention: each thread owns whole heads), and for sampling's
+// one position at a time. c (M, N) = a · b, or += when accumulate is set, with FLOAT32 or BF16
+// operands; ld* is the distance between the rows of each matrix, in floats.
 //   matmul_nt: a (M, K) · b^T, b (N, K)
 //   matmul_nn: a (M, K) · b,   b (K, N)
 //   matmul_tn: a^T · b,        a (K, M), b (K, N)

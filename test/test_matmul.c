@@ -859,8 +859,11 @@ int main(void) {
     for (size_t i = 0; i < sizeof(bf16_shapes) / sizeof(bf16_shapes[0]); i++) { check_bf16(bf16_shapes[i], 0, &rng); }
     check_bf16((Shape){50, 100, 40, 0}, 1, &rng);
     if (!bf16_native()) { printf("note: this CPU has no AVX512_BF16: only the portable bf16 kernel was tested\n"); }
-    // the readable attention's blocks of 64 queries; the tiled one's 64 queries by 128 keys: T = 1, tiles
-    // that end inside a tile, exactly two query tiles, a partial third key tile; causal and not
+    // the readable attention's blocks of 64 queries; the tiled one's blocks of 32 queries, chunks of 256,
+    // key tiles of 120 (forward) and 128 (backward), slices of up to 264 queries: T = 1, blocks and
+    // tiles that end inside one, exactly one backward key tile, a partial third one, two and three
+    // forward chunks and backward slices; head sizes under one panel (16, 20), one (32) and more (48,
+    // 64, in panels of 12 rows and 32 columns); causal and not
     check_attention(2, 1, 32, 2, 1, &rng);
     check_attention(2, 1, 32, 2, 0, &rng);
     check_attention(2, 37, 32, 2, 1, &rng);
@@ -869,10 +872,13 @@ int main(void) {
     check_attention(2, 130, 96, 3, 0, &rng);
     check_attention(1, 300, 64, 2, 1, &rng);
     check_attention(1, 300, 40, 2, 0, &rng);
+    check_attention(2, 77, 96, 2, 0, &rng);
+    check_attention(1, 531, 128, 2, 1, &rng);
     check_attention_bf16(2, 37, 32, 2, 1, &rng);
     check_attention_bf16(3, 130, 96, 3, 1, &rng);
     check_attention_bf16(2, 130, 96, 3, 0, &rng);
     check_attention_bf16(1, 300, 64, 2, 1, &rng);
+    check_attention_bf16(1, 531, 128, 2, 1, &rng);
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
