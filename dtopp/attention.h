@@ -210,12 +210,11 @@ static void attention_forward_block(float *out, size_t ldo, float *lse, const At
         }
         for (int p = 0; p < dim_panels; p++) {  // O^T = O^T · factor + v_j^T · P^T
             panel_product(n_keys, w->vt_panels + p * w->vt_stride + panel_at(j0, GEMM_MR, bf16), pt, tile, bf16);
-            for (int i = 0; i < GEMM_MR; i++) {
-                float *o = w->out_t + (p * GEMM_MR + i) * GEMM_NR, *add = tile + i * GEMM_NR;
-                for (int c = 0; c < GEMM_NR; c++) {
-                    float scaled = j0 > 0 ? o[c] * factor[c] : 0.0f;
-                    o[c] = j0 > 0 ? scaled + add[c] : add[c];
-                }
+            float *o = w->out_t + p * GEMM_MR * GEMM_NR;
+            if (j0 == 0) {  // the first key tile writes
+                memcpy(o, tile, sizeof(tile));
+            } else {
+                for (int i = 0; i < GEMM_MR * GEMM_NR; i++) { o[i] = o[i] * factor[i % GEMM_NR] + tile[i]; }
             }
         }
     }
