@@ -293,7 +293,7 @@ typedef struct {
     float *dqkv;       // (N, 3C)
     float *dscores;    // GPU: (B, NH, T, T) gradient of the attention probabilities, then of the scores
                        // (NULL on the CPU, whose attention_backward recomputes one tile at a time)
-    float *dlogits;    // (N, V), padded to Vp on the GPU
+    float *dlogits;    // (N, V); on the CPU the logits' own memory, padded to Vp on the GPU
     float *dgates;     // (N, E) gradient of each selected gate
     float *drouter;    // (N, E) gradient of the router logits z
     float *dtheta;     // (N) each token's share of dθ, summed in order afterwards
@@ -415,7 +415,7 @@ void model_accumulate_grads(Model *model, int micro, int count);
 void model_allreduce_grads(Model *model, float scale);
 void model_activated_per_layer(const Model *model, double *activated);  // (L) mean |S| of the last forward
 void model_routing_counts(const Model *model, int *n_selected, int *expert_load);  // (L, N), (L, E) or NULL
-void model_get_logits(const Model *model, float *out);        // (N, V)
+void model_get_logits(const Model *model, float *out);  // (N, V) of the forward pass (on the CPU, until the backward)
 void model_get_token_losses(const Model *model, float *out);  // (N) cross-entropy of every position
 void model_get_losses(const Model *model, float *out);        // total, CE, LB_l for each l, H_l for each l
 void model_get_routing(const Model *model, int *n_selected, int *selected,
@@ -673,7 +673,7 @@ void crossentropy_forward(float *token_loss, float *token_lse, const float *logi
     }
 }
 
-// Writes (not accumulates) dlogits: scale · (softmax − onehot), from the forward pass's token_lse.
+// Writes (not accumulates) dlogits = scale · (softmax − onehot) from token_lse; in place when dlogits == logits.
 void crossentropy_backward(float *dlogits, const float *logits, const float *token_lse, const int *targets, int N,
                            int V, float scale) {
     #pragma omp parallel for if ((size_t)N * V >= PARALLEL_MIN_WORK)
@@ -978,11 +978,11 @@ static void activations_alloc(Activations *a, const ModelConfig *c, int B, int T
     a->row_offset = (int *)calloc_check(c->num_layers + 1, sizeof(int));
     if (with_grads) {  // the CPU's attention_backward needs no dscores: NULL
         GradActivations *g = &a->grads;
-        float **grad_tensors[] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv, &g->dlogits, &g->dgates,
-                                  &g->drouter, &g->dtheta};
-        size_t grad_sizes[] = {N * C, N * C, N * C, N * 3 * C, N * V, N * E, N * E, N};
-        a->grads_memory = (float *)calloc_check(total_size(grad_sizes, 8), sizeof(float));
-        carve_floats(grad_tensors, grad_sizes, 8, a->grads_memory);
+        float **grad_tensors[] = {&g->dresidual, &g->dln, &g->datty, &g->dqkv, &g->dgates, &g->drouter, &g->dtheta};
+        size_t grad_sizes[] = {N * C, N * C, N * C, N * 3 * C, N * E, N * E, N};
+        a->grads_memory = (float *)calloc_check(total_size(grad_sizes, 7), sizeof(float));
+        carve_floats(grad_tensors, grad_sizes, 7, a->grads_memory);
+        g->dlogits = a->acts.logits;  // read by nothing after the loss; at V = 50,257 the largest tensor
     }
 }
 
