@@ -2,20 +2,24 @@
 # bench_cpu.sh: training speed of the C build, in float32 and --precision bf16, against PyTorch
 # running the reference model (reference/bench.py) in float32 and under bf16 autocast, on the same
 # configurations with the same number of threads, in one run; each also as GFLOP/s against the
-# peaks bench/fma_peak measures. PyTorch runs both with the environment as it is and without
-# OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower
-# kernel); the C build always runs in the environment as it is. Then the GFLOP/s of the C matrix
-# products (bench/bench_matmul) against PyTorch's BLAS (bench/bench_blas.py) on each configuration's
-# shapes, and the GFLOP/s of the C build's attention (no peer: it is there to show how far the
-# step's least efficient part is from the products).
+# peaks bench/fma_peak measures (g32 and g16: the C runs' GFLOP/s, each step's FLOP counted from the
+# experts it activated, so under DTop-p from the controller's actual count, not the budget).
+# PyTorch runs both with the environment as it is and without OPENBLAS_CORETYPE and
+# OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower kernel); the C build always
+# runs in the environment as it is. Then the GFLOP/s of the C matrix products (bench/bench_matmul)
+# against PyTorch's BLAS (bench/bench_blas.py) on each configuration's shapes, and the GFLOP/s of
+# the C build's attention (no peer: it is there to show how far the step's least efficient part is
+# from the products).
 #
 #   bench/bench_cpu.sh            (run from the repository root, after `make train_dtopp prepro
 #                                  tools/make_offline_text bench/bench_matmul bench/fma_peak`; needs python3-torch)
 #
 # Every configuration has L=4 layers; all but c256-dtopp use top-k routing, so that both do exactly
 # the same expert work whatever the data (the C program trains on the project's generated text,
-# PyTorch on random tokens); under DTop-p both hold a budget of k experts on average. C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over
-# the steps after the first 3 (allocation and warm-up), and the table gives the median of the runs.
+# PyTorch on random tokens); under DTop-p both hold a budget of k experts on average, which the
+# controller reaches over the first steps (the C build's GFLOP/s count what each step activated).
+# C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over the steps
+# after the first 3 (allocation and warm-up), and the table gives the median of the runs.
 # Both run with OMP_WAIT_POLICY=passive unless it is set (the README's advice: with the default,
 # threads that wait spin, and on a machine doing anything else the products slow down many times).
 # Environment: THREADS (default 2), STEPS (default 10), RUNS (default 3), CONFIGS (names to run,
@@ -48,7 +52,7 @@ routing_args() {  # routing_args ROUTING k: Top-k with k experts, or DTop-p with
     if [ "$1" = topk ]; then echo "--routing topk --k $2"; else echo "--routing dtopp --tgt $2"; fi
 }
 
-c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: mean tokens/s of the steps after the first 3
+c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: "tokens/s GFLOP/s", means over the steps after the first 3
     local precision=$1 data=bytes
     shift
     if [ "$5" -ne 256 ]; then data=gpt2; fi
@@ -57,8 +61,13 @@ c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: mean tokens/s of the step
     ./train_dtopp --train "$TMP/${data}_train.bin" --val "" --layers 4 --heads "$1" --channels "$2" --experts "$3" \
         --expert-hidden "$4" --batch "$6" --seq-len "$7" $(routing_args "$9" "$8") --steps "$STEPS" \
         --sample-tokens 0 --checkpoint-every 0 --threads "$THREADS" --precision "$precision" --out "$TMP/run" > /dev/null
-    awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "tokens_per_s") c = i; next }
-             NR > 4 { s += $c; n++ } END { printf "%.1f\n", s / n }' "$TMP/run/log.csv"
+    # A step's FLOP from the experts it activated (log.csv's `activated`, per token and layer): exactly k
+    # under Top-k; under DTop-p what the controller's p admitted that step, near but not at the budget.
+    awk -F, -v base="$(flop_per_token "$1" "$2" "$3" "$4" "$5" "$6" "$7" 0)" \
+        -v per_expert="$(flop_per_expert "$2" "$4")" '
+        NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "tokens_per_s") c = i; if ($i == "activated") a = i }; next }
+        NR > 4 { s += $c; g += $c * (base + per_expert * $a) / 1e9; n++ }
+        END { printf "%.1f %.1f\n", s / n, g / n }' "$TMP/run/log.csv"
 }
 
 # torch_run ENV AUTOCAST NH C E H V B T k ROUTING: mean tokens/s of the steps after the first 3.
@@ -82,6 +91,7 @@ flop_per_token() {  # NH C E H V B T k
     awk -v C="$2" -v E="$3" -v H="$4" -v V="$5" -v T="$7" -v k="$8" -v L=4 \
         'BEGIN { printf "%.0f", 6 * (L * (4 * C * C + C * E + 3 * k * C * H) + C * V) + 6 * L * T * C }'
 }
+flop_per_expert() { awk -v C="$1" -v H="$2" -v L=4 'BEGIN { printf "%.0f", 6 * L * 3 * C * H }'; }  # C H: one more expert
 
 # the ceilings: the float32 FMA and bf16 dot-product loops of bench/fma_peak
 peaks=$(bench/fma_peak --threads "$THREADS")
@@ -111,27 +121,30 @@ for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     declare -A all=()
     for _ in $(seq "$RUNS"); do
-        all[c32]+="$(c_run fp32 "${cfg[@]}") "
-        all[c16]+="$(c_run bf16 "${cfg[@]}") "
+        read -r tokens gflops <<< "$(c_run fp32 "${cfg[@]}")"
+        all[c32]+="$tokens "
+        all[g32]+="$gflops "
+        read -r tokens gflops <<< "$(c_run bf16 "${cfg[@]}")"
+        all[c16]+="$tokens "
+        all[g16]+="$gflops "
         all[t32]+="$(torch_run as-set "" "${cfg[@]}") "
         all[t32u]+="$(torch_run unset "" "${cfg[@]}") "
         all[t16]+="$(torch_run as-set --autocast "${cfg[@]}") "
         all[t16u]+="$(torch_run unset --autocast "${cfg[@]}") "
     done
     declare -A med=()
-    for key in c32 c16 t32 t32u t16 t16u; do med[$key]=$(tr ' ' '\n' <<< "${all[$key]}" | grep . | median); done
+    for key in c32 c16 g32 g16 t32 t32u t16 t16u; do med[$key]=$(tr ' ' '\n' <<< "${all[$key]}" | grep . | median); done
     best_torch=$(printf '%s\n' "${med[t32]}" "${med[t32u]}" "${med[t16]}" "${med[t16u]}" | sort -g | tail -1)
     flop=$(flop_per_token "${cfg[@]}")
     awk -v n="$name" -v c32="${med[c32]}" -v c16="${med[c16]}" -v t32="${med[t32]}" -v t32u="${med[t32u]}" \
-        -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v p32="$fp32_peak" \
+        -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v g32="${med[g32]}" -v g16="${med[g16]}" -v p32="$fp32_peak" \
         -v p16="$bf16_peak" -v cfg="${cfg[*]}" 'BEGIN {
         printf "%-11s %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f | %6.2f %6.2f\n", n, c32, c16, c16 / c32, t32, t32u,
                t16, t16u, c32 / best, c16 / best
-        g32 = c32 * f / 1e9; g16 = c16 * f / 1e9
-        printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token: C fp32 %.0f GFLOP/s (%.0f%% of %s),",
+        printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token at k experts: C fp32 %.0f GFLOP/s (%.0f%% of %s),",
                "", cfg, f / 1e6, g32, 100 * g32 / p32, p32
         if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n" }'
-    for key in c32 c16 t32 t32u t16 t16u; do printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"; done
+    for key in c32 c16 g32 g16 t32 t32u t16 t16u; do printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"; done
     unset all med
 done
 
