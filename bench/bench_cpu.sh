@@ -91,7 +91,9 @@ flop_per_token() {  # NH C E H V B T k
     awk -v C="$2" -v E="$3" -v H="$4" -v V="$5" -v T="$7" -v k="$8" -v L=4 \
         'BEGIN { printf "%.0f", 6 * (L * (4 * C * C + C * E + 3 * k * C * H) + C * V) + 6 * L * T * C }'
 }
-flop_per_expert() { awk -v C="$1" -v H="$2" -v L=4 'BEGIN { printf "%.0f", 6 * L * 3 * C * H }'; }  # C H: one more expert
+flop_per_expert() {  # C H: the FLOP per token of one more expert in every layer (W1, W3, W2)
+    awk -v C="$1" -v H="$2" -v L=4 'BEGIN { printf "%.0f", 6 * L * 3 * C * H }'
+}
 
 # the ceilings: the float32 FMA and bf16 dot-product loops of bench/fma_peak
 peaks=$(bench/fma_peak --threads "$THREADS")
@@ -137,12 +139,12 @@ for name in $CONFIGS; do
     best_torch=$(printf '%s\n' "${med[t32]}" "${med[t32u]}" "${med[t16]}" "${med[t16u]}" | sort -g | tail -1)
     flop=$(flop_per_token "${cfg[@]}")
     awk -v n="$name" -v c32="${med[c32]}" -v c16="${med[c16]}" -v t32="${med[t32]}" -v t32u="${med[t32u]}" \
-        -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v g32="${med[g32]}" -v g16="${med[g16]}" -v p32="$fp32_peak" \
-        -v p16="$bf16_peak" -v cfg="${cfg[*]}" 'BEGIN {
+        -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v g32="${med[g32]}" \
+        -v g16="${med[g16]}" -v p32="$fp32_peak" -v p16="$bf16_peak" -v cfg="${cfg[*]}" 'BEGIN {
         printf "%-11s %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f | %6.2f %6.2f\n", n, c32, c16, c16 / c32, t32, t32u,
                t16, t16u, c32 / best, c16 / best
-        printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token at k experts: C fp32 %.0f GFLOP/s (%.0f%% of %s),",
-               "", cfg, f / 1e6, g32, 100 * g32 / p32, p32
+        printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token at k experts:", "", cfg, f / 1e6
+        printf " C fp32 %.0f GFLOP/s (%.0f%% of %s),", g32, 100 * g32 / p32, p32
         if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n" }'
     for key in c32 c16 g32 g16 t32 t32u t16 t16u; do printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"; done
     unset all med
