@@ -3,7 +3,8 @@
 # running the reference model (reference/bench.py) in float32 and under bf16 autocast, on the same
 # configurations with the same number of threads, in one run; each also as GFLOP/s against the
 # peaks bench/fma_peak measures (g32 and g16: the C runs' GFLOP/s, each step's FLOP counted from the
-# experts it activated, so under DTop-p from the controller's actual count, not the budget).
+# experts it activated, so under DTop-p from the controller's actual count, not the budget; e32 and
+# e16: those experts per token and layer, the mean of the steps timed).
 # PyTorch runs both with the environment as it is and without OPENBLAS_CORETYPE and
 # OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower kernel); the C build always
 # runs in the environment as it is. Then the GFLOP/s of the C matrix products (bench/bench_matmul)
@@ -52,7 +53,8 @@ routing_args() {  # routing_args ROUTING k: Top-k with k experts, or DTop-p with
     if [ "$1" = topk ]; then echo "--routing topk --k $2"; else echo "--routing dtopp --tgt $2"; fi
 }
 
-c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: "tokens/s GFLOP/s", means over the steps after the first 3
+# c_run PRECISION NH C E H V B T k ROUTING: "tokens/s GFLOP/s experts", means over the steps after the first 3
+c_run() {
     local precision=$1 data=bytes
     shift
     if [ "$5" -ne 256 ]; then data=gpt2; fi
@@ -66,8 +68,8 @@ c_run() {  # c_run PRECISION NH C E H V B T k ROUTING: "tokens/s GFLOP/s", means
     awk -F, -v base="$(flop_per_token "$1" "$2" "$3" "$4" "$5" "$6" "$7" 0)" \
         -v per_expert="$(flop_per_expert "$2" "$4")" '
         NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "tokens_per_s") c = i; if ($i == "activated") a = i }; next }
-        NR > 4 { s += $c; g += $c * (base + per_expert * $a) / 1e9; n++ }
-        END { printf "%.1f %.1f\n", s / n, g / n }' "$TMP/run/log.csv"
+        NR > 4 { s += $c; g += $c * (base + per_expert * $a) / 1e9; e += $a; n++ }
+        END { printf "%.1f %.1f %.2f\n", s / n, g / n, e / n }' "$TMP/run/log.csv"
 }
 
 # torch_run ENV AUTOCAST NH C E H V B T k ROUTING: mean tokens/s of the steps after the first 3.
@@ -123,12 +125,14 @@ for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     declare -A all=()
     for _ in $(seq "$RUNS"); do
-        read -r tokens gflops <<< "$(c_run fp32 "${cfg[@]}")"
+        read -r tokens gflops experts <<< "$(c_run fp32 "${cfg[@]}")"
         all[c32]+="$tokens "
         all[g32]+="$gflops "
-        read -r tokens gflops <<< "$(c_run bf16 "${cfg[@]}")"
+        all[e32]+="$experts "
+        read -r tokens gflops experts <<< "$(c_run bf16 "${cfg[@]}")"
         all[c16]+="$tokens "
         all[g16]+="$gflops "
+        all[e16]+="$experts "
         all[t32]+="$(torch_run as-set "" "${cfg[@]}") "
         all[t32u]+="$(torch_run unset "" "${cfg[@]}") "
         all[t16]+="$(torch_run as-set --autocast "${cfg[@]}") "
@@ -146,7 +150,9 @@ for name in $CONFIGS; do
         printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token at k experts:", "", cfg, f / 1e6
         printf " C fp32 %.0f GFLOP/s (%.0f%% of %s),", g32, 100 * g32 / p32, p32
         if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n" }'
-    for key in c32 c16 g32 g16 t32 t32u t16 t16u; do printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"; done
+    for key in c32 c16 g32 g16 e32 e16 t32 t32u t16 t16u; do
+        printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"
+    done
     unset all med
 done
 
