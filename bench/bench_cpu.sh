@@ -4,7 +4,8 @@
 # configurations with the same number of threads, in one run; each also as GFLOP/s against the
 # peaks bench/fma_peak measures (g32 and g16: the C runs' GFLOP/s, each step's FLOP counted from the
 # experts it activated, so under DTop-p from the controller's actual count, not the budget; e32 and
-# e16: those experts per token and layer, the mean of the steps timed).
+# e16: those experts per token and layer, the mean of the steps timed), and the peaks again after
+# the training runs, with a warning when the start measured them low.
 # PyTorch runs both with the environment as it is and without OPENBLAS_CORETYPE and
 # OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower kernel); the C build always
 # runs in the environment as it is. Then the GFLOP/s of the C matrix products (bench/bench_matmul)
@@ -155,6 +156,17 @@ for name in $CONFIGS; do
     done
     unset all med
 done
+
+# The peaks again: the percentages above are of the peaks measured at the start, and a start on a
+# busy machine measures them low (every percentage of the run would then read high).
+peaks_after=$(bench/fma_peak --threads "$THREADS")
+echo
+echo "the peaks again, after the training runs:"
+echo "$peaks_after"
+fp32_after=$(sed -n 's/^float32 FMA peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks_after")
+awk -v before="$fp32_peak" -v after="$fp32_after" 'BEGIN { if (after > 1.1 * before) {
+    printf "warning: the float32 peak measured %s at the end, against %s at the start:", after, before
+    print " the machine was busier at the start, and the percentages above are too high" } }'
 
 echo
 echo "matrix products of a training step, GFLOP/s (C: bench/bench_matmul; BLAS: torch.mm, bench/bench_blas.py)"
