@@ -101,8 +101,9 @@ flop_per_expert() {  # C H: the FLOP per token of one more expert in every layer
 # the ceilings: the float32 FMA and bf16 dot-product loops of bench/fma_peak
 peaks=$(bench/fma_peak --threads "$THREADS")
 echo "$peaks"
-fp32_peak=$(sed -n 's/^float32 FMA peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks")
-bf16_peak=$(sed -n 's/^bf16 dot-product peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks")
+peak_of() { sed -n "s/^$1 .*: \([0-9.]*\) GFLOP\/s\$/\1/p" <<< "$2"; }  # float32|bf16 OUTPUT: GFLOP/s
+fp32_peak=$(peak_of float32 "$peaks")
+bf16_peak=$(peak_of bf16 "$peaks")
 echo "PyTorch: $("$PYTHON" -c 'import torch; print(torch.__version__, "oneDNN (bf16 autocast products):",
     torch.backends.mkldnn.is_available())')"
 for env_mode in as-set unset; do
@@ -126,14 +127,12 @@ for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     declare -A all=()
     for _ in $(seq "$RUNS"); do
-        read -r tokens gflops experts <<< "$(c_run fp32 "${cfg[@]}")"
-        all[c32]+="$tokens "
-        all[g32]+="$gflops "
-        all[e32]+="$experts "
-        read -r tokens gflops experts <<< "$(c_run bf16 "${cfg[@]}")"
-        all[c16]+="$tokens "
-        all[g16]+="$gflops "
-        all[e16]+="$experts "
+        for precision in fp32 bf16; do  # keys c32 g32 e32, c16 g16 e16
+            read -r tokens gflops experts <<< "$(c_run "$precision" "${cfg[@]}")"
+            all[c${precision: -2}]+="$tokens "
+            all[g${precision: -2}]+="$gflops "
+            all[e${precision: -2}]+="$experts "
+        done
         all[t32]+="$(torch_run as-set "" "${cfg[@]}") "
         all[t32u]+="$(torch_run unset "" "${cfg[@]}") "
         all[t16]+="$(torch_run as-set --autocast "${cfg[@]}") "
@@ -163,8 +162,7 @@ peaks_after=$(bench/fma_peak --threads "$THREADS")
 echo
 echo "the peaks again, after the training runs:"
 echo "$peaks_after"
-fp32_after=$(sed -n 's/^float32 FMA peak.*: \([0-9.]*\) GFLOP\/s$/\1/p' <<< "$peaks_after")
-awk -v before="$fp32_peak" -v after="$fp32_after" 'BEGIN { if (after > 1.1 * before) {
+awk -v before="$fp32_peak" -v after="$(peak_of float32 "$peaks_after")" 'BEGIN { if (after > 1.1 * before) {
     printf "warning: the float32 peak measured %s at the end, against %s at the start:", after, before
     print " the machine was busier at the start, and the percentages above are too high" } }'
 
