@@ -5,7 +5,9 @@
 # peaks bench/fma_peak measures (g32 and g16: the C runs' GFLOP/s, each step's FLOP counted from the
 # experts it activated, so under DTop-p from the controller's actual count, not the budget; e32 and
 # e16: those experts per token and layer, the mean of the steps timed), and the peaks again after
-# the training runs, with a warning when the start measured them low.
+# the training runs, with a warning when the start measured them low. Each C run also gets the peak
+# of its precision measured just before it (p32 and p16: the run's GFLOP/s as a percentage of that
+# peak), since the peak itself moves with the machine's clock and load from minute to minute.
 # PyTorch runs both with the environment as it is and without OPENBLAS_CORETYPE and
 # OPENBLAS_L2_SIZE (which, where they are set, pin OpenBLAS to a slower kernel); the C build always
 # runs in the environment as it is. Then the GFLOP/s of the C matrix products (bench/bench_matmul)
@@ -20,17 +22,20 @@
 # the same expert work whatever the data (the C program trains on the project's generated text,
 # PyTorch on random tokens); under DTop-p both hold a budget of k experts on average, which the
 # controller reaches over the first steps (the C build's GFLOP/s count what each step activated).
-# C and PyTorch runs alternate, RUNS times each; a run's speed is its mean tokens/s over the steps
-# after the first 3 (allocation and warm-up), and the table gives the median of the runs.
+# C and PyTorch runs alternate, C_RUNS times each precision of the C build and RUNS times each
+# PyTorch mode; a run's speed is its mean tokens/s over the steps after the first 3 (allocation and
+# warm-up), and the table gives the median of the runs.
 # Both run with OMP_WAIT_POLICY=passive unless it is set (the README's advice: with the default,
 # threads that wait spin, and on a machine doing anything else the products slow down many times).
-# Environment: THREADS (default 2), STEPS (default 10), RUNS (default 3), CONFIGS (names to run,
+# Environment: THREADS (default 2), STEPS (default 10), RUNS (default 3), C_RUNS (default RUNS; the
+# C runs are short, so more of them narrow the medians for little time), CONFIGS (names to run,
 # default all).
 set -euo pipefail
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 THREADS=${THREADS:-2}
 STEPS=${STEPS:-10}
 RUNS=${RUNS:-3}
+C_RUNS=${C_RUNS:-$RUNS}
 PYTHON=${PYTHON:-/usr/bin/python3}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -119,38 +124,51 @@ print(get().decode(), "(" + lib + ")")')"
 done
 
 echo
-echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, median of $RUNS runs of $STEPS steps"
+echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, $STEPS steps a run," \
+    "median of $C_RUNS C runs and $RUNS PyTorch runs"
 echo "PyTorch: float32, then bf16 autocast; 'unset' runs without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE"
 printf '%-11s %9s %9s %6s | %9s %9s %9s %9s | %6s %6s\n' config "C fp32" "C bf16" bf16/32 "PT fp32" "PT fp32u" \
     "PT bf16" "PT bf16u" "C32/PT" "C16/PT"
 for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     declare -A all=()
-    for _ in $(seq "$RUNS"); do
-        for precision in fp32 bf16; do  # keys c32 g32 e32, c16 g16 e16
+    for round in $(seq $((C_RUNS > RUNS ? C_RUNS : RUNS))); do
+        for precision in fp32 bf16; do  # keys c32 g32 e32 p32, c16 g16 e16 p16
+            if [ "$round" -gt "$C_RUNS" ]; then break; fi
+            peak_name=float32
+            if [ "$precision" = bf16 ]; then peak_name=bf16; fi
+            peak=$(peak_of "$peak_name" "$(bench/fma_peak --threads "$THREADS")")
             read -r tokens gflops experts <<< "$(c_run "$precision" "${cfg[@]}")"
             all[c${precision: -2}]+="$tokens "
             all[g${precision: -2}]+="$gflops "
             all[e${precision: -2}]+="$experts "
+            all[p${precision: -2}]+="$(awk -v g="$gflops" -v p="${peak:-0}" \
+                'BEGIN { printf "%.1f", (p > 0 ? 100 * g / p : 0) }') "
         done
+        if [ "$round" -gt "$RUNS" ]; then continue; fi
         all[t32]+="$(torch_run as-set "" "${cfg[@]}") "
         all[t32u]+="$(torch_run unset "" "${cfg[@]}") "
         all[t16]+="$(torch_run as-set --autocast "${cfg[@]}") "
         all[t16u]+="$(torch_run unset --autocast "${cfg[@]}") "
     done
     declare -A med=()
-    for key in c32 c16 g32 g16 t32 t32u t16 t16u; do med[$key]=$(tr ' ' '\n' <<< "${all[$key]}" | grep . | median); done
+    for key in c32 c16 g32 g16 p32 p16 t32 t32u t16 t16u; do
+        med[$key]=$(tr ' ' '\n' <<< "${all[$key]}" | grep . | median)
+    done
     best_torch=$(printf '%s\n' "${med[t32]}" "${med[t32u]}" "${med[t16]}" "${med[t16u]}" | sort -g | tail -1)
     flop=$(flop_per_token "${cfg[@]}")
     awk -v n="$name" -v c32="${med[c32]}" -v c16="${med[c16]}" -v t32="${med[t32]}" -v t32u="${med[t32u]}" \
         -v t16="${med[t16]}" -v t16u="${med[t16u]}" -v best="$best_torch" -v f="$flop" -v g32="${med[g32]}" \
-        -v g16="${med[g16]}" -v p32="$fp32_peak" -v p16="$bf16_peak" -v cfg="${cfg[*]}" 'BEGIN {
+        -v g16="${med[g16]}" -v p32="$fp32_peak" -v p16="$bf16_peak" -v cfg="${cfg[*]}" -v r32="${med[p32]}" \
+        -v r16="${med[p16]}" 'BEGIN {
         printf "%-11s %9.0f %9.0f %6.2f | %9.0f %9.0f %9.0f %9.0f | %6.2f %6.2f\n", n, c32, c16, c16 / c32, t32, t32u,
                t16, t16u, c32 / best, c16 / best
         printf "%-11s   NH C E H V B T k routing = %s; %.2f MFLOP/token at k experts:", "", cfg, f / 1e6
         printf " C fp32 %.0f GFLOP/s (%.0f%% of %s),", g32, 100 * g32 / p32, p32
-        if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n" }'
-    for key in c32 c16 g32 g16 e32 e16 t32 t32u t16 t16u; do
+        if (p16 > 0) printf " C bf16 %.0f GFLOP/s (%.0f%% of %s)\n", g16, 100 * g16 / p16, p16; else printf "\n"
+        printf "%-11s   of the peak measured just before each run: C fp32 %.1f%%", "", r32
+        if (r16 > 0) printf ", C bf16 %.1f%%\n", r16; else printf "\n" }'
+    for key in c32 c16 g32 g16 e32 e16 p32 p16 t32 t32u t16 t16u; do
         printf '%-11s   %s runs: %s\n' "" "$key" "${all[$key]}"
     done
     unset all med
