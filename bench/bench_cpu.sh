@@ -29,7 +29,7 @@
 # threads that wait spin, and on a machine doing anything else the products slow down many times).
 # Environment: THREADS (default 2), STEPS (default 10), RUNS (default 3), C_RUNS (default RUNS; the
 # C runs are short, so more of them narrow the medians for little time), CONFIGS (names to run,
-# default all).
+# default all), TRAINING (0: the matrix products only, no training runs).
 set -euo pipefail
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 THREADS=${THREADS:-2}
@@ -48,6 +48,8 @@ c256-gpt2|4 256 16 256 50257 8 256 4 topk
 c256-t1024|4 256 16 256 256 4 1024 4 topk
 c512-bytes|8 512 16 512 256 8 256 4 topk"
 CONFIGS=${CONFIGS:-$(cut -d'|' -f1 <<< "$CONFIG_TABLE" | tr '\n' ' ')}
+training_configs=$CONFIGS
+if [ "${TRAINING:-1}" = 0 ]; then training_configs=""; fi
 
 tools/make_offline_text > "$TMP/text.txt"
 ./prepro --vocab bytes -o "$TMP/bytes" "$TMP/text.txt" > /dev/null
@@ -123,13 +125,15 @@ get.restype = ctypes.c_char_p
 print(get().decode(), "(" + lib + ")")')"
 done
 
-echo
-echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, $STEPS steps a run," \
-    "median of $C_RUNS C runs and $RUNS PyTorch runs"
-echo "PyTorch: float32, then bf16 autocast; 'unset' runs without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE"
-printf '%-11s %9s %9s %6s | %9s %9s %9s %9s | %6s %6s\n' config "C fp32" "C bf16" bf16/32 "PT fp32" "PT fp32u" \
-    "PT bf16" "PT bf16u" "C32/PT" "C16/PT"
-for name in $CONFIGS; do
+if [ -n "$training_configs" ]; then
+    echo
+    echo "training speed, $THREADS threads, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, $STEPS steps a run," \
+        "median of $C_RUNS C runs and $RUNS PyTorch runs"
+    echo "PyTorch: float32, then bf16 autocast; 'unset' runs without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE"
+    printf '%-11s %9s %9s %6s | %9s %9s %9s %9s | %6s %6s\n' config "C fp32" "C bf16" bf16/32 "PT fp32" \
+        "PT fp32u" "PT bf16" "PT bf16u" "C32/PT" "C16/PT"
+fi
+for name in $training_configs; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     declare -A all=()
     for round in $(seq $((C_RUNS > RUNS ? C_RUNS : RUNS))); do
@@ -176,16 +180,19 @@ done
 
 # The peaks again: the percentages above are of the peaks measured at the start, and a start on a
 # busy machine measures them low (every percentage of the run would then read high).
-peaks_after=$(bench/fma_peak --threads "$THREADS")
-echo
-echo "the peaks again, after the training runs:"
-echo "$peaks_after"
-awk -v before="$fp32_peak" -v after="$(peak_of float32 "$peaks_after")" 'BEGIN { if (after > 1.1 * before) {
-    printf "warning: the float32 peak measured %s at the end, against %s at the start:", after, before
-    print " the machine was busier at the start, and the percentages above are too high" } }'
+if [ -n "$training_configs" ]; then
+    peaks_after=$(bench/fma_peak --threads "$THREADS")
+    echo
+    echo "the peaks again, after the training runs:"
+    echo "$peaks_after"
+    awk -v before="$fp32_peak" -v after="$(peak_of float32 "$peaks_after")" 'BEGIN { if (after > 1.1 * before) {
+        printf "warning: the float32 peak measured %s at the end, against %s at the start:", after, before
+        print " the machine was busier at the start, and the percentages above are too high" } }'
+fi
 
 echo
-echo "matrix products of a training step, GFLOP/s (C: bench/bench_matmul; BLAS: torch.mm, bench/bench_blas.py)"
+echo "matrix products of a training step, GFLOP/s (C: bench/bench_matmul; BLAS: torch.mm, bench/bench_blas.py, with the"
+echo "environment as set and without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE; C / BLAS against the faster of the two)"
 for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     args=(--threads "$THREADS" --C "${cfg[1]}" --E "${cfg[2]}" --H "${cfg[3]}" --V "${cfg[4]}" --k "${cfg[7]}"
@@ -193,15 +200,20 @@ for name in $CONFIGS; do
     attention=(--T "${cfg[6]}" --NH "${cfg[0]}")  # bench_matmul's attention line (bench_blas.py has none)
     echo "== $name"
     bench/bench_matmul "${args[@]}" "${attention[@]}" > "$TMP/c_products.txt"
-    OPENBLAS_NUM_THREADS=$THREADS "$PYTHON" bench/bench_blas.py "${args[@]}" > "$TMP/blas_products.txt"
-    paste "$TMP/c_products.txt" "$TMP/blas_products.txt" | awk '
-        NR == 1 { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5s %5s\n", "shape", "rows", "IC", "OC",
-                  "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "fwd", "bwd"; next }
-        /^step products/ { c = $(NF / 2 - 1); b = $(NF - 1)
-                           printf "  step products: C %.1f GFLOP/s, BLAS %.1f GFLOP/s: C / BLAS %.2f\n", c, b, c / b; next }
-        /^register tile|^attention \(/ { split($0, part, "\t"); print "  C " part[1]; next }
-        { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %5.2f %5.2f\n", $1, $2, $3, $4, $5, $6, $7,
-                 $13, $14, $6 / $13, $7 / $14 }'
+    OPENBLAS_NUM_THREADS=$THREADS "$PYTHON" bench/bench_blas.py "${args[@]}" > "$TMP/blas_as_set.txt"
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS="$THREADS" "$PYTHON" bench/bench_blas.py \
+        "${args[@]}" > "$TMP/blas_unset.txt"
+    # one line of each file, tab-separated; in each, the shape's lines end in forward and backward GFLOP/s
+    paste "$TMP/c_products.txt" "$TMP/blas_as_set.txt" "$TMP/blas_unset.txt" | awk -F'\t' '
+        { nc = split($1, c, " "); nb = split($2, b, " "); nu = split($3, u, " ") }
+        function best(i) { return b[i] + 0 > u[i] + 0 ? b[i] : u[i] }
+        NR == 1 { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5s %5s\n", "shape", "rows", "IC",
+                  "OC", "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "unset f", "unset b", "fwd", "bwd"; next }
+        /^step products/ { printf "  step products: C %.1f GFLOP/s, BLAS %.1f (unset %.1f) GFLOP/s: C / BLAS %.2f\n",
+                                  c[nc - 1], b[nb - 1], u[nu - 1], c[nc - 1] / best(nb - 1); next }
+        /^register tile|^attention \(/ { print "  C " $1; next }
+        { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5.2f %5.2f\n", c[1], c[2], c[3], c[4], c[5],
+                 c[6], c[7], b[6], b[7], u[6], u[7], c[6] / best(6), c[7] / best(7) }'
     bench/bench_matmul "${args[@]}" "${attention[@]}" --precision bf16 | awk '/^step products/ {
         printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }
         /^register tile|^attention \(/ { print "  C bf16 " $0 }'
