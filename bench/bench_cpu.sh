@@ -192,7 +192,8 @@ fi
 
 echo
 echo "matrix products of a training step, GFLOP/s (C: bench/bench_matmul; BLAS: torch.mm, bench/bench_blas.py, with the"
-echo "environment as set and without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE; C / BLAS against the faster of the two)"
+echo "environment as set and without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE; C / BLAS against the faster of the two;"
+echo "dinp and dW: the backward's two products, each timed alone)"
 for name in $CONFIGS; do
     read -r -a cfg <<< "$(grep "^$name|" <<< "$CONFIG_TABLE" | cut -d'|' -f2)"
     args=(--threads "$THREADS" --C "${cfg[1]}" --E "${cfg[2]}" --H "${cfg[3]}" --V "${cfg[4]}" --k "${cfg[7]}"
@@ -207,13 +208,15 @@ for name in $CONFIGS; do
     paste "$TMP/c_products.txt" "$TMP/blas_as_set.txt" "$TMP/blas_unset.txt" | awk -F'\t' '
         { nc = split($1, c, " "); nb = split($2, b, " "); nu = split($3, u, " ") }
         function best(i) { return b[i] + 0 > u[i] + 0 ? b[i] : u[i] }
-        NR == 1 { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5s %5s\n", "shape", "rows", "IC",
-                  "OC", "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "unset f", "unset b", "fwd", "bwd"; next }
+        NR == 1 { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5s %5s %5s %5s\n", "shape", "rows",
+                  "IC", "OC", "calls", "C fwd", "C bwd", "BLAS fwd", "BLAS bwd", "unset f", "unset b", "fwd", "bwd",
+                  "dinp", "dW"; next }
         /^step products/ { printf "  step products: C %.1f GFLOP/s, BLAS %.1f (unset %.1f) GFLOP/s: C / BLAS %.2f\n",
                                   c[nc - 1], b[nb - 1], u[nu - 1], c[nc - 1] / best(nb - 1); next }
         /^register tile|^attention \(/ { print "  C " $1; next }
-        { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5.2f %5.2f\n", c[1], c[2], c[3], c[4], c[5],
-                 c[6], c[7], b[6], b[7], u[6], u[7], c[6] / best(6), c[7] / best(7) }'
+        { printf "  %-14s %6s %5s %6s %5s | %8s %8s | %8s %8s | %8s %8s | %5.2f %5.2f %5.2f %5.2f\n", c[1], c[2], c[3],
+                 c[4], c[5], c[6], c[7], b[6], b[7], u[6], u[7], c[6] / best(6), c[7] / best(7), c[8] / best(8),
+                 c[9] / best(9) }'
     bench/bench_matmul "${args[@]}" "${attention[@]}" --precision bf16 | awk '/^step products/ {
         printf "  step products with --precision bf16: C %.1f GFLOP/s\n", $(NF - 1) }
         /^register tile|^attention \(/ { print "  C bf16 " $0 }'

@@ -12,8 +12,9 @@ matmul_backward_grouped): an expert's time is the batch's over E; W1 and W3 toge
 model multiplies them (matmul_forward_grouped_pair, matmul_backward_grouped_pair), each half the
 pair's time. Each time is the median of repeated calls (at least 5, for at least 0.3 s). Prints one line per shape:
 name, rows, IC, OC, calls per step, forward GFLOP/s, backward GFLOP/s (dinp and dweight
-together); then the products of a whole step: their GFLOP/s, each shape weighted by its calls;
-then the register tile alone (micro_kernel on packed panels, 1 thread), the ceiling of the rest;
+together), then dinp's and dweight's GFLOP/s each timed alone; then the products of a whole step:
+their GFLOP/s, each shape weighted by its calls; then the register tile alone (micro_kernel on
+packed panels, 1 thread), the ceiling of the rest;
 last causal self-attention (attention_forward, attention_backward) on N / T (rounded down) sequences
 of T positions with NH heads: GFLOP/s of the multiply-adds a causal mask leaves (a query sees itself and
 the keys before it), counted as bench/bench_cpu.sh counts a step's (the backward pass twice the
@@ -68,7 +69,8 @@ static double median_call_seconds(void (*run)(const void *call), const void *cal
     return times[n / 2];
 }
 
-// One call of a shape's products, forward (backward = 0) or backward (1). b: the buffers, inp,
+// One call of a shape's products: forward (backward = 0), backward (1), or of the backward only
+// dinp (2) or only dweight (3). b: the buffers, inp,
 // weight, out, dinp, dweight, then the second layer's weight, out and dweight; start: the rows of
 // each product of the batch.
 typedef struct {
@@ -81,12 +83,14 @@ typedef struct {
 static void run_products(const void *call) {
     const ProductCall *c = (const ProductCall *)call;
     ProductShape s = c->s;
-    float **b = c->b;
+    float **b = c->b, *dinp = c->backward == 3 ? NULL : b[3];
+    float *dweight_a = c->backward == 2 ? NULL : b[4], *dweight_b = c->backward == 2 ? NULL : b[7];
     if (c->backward && s.pair) {
-        matmul_backward_grouped_pair(b[3], b[4], b[7], b[2], b[6], b[0], NULL, b[1], b[5], c->start, s.batch, s.IC,
-                                     s.OC, s.precision);
+        matmul_backward_grouped_pair(dinp, dweight_a, dweight_b, b[2], b[6], b[0], NULL, b[1], b[5], c->start, s.batch,
+                                     s.IC, s.OC, s.precision);
     } else if (c->backward) {
-        matmul_backward_grouped(b[3], b[4], b[2], b[0], NULL, b[1], c->start, s.batch, s.IC, s.OC, 1, s.precision);
+        matmul_backward_grouped(dinp, dweight_a, b[2], b[0], NULL, b[1], c->start, s.batch, s.IC, s.OC, 1,
+                                s.precision);
     } else if (s.pair) {
         matmul_forward_grouped_pair(b[2], b[6], b[0], NULL, b[1], b[5], c->start, s.batch, s.IC, s.OC, s.precision);
     } else {
@@ -94,8 +98,8 @@ static void run_products(const void *call) {
     }
 }
 
-// Median seconds of one product of the forward or backward pass: one call, over s.batch when it
-// multiplies a batch, and over 2 for a pair.
+// Median seconds of one product of the forward or backward pass (ProductCall's `backward`): one
+// call, over s.batch when it multiplies a batch, and over 2 for a pair.
 static double median_seconds(ProductShape s, int backward, float **b) {
     int start[s.batch + 1];
     for (int e = 0; e <= s.batch; e++) { start[e] = e * s.rows; }
@@ -220,15 +224,17 @@ int main(int argc, char **argv) {
         buffers[j] = (float *)malloc_check(most * sizeof(float));
         for (size_t i = 0; i < most; i++) { buffers[j][i] = 0.01f * (2.0f * random_f32(&rng) - 1.0f); }
     }
-    printf("C products, %s, %d threads%s: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s\n",
+    printf("C products, %s, %d threads%s: shape rows IC OC calls/step forward-GFLOP/s backward-GFLOP/s "
+           "dinp-GFLOP/s dweight-GFLOP/s\n",
            precision == BF16 ? "bf16" : "fp32", omp_threads(), cold_mb ? ", operands out of cache (--cold)" : "");
     double step_flops = 0.0, step_seconds = 0.0;
     for (int i = 0; i < n_shapes; i++) {
         ProductShape s = shapes[i];
         double flops = 2.0 * s.rows * s.IC * s.OC;
         double forward = median_seconds(s, 0, buffers), backward = median_seconds(s, 1, buffers);
-        printf("%-14s %6d %5d %6d %4d %8.1f %8.1f\n", s.name, s.rows, s.IC, s.OC, s.calls,
-               flops / forward * 1e-9, 2 * flops / backward * 1e-9);
+        double dinp = median_seconds(s, 2, buffers), dweight = median_seconds(s, 3, buffers);
+        printf("%-14s %6d %5d %6d %4d %8.1f %8.1f %8.1f %8.1f\n", s.name, s.rows, s.IC, s.OC, s.calls,
+               flops / forward * 1e-9, 2 * flops / backward * 1e-9, flops / dinp * 1e-9, flops / dweight * 1e-9);
         step_flops += s.calls * 3 * flops;
         step_seconds += s.calls * (forward + backward);
     }

@@ -768,13 +768,14 @@ static void forward_grouped(int count, float *const *outs, const float *inp, con
 // Their backward pass: dinp = or += Σ_w douts[w] · weights[w] (w in order), and dweights[w] +=
 // douts[w]^T · inp, each expert's input rows packed once for all the weight gradients. It adds
 // to dinp when add_to_dinp is set; otherwise it writes dinp, so that a caller whose dinp would
-// start at zero need not zero it first.
+// start at zero need not zero it first. dinp NULL, or dweights[0] NULL, leaves out those products
+// (bench/bench_matmul times them apart).
 static void backward_grouped(int count, float *dinp, float *const *dweights, const float *const *douts,
                              const float *inp, const int *inp_rows, const float *const *weights, const int *start,
                              int E, int IC, int OC, int add_to_dinp, Precision precision) {
     GemmProduct products[count * E];
     memset(products, 0, sizeof(products));
-    for (int w = 0; w < count; w++) {
+    for (int w = 0; w < count && dinp != NULL; w++) {
         for (int e = 0; e < E; e++) {  // dinp (rows, IC) = or += dout · weight
             MatrixView d = {douts[w] + (size_t)start[e] * OC, NULL, OC, 0};
             MatrixView wt = {weights[w] + (size_t)e * OC * IC, NULL, IC, 0};
@@ -782,6 +783,7 @@ static void backward_grouped(int count, float *dinp, float *const *dweights, con
         }
         sgemm_batch(E, products, IC, add_to_dinp || w > 0, precision, 1);
     }
+    if (dweights[0] == NULL) { return; }
     for (int e = 0; e < E; e++) {  // dweight (OC, IC) += dout^T · inp
         for (int w = 0; w < count; w++) {
             MatrixView dt = {douts[w] + (size_t)start[e] * OC, NULL, OC, 1};

@@ -259,6 +259,16 @@ static void check_grouped(Precision precision, int IC, int OC, uint64_t *rng) {
     for (size_t i = 0; i < n_dinp; i++) { equal = equal && dinp_nans[i] == dinp_zeros[i]; }
     check(equal, "grouped %s, IC %d OC %d: dinp written (over NaNs) equals dinp added onto zeros",
           precision == BF16 ? "bf16" : "fp32", IC, OC);
+    // either product alone (NULL for the other's output) gives what the two together give
+    float *dinp_alone = (float *)calloc_check(n_dinp, sizeof(float)), *dw_alone = copy_floats(weights, n_dw);
+    matmul_backward_grouped(dinp_alone, NULL, dout, inp, inp_rows, weights, start, E, IC, OC, 1, precision);
+    matmul_backward_grouped(NULL, dw_alone, dout, inp, inp_rows, weights, start, E, IC, OC, 1, precision);
+    int alone_same = memcmp(dinp_alone, dinp_zeros, n_dinp * sizeof(float)) == 0
+                  && memcmp(dw_alone, dw_add, n_dw * sizeof(float)) == 0;
+    check(alone_same, "grouped %s, IC %d OC %d: dinp alone and dweights alone as computed together",
+          precision == BF16 ? "bf16" : "fp32", IC, OC);
+    free(dinp_alone);
+    free(dw_alone);
     free(dinp_zeros);
     free(dinp_nans);
     free(dw_add);
