@@ -139,9 +139,7 @@ for name in $training_configs; do
     for round in $(seq $((C_RUNS > RUNS ? C_RUNS : RUNS))); do
         for precision in fp32 bf16; do  # keys c32 g32 e32 p32, c16 g16 e16 p16
             if [ "$round" -gt "$C_RUNS" ]; then break; fi
-            peak_name=float32
-            if [ "$precision" = bf16 ]; then peak_name=bf16; fi
-            peak=$(peak_of "$peak_name" "$(bench/fma_peak --threads "$THREADS")")
+            peak=$(peak_of "${precision/fp32/float32}" "$(bench/fma_peak --threads "$THREADS")")
             read -r tokens gflops experts <<< "$(c_run "$precision" "${cfg[@]}")"
             all[c${precision: -2}]+="$tokens "
             all[g${precision: -2}]+="$gflops "
@@ -204,7 +202,8 @@ for name in $CONFIGS; do
     OPENBLAS_NUM_THREADS=$THREADS "$PYTHON" bench/bench_blas.py "${args[@]}" > "$TMP/blas_as_set.txt"
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS="$THREADS" "$PYTHON" bench/bench_blas.py \
         "${args[@]}" > "$TMP/blas_unset.txt"
-    # one line of each file, tab-separated; in each, the shape's lines end in forward and backward GFLOP/s
+    # a line of each file side by side, tab-separated; a shape's fields 6 to 9 are its forward, backward,
+    # dinp and dW GFLOP/s
     paste "$TMP/c_products.txt" "$TMP/blas_as_set.txt" "$TMP/blas_unset.txt" | awk -F'\t' '
         { nc = split($1, c, " "); nb = split($2, b, " "); nu = split($3, u, " ") }
         function best(i) { return b[i] + 0 > u[i] + 0 ? b[i] : u[i] }
